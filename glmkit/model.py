@@ -1,0 +1,350 @@
+"""Model loading: stream GLM-4.5-Air in, quantize everything large to 4-bit, add LoRA, audit.
+
+Why not `from_pretrained(quantization_config=BitsAndBytesConfig(...))`: in transformers 5
+the routed experts are fused 3-D parameters, which BitsAndBytesConfig does not touch, so
+~99.7B parameters would stay bf16 (~200 GB) and `prepare_model_for_kbit_training` would
+then upcast them to fp32. Here the skeleton is built on the meta device, and the
+checkpoint is streamed in one layer at a time: each layer's experts are fused, quantized
+with `bitsandbytes.nn.parametrize.replace_parameter_4bit` and their bf16 copy dropped
+before the next layer is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("glm4_moe",)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+AUDIT_GROUPS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "router",
+                "embeddings", "lm_head", "norms", "lora")
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint can't be used as it is; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------
+# Skeleton
+# ---------------------------------------------------------------------------
+
+def load_model_config(model_dir: str):
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ModelLoadError(f"{model_dir} has no config.json; run `python download_model.py` "
+                             f"(or `python download_model.py --tiny` for the CPU demo model)")
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"{model_dir} holds a {config.model_type!r} model; this kit trains "
+                             f"GLM-4.5-Air-architecture models ({', '.join(SUPPORTED_MODEL_TYPES)})")
+    return config
+
+
+def _quantized_linear_names(model) -> list[str]:
+    # lm_head stays in the compute dtype: it is the last layer before the loss and 4-bit
+    # there costs accuracy for little memory. The router is an nn.Parameter, not a Linear.
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not name.endswith("lm_head")]
+
+
+def _swap_in_linear4bit(model, qcfg, compute_dtype) -> None:
+    import bitsandbytes as bnb
+
+    for name in _quantized_linear_names(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                compute_dtype=compute_dtype, compress_statistics=qcfg.double_quant,
+                                quant_type=qcfg.quant_type, device="meta")
+        setattr(parent, child, new)
+
+
+def build_skeleton(config, cfg):
+    """The model with no storage behind its parameters (buffers are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    compute_dtype = DTYPES[cfg.quantization.compute_dtype]
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype,
+                                                 attn_implementation=cfg.model.attn_implementation)
+    if cfg.quantization.load_in_4bit:
+        _swap_in_linear4bit(model, cfg.quantization, compute_dtype)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Streaming the checkpoint in, one layer at a time
+# ---------------------------------------------------------------------------
+
+def _weight_map(model_dir: str) -> dict[str, str]:
+    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as fh:
+            return json.load(fh)["weight_map"]
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as fh:
+            return {key: "model.safetensors" for key in fh.keys()}
+    raise ModelLoadError(f"{model_dir} has no model.safetensors.index.json; rerun `python download_model.py`")
+
+
+def _group_by_layer(weight_map: dict[str, str]) -> list[list[str]]:
+    """Keys grouped so that one group is one decoder layer (non-layer tensors first)."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for key in weight_map:
+        match = _LAYER_KEY.match(key)
+        groups[-1 if match is None else int(match.group(1))].append(key)
+    return [sorted(groups[layer]) for layer in sorted(groups)]
+
+
+def _read_tensors(model_dir: str, weight_map: dict[str, str], keys: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        by_file[weight_map[key]].append(key)
+    tensors = {}
+    for filename, file_keys in by_file.items():
+        with safe_open(os.path.join(model_dir, filename), framework="pt") as fh:
+            for key in file_keys:
+                tensors[key] = fh.get_tensor(key)
+    return tensors
+
+
+def _fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert gate/up/down weights (the Hub layout) -> transformers 5's fused 3-D params."""
+    per_expert: dict[str, dict[int, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    fused = {}
+    for key, tensor in tensors.items():
+        match = _EXPERT_KEY.match(key)
+        if match is None:
+            fused[key] = tensor
+        else:
+            prefix, expert, proj = match.group(1), int(match.group(2)), match.group(3)
+            per_expert[prefix][expert][proj] = tensor
+    for prefix, experts in per_expert.items():
+        order = sorted(experts)
+        # gate first, then up: the expert forward does `linear(x, gate_up_proj[e]).chunk(2)`.
+        fused[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], dim=0) for e in order])
+        fused[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
+        experts.clear()
+    return fused
+
+
+def _place(model, key: str, tensor: torch.Tensor, device, cfg, compute_dtype) -> None:
+    import bitsandbytes as bnb
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    qcfg = cfg.quantization
+    if attr == "e_score_correction_bias":
+        # The routing correction bias decides which experts fire; transformers keeps it fp32.
+        module.e_score_correction_bias = tensor.to(device=device, dtype=torch.float32)
+        return
+    tensor = tensor.to(device=device, dtype=compute_dtype)
+    if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
+        module.weight = bnb.nn.Params4bit(tensor, requires_grad=False, compress_statistics=qcfg.double_quant,
+                                          quant_type=qcfg.quant_type, blocksize=qcfg.blocksize,
+                                          module=module).to(device)
+        return
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+    if qcfg.quantize_experts and attr in ("gate_up_proj", "down_proj") and tensor.dim() == 3:
+        replace_parameter_4bit(module, attr, compress_statistics=qcfg.double_quant,
+                               quant_type=qcfg.quant_type, blocksize=qcfg.blocksize)
+
+
+def load_model(cfg, device=None):
+    """Build the skeleton, stream every tensor in (quantizing as it lands), return the model."""
+    device = torch.device(device or "cpu")
+    compute_dtype = DTYPES[cfg.quantization.compute_dtype]
+    model_dir = cfg.paths.model_dir
+    config = load_model_config(model_dir)
+    model = build_skeleton(config, cfg)
+    weight_map = _weight_map(model_dir)
+    for keys in _group_by_layer(weight_map):
+        tensors = _fuse_experts(_read_tensors(model_dir, weight_map, keys))
+        for key in list(tensors):
+            if not _belongs_to(model, key):
+                del tensors[key]  # e.g. the MTP layer, which transformers does not load either
+                continue
+            _place(model, key, tensors.pop(key), device, cfg, compute_dtype)
+        del tensors
+    missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ModelLoadError(f"the checkpoint in {model_dir} lacks {len(missing)} tensors "
+                             f"(first: {missing[0]}); rerun `python download_model.py --verify-only`")
+    model.to(device)  # non-persistent buffers (rotary tables) were built on the CPU
+    model.config.use_cache = False
+    return model
+
+
+def _belongs_to(model, key: str) -> bool:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    return hasattr(module, attr)
+
+
+# ---------------------------------------------------------------------------
+# LoRA and training mode
+# ---------------------------------------------------------------------------
+
+def prepare_for_training(model, cfg):
+    """Freeze the base, turn on checkpointing, wrap with LoRA. Nothing large is upcast."""
+    from peft import LoraConfig, get_peft_model
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if cfg.memory.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs and with bitsandbytes' parametrization hooks.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    lora = cfg.lora
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules) or None,
+                             target_parameters=list(lora.target_parameters) or None,
+                             bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_config)
+
+
+# ---------------------------------------------------------------------------
+# Audit: what is in memory, per group, and is everything large really 4-bit?
+# ---------------------------------------------------------------------------
+
+def group_of(name: str) -> str:
+    if "lora_" in name:
+        return "lora"
+    if ".mlp.experts." in name:
+        return "routed_experts"
+    if ".mlp.shared_experts." in name:
+        return "shared_experts"
+    if ".mlp.gate." in name:
+        return "router"
+    if ".mlp." in name:
+        return "dense_mlp"
+    if ".self_attn." in name and "norm" not in name:
+        return "attention"
+    if "embed_tokens" in name:
+        return "embeddings"
+    if "lm_head" in name:
+        return "lm_head"
+    return "norms"
+
+
+def quant_state_bytes(quant_state) -> int:
+    """Bytes bitsandbytes keeps beside the packed 4-bit data: absmax, code, nested state."""
+    total = 0
+    for tensor in (quant_state.absmax, quant_state.code, getattr(quant_state, "offset", None)):
+        if isinstance(tensor, torch.Tensor):
+            total += tensor.numel() * tensor.element_size()
+    if getattr(quant_state, "nested", False) and quant_state.state2 is not None:
+        total += quant_state_bytes(quant_state.state2)
+    return total
+
+
+def _tensor_bytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _param_entries(model):
+    """(name, logical params, bytes, quantized?) for every parameter and persistent buffer."""
+    import bitsandbytes as bnb
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    for module_name, module in model.named_modules():
+        if isinstance(module, ParametrizationList):
+            continue  # its `original` is reported below, under the parameter it stands for
+        parametrized = getattr(module, "parametrizations", None)
+        for attr, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{attr}"
+            if isinstance(param, bnb.nn.Params4bit) and param.quant_state is not None:
+                qs = param.quant_state
+                yield name, math.prod(qs.shape), _tensor_bytes(param) + quant_state_bytes(qs), True
+            else:
+                yield name, param.numel(), _tensor_bytes(param), False
+        if parametrized is not None:
+            for attr, plist in parametrized.items():
+                qstates = [p.quant_state for p in plist if isinstance(p, Bnb4bitParametrization)]
+                original = plist.original
+                name = f"{module_name}.{attr}"
+                if qstates:
+                    qs = qstates[0]
+                    yield name, math.prod(qs.shape), _tensor_bytes(original) + quant_state_bytes(qs), True
+                else:
+                    yield name, original.numel(), _tensor_bytes(original), False
+        for attr, buf in module.named_buffers(recurse=False):
+            if attr == "e_score_correction_bias":
+                yield f"{module_name}.{attr}", buf.numel(), _tensor_bytes(buf), False
+
+
+def audit_model(model) -> dict:
+    """Parameters and bytes per group, plus the counts that must be zero for a QLoRA run."""
+    groups = {g: {"params": 0, "bytes": 0, "quantized_params": 0} for g in AUDIT_GROUPS}
+    unquantized_experts = unquantized_linear = 0
+    linear_weights = {f"{name}.weight" for name, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and "lora_" not in name and not name.endswith("lm_head")}
+    for name, params, nbytes, quantized in _param_entries(model):
+        name = name.replace(".parametrizations.", ".")
+        group = groups[group_of(name)]
+        group["params"] += params
+        group["bytes"] += nbytes
+        group["quantized_params"] += params if quantized else 0
+        if group_of(name) == "routed_experts" and not quantized:
+            unquantized_experts += params
+        if name in linear_weights and not quantized:
+            unquantized_linear += params
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "groups": groups,
+        "params_total": sum(g["params"] for g in groups.values()),
+        "bytes_total": sum(g["bytes"] for g in groups.values()),
+        "unquantized_expert_params": unquantized_experts,
+        "unquantized_linear_params": unquantized_linear,
+        "trainable_params": trainable,
+    }
+
+
+def check_audit(audit: dict, cfg) -> None:
+    """Abort before training if anything that should be 4-bit is not."""
+    problems = []
+    if cfg.quantization.quantize_experts and audit["unquantized_expert_params"]:
+        problems.append(f"{audit['unquantized_expert_params']:,} routed-expert parameters are not 4-bit")
+    if cfg.quantization.load_in_4bit and audit["unquantized_linear_params"]:
+        problems.append(f"{audit['unquantized_linear_params']:,} linear-layer parameters are not 4-bit")
+    if problems:
+        raise ModelLoadError("quantization audit failed: " + "; ".join(problems)
+                             + " (the checkpoint layout is not what the loader expects)")
+
+
+def format_audit(audit: dict) -> str:
+    lines = [f"{'group':<16}{'params':>16}{'4-bit params':>16}{'GiB':>10}"]
+    for name, g in audit["groups"].items():
+        if g["params"]:
+            lines.append(f"{name:<16}{g['params']:>16,}{g['quantized_params']:>16,}{g['bytes'] / 2**30:>10.3f}")
+    lines.append(f"{'total':<16}{audit['params_total']:>16,}{'':>16}{audit['bytes_total'] / 2**30:>10.3f}")
+    lines.append(f"trainable (LoRA) params: {audit['trainable_params']:,}; "
+                 f"unquantized experts: {audit['unquantized_expert_params']:,}; "
+                 f"unquantized linears: {audit['unquantized_linear_params']:,}")
+    return "\n".join(lines)
