@@ -215,8 +215,7 @@ def prepare_for_training(model, cfg):
         param.requires_grad_(False)
     if cfg.memory.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs and with bitsandbytes' parametrization hooks.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     lora = cfg.lora

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Download GLM-4.5-Air into paths.model_dir and verify it (or verify / write a tiny test checkpoint).
+
+    python download_model.py                      # download model.name_or_path @ model.revision, then verify
+    python download_model.py --verify-only        # re-check an existing paths.model_dir
+    python download_model.py --tiny --set paths.model_dir=models/tiny   # offline, scaled-down checkpoint
+
+Rerunning after an interruption fetches only what is still missing. Exit codes: 0 usable checkpoint,
+1 download refused/failed or verification failed, 2 bad configuration, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from glmkit import hub
+from glmkit.config import add_config_arguments, config_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--verify-only", action="store_true", help="only check the files already in paths.model_dir")
+    mode.add_argument("--tiny", action="store_true",
+                      help="write a scaled-down checkpoint of the same architecture, offline, then verify it")
+    parser.add_argument("--min-free-gb", type=float, default=None, metavar="GB",
+                        help="require this much free disk space instead of the computed need (0 skips the check)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    model_dir = cfg.paths.model_dir
+    rerun = "download_model.py --tiny" if args.tiny else "download_model.py"
+    try:
+        if args.tiny:
+            write_tiny(model_dir)
+        elif not args.verify_only:
+            hub.download(cfg.model.name_or_path, cfg.model.revision, model_dir, min_free_gb=args.min_free_gb)
+    except hub.HubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nerror: interrupted; rerun download_model.py to resume (finished files are kept)", file=sys.stderr)
+        return 130
+    return report(model_dir, rerun)
+
+
+def write_tiny(model_dir: str) -> None:
+    if hub.is_hub_download(model_dir):
+        # Mixing a tiny checkpoint into a real download would leave a folder that is neither.
+        raise hub.HubError(f"{model_dir} holds a Hub download; point --tiny elsewhere, "
+                           "e.g. --set paths.model_dir=models/tiny")
+    try:
+        from glmkit.tiny import write_tiny_checkpoint  # lazy: only --tiny needs it (and torch)
+    except ImportError as exc:
+        raise hub.HubError(f"--tiny needs glmkit.tiny.write_tiny_checkpoint, which could not be imported "
+                           f"({exc}); update the checkout") from None
+    os.makedirs(model_dir, exist_ok=True)
+    print(f"writing a tiny {hub.SUPPORTED_ARCHITECTURES[0]} checkpoint into {model_dir}", flush=True)
+    write_tiny_checkpoint(model_dir, seed=0)
+
+
+def report(model_dir: str, rerun: str) -> int:
+    """Verify, print the footprint, and return the exit code."""
+    problems = hub.verify_model_dir(model_dir, rerun=rerun)
+    if os.path.isdir(model_dir):
+        files, partial = hub.footprint(model_dir)
+        line = f"footprint: {files / hub.GB:.2f} GB in {model_dir}"
+        if partial:
+            line += (f" (+{partial / hub.GB:.2f} GB of abandoned *.incomplete files under "
+                     f"{hub.HF_LOCAL_CACHE}; delete them when no download is running)")
+        print(line)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"verified: {model_dir} is a complete {hub.SUPPORTED_ARCHITECTURES[0]} checkpoint")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Checkpoints on disk, joined with what the events say about them.
+
+Only direct children of the output folder named ``checkpoint-<digits>`` or
+``final-checkpoint-<digits>`` are looked at, never through a symlink, so
+nothing outside the output folder is ever read.  Temporary folders that are
+still being written (``.tmp-checkpoint-*``) do not match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+
+CHECKPOINT_NAME = re.compile(r"(final-)?checkpoint-([0-9]{1,12})")
+META_FILE = "trainer_meta.json"
+MAX_META_BYTES = 1 << 20
+
+
+def _read_meta(folder: str) -> dict:
+    try:
+        fd = os.open(os.path.join(folder, META_FILE), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return {}
+    with os.fdopen(fd, "rb") as f:
+        try:
+            meta = json.loads(f.read(MAX_META_BYTES))
+        except ValueError:
+            return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _size_on_disk(folder: str) -> int:
+    """Bytes of every file below `folder`, without following symlinks."""
+    total = 0
+    stack = [folder]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(entry.path)
+            elif stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+class CheckpointScanner:
+    """Caches per-folder work by mtime; a finished checkpoint never changes."""
+
+    def __init__(self, output_dir: str | None):
+        self.output_dir = os.path.abspath(output_dir) if output_dir else None
+        self._cache: dict[str, tuple[int, dict]] = {}
+
+    def scan(self) -> list[dict]:
+        if not self.output_dir:
+            return []
+        try:
+            entries = [e for e in os.scandir(self.output_dir) if CHECKPOINT_NAME.fullmatch(e.name)]
+        except OSError:
+            return []
+        found = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                found.append(self._describe(entry))
+        self._cache = {e["name"]: self._cache[e["name"]] for e in found if e["name"] in self._cache}
+        return sorted(found, key=lambda c: (c["step"], c["final"]))
+
+    def _describe(self, entry: os.DirEntry) -> dict:
+        mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+        complete = os.path.lexists(os.path.join(entry.path, "COMPLETE"))
+        key = mtime + int(complete)
+        cached = self._cache.get(entry.name)
+        if cached and cached[0] == key:
+            return dict(cached[1])
+        final, step = CHECKPOINT_NAME.fullmatch(entry.name).groups()
+        meta = _read_meta(entry.path)
+        info = {
+            "name": entry.name,
+            "step": int(step),
+            "final": bool(final),
+            "complete": complete,
+            "val_loss": _number(meta.get("val_loss")),
+            "epoch": _number(meta.get("epoch")),
+            "size_bytes": _size_on_disk(entry.path),
+            "time": mtime / 1e9,
+        }
+        self._cache[entry.name] = (key, info)
+        return dict(info)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if value == value and abs(value) != float("inf") else None
+
+
+def _basename(path) -> str | None:
+    return os.path.basename(str(path).rstrip("/")) if path else None
+
+
+def merge_with_events(checkpoints: list[dict], events: list[dict]) -> dict:
+    """Fill gaps from the events and mark the best checkpoint."""
+    saved, best_name, deleted = {}, None, []
+    for e in events:
+        kind, name = e.get("event"), _basename(e.get("path"))
+        if kind == "checkpoint_saved" and name:
+            saved[name] = e
+        elif kind == "best_updated":
+            best_name = _basename(e.get("checkpoint") or e.get("path")) or best_name
+        elif kind == "checkpoint_deleted" and name:
+            deleted.append({"name": name, "step": e.get("step"), "reason": e.get("reason"), "time": e.get("time")})
+    for c in checkpoints:
+        event = saved.get(c["name"], {})
+        if c["val_loss"] is None:
+            c["val_loss"] = _number(event.get("val_loss"))
+        c["time"] = _number(event.get("time")) or c["time"]
+        if not c["size_bytes"]:
+            c["size_bytes"] = int(_number(event.get("size_bytes")) or 0)
+    _mark_best(checkpoints, best_name)
+    best = next((c for c in checkpoints if c["best"]), None)
+    return {"checkpoints": checkpoints, "best": best, "deleted": deleted[-50:]}
+
+
+def _mark_best(checkpoints: list[dict], best_name: str | None) -> None:
+    names = {c["name"] for c in checkpoints}
+    if best_name not in names:
+        # No (surviving) best_updated event: fall back to the lowest val loss.
+        scored = [c for c in checkpoints if c["val_loss"] is not None]
+        best_name = min(scored, key=lambda c: c["val_loss"])["name"] if scored else None
+    for c in checkpoints:
+        c["best"] = c["name"] == best_name

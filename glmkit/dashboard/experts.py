@@ -1,0 +1,130 @@
+"""MoE routing health: per-layer load, imbalance, dead experts, collapse flag."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from .logreader import is_step_record, parse_lines
+from .tables import StepTable
+
+# Thresholds for "routing looks collapsed".  Entropy is normalised to [0, 1]
+# (1 = uniform); ln(8)/ln(128) ~ 0.43 is all tokens on 8 of 128 experts.
+COLLAPSE_MIN_ENTROPY = 0.6
+COLLAPSE_MAX_OVER_MEAN = 8.0
+COLLAPSE_DEAD_FRACTION = 0.25
+
+SUMMARY_FIELDS = ("mean_entropy", "min_entropy", "max_over_mean", "dead_experts")
+
+
+def _valid_layers(record: dict) -> list[dict]:
+    layers = record.get("layers")
+    if not isinstance(layers, list):
+        return []
+    return [l for l in layers if isinstance(l, dict) and isinstance(l.get("counts"), list)]
+
+
+def _num(value, default=float("nan")) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def summarise(record: dict) -> dict[str, float]:
+    layers = _valid_layers(record)
+    entropy = [_num(l.get("entropy")) for l in layers] or [float("nan")]
+    imbalance = [_num(l.get("max_over_mean")) for l in layers] or [float("nan")]
+    dead = sum(len(l.get("dead_experts") or []) for l in layers)
+    return {
+        "mean_entropy": float(np.nanmean(entropy)) if np.isfinite(entropy).any() else float("nan"),
+        "min_entropy": float(np.nanmin(entropy)) if np.isfinite(entropy).any() else float("nan"),
+        "max_over_mean": float(np.nanmax(imbalance)) if np.isfinite(imbalance).any() else float("nan"),
+        "dead_experts": float(dead),
+    }
+
+
+class ExpertSink:
+    """Summaries per record in a StepTable, full records only for the newest few."""
+
+    KEEP_FULL = 16  # enough to fall back on after a resume drops the newest
+
+    def __init__(self):
+        self.table = StepTable(SUMMARY_FIELDS)
+        self.recent: OrderedDict[int, dict] = OrderedDict()
+
+    def reset(self) -> None:
+        self.table.clear()
+        self.recent.clear()
+
+    def feed(self, block: bytes) -> int:
+        values, bad = parse_lines(block)
+        records = [v for v in values if is_step_record(v) and _valid_layers(v)]
+        bad += len(values) - len(records)
+        if records:
+            rows = [summarise(r) for r in records]
+            columns = {k: np.array([row[k] for row in rows]) for k in SUMMARY_FIELDS}
+            columns["step"] = np.array([r["step"] for r in records], dtype=float)
+            columns["time"] = np.array([_num(r.get("time")) for r in records])
+            self.table.append(columns)
+            for r in records:
+                self.recent.pop(r["step"], None)
+                self.recent[r["step"]] = r
+            while len(self.recent) > self.KEEP_FULL:
+                self.recent.popitem(last=False)
+        return bad
+
+    def current(self) -> dict | None:
+        step = self.table.last("step")
+        return self.recent.get(int(step)) if step is not None else None
+
+
+def layer_view(layer: dict, num_experts: int) -> dict:
+    counts = np.asarray([_num(c, 0.0) for c in layer["counts"]])
+    mean = counts.mean() if counts.size else 0.0
+    dead = [int(e) for e in (layer.get("dead_experts") or []) if isinstance(e, int)]
+    return {
+        "layer": layer.get("layer"),
+        "max_over_mean": _num(layer.get("max_over_mean"), float(counts.max() / mean) if mean else float("nan")),
+        "entropy": _num(layer.get("entropy")),
+        "dead_experts": dead,
+        "load": (counts / mean).round(3).tolist() if mean else counts.tolist(),
+        "hottest_expert": int(counts.argmax()) if counts.size else None,
+    }
+
+
+def collapse_reasons(layers: list[dict], num_experts: int) -> list[str]:
+    reasons = []
+    for l in layers:
+        name = f"layer {l['layer']}"
+        if l["entropy"] < COLLAPSE_MIN_ENTROPY:
+            reasons.append(f"{name}: routing entropy {l['entropy']:.2f} < {COLLAPSE_MIN_ENTROPY}")
+        if l["max_over_mean"] > COLLAPSE_MAX_OVER_MEAN:
+            reasons.append(f"{name}: hottest expert at {l['max_over_mean']:.1f}x the mean load")
+        if num_experts and len(l["dead_experts"]) >= COLLAPSE_DEAD_FRACTION * num_experts:
+            reasons.append(f"{name}: {len(l['dead_experts'])}/{num_experts} experts received no tokens")
+    return reasons
+
+
+def latest_expert_state(record: dict | None) -> dict:
+    """Payload of /api/experts for the newest usage record."""
+    if record is None:
+        return {"available": False, "reason": "no expert usage logged yet", "layers": []}
+    layers_in = _valid_layers(record)
+    num_experts = int(_num(record.get("num_experts"), len(layers_in[0]["counts"]) if layers_in else 0))
+    layers = [layer_view(l, num_experts) for l in layers_in]
+    reasons = collapse_reasons(layers, num_experts)
+    summary = summarise(record)
+    return {
+        "available": True,
+        "step": record.get("step"),
+        "time": record.get("time"),
+        "num_experts": num_experts,
+        "top_k": record.get("top_k"),
+        "interval_tokens": record.get("interval_tokens"),
+        "mean_entropy": summary["mean_entropy"],
+        "min_entropy": summary["min_entropy"],
+        "max_over_mean": summary["max_over_mean"],
+        "dead_experts_total": int(summary["dead_experts"]),
+        "collapsed": bool(reasons),
+        "collapse_reasons": reasons[:20],
+        "layers": layers,
+    }

@@ -1,0 +1,191 @@
+"""Tail JSON-lines files by byte offset and turn new lines into records.
+
+Each poll reads only the bytes appended since the previous one; a last line
+without its newline is held back until the writer finishes it.  A file that
+shrank, changed inode or changed its first bytes was truncated or replaced,
+which means a new run: its consumer is reset and reading starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Protocol
+
+import numpy as np
+
+from .fastjsonl import parse_uniform_block
+from .tables import StepTable
+
+CHUNK_BYTES = 8 << 20  # bounds memory while catching up on a large file
+HEAD_BYTES = 256  # fingerprint that catches a rewrite which grew past our offset
+
+
+class Sink(Protocol):
+    def reset(self) -> None: ...
+
+    def feed(self, block: bytes) -> int:
+        """Consume complete lines; return how many were malformed."""
+
+
+class JsonlTail:
+    """Byte-offset reader of one append-only JSONL file."""
+
+    def __init__(self, path: str, sink: Sink, chunk_bytes: int = CHUNK_BYTES):
+        self.path = path
+        self.sink = sink
+        self.chunk_bytes = chunk_bytes
+        self.offset = 0
+        self.bad_lines = 0
+        self.mtime: float | None = None
+        self._identity: tuple[int, int] | None = None
+        self._head = b""
+
+    def poll(self) -> bool:
+        """Read what was appended; True if anything changed."""
+        try:
+            # O_NOFOLLOW: a symlink planted under a fixed log name is not read.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return self._start_over() if self._identity is not None else False
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            st = os.fstat(fd)
+            changed = False
+            if self._identity is not None and self._replaced(st, fd):
+                changed = self._start_over()
+            self._identity = (st.st_dev, st.st_ino)
+            self.mtime = st.st_mtime
+            if st.st_size > self.offset:
+                changed = self._read_from(f) or changed
+            if len(self._head) < HEAD_BYTES and self.offset > len(self._head):
+                self._head = os.pread(fd, min(self.offset, HEAD_BYTES), 0)
+        return changed
+
+    def _replaced(self, st: os.stat_result, fd: int) -> bool:
+        if (st.st_dev, st.st_ino) != self._identity or st.st_size < self.offset:
+            return True
+        return bool(self._head) and os.pread(fd, len(self._head), 0) != self._head
+
+    def _start_over(self) -> bool:
+        self.offset, self.bad_lines, self._head = 0, 0, b""
+        self._identity, self.mtime = None, None
+        self.sink.reset()
+        return True
+
+    def _read_from(self, f) -> bool:
+        f.seek(self.offset)
+        pending = b""
+        fed = False
+        while data := f.read(self.chunk_bytes):
+            data = pending + data
+            cut = data.rfind(b"\n") + 1
+            pending = data[cut:]  # unfinished line: keep for the next read or poll
+            if cut:
+                self.bad_lines += self.sink.feed(data[:cut])
+                self.offset += cut
+                fed = True
+        return fed
+
+
+def parse_lines(block: bytes) -> tuple[list, int]:
+    """json-decode each non-blank line; (values, count of undecodable lines)."""
+    lines = [line for line in block.split(b"\n") if line.strip()]
+    try:
+        # One decode of the whole block is much faster than one per line;
+        # the length check catches lines like "1, 2" that would split.
+        values = json.loads(b"[" + b",".join(lines) + b"]")
+        if len(values) == len(lines):
+            return values, 0
+    except ValueError:
+        pass
+    values, bad = [], 0
+    for line in lines:
+        try:
+            values.append(json.loads(line))
+        except ValueError:
+            bad += 1
+    return values, bad
+
+
+def is_step_record(value) -> bool:
+    step = value.get("step") if isinstance(value, dict) else None
+    return isinstance(step, int) and not isinstance(step, bool)
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return float("nan")
+    return float(value)
+
+
+def columns_from_records(records: list[dict], fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+    return {name: np.array([_number(r.get(name)) for r in records]) for name in fields}
+
+
+class TableSink:
+    """Feeds numeric per-step fields into a StepTable; keeps the newest record."""
+
+    def __init__(self, fields: tuple[str, ...]):
+        self.table = StepTable(fields)
+        self.latest: dict | None = None
+
+    def reset(self) -> None:
+        self.table.clear()
+        self.latest = None
+
+    def feed(self, block: bytes) -> int:
+        columns = parse_uniform_block(block, self.table.fields)
+        if columns is not None:
+            self._note_latest(block)
+            self._append(columns)
+            return 0
+        values, bad = parse_lines(block)
+        records = [v for v in values if is_step_record(v)]
+        bad += len(values) - len(records)
+        if records:
+            self.latest = records[-1]
+            self._append(columns_from_records(records, self.table.fields))
+        return bad
+
+    def _note_latest(self, block: bytes) -> None:
+        start = block.rfind(b"\n", 0, len(block) - 1) + 1
+        self.latest = json.loads(block[start:])  # proven valid by the fast path
+
+    def _append(self, columns: dict[str, np.ndarray]) -> None:
+        self.table.append(columns)
+
+    def current(self) -> dict | None:
+        """The newest record, unless a resume has since superseded it."""
+        if self.latest is None or self.latest.get("step") != self.table.last("step"):
+            return None
+        return self.latest
+
+
+class RecordSink:
+    """Keeps whole records (events, errors) in file order, newest `limit`."""
+
+    def __init__(self, limit: int = 10_000):
+        self.records: list[dict] = []
+        self.limit = limit
+        self.version = 0
+        self.resets = 0
+        self.total = 0  # records ever added since the last reset
+
+    def reset(self) -> None:
+        self.records = []
+        self.total = 0
+        self.version += 1
+        self.resets += 1
+
+    def added_since(self, total: int) -> list[dict]:
+        new = self.total - total
+        return self.records[-new:] if new > 0 else []
+
+    def feed(self, block: bytes) -> int:
+        values, bad = parse_lines(block)
+        records = [v for v in values if isinstance(v, dict)]
+        self.records.extend(records)
+        self.total += len(records)
+        del self.records[: -self.limit]
+        self.version += 1
+        return bad + len(values) - len(records)

@@ -1,0 +1,100 @@
+"""The dashboard's view of one run: the five log files and what they hold."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from .experts import ExpertSink
+from .logreader import JsonlTail, RecordSink, TableSink
+
+# The only files the dashboard ever reads from the logs folder.
+LOG_FILES = {
+    "events": "events_log.jsonl",
+    "training": "training_log.jsonl",
+    "eval": "eval_log.jsonl",
+    "experts": "expert_usage_log.jsonl",
+    "errors": "error_log.jsonl",
+}
+TRAINING_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_sec")
+EVAL_FIELDS = ("val_loss", "perplexity")
+
+
+class RunMonitor:
+    """Owns the tails; every reader goes through `locked()` so data is consistent.
+
+    Refreshes are throttled to `min_interval` seconds: a page load fires a
+    dozen requests at once and one read of the files serves them all.
+    """
+
+    def __init__(self, logs_dir: str, min_interval: float = 0.25):
+        self.logs_dir = os.path.abspath(logs_dir)
+        self.min_interval = min_interval
+        self.training = TableSink(TRAINING_FIELDS)
+        self.eval = TableSink(EVAL_FIELDS)
+        self.experts = ExpertSink()
+        self.events = RecordSink()
+        self.errors = RecordSink()
+        self.tails = {
+            name: JsonlTail(os.path.join(self.logs_dir, filename), getattr(self, name))
+            for name, filename in LOG_FILES.items()
+        }
+        self._lock = threading.Lock()
+        self._last_refresh = float("-inf")
+        self._resumes_applied = 0
+        self._events_resets = 0
+
+    @contextmanager
+    def locked(self) -> Iterator["RunMonitor"]:
+        with self._lock:
+            self._refresh()
+            yield self
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._last_refresh < self.min_interval:
+            return
+        self._last_refresh = now
+        # Events first: a resume event must be seen no later than the records
+        # the resumed run writes after it.
+        for tail in self.tails.values():
+            tail.poll()
+        self._apply_resumes()
+
+    def _apply_resumes(self) -> None:
+        if self.events.resets != self._events_resets:
+            self._events_resets, self._resumes_applied = self.events.resets, 0
+        new = self.events.added_since(self._resumes_applied)
+        self._resumes_applied = self.events.total
+        for event in new:
+            if event.get("event") != "resume":
+                continue
+            from_step, when = event.get("from_step"), event.get("time")
+            if isinstance(from_step, int) and isinstance(when, (int, float)):
+                for sink in (self.training, self.eval, self.experts):
+                    sink.table.supersede(from_step, when)
+
+    # -- facts derived from the files themselves ---------------------------
+
+    def last_write_time(self) -> float | None:
+        times = [t.mtime for t in self.tails.values() if t.mtime is not None]
+        return max(times) if times else None
+
+    def bad_lines(self) -> dict[str, int]:
+        return {LOG_FILES[name]: tail.bad_lines for name, tail in self.tails.items()}
+
+    def has_data(self) -> bool:
+        return any(t.offset for t in self.tails.values())
+
+    def versions(self) -> dict[str, int]:
+        """Change counters, used as cache keys and plot cache-busters."""
+        return {
+            "training": self.training.table.version,
+            "eval": self.eval.table.version,
+            "experts": self.experts.table.version,
+            "events": self.events.version,
+            "errors": self.errors.version,
+        }

@@ -1,0 +1,112 @@
+"""Columnar, append-only storage of per-step records with the resume rule.
+
+A million training steps must fit in a few tens of MB and be sliceable
+without copying, so each field is a growable float64 numpy array rather than
+a list of dicts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class GrowableColumn:
+    """A float64 array with amortised O(1) appends and O(1) truncation."""
+
+    def __init__(self, capacity: int = 1024):
+        self._data = np.empty(capacity)
+        self.size = 0
+
+    def values(self) -> np.ndarray:
+        return self._data[: self.size]  # a view: callers must not keep it across writes
+
+    def extend(self, values: np.ndarray) -> None:
+        needed = self.size + len(values)
+        if needed > len(self._data):
+            grown = np.empty(max(needed, 2 * len(self._data)))
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+        self._data[self.size : needed] = values
+        self.size = needed
+
+    def keep(self, mask: np.ndarray) -> None:
+        kept = self._data[: self.size][mask]
+        self._data[: len(kept)] = kept
+        self.size = len(kept)
+
+    def truncate(self, size: int) -> None:
+        self.size = min(self.size, size)
+
+
+def _superseded_within(steps: np.ndarray) -> np.ndarray:
+    """Mask of rows that survive later rows of the same batch.
+
+    A row is superseded by any later row whose step is not greater: that later
+    row is either a rewrite of the same step or a restart from an earlier one.
+    """
+    later_min = np.minimum.accumulate(steps[::-1])[::-1]
+    survives = np.ones(len(steps), dtype=bool)
+    survives[:-1] = steps[:-1] < later_min[1:]
+    return survives
+
+
+class StepTable:
+    """Per-step columns, strictly increasing in `step`.
+
+    `version` changes on every modification (cache key for plots and series);
+    `generation` changes only when rows are removed, which tells incremental
+    consumers (the running EMA) that their state is stale.
+    """
+
+    def __init__(self, fields: tuple[str, ...]):
+        self.fields = ("step", "time") + tuple(f for f in fields if f not in ("step", "time"))
+        self._cols = {name: GrowableColumn() for name in self.fields}
+        self.version = 0
+        self.generation = 0
+
+    def __len__(self) -> int:
+        return self._cols["step"].size
+
+    def column(self, name: str) -> np.ndarray:
+        return self._cols[name].values()
+
+    def last(self, name: str) -> float | None:
+        n = len(self)
+        return float(self._cols[name].values()[n - 1]) if n else None
+
+    def clear(self) -> None:
+        for col in self._cols.values():
+            col.truncate(0)
+        self._changed(removed=True)
+
+    def append(self, columns: dict[str, np.ndarray]) -> None:
+        """Add rows in file order, applying 'for a given step the latest wins'."""
+        steps = columns["step"]
+        if len(steps) == 0:
+            return
+        keep = _superseded_within(steps)
+        first_new = steps[keep].min()
+        cut = int(np.searchsorted(self.column("step"), first_new, side="left"))
+        removed = cut < len(self)
+        for name, col in self._cols.items():
+            col.truncate(cut)
+            values = columns.get(name)
+            col.extend(values[keep] if values is not None else np.full(int(keep.sum()), np.nan))
+        self._changed(removed=removed)
+
+    def supersede(self, after_step: int, before_time: float) -> None:
+        """Drop rows a killed attempt wrote past the step a resume restarted from."""
+        start = int(np.searchsorted(self.column("step"), after_step, side="right"))
+        stale = self.column("time")[start:] < before_time
+        if not stale.any():
+            return
+        mask = np.ones(len(self), dtype=bool)
+        mask[start:] = ~stale
+        for col in self._cols.values():
+            col.keep(mask)
+        self._changed(removed=True)
+
+    def _changed(self, removed: bool) -> None:
+        self.version += 1
+        if removed:
+            self.generation += 1

@@ -1,0 +1,400 @@
+"""Get GLM-4.5-Air from the Hugging Face Hub into `paths.model_dir`, and check that what is there is usable.
+
+Downloading is `huggingface_hub.snapshot_download(local_dir=...)`. What a rerun reuses, per the installed
+huggingface_hub 2.4 source:
+
+- Finished files are kept. A file whose `.cache/huggingface/download/<file>.metadata` records the commit
+  we ask for is skipped without any network call, so a rerun only fetches what is still missing.
+- A connection dropped mid-file is resumed within the same run: `http_get` retries up to 5 times with
+  `Range: bytes=<received>-`.
+- A partial file is NOT resumed across runs: 2.4 downloads into a uniquely named `*.incomplete` file
+  and deletes it when the download fails (huggingface_hub PR #4228), so an interrupted shard restarts.
+
+Before downloading we list the repo (the same two API calls snapshot_download makes), to pin the commit,
+to check free disk space against the bytes still missing, and to drop local files whose size differs
+from the Hub's (a truncated shard would otherwise be kept forever: the skip above trusts the metadata).
+
+Every failure the user can act on becomes a `HubError` holding one line: what happened and what to do.
+The token is never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+SUPPORTED_ARCHITECTURES = ("Glm4MoeForCausalLM",)
+SUPPORTED_MODEL_TYPES = ("glm4_moe",)
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"  # unsharded checkpoints (small models) have no index
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # either one, plus tokenizer_config.json
+GB = 1e9  # decimal, as the Hub shows sizes
+# Used only when the Hub's file listing can't be had: GLM-4.5-Air in bf16 is about 220 GB.
+FALLBACK_REPO_BYTES = 220 * GB
+# Keep some room beyond the weights so the disk is not filled to the last byte (logs, checkpoints, the OS).
+MARGIN_BYTES = 1 * GB
+MARGIN_FRACTION = 0.02
+# huggingface_hub keeps its per-file metadata and in-flight downloads here, inside local_dir.
+HF_LOCAL_CACHE = os.path.join(".cache", "huggingface")
+# safetensors refuses headers above 100 MB; anything bigger is garbage, not a header.
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+class HubError(Exception):
+    """A failure explained in one line: what went wrong and what to do."""
+
+
+@dataclass
+class RemoteRepo:
+    commit: str  # the commit the revision points at now; we download exactly this one
+    sizes: dict[str, int]  # repo path -> size in bytes
+    gated: bool
+
+
+# ---------------------------------------------------------------------------
+# Download
+# ---------------------------------------------------------------------------
+
+def download(repo_id: str, revision: str, model_dir: str, *, min_free_gb: Optional[float] = None,
+             endpoint: Optional[str] = None) -> None:
+    """Download (or finish downloading) `repo_id` at `revision` into `model_dir`; raise HubError on failure."""
+    from huggingface_hub import snapshot_download
+
+    if os.path.isdir(repo_id):
+        raise HubError(f"model.name_or_path is a local folder ({repo_id}); there is nothing to download: "
+                       "set paths.model_dir to it and run download_model.py --verify-only")
+    try:
+        remote = fetch_remote_repo(repo_id, revision, endpoint)
+    except Exception as exc:
+        if not _is_server_trouble(exc):
+            raise HubError(explain_hub_error(exc, repo_id, revision, endpoint)) from None
+        # The listing failed but the Hub may still serve files: go on with the size estimate.
+        print(f"warning: could not list {repo_id} ({_first_line(exc)}); "
+              f"assuming {FALLBACK_REPO_BYTES / GB:.0f} GB for the disk-space check", flush=True)
+        remote = None
+
+    if remote is not None and remote.gated and _token() is None:
+        raise HubError(_gated_message(repo_id, endpoint, have_token=False))
+    if remote is not None:
+        for name in drop_mismatched_files(model_dir, remote.sizes):
+            print(f"{name}: size differs from the Hub's; fetching it again", flush=True)
+
+    check_disk_space(model_dir, remote, min_free_gb)
+    pinned = remote.commit if remote is not None else revision
+    print(f"downloading {repo_id} @ {revision}" + (f" (commit {pinned[:12]})" if remote else "")
+          + f" into {model_dir}", flush=True)
+    try:
+        # Passing the commit (not the branch) makes every file come from the snapshot we sized above.
+        snapshot_download(repo_id, revision=pinned, local_dir=model_dir, endpoint=endpoint)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        raise HubError(explain_hub_error(exc, repo_id, revision, endpoint)) from None
+
+
+def fetch_remote_repo(repo_id: str, revision: str, endpoint: Optional[str] = None) -> RemoteRepo:
+    """The commit `revision` points at and the size of every file in it (raises huggingface_hub errors)."""
+    from huggingface_hub import HfApi, RepoFile
+
+    api = HfApi(endpoint=endpoint)
+    info = api.model_info(repo_id, revision=revision)  # GET /api/models/{repo}/revision/{rev}
+    tree = api.list_repo_tree(repo_id, revision=info.sha, recursive=True)  # GET /api/models/{repo}/tree/{sha}
+    sizes = {entry.path: entry.size for entry in tree if isinstance(entry, RepoFile)}
+    return RemoteRepo(commit=info.sha, sizes=sizes, gated=bool(info.gated))
+
+
+def drop_mismatched_files(model_dir: str, sizes: dict[str, int]) -> list[str]:
+    """Delete local files whose size differs from the Hub's, so the download fetches them again.
+
+    snapshot_download skips a file when its metadata names the right commit, without looking at the
+    bytes; a file truncated or damaged after the download would otherwise never be repaired.
+    """
+    dropped = []
+    for name, size in sizes.items():
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path) and os.path.getsize(path) != size:
+            os.remove(path)
+            dropped.append(name)
+    return dropped
+
+
+def bytes_still_needed(model_dir: str, sizes: dict[str, int]) -> int:
+    """Bytes of the repo not yet on disk (a file counts as present when its size matches)."""
+    return sum(size for name, size in sizes.items()
+               if not (os.path.isfile(p := os.path.join(model_dir, name)) and os.path.getsize(p) == size))
+
+
+def check_disk_space(model_dir: str, remote: Optional[RemoteRepo], min_free_gb: Optional[float]) -> None:
+    """Refuse (HubError) when the disk under `model_dir` can't hold what is still to be downloaded."""
+    free = free_bytes(model_dir)
+    if min_free_gb is not None:
+        need, why = min_free_gb * GB, f"--min-free-gb asks for {min_free_gb:g} GB"
+    else:
+        if remote is not None:
+            missing, source = bytes_still_needed(model_dir, remote.sizes), "still to download"
+        else:
+            missing = max(FALLBACK_REPO_BYTES - footprint(model_dir)[0], 0)
+            source = "estimated still to download"
+        if missing == 0:
+            return  # nothing left to fetch: never block a finished download
+        margin = MARGIN_BYTES + MARGIN_FRACTION * missing
+        need = missing + margin
+        why = f"{missing / GB:.1f} GB {source} + {margin / GB:.1f} GB margin"
+    if free < need:
+        raise HubError(f"not enough free disk space for {model_dir}: need {need / GB:.1f} GB ({why}), "
+                       f"have {free / GB:.1f} GB; free up space, point paths.model_dir at a bigger disk, "
+                       "or override with --min-free-gb")
+    print(f"disk space: {free / GB:.1f} GB free, {need / GB:.1f} GB needed ({why})", flush=True)
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes on the filesystem that `path` is (or will be) on."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):  # model_dir may not exist yet: ask its nearest existing parent
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+# ---------------------------------------------------------------------------
+# Errors -> one line with what to do
+# ---------------------------------------------------------------------------
+
+def explain_hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: Optional[str] = None) -> str:
+    """Turn a huggingface_hub / network / disk error into one line saying what to do."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError,
+                                        LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    hub = (endpoint or constants.ENDPOINT).rstrip("/")
+    resume = "rerun download_model.py to resume (finished files are kept)"
+    if isinstance(exc, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
+        message = _gated_message(repo_id, endpoint, have_token=_token() is not None)
+    elif isinstance(exc, RepositoryNotFoundError):
+        message = (f"repository {repo_id} not found on {hub} (or it is private): check model.name_or_path; "
+                   "for a private repo run `hf auth login` or set HF_TOKEN")
+    elif isinstance(exc, RevisionNotFoundError):
+        message = (f"revision {revision!r} not found in {repo_id}: set model.revision to an existing "
+                   "branch, tag or commit hash")
+    elif isinstance(exc, HFValidationError):
+        message = f"model.name_or_path {repo_id!r} is not a Hub repo id (owner/name): fix it in the config"
+    elif isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code == 401:
+        message = "the Hub rejected your token (HTTP 401): run `hf auth login` again or fix HF_TOKEN"
+    elif isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "error"
+        message = f"the Hub answered HTTP {status} ({_first_line(exc)}); wait a little, then {resume}"
+    elif isinstance(exc, OfflineModeIsEnabled) or (
+            isinstance(exc, LocalEntryNotFoundError) and isinstance(exc.__cause__, OfflineModeIsEnabled)):
+        message = "HF_HUB_OFFLINE is set, so nothing can be downloaded: unset it, or use --verify-only"
+    elif isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.ProxyError, LocalEntryNotFoundError)):
+        message = (f"cannot reach the Hub at {hub} ({_first_line(exc)}): check your network, proxy or "
+                   f"HF_ENDPOINT, then {resume}")
+    elif isinstance(exc, httpx2.TransportError):
+        message = f"the download was cut off ({_first_line(exc)}): {resume}"
+    elif isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+        message = f"the disk filled up during the download ({_first_line(exc)}): free some space, then {resume}"
+    else:
+        message = f"download failed: {type(exc).__name__}: {_first_line(exc)}; {resume}"
+    return _redact(message)
+
+
+def _gated_message(repo_id: str, endpoint: Optional[str], have_token: bool) -> str:
+    from huggingface_hub import constants
+
+    page = f"{(endpoint or constants.ENDPOINT).rstrip('/')}/{repo_id}"
+    if have_token:
+        return (f"{repo_id} is gated and your Hugging Face token has no access to it: request access at {page} "
+                "with the account the token belongs to, wait for approval, then rerun download_model.py")
+    return (f"{repo_id} is gated and no Hugging Face token was found: request access at {page}, then run "
+            "`hf auth login` (or set HF_TOKEN) and rerun download_model.py")
+
+
+def _is_server_trouble(exc: BaseException) -> bool:
+    """A Hub-side hiccup (5xx, 429) on the listing, as opposed to a problem the user must fix."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    response = getattr(exc, "response", None) if isinstance(exc, HfHubHTTPError) else None
+    return response is not None and (response.status_code >= 500 or response.status_code == 429)
+
+
+def _token() -> Optional[str]:
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _redact(text: str) -> str:
+    """Belt and braces: error texts come from servers and libraries; never echo the token."""
+    token = _token()
+    return text.replace(token, "***") if token else text
+
+
+# ---------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------
+
+def verify_model_dir(model_dir: str, rerun: str = "download_model.py") -> list[str]:
+    """Check a checkpoint folder without loading weights; return one line per problem (empty: usable).
+
+    Every line names the file and what to do; `rerun` is the command that (re)creates the folder.
+    """
+    if not os.path.isdir(model_dir):
+        return [f"{model_dir}: folder does not exist; run {rerun} to create it"]
+    return (_check_config(model_dir, rerun) + _check_tokenizer(model_dir, rerun)
+            + _check_weights(model_dir, rerun))
+
+
+def _check_config(model_dir: str, rerun: str) -> list[str]:
+    path = os.path.join(model_dir, "config.json")
+    config, problem = _load_json(path, rerun)
+    if problem:
+        return [problem]
+    if not isinstance(config, dict):
+        return [f"{path}: not a JSON object; delete it and rerun {rerun}"]
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if not set(architectures) & set(SUPPORTED_ARCHITECTURES) or model_type not in SUPPORTED_MODEL_TYPES:
+        return [f"{path}: architectures {architectures} / model_type {model_type!r} is not supported; this kit "
+                f"trains {', '.join(SUPPORTED_ARCHITECTURES)} (model_type {', '.join(SUPPORTED_MODEL_TYPES)}): "
+                "point model.name_or_path at a GLM-4.5 MoE checkpoint"]
+    return []
+
+
+def _check_tokenizer(model_dir: str, rerun: str) -> list[str]:
+    problems = []
+    present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, name))]
+    if not present:
+        problems.append(f"{os.path.join(model_dir, TOKENIZER_FILES[0])}: missing (neither "
+                        f"{' nor '.join(TOKENIZER_FILES)} is there); rerun {rerun} to fetch it")
+    elif present[0].endswith(".json"):
+        problems += [p for p in [_load_json(os.path.join(model_dir, present[0]), rerun)[1]] if p]
+    elif os.path.getsize(os.path.join(model_dir, present[0])) == 0:
+        problems.append(f"{os.path.join(model_dir, present[0])}: empty; delete it and rerun {rerun}")
+    problem = _load_json(os.path.join(model_dir, "tokenizer_config.json"), rerun)[1]
+    return problems + ([problem] if problem else [])
+
+
+def _check_weights(model_dir: str, rerun: str) -> list[str]:
+    shards, problem = _shards_to_check(model_dir, rerun)
+    if problem:
+        return [problem]
+    problems = []
+    for shard in sorted(shards):
+        path = os.path.join(model_dir, shard)
+        if not os.path.isfile(path):
+            problems.append(f"{path}: missing (listed in {INDEX_FILE}); rerun {rerun} to fetch it")
+            continue
+        problem = check_safetensors_file(path, shards[shard])
+        if problem:
+            problems.append(f"{path}: {problem}; delete it and rerun {rerun}")
+    return problems
+
+
+def _shards_to_check(model_dir: str, rerun: str) -> tuple[dict[str, list[str]], Optional[str]]:
+    """({shard file: tensors the index puts in it}, None) or ({}, one-line problem with the index)."""
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    if not os.path.isfile(index_path) and os.path.isfile(os.path.join(model_dir, SINGLE_FILE)):
+        return {SINGLE_FILE: []}, None  # an unsharded checkpoint: the one file must hold itself together
+    index, problem = _load_json(index_path, rerun)
+    if problem:
+        return {}, problem
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        return {}, f"{index_path}: has no weight_map; delete it and rerun {rerun}"
+    shards: dict[str, list[str]] = {}
+    for tensor, shard in weight_map.items():
+        shards.setdefault(shard, []).append(tensor)
+    return shards, None
+
+
+def check_safetensors_file(path: str, expected_tensors: Sequence[str] = ()) -> Optional[str]:
+    """Check a safetensors file from its header alone; return what is wrong, or None.
+
+    Layout: 8-byte little-endian header length N, N bytes of JSON mapping each tensor to its
+    `data_offsets` [begin, end) in the data that follows. The data must end exactly at the file's end,
+    so comparing sizes catches truncation without reading the (multi-GB) data.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return "empty file"
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            return f"only {size} bytes, too short for a safetensors header"
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > MAX_SAFETENSORS_HEADER:
+            return f"not a safetensors file (header length {header_len} is implausible)"
+        if 8 + header_len > size:
+            return f"truncated: {size} bytes, but the header alone needs {8 + header_len}"
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "safetensors header is not valid JSON"
+    if not isinstance(header, dict):
+        return "safetensors header is not a JSON object"
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"safetensors header entry {name!r} has no valid data_offsets"
+        data_end = max(data_end, offsets[1])
+    expected = 8 + header_len + data_end
+    if size < expected:
+        return f"truncated: {size} bytes, the header says {expected}"
+    if size > expected:
+        return f"{size} bytes, but the header accounts for only {expected}"
+    missing = [t for t in expected_tensors if t not in header]
+    if missing:
+        return f"lacks {len(missing)} tensor(s) that {INDEX_FILE} puts there (e.g. {missing[0]})"
+    return None
+
+
+def _load_json(path: str, rerun: str):
+    """(parsed JSON, None) or (None, one-line problem)."""
+    if not os.path.isfile(path):
+        return None, f"{path}: missing; rerun {rerun} to fetch it"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh), None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{path}: not valid JSON ({exc.__class__.__name__}); delete it and rerun {rerun}"
+
+
+# ---------------------------------------------------------------------------
+# Footprint
+# ---------------------------------------------------------------------------
+
+def footprint(model_dir: str) -> tuple[int, int]:
+    """(bytes of the checkpoint's files, bytes of abandoned partial downloads) under `model_dir`.
+
+    A run killed hard (SIGKILL, power loss) leaves `*.incomplete` files that huggingface_hub 2.4 never
+    reuses; they are reported separately so the user can reclaim the space.
+    """
+    files = partial = 0
+    for root, _dirs, names in os.walk(model_dir):
+        for name in names:
+            try:
+                size = os.path.getsize(os.path.join(root, name))
+            except OSError:  # a download finishing (renaming its temp file) under our feet
+                continue
+            if name.endswith(".incomplete"):
+                partial += size
+            else:
+                files += size
+    return files, partial
+
+
+def is_hub_download(model_dir: str) -> bool:
+    """Whether `model_dir` was filled by snapshot_download (it leaves its metadata folder behind)."""
+    return os.path.isdir(os.path.join(model_dir, HF_LOCAL_CACHE))
