@@ -19,6 +19,7 @@ import time
 import torch
 
 from glmkit import checkpoint as ckpt
+from glmkit.faults import maybe_kill
 from glmkit.config import add_config_arguments, config_from_args
 from glmkit.logs import RunLogs
 
@@ -70,8 +71,7 @@ def train(cfg, args, accelerator, logs, state) -> int:
     accelerator.register_for_checkpointing(scheduler)
     checkpointer = training.Checkpointer(accelerator, model, tokenizer, cfg, logs)
     if resume_path:
-        state.update(training.load_checkpoint(accelerator, model, resume_path))
-        logs.event("resume", state["step"], from_step=state["step"], checkpoint=resume_path)
+        state.update(training.checkpoint_state(resume_path))
         if state["step"] >= total_steps:
             accelerator.print(f"{resume_path} is at step {state['step']} of {total_steps}: the run has already "
                               f"finished. Raise training.max_steps to train further.")
@@ -88,6 +88,10 @@ def train(cfg, args, accelerator, logs, state) -> int:
                train_rows=len(train_rows), val_rows=len(val_rows), resumed_from=resume_path,
                device=str(accelerator.device), **training.planned_memory(cfg))
 
+    if resume_path:  # last of all, so nothing draws from the random streams it restores
+        training.load_checkpoint(accelerator, model, resume_path)
+        logs.event("resume", state["step"], from_step=state["step"], checkpoint=resume_path)
+
     # ---- the loop ---------------------------------------------------------------------------
     preemption = training.Preemption()
     progress = training.progress_bar(accelerator, state["step"], total_steps)
@@ -96,7 +100,7 @@ def train(cfg, args, accelerator, logs, state) -> int:
     groups = training.step_groups(train_loader, o.grad_accum_steps, state["epoch"])
     while state["step"] < total_steps:
         # -- step: forward/backward over the micro-batches, token-weighted, then one update
-        epoch, group = next(groups)
+        epoch, group = training.next_group(groups)
         step_tokens = accelerator.reduce(torch.tensor([training.target_tokens(b) for b in group], device=accelerator.device).sum(), "sum")
         input_tokens = accelerator.reduce(torch.tensor([int(b["token_mask"].sum()) for b in group], device=accelerator.device).sum(), "sum")
         loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -108,6 +112,7 @@ def train(cfg, args, accelerator, logs, state) -> int:
                 accelerator.backward(loss * (world * o.grad_accum_steps) / step_tokens.clamp(min=1))
                 stats.commit_microbatch()
                 loss_total += loss.detach().double()
+                maybe_kill("mid_step", state["step"] + 1)
         step_loss = (accelerator.reduce(loss_total, "sum") / step_tokens.clamp(min=1)).item()
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), o.max_grad_norm))
         lr = scheduler.get_last_lr()[0]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from glmkit import checkpoint as ckpt
+from glmkit.faults import maybe_kill
 from glmkit.data import IGNORE_INDEX, DataError, model_inputs
 from glmkit.model import ModelLoadError
 
@@ -69,6 +70,20 @@ def step_groups(loader, grad_accum: int, epoch: int):
         while len(group := list(islice(batches, grad_accum))) == grad_accum:
             yield epoch, group
         epoch += 1
+
+
+def next_group(groups):
+    """The next step's micro-batches, drawn without touching the global torch RNG.
+
+    Loading draws random numbers (iterator seeds, Accelerate's RNG sync) at moments that
+    differ between a fresh and a resumed run; kept apart, the stream LoRA dropout uses is a
+    function of the step alone, and a resumed run matches an uninterrupted one to the bit.
+    """
+    rng = torch.get_rng_state()
+    try:
+        return next(groups)
+    finally:
+        torch.set_rng_state(rng)
 
 
 @torch.no_grad()
@@ -138,6 +153,7 @@ class Checkpointer:
         acc.save_state(tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            maybe_kill("checkpoint_write", step)
             acc.unwrap_model(self.model).save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             ckpt.finalize(tmp, target, {**meta, "step": step, "final": final}, self.cfg.to_dict())
@@ -241,7 +257,13 @@ def resume_checkpoint(cfg, args, accelerator, logs) -> str | None:
     return path
 
 
-def load_checkpoint(accelerator, model, path: str) -> dict:
+def checkpoint_state(path: str) -> dict:
+    """The loop counters (step, epoch, best val loss, ...) a checkpoint was taken at."""
+    meta = ckpt.read_meta(path)
+    return {k: meta[k] for k in fresh_state() if k in meta}
+
+
+def load_checkpoint(accelerator, model, path: str) -> None:
     """Optimizer, scheduler, RNG and data-loader position via Accelerate; the LoRA weights via peft."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -249,8 +271,6 @@ def load_checkpoint(accelerator, model, path: str) -> dict:
     accelerator.load_state(path)
     weights = load_file(os.path.join(path, "adapter_model.safetensors"), device=str(accelerator.device))
     set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
-    meta = ckpt.read_meta(path)
-    return {k: meta[k] for k in fresh_state() if k in meta}
 
 
 def meta_of(state: dict, elapsed: float, world_size: int) -> dict:
@@ -344,6 +364,7 @@ def run_eval(state, step, model, val_rows, collator, accelerator, logs, checkpoi
     logs.write("eval", step, val_loss=val_loss, perplexity=perplexity, val_tokens=tokens)
     logs.event("eval", step, val_loss=val_loss, perplexity=perplexity)
     state["last_val_loss"], state["last_eval_step"] = val_loss, step
+    maybe_kill("after_eval", step)
     previous = state["best_val_loss"]
     if math.isfinite(val_loss) and (previous is None or val_loss < previous) and adapter_is_finite(model):
         state["best_val_loss"], state["best_step"] = val_loss, step

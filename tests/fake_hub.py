@@ -111,7 +111,8 @@ class FakeHub:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)  # port 0: the OS picks a free one
         server.daemon_threads = True
         server.hub, server.role = self, role  # type: ignore[attr-defined]
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # A short poll interval keeps shutdown() (called per test) fast.
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self._servers.append(server)
         return server
 

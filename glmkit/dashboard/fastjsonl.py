@@ -16,9 +16,9 @@ from typing import Iterable
 import numpy as np
 
 # Characters that may appear inside a JSON number (and NaN/Infinity/-Infinity,
-# which Python's json module writes).  Deleting them leaves a line's
+# which Python's json module writes, and null).  Deleting them leaves a line's
 # "skeleton": keys, quotes, separators.  Equal skeletons mean equal shapes.
-_NUMBER_CHARS = b"0123456789.eE+-NaInfity"
+_NUMBER_CHARS = b"0123456789.eE+-NaInfitynul"
 _QUOTE = ord('"')
 _MAX_NUMBER_WIDTH = 40
 

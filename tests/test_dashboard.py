@@ -1,0 +1,436 @@
+"""Dashboard tests with Flask's test client over temporary, seeded log folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+
+from conftest_dashboard import FakeRun, finished_run, loss_at
+from glmkit.dashboard import create_app
+from glmkit.dashboard.fastjsonl import parse_uniform_block
+from glmkit.dashboard.series import downsample_indices, ema, ema_last
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_client(run_or_dir, **kwargs):
+    logs = run_or_dir.logs_dir if isinstance(run_or_dir, FakeRun) else str(run_or_dir)
+    kwargs.setdefault("min_poll_interval", 0)  # tests append between requests
+    return create_app(logs, **kwargs).test_client()
+
+
+def stats(client, **params) -> dict:
+    response = client.get("/api/stats", query_string=params)
+    assert response.status_code == 200
+    return response.get_json()
+
+
+@pytest.fixture
+def run(tmp_path):
+    fake = FakeRun(tmp_path / "run", total_steps=100)
+    fake.start()
+    return fake
+
+
+# -- reading the logs ------------------------------------------------------
+
+
+def test_malformed_lines_are_counted_and_skipped(run):
+    run.steps(1, 5)
+    run.append_raw("training", "this is not json\n")
+    run.append_raw("training", '{"loss": 1.0, "time": 1}\n')  # no step
+    run.append_raw("training", "[1, 2]\n")
+    run.steps(6, 8)
+    client = make_client(run)
+    s = stats(client)
+    assert s["step"] == 8
+    assert s["bad_lines"] == 3
+    assert s["bad_lines_by_file"]["training_log.jsonl"] == 3
+    assert client.get("/api/series/loss").get_json()["x"] == list(range(1, 9))
+
+
+def test_unfinished_last_line_is_held_back_until_complete(run):
+    run.steps(1, 3)
+    line = json.dumps({"step": 4, "time": time.time(), "loss": 0.5, "lr": 1e-4, "grad_norm": 1.0,
+                       "tokens_per_sec": 10.0}) + "\n"
+    run.append_raw("training", line[:20])
+    client = make_client(run)
+    s = stats(client)
+    assert (s["step"], s["bad_lines"]) == (3, 0)
+    run.append_raw("training", line[20:])
+    s = stats(client)
+    assert (s["step"], s["loss"], s["bad_lines"]) == (4, 0.5, 0)
+
+
+def test_each_poll_reads_only_appended_bytes(run):
+    run.steps(1, 50)
+    app = create_app(run.logs_dir, min_poll_interval=0)
+    client = app.test_client()
+    stats(client)
+    monitor = app.extensions["glmkit_dashboard"].monitor
+    tail = monitor.tails["training"]
+    fed = []
+    original = tail.sink.feed
+    tail.sink.feed = lambda block: fed.append(block) or original(block)
+    size_before = os.path.getsize(run.path("training"))
+    run.steps(51, 52)
+    stats(client)
+    assert b"".join(fed) == open(run.path("training"), "rb").read()[size_before:]
+    assert tail.offset == os.path.getsize(run.path("training"))
+
+
+def test_truncated_or_replaced_file_starts_over(run):
+    run.steps(1, 40)
+    client = make_client(run)
+    assert stats(client)["step"] == 40
+    with open(run.path("training"), "w") as fh:  # truncated in place: a new run
+        fh.write("")
+    run.steps(1, 3)
+    assert stats(client)["step"] == 3
+    assert client.get("/api/series/loss").get_json()["x"] == [1, 2, 3]
+    replacement = FakeRun(run.output_dir + "-new", total_steps=100)
+    replacement.steps(1, 60)  # larger than before, so only the inode tells
+    os.replace(replacement.path("training"), run.path("training"))
+    assert stats(client)["step"] == 60
+    assert len(client.get("/api/series/loss").get_json()["x"]) == 60
+
+
+def test_rewritten_file_that_grew_past_the_offset_is_noticed(run):
+    run.steps(1, 5)
+    client = make_client(run)
+    assert stats(client)["step"] == 5
+    with open(run.path("training"), "r+") as fh:  # same inode, bigger, different head
+        fh.seek(0)
+        fh.truncate()
+    other = FakeRun(run.output_dir, total_steps=100)
+    for step in range(100, 120):
+        other.train(step)
+    data = client.get("/api/series/loss").get_json()
+    assert data["x"][0] == 100 and len(data["x"]) == 20
+
+
+def test_resumed_run_is_one_curve_with_latest_records_winning(run):
+    run.steps(1, 30, eval_every=10)
+    run.event("preempted", 30, signal="SIGTERM")
+    client = make_client(run)
+    assert stats(client)["status"] == "preempted"
+    run.event("resume", 20, from_step=20, checkpoint=os.path.join(run.output_dir, "checkpoint-20"))
+    s = stats(client)
+    # The killed attempt's eval at step 30 is superseded as soon as the resume is logged.
+    assert s["step"] == 20 and s["val_step"] == 20 and s["status"] == "running"
+    for step in range(21, 26):
+        run.train(step, loss=0.25)
+    series = client.get("/api/series/loss").get_json()
+    assert series["x"] == list(range(1, 26))
+    assert series["y"][20:] == [0.25] * 5
+    assert series["y"][19] == pytest.approx(loss_at(20))
+
+
+def test_same_step_written_twice_keeps_the_latest(run):
+    run.train(1, loss=1.0)
+    run.train(2, loss=2.0)
+    run.train(2, loss=3.0)
+    run.train(3, loss=4.0)
+    client = make_client(run)
+    series = client.get("/api/series/loss").get_json()
+    assert (series["x"], series["y"]) == ([1, 2, 3], [1.0, 3.0, 4.0])
+
+
+def test_fast_path_matches_json_and_declines_odd_blocks():
+    records = [{"step": i, "time": 1.7e9 + i, "loss": (None if i == 3 else 1.0 / (i + 1)), "lr": 2e-05 * i,
+                "grad_norm": float(i), "tokens_per_sec": 1e4, "aux_loss": None} for i in range(50)]
+    block = "".join(json.dumps(r) + "\n" for r in records).encode()
+    fields = ("step", "time", "loss", "lr", "grad_norm", "tokens_per_sec", "missing")
+    columns = parse_uniform_block(block, fields)
+    assert columns is not None
+    for name in fields:
+        expected = [r.get(name) for r in records]
+        expected = np.array([np.nan if v is None else v for v in expected], dtype=float)
+        np.testing.assert_array_equal(columns[name], expected)
+    assert parse_uniform_block(block.replace(b'"lr"', b'"lx"', 1), fields) is None
+    assert parse_uniform_block(block + b"garbage\n", fields) is None
+    assert parse_uniform_block(block.replace(b'"time": 1', b'"time": "x', 1), fields) is None
+
+
+# -- statuses ------------------------------------------------------------
+
+
+def test_empty_folder_says_so_everywhere(tmp_path):
+    for logs in (tmp_path / "missing" / "logs", tmp_path):
+        client = make_client(logs)
+        s = stats(client)
+        assert s["status"] == "waiting"
+        assert s["step"] is None and s["best_val_loss"] is None and s["bad_lines"] == 0
+        assert client.get("/api/series/loss").get_json()["x"] == []
+        assert client.get("/api/checkpoints").get_json()["checkpoints"] == []
+        assert client.get("/api/events").get_json()["events"] == []
+        assert client.get("/api/experts").get_json()["available"] is False
+        assert client.get("/api/errors").get_json()["errors"] == []
+        for plot in ("loss", "validation", "experts"):
+            response = client.get(f"/api/plots/{plot}.png")
+            assert response.status_code == 200 and response.data.startswith(PNG_MAGIC)
+        assert b"No run yet" in client.get("/static/dashboard/dashboard.js").data
+
+
+def test_finished_run(tmp_path):
+    run = finished_run(tmp_path / "run", total_steps=60)
+    s = stats(make_client(run))
+    assert s["status"] == "finished"
+    assert (s["step"], s["total_steps"], s["progress"], s["eta_seconds"]) == (60, 60, 1.0, 0.0)
+    assert s["best_val_step"] == 60 and s["best_val_loss"] == pytest.approx(loss_at(60) + 0.1)
+    assert s["perplexity"] == pytest.approx(math.exp(loss_at(60) + 0.1))
+    assert s["val_trend"] < 0
+    assert s["loss"] == pytest.approx(loss_at(60))
+
+
+def test_crashed_run_and_errors(run):
+    run.steps(1, 10)
+    run.error(10)
+    client = make_client(run)
+    assert stats(client)["status"] == "crashed"
+    errors = client.get("/api/errors").get_json()
+    assert errors["total"] == 1 and errors["errors"][0]["type"] == "OutOfMemoryError"
+    run.event("resume", 10, from_step=10, checkpoint="checkpoint-10")  # the error predates this attempt
+    assert stats(client)["status"] == "running"
+
+
+def test_running_then_stalled(run):
+    run.steps(1, 10)
+    client = make_client(run, stall_seconds=60)
+    assert stats(client)["status"] == "running"
+    old = time.time() - 3600
+    for name in ("training", "events"):
+        os.utime(run.path(name), (old, old))
+    s = stats(client)
+    assert s["status"] == "stalled" and s["seconds_since_write"] > 3000
+
+
+def test_progress_and_training_numbers(run):
+    run.steps(1, 25)
+    s = stats(make_client(run))
+    assert (s["step"], s["total_steps"]) == (25, 100)
+    assert s["progress"] == pytest.approx(0.25)
+    assert s["eta_seconds"] == pytest.approx(150.0)
+    assert s["steps_per_sec"] == 0.5 and s["seconds_per_step"] == pytest.approx(2.0)
+    losses = np.array([loss_at(i) for i in range(1, 26)])
+    assert s["loss_smoothed"] == pytest.approx(ema(losses, 0.6)[-1])
+    assert stats(make_client(run), smoothing=0.9)["loss_smoothed"] == pytest.approx(ema(losses, 0.9)[-1])
+
+
+# -- series maths -----------------------------------------------------------
+
+
+def test_ema_is_debiased_like_tensorboard():
+    np.testing.assert_allclose(ema(np.array([1.0, 2.0, 3.0]), 0.5), [1.0, 5 / 3, 17 / 7])
+    np.testing.assert_allclose(ema(np.array([4.0, 4.0, 4.0]), 0.9), [4.0, 4.0, 4.0])
+    out = ema(np.array([1.0, np.nan, 3.0]), 0.5)  # NaN passes through, does not count
+    assert out[0] == 1.0 and np.isnan(out[1]) and out[2] == pytest.approx((0.25 + 1.5) / 0.75)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(20_000)
+    for weight in (0.3, 0.9, 0.999):
+        expected, state = [], 0.0
+        for t, v in enumerate(values, start=1):
+            state = weight * state + (1 - weight) * v
+            expected.append(state / (1 - weight**t))
+        np.testing.assert_allclose(ema(values, weight), expected, rtol=1e-9, atol=1e-9)
+        assert ema_last(values, weight) == pytest.approx(expected[-1], abs=1e-12)
+
+
+def test_series_smoothing_parameter(run):
+    run.steps(1, 40)
+    data = make_client(run).get("/api/series/loss?smoothing=0.8").get_json()
+    raw = np.array([loss_at(i) for i in range(1, 41)])
+    np.testing.assert_allclose(data["y"], ema(raw, 0.8))
+    np.testing.assert_allclose(data["raw"], raw)
+
+
+def test_downsampling_keeps_extremes_first_and_last():
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal(10_001)
+    values[1234], values[7777] = 50.0, -50.0
+    idx = downsample_indices(values, 100)
+    assert len(idx) <= 100
+    assert idx[0] == 0 and idx[-1] == len(values) - 1
+    assert {1234, 7777} <= set(idx.tolist())
+    assert np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(downsample_indices(values[:50], 100), np.arange(50))
+
+
+def test_series_endpoint_downsamples_and_keeps_spike(run):
+    for step in range(1, 3001):
+        run.train(step, loss=9.0 if step == 1777 else 1.0 + step * 1e-4)
+    data = make_client(run).get("/api/series/loss?max_points=200").get_json()
+    assert data["points"] <= 200 and data["total_points"] == 3000
+    assert data["x"][0] == 1 and data["x"][-1] == 3000
+    assert 1777 in data["x"] and max(data["y"]) == 9.0
+    assert len(make_client(run).get("/api/series/loss").get_json()["x"]) <= 1500
+
+
+def test_csv_export(run):
+    run.steps(1, 30)
+    response = make_client(run).get("/api/series/loss?format=csv&smoothing=0.5")
+    assert response.status_code == 200 and response.mimetype == "text/csv"
+    assert "attachment" in response.headers["Content-Disposition"]
+    lines = response.get_data(as_text=True).strip().splitlines()
+    assert lines[0] == "step,loss,loss_smoothed"
+    assert len(lines) == 31
+    step, loss, smoothed = lines[1].split(",")
+    assert (int(step), float(loss), float(smoothed)) == (1, loss_at(1), pytest.approx(loss_at(1)))
+
+
+@pytest.mark.parametrize("name", ["lr", "grad_norm", "tokens_per_sec", "val_loss", "perplexity"])
+def test_every_series_is_served(run, name):
+    run.steps(1, 20, eval_every=5)
+    data = make_client(run).get(f"/api/series/{name}").get_json()
+    assert data["name"] == name and len(data["x"]) == (4 if name in ("val_loss", "perplexity") else 20)
+
+
+@pytest.mark.parametrize("query", ["smoothing=1", "smoothing=-0.1", "smoothing=abc", "max_points=1",
+                                   "max_points=x", "format=xml"])
+def test_bad_query_parameters_are_400(run, query):
+    response = make_client(run).get(f"/api/series/loss?{query}")
+    assert response.status_code == 400 and response.get_json()["status"] == 400
+
+
+# -- the other endpoints ----------------------------------------------------
+
+
+def test_checkpoints_from_disk_and_events(tmp_path):
+    run = finished_run(tmp_path / "run", total_steps=60)
+    os.makedirs(os.path.join(run.output_dir, ".tmp-checkpoint-60"))
+    os.makedirs(os.path.join(run.output_dir, "checkpoint-abc"))
+    outside = tmp_path / "outside" / "checkpoint-99"
+    outside.mkdir(parents=True)
+    os.symlink(outside, os.path.join(run.output_dir, "checkpoint-99"))
+    data = make_client(run).get("/api/checkpoints").get_json()
+    rows = data["checkpoints"]
+    assert [c["name"] for c in rows] == ["checkpoint-20", "checkpoint-40"]
+    assert [c["best"] for c in rows] == [False, True] and data["best"]["step"] == 40
+    assert all(c["complete"] and c["size_bytes"] >= 4096 and c["time"] for c in rows)
+    assert rows[0]["val_loss"] == pytest.approx(loss_at(20) + 0.1)
+
+
+def test_events_timeline(tmp_path):
+    run = finished_run(tmp_path / "run")
+    events = make_client(run).get("/api/events").get_json()["events"]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert "config" not in events[0] and "steps" in events[0]["summary"]
+    assert any(e["summary"].startswith("New best: checkpoint-40") for e in events)
+
+
+def test_experts_latest_and_collapse_flag(run):
+    run.experts(10)
+    client = make_client(run)
+    data = client.get("/api/experts").get_json()
+    assert data["available"] and not data["collapsed"] and data["step"] == 10
+    assert len(data["layers"]) == 6 and data["layers"][2]["dead_experts"] == [5]
+    assert data["dead_experts_total"] == 1
+    run.experts(20, collapsed=True)
+    data = client.get("/api/experts").get_json()
+    assert data["collapsed"] and data["step"] == 20 and data["collapse_reasons"]
+
+
+def test_gpu_endpoint_without_gpu_gives_reason(run):
+    data = make_client(run).get("/api/gpu").get_json()
+    assert isinstance(data["gpus"], list)
+    if not data["gpus"]:
+        assert data["reason"]
+
+
+def test_plots_are_pngs_cached_until_data_changes(run):
+    run.steps(1, 30, eval_every=10, expert_every=10)
+    run.checkpoint(10, 2.0)
+    client = make_client(run)
+    for name in ("loss", "lr", "grad_norm", "throughput", "validation", "experts"):
+        response = client.get(f"/api/plots/{name}.png")
+        assert response.status_code == 200 and response.data.startswith(PNG_MAGIC), name
+    first = client.get("/api/plots/loss.png")
+    again = client.get("/api/plots/loss.png", headers={"If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 304
+    run.train(31)
+    changed = client.get("/api/plots/loss.png", headers={"If-None-Match": first.headers["ETag"]})
+    assert changed.status_code == 200 and changed.headers["ETag"] != first.headers["ETag"]
+
+
+def test_page_and_health(run):
+    client = make_client(run)
+    page = client.get("/")
+    assert page.status_code == 200 and b'id="stat-step"' in page.data
+    assert b"http://" not in page.data and b"https://" not in page.data  # nothing from a CDN
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    assert client.get("/health").get_json()["status"] == "ok"
+    assert client.get("/static/dashboard/dashboard.css").status_code == 200
+
+
+# -- safety -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [
+    "/api/plots/..%2F..%2Fetc%2Fpasswd.png",
+    "/api/plots/../../training_dashboard.py",
+    "/api/plots/%2e%2e%2ftraining_log.png",
+    "/api/plots/training_log.png",
+    "/api/series/..%2Flogs%2Ftraining_log",
+    "/api/series/%2e%2e",
+    "/api/series/config",
+    "/static/..%2F..%2Ftraining_dashboard.py",
+    "/static/../glmkit/dashboard/app.py",
+    "/static/%2e%2e/%2e%2e/etc/passwd",
+    "/logs/training_log.jsonl",
+    "/api/checkpoints/..%2F..%2Fetc",
+])
+def test_path_tricks_are_404(run, path):
+    run.steps(1, 3)
+    assert make_client(run).get(path).status_code == 404
+
+
+def test_symlinked_log_file_is_not_followed(run, tmp_path):
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text(json.dumps({"step": 999, "time": 1.0, "loss": 1.0}) + "\n")
+    os.symlink(secret, run.path("training"))
+    assert stats(make_client(run))["step"] is None
+
+
+def test_token_auth(run):
+    run.steps(1, 3)
+    client = make_client(run, token="s3cret")
+    assert client.get("/api/stats").status_code == 401
+    assert client.get("/api/stats", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/", headers={"Accept": "text/html"}).status_code == 401
+    assert client.get("/api/stats", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+    browser = make_client(run, token="s3cret")
+    response = browser.get("/?token=s3cret&x=1")
+    assert response.status_code == 303 and response.headers["Location"] == "/?x=1"
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "s3cret" not in cookie
+    assert browser.get("/api/stats").status_code == 200  # the cookie now carries it
+    assert browser.get("/api/plots/loss.png").status_code == 200
+
+    scripted = make_client(run, token="s3cret")
+    assert scripted.get("/api/stats?token=s3cret").status_code == 200
+    assert scripted.get("/api/stats").status_code == 200
+    assert make_client(run, token="s3cret").get("/api/stats?token=nope").status_code == 401
+
+
+def test_cli_refuses_lan_without_token_and_reports_config_errors(tmp_path, monkeypatch, capsys):
+    from glmkit.dashboard.cli import main
+
+    monkeypatch.delenv("DASHBOARD_TOKEN", raising=False)
+    assert main(["--logs", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    assert "DASHBOARD_TOKEN" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("paths: [unclosed\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(bad)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() and "Traceback" not in err
+    assert main(["--logs", str(tmp_path / "logs"), "--print-paths"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"LOGS_DIR={tmp_path / 'logs'}", f"OUTPUT_DIR={tmp_path}"]

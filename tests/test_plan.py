@@ -1,0 +1,232 @@
+"""The memory plan: exact 4-bit byte counts, GLM-4.5-Air sanity, JSON shape, CLI, tiny-model audit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from glmkit import plan as planmod
+from glmkit.config import load_config
+
+GB = 1e9
+TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+# 45 MoE layers x 128 experts x (gate + up + down) x hidden 4096 x moe_intermediate 1408.
+GLM45_AIR_ROUTED = 45 * 128 * 3 * 4096 * 1408
+JSON_KEYS = {
+    "source", "strategy", "num_processes", "params_total", "quantized_params", "groups", "weights_bytes",
+    "plain_path_weights_bytes", "plain_path_upcast_weights_bytes", "qlora_floor_bytes", "lora_params",
+    "lora_bytes", "lora_grad_bytes", "optimizer_bytes", "activation_bytes", "layer_boundaries_bytes",
+    "layer_peak_bytes", "dequantized_experts_bytes", "logits_and_loss_bytes", "per_gpu",
+    "total_bytes_per_gpu", "gpu_memory_bytes", "gpu_memory_source", "fits", "verdict", "notes",
+}
+
+
+def write_yaml(tmp_path, text: str = "") -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"paths:\n  model_dir: {tmp_path / 'no-model-yet'}\n{text}", encoding="utf-8")
+    return str(path)
+
+
+def air_plan(tmp_path, *overrides, num_processes=4, gpu_memory_bytes=int(141 * GB)):
+    cfg = load_config(write_yaml(tmp_path), list(overrides))
+    return planmod.build_plan(cfg, gpu_memory_bytes=gpu_memory_bytes, num_processes=num_processes)
+
+
+@pytest.fixture(scope="module")
+def air(tmp_path_factory):
+    """GLM-4.5-Air, built-in architecture, defaults: DDP x 4, micro batch 1 x 4096, 141 GB."""
+    return air_plan(tmp_path_factory.mktemp("air"))
+
+
+# ---------------------------------------------------------------------------
+# 4-bit bytes: the formula against what bitsandbytes really stores
+# ---------------------------------------------------------------------------
+
+def _stored_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
+    import bitsandbytes.functional as F
+
+    data, state = F.quantize_4bit(torch.randn(numel, dtype=torch.bfloat16), blocksize=blocksize,
+                                  compress_statistics=double_quant, quant_type="nf4")
+    tensors = [data, state.absmax, state.code]
+    if double_quant:
+        tensors += [state.offset, state.state2.absmax, state.state2.code]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("numel", [64, 4096, 19205, 64 * 256 * 3 + 1])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_nf4_bytes_equal_bitsandbytes_storage(numel, double_quant, blocksize):
+    assert planmod.nf4_bytes(numel, blocksize, double_quant) == _stored_bytes(numel, blocksize, double_quant)
+
+
+def test_nf4_double_quant_is_the_qlora_4_127_bits():
+    numel = 64 * 256 * 1000
+    assert planmod.nf4_bytes(numel) * 8 / numel == pytest.approx(4.127, abs=0.001)
+
+
+# ---------------------------------------------------------------------------
+# GLM-4.5-Air from the built-in architecture
+# ---------------------------------------------------------------------------
+
+def test_air_parameter_counts(air):
+    assert air["source"] == "builtin"
+    assert air["model"] == "zai-org/GLM-4.5-Air"
+    # 106.85 B without the MTP layer, which transformers does not build.
+    assert 100e9 < air["params_total"] < 110e9
+    routed = air["groups"]["routed_experts"]
+    assert routed["params"] == GLM45_AIR_ROUTED  # ~99.66 B
+    assert routed["quantized_params"] == routed["params"]
+    assert air["groups"]["embeddings"]["params"] == air["groups"]["lm_head"]["params"] == 151552 * 4096
+    assert air["groups"]["router"]["quantized_params"] == 0
+
+
+def test_air_weight_bytes(air):
+    assert 55 * GB < air["weights_bytes"] < 60 * GB
+    assert air["plain_path_weights_bytes"] > 200 * GB
+    assert 390 * GB < air["plain_path_upcast_weights_bytes"] < 420 * GB
+    assert air["weights_bytes"] == pytest.approx(air["qlora_floor_bytes"], rel=0.03)
+    assert air["weights_bytes"] == sum(g["bytes"] for g in air["groups"].values())
+
+
+def test_air_fits_one_h200_with_ddp(air):
+    assert air["strategy"] == "ddp"
+    assert air["per_gpu"]["weights"] == air["weights_bytes"]  # a full replica per GPU
+    assert air["fits"] is True
+    assert air["total_bytes_per_gpu"] < 141 * GB
+    assert air["plain_path_fits"] is False
+    # Recomputing one MoE layer dequantizes its experts: 128 x 3 x 4096 x 1408 bf16 values.
+    assert air["dequantized_experts_bytes"] == 128 * 3 * 4096 * 1408 * 2
+    assert air["verdict"].startswith("memory plan: FITS")
+    assert "\n" not in air["verdict"]
+
+
+def test_air_lora_on_attention(air):
+    # r=16 on q, k, v, o of 46 layers: 16 x ((4096+12288) + 2 x (4096+1024) + (12288+4096)).
+    assert air["lora_params"] == 46 * 16 * (2 * (4096 + 12288) + 2 * (4096 + 1024))
+    assert air["lora_bytes"] == air["lora_grad_bytes"] == 4 * air["lora_params"]
+    assert air["optimizer_bytes"] == 8 * air["lora_params"]
+
+
+def test_air_json_keys_and_serialisable(air):
+    assert JSON_KEYS <= set(air)
+    assert set(planmod.GROUPS) <= set(air["groups"])
+    assert json.loads(json.dumps(air)) == air
+
+
+def test_sharded_strategies_divide_the_weights(tmp_path, air):
+    fsdp = air_plan(tmp_path, "distributed.accelerate_config=fsdp")
+    assert fsdp["strategy"] == "fsdp"
+    assert fsdp["per_gpu"]["weights"] == air["weights_bytes"] // 4
+    assert 0 < fsdp["per_gpu"]["gathered_layer"] < 2 * GB
+    assert fsdp["total_bytes_per_gpu"] < air["total_bytes_per_gpu"] - 30 * GB
+
+
+def test_without_checkpointing_every_layer_keeps_its_experts(tmp_path, air):
+    plan = air_plan(tmp_path, "memory.gradient_checkpointing=false")
+    assert plan["dequantized_experts_bytes"] == 45 * air["dequantized_experts_bytes"]
+    assert plan["fits"] is False
+    assert "DOES NOT FIT" in plan["verdict"] and "gradient_checkpointing" in plan["verdict"]
+
+
+def test_activations_grow_with_tokens(tmp_path, air):
+    plan = air_plan(tmp_path, "optimization.micro_batch_per_gpu=2")
+    assert plan["logits_and_loss_bytes"] == 2 * air["logits_and_loss_bytes"] == 2 * 4096 * 151552 * 6
+    assert plan["activation_bytes"] > air["activation_bytes"]
+
+
+def test_experts_left_in_bf16_match_the_plain_path(tmp_path):
+    plan = air_plan(tmp_path, "quantization.quantize_experts=false")
+    routed = plan["groups"]["routed_experts"]
+    assert routed["bytes"] == routed["plain_path_bytes"] == 2 * GLM45_AIR_ROUTED
+    assert plan["dequantized_experts_bytes"] == 0
+    assert plan["fits"] is False
+
+
+def test_lora_on_expert_parameters_counts_every_expert(tmp_path, air):
+    plan = air_plan(tmp_path, "lora.target_parameters=[mlp.experts.gate_up_proj]")
+    # PEFT's ParamWrapper on [E, 2*1408, 4096]: lora_A [E*r, .] and lora_B [., E*r].
+    assert plan["lora_params"] - air["lora_params"] == 45 * 128 * 16 * (2 * 1408 + 4096)
+
+
+def test_gpu_memory_from_config_when_no_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the plan uses its detected memory")
+    cfg = load_config(write_yaml(tmp_path), ["distributed.gpu_memory_gb=80"])
+    plan = planmod.build_plan(cfg, num_processes=1)
+    assert plan["gpu_memory_bytes"] == 80 * GB
+    assert plan["gpu_memory_source"] == "distributed.gpu_memory_gb"
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def test_run_plan_cli_prints_table_and_verdict(tmp_path, capsys):
+    cfg = load_config(write_yaml(tmp_path))
+    assert planmod.run_plan_cli(cfg, as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "routed_experts" in out and "built-in GLM-4.5-Air architecture" in out
+    assert out.strip().splitlines()[-1].startswith("memory plan: ")
+
+
+def test_run_plan_cli_json_is_one_object(tmp_path, capsys):
+    cfg = load_config(write_yaml(tmp_path))
+    assert planmod.run_plan_cli(cfg, as_json=True) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert JSON_KEYS <= set(data)
+
+
+def test_check_exits_3_when_it_does_not_fit(tmp_path, capsys):
+    path = write_yaml(tmp_path)
+    assert planmod.main(["--config", path, "--check", "--set", "distributed.gpu_memory_gb=20"]) == 3
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("memory plan: DOES NOT FIT") and "\n" not in line
+
+
+def test_unreadable_config_json_is_one_line_error(tmp_path, capsys):
+    model_dir = tmp_path / "no-model-yet"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "no_such_model"}', encoding="utf-8")
+    cfg = load_config(write_yaml(tmp_path))
+    assert planmod.run_plan_cli(cfg, as_json=False) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("plan error: ") and "\n" not in err
+
+
+# ---------------------------------------------------------------------------
+# The tiny model: the plan against the real 4-bit model, group by group
+# ---------------------------------------------------------------------------
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not (_importable("glmkit.model") and _importable("glmkit.tiny") and os.path.isfile(TINY_CONFIG)),
+                    reason="glmkit.model / glmkit.tiny / configs/tiny.yaml not written yet")
+def test_plan_agrees_with_audit_of_loaded_tiny_model(tmp_path):
+    from glmkit.model import audit_model, load_model, prepare_for_training
+    from glmkit.tiny import write_tiny_checkpoint
+
+    model_dir = tmp_path / "tiny"
+    write_tiny_checkpoint(str(model_dir), seed=0)
+    cfg = load_config(TINY_CONFIG, [f"paths.model_dir={model_dir}", f"paths.output_dir={tmp_path / 'out'}"])
+    plan = planmod.build_plan(cfg, num_processes=1)
+    assert plan["source"] == "config.json"
+    model = load_model(cfg, "cpu")
+    audit = audit_model(model)
+    for name in planmod.GROUPS:
+        planned, real = plan["groups"][name], audit["groups"][name]
+        assert planned["params"] == real["params"], name
+        assert planned["quantized_params"] == real["quantized_params"], name
+        assert planned["bytes"] == pytest.approx(real["bytes"], rel=0.01), name
+    assert plan["weights_bytes"] == pytest.approx(audit["bytes_total"], rel=0.01)
+    lora = audit_model(prepare_for_training(model, cfg))["groups"]["lora"]
+    assert plan["lora_params"] == lora["params"]
