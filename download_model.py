@@ -70,7 +70,7 @@ def report(model_dir: str, rerun: str) -> int:
     problems = hub.verify_model_dir(model_dir, rerun=rerun)
     if os.path.isdir(model_dir):
         files, partial = hub.footprint(model_dir)
-        line = f"footprint: {files / hub.GB:.2f} GB in {model_dir}"
+        line = f"footprint: {files / hub.GB:.2f} GB ({files:,} bytes) in {model_dir}"
         if partial:
             line += (f" (+{partial / hub.GB:.2f} GB of abandoned *.incomplete files under "
                      f"{hub.HF_LOCAL_CACHE}; delete them when no download is running)")

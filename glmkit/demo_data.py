@@ -100,3 +100,22 @@ def write_demo_corpus(path: str, max_docs: int | None = None, text_field: str = 
             count += 1
     os.replace(tmp, path)
     return count
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from glmkit.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(description="Write the demo corpus to paths.data_path of a config.")
+    add_config_arguments(parser)
+    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    count = write_demo_corpus(cfg.paths.data_path, args.max_docs, cfg.training.text_field)
+    print(f"wrote {count} documents to {cfg.paths.data_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

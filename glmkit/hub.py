@@ -83,15 +83,13 @@ def download(repo_id: str, revision: str, model_dir: str, *, min_free_gb: Option
             print(f"{name}: size differs from the Hub's; fetching it again", flush=True)
 
     check_disk_space(model_dir, remote, min_free_gb)
+    # Passing the commit (not the branch) makes every file come from the snapshot we sized above.
     pinned = remote.commit if remote is not None else revision
-    print(f"downloading {repo_id} @ {revision}" + (f" (commit {pinned[:12]})" if remote else "")
-          + f" into {model_dir}", flush=True)
+    commit_note = f" (commit {pinned[:12]})" if remote is not None else ""
+    print(f"downloading {repo_id} @ {revision}{commit_note} into {model_dir}", flush=True)
     try:
-        # Passing the commit (not the branch) makes every file come from the snapshot we sized above.
         snapshot_download(repo_id, revision=pinned, local_dir=model_dir, endpoint=endpoint)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # KeyboardInterrupt passes through to the CLI
         raise HubError(explain_hub_error(exc, repo_id, revision, endpoint)) from None
 
 
@@ -131,7 +129,7 @@ def check_disk_space(model_dir: str, remote: Optional[RemoteRepo], min_free_gb: 
     """Refuse (HubError) when the disk under `model_dir` can't hold what is still to be downloaded."""
     free = free_bytes(model_dir)
     if min_free_gb is not None:
-        need, why = min_free_gb * GB, f"--min-free-gb asks for {min_free_gb:g} GB"
+        need, why = min_free_gb * GB, f"--min-free-gb {min_free_gb:g}"
     else:
         if remote is not None:
             missing, source = bytes_still_needed(model_dir, remote.sizes), "still to download"
@@ -142,12 +140,17 @@ def check_disk_space(model_dir: str, remote: Optional[RemoteRepo], min_free_gb: 
             return  # nothing left to fetch: never block a finished download
         margin = MARGIN_BYTES + MARGIN_FRACTION * missing
         need = missing + margin
-        why = f"{missing / GB:.1f} GB {source} + {margin / GB:.1f} GB margin"
+        why = f"{human_size(missing)} {source} + {human_size(margin)} margin"
     if free < need:
-        raise HubError(f"not enough free disk space for {model_dir}: need {need / GB:.1f} GB ({why}), "
-                       f"have {free / GB:.1f} GB; free up space, point paths.model_dir at a bigger disk, "
+        raise HubError(f"not enough free disk space for {model_dir}: need {human_size(need)} ({why}), "
+                       f"have {human_size(free)}; free up space, point paths.model_dir at a bigger disk, "
                        "or override with --min-free-gb")
-    print(f"disk space: {free / GB:.1f} GB free, {need / GB:.1f} GB needed ({why})", flush=True)
+    print(f"disk space: {human_size(free)} free, {human_size(need)} needed ({why})", flush=True)
+
+
+def human_size(n: float) -> str:
+    """Decimal units, as the Hub shows them; MB below a gigabyte so small repos don't read "0.0 GB"."""
+    return f"{n / GB:,.1f} GB" if n >= GB else f"{n / 1e6:.1f} MB"
 
 
 def free_bytes(path: str) -> int:

@@ -19,6 +19,7 @@ Fault injection for tests:
 - `drop_connection(file, after_bytes, times, then_status)`: the next `times` GETs of `file` send their
   headers and `after_bytes` of the body, then close the socket (a transfer cut off midway). Afterwards,
   if `then_status` is set, the file answers that status (e.g. 503) until `restore()`.
+- `fail_api(status, times)`: the next `times` /api/ calls answer `status` (a Hub hiccup).
 - `gated=True`: /resolve answers 401 (no token) or 403 (token without access) with X-Error-Code GatedRepo.
 
 Every request is recorded in `requests` (the Authorization header only as a yes/no, never its value).
@@ -85,6 +86,7 @@ class FakeHub:
         self.requests: list[Seen] = []
         self._drops: dict[str, _Drop] = {}
         self._failing: dict[str, int] = {}
+        self._api_failures: list[int] = []
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
 
@@ -130,10 +132,15 @@ class FakeHub:
         with self._lock:
             self._drops[file] = _Drop(after_bytes, times, then_status)
 
+    def fail_api(self, status: int, times: int = 1) -> None:
+        with self._lock:
+            self._api_failures.extend([status] * times)
+
     def restore(self) -> None:
         with self._lock:
             self._drops.clear()
             self._failing.clear()
+            self._api_failures.clear()
 
     def clear_log(self) -> None:
         with self._lock:
@@ -147,6 +154,10 @@ class FakeHub:
     def _record(self, seen: Seen) -> None:
         with self._lock:
             self.requests.append(seen)
+
+    def _take_api_failure(self) -> Optional[int]:
+        with self._lock:
+            return self._api_failures.pop(0) if self._api_failures else None
 
     def _take_fault(self, file: str) -> tuple[Optional[int], Optional[int]]:
         """(bytes to send before cutting the connection, error status to answer instead)."""
@@ -198,6 +209,8 @@ class _Handler(BaseHTTPRequestHandler):
             if file is None:
                 return self._error(404, "EntryNotFound", "Blob not found", send_body)
             return self._send_file(hub, file, send_body)
+        if path.startswith("/api/models/") and (status := hub._take_api_failure()):
+            return self._error(status, None, "Service temporarily unavailable", send_body)
         if m := _API_INFO.match(path):
             return self._repo_info(hub, m["repo"], m["rev"], send_body)
         if m := _API_TREE.match(path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import shlex
 import sys
 
 from .app import create_app
@@ -47,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="silence after which a run counts as stalled")
     p.add_argument("--refresh", type=float, default=5.0, help="default page refresh interval, seconds")
     p.add_argument("--print-paths", action="store_true",
-                   help="print LOGS_DIR=... and OUTPUT_DIR=... (shell-quoted) and exit")
+                   help="print LOGS_DIR=<dir> and OUTPUT_DIR=<dir> lines and exit (for launch_dashboard.sh)")
     return p
 
 
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--smoothing must be in [0, 1)")
     logs_dir, output_dir = resolve_dirs(args)
     if args.print_paths:
-        print(f"LOGS_DIR={shlex.quote(logs_dir)}\nOUTPUT_DIR={shlex.quote(output_dir)}")
+        print(f"LOGS_DIR={logs_dir}\nOUTPUT_DIR={output_dir}")
         return 0
     token = os.environ.get("DASHBOARD_TOKEN") or None
     if not is_loopback(args.host) and not token and not args.no_auth:

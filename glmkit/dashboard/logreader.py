@@ -31,10 +31,14 @@ class Sink(Protocol):
 class JsonlTail:
     """Byte-offset reader of one append-only JSONL file."""
 
-    def __init__(self, path: str, sink: Sink, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, path: str, sink: Sink, chunk_bytes: int = CHUNK_BYTES, max_backlog: int | None = None):
         self.path = path
         self.sink = sink
         self.chunk_bytes = chunk_bytes
+        # With max_backlog, a larger unread backlog is skipped but for its last
+        # max_backlog bytes: for logs where only recent records matter.
+        self.max_backlog = max_backlog
+        self.skipped_bytes = 0
         self.offset = 0
         self.bad_lines = 0
         self.mtime: float | None = None
@@ -55,6 +59,8 @@ class JsonlTail:
                 changed = self._start_over()
             self._identity = (st.st_dev, st.st_ino)
             self.mtime = st.st_mtime
+            if self.max_backlog and st.st_size - self.offset > self.max_backlog:
+                self._skip_to_line_after(fd, st.st_size - self.max_backlog)
             if st.st_size > self.offset:
                 changed = self._read_from(f) or changed
             if len(self._head) < HEAD_BYTES and self.offset > len(self._head):
@@ -66,8 +72,21 @@ class JsonlTail:
             return True
         return bool(self._head) and os.pread(fd, len(self._head), 0) != self._head
 
+    def _skip_to_line_after(self, fd: int, position: int) -> None:
+        """Move the offset to the first line start at or after `position`."""
+        while position > self.offset:
+            data = os.pread(fd, 1 << 16, position - 1)
+            newline = data.find(b"\n")
+            if newline >= 0:
+                self.skipped_bytes += position + newline - self.offset
+                self.offset = position + newline
+                return
+            if len(data) < (1 << 16):
+                return  # only an unfinished last line is left
+            position += len(data)
+
     def _start_over(self) -> bool:
-        self.offset, self.bad_lines, self._head = 0, 0, b""
+        self.offset, self.bad_lines, self._head, self.skipped_bytes = 0, 0, b"", 0
         self._identity, self.mtime = None, None
         self.sink.reset()
         return True

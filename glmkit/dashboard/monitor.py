@@ -19,6 +19,9 @@ LOG_FILES = {
     "experts": "expert_usage_log.jsonl",
     "errors": "error_log.jsonl",
 }
+# Expert records are large (layers x experts counts) and only the newest one
+# and a short history are shown, so a long backlog is skipped, not parsed.
+MAX_BACKLOG = {"experts": 32 << 20}
 TRAINING_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_sec")
 EVAL_FIELDS = ("val_loss", "perplexity")
 
@@ -39,7 +42,8 @@ class RunMonitor:
         self.events = RecordSink()
         self.errors = RecordSink()
         self.tails = {
-            name: JsonlTail(os.path.join(self.logs_dir, filename), getattr(self, name))
+            name: JsonlTail(os.path.join(self.logs_dir, filename), getattr(self, name),
+                            max_backlog=MAX_BACKLOG.get(name))
             for name, filename in LOG_FILES.items()
         }
         self._lock = threading.Lock()

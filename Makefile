@@ -1,0 +1,36 @@
+# Two quick-start commands: `make demo` (train the tiny model on CPU, then serve the
+# dashboard) and `make test` (the whole suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TINY   := configs/tiny.yaml
+DASHBOARD_PORT ?= 5000
+
+.PHONY: demo test venv tiny-model demo-data clean-demo
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulled in by another package would be the CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+tiny-model: venv
+	$(PY) download_model.py --config $(TINY) --tiny
+
+demo-data: venv
+	$(PY) -m glmkit.demo_data --config $(TINY)
+
+# The same launcher and trainer as a real run, on the tiny model, then the dashboard.
+demo: tiny-model demo-data
+	./launch_training.sh --config $(TINY)
+	./launch_dashboard.sh --config $(TINY) --port $(DASHBOARD_PORT)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf models/tiny-glm4-moe data/demo.jsonl runs/tiny runs/tiny-best-adapter scratch

@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny GLM-4.5-Air checkpoint and the demo corpus, built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from glmkit.tiny import write_tiny_checkpoint
+
+    path = str(tmp_path_factory.mktemp("tiny-model"))
+    write_tiny_checkpoint(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    from glmkit.demo_data import write_demo_corpus
+
+    path = str(tmp_path_factory.mktemp("data") / "demo.jsonl")
+    write_demo_corpus(path, max_docs=400)
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model_dir, demo_corpus):
+    """Write a tiny config into tmp_path with overrides {"section.key": value}; return its path."""
+
+    def make(overrides: dict | None = None, name: str = "config.yaml") -> str:
+        with open(TINY_CONFIG, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+        data["paths"].update(model_dir=tiny_model_dir, data_path=demo_corpus, output_dir=str(tmp_path / "run"),
+                             best_adapter_dir=str(tmp_path / "best"), scratch_dir=str(tmp_path / "scratch"))
+        for dotted, value in (overrides or {}).items():
+            section, key = dotted.split(".")
+            data[section][key] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+
+    return make
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a kit command as a user would, from the repo root."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
