@@ -336,7 +336,7 @@ def validate(cfg: Config) -> list[str]:
     for key in ("log_interval", "eval_interval", "checkpoint_interval", "expert_stats_interval"):
         need(getattr(lg, key) >= 1, f"logging.{key}", f"must be >= 1, got {getattr(lg, key)}")
     need(lg.keep_top_k >= 1, "logging.keep_top_k", f"must be >= 1, got {lg.keep_top_k}")
-    need(lg.checkpoint_interval % lg.eval_interval == 0, "logging.checkpoint_interval",
+    need(lg.eval_interval < 1 or lg.checkpoint_interval % lg.eval_interval == 0, "logging.checkpoint_interval",
          f"must be a multiple of logging.eval_interval ({lg.eval_interval}) so every checkpoint has a "
          f"val loss to rank it by, got {lg.checkpoint_interval}")
     need(cfg.performance.num_workers >= 0, "performance.num_workers", f"must be >= 0, got {cfg.performance.num_workers}")

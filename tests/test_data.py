@@ -1,0 +1,103 @@
+"""Data: bad lines by line number, deterministic split, packing that isolates documents."""
+
+import json
+
+import pytest
+import torch
+
+from glmkit.config import load_config
+from glmkit.data import IGNORE_INDEX, Collator, DataError, block_causal_mask, load_corpus, pack_rows, read_documents
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_bad_lines_are_reported_by_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [
+        json.dumps({"text": "fine"}), "{not json", json.dumps({"body": "x"}), json.dumps({"text": 3}),
+        json.dumps({"text": "   "}), json.dumps({"text": "also fine"}),
+    ])
+    with pytest.raises(DataError) as info:
+        read_documents(path, "text", skip_bad_lines=False)
+    message = str(info.value)
+    assert message.startswith(f"4 bad line(s) in {path}; fix them or set training.skip_bad_lines: true")
+    assert f"{path}:2: invalid JSON" in message
+    assert f"{path}:3: missing field 'text'" in message
+    assert f"{path}:4: field 'text' is not a string" in message
+    assert f"{path}:5: field 'text' is empty" in message
+    docs, bad = read_documents(path, "text", skip_bad_lines=True)
+    assert docs == ["fine", "also fine"] and len(bad) == 4
+
+
+def test_empty_and_too_small_corpora(tmp_path, make_config):
+    empty = write_lines(tmp_path / "empty.jsonl", [])
+    cfg = load_config(make_config({"paths.data_path": empty}))
+    with pytest.raises(DataError, match="no usable documents"):
+        load_corpus(cfg)
+    one = write_lines(tmp_path / "one.jsonl", [json.dumps({"text": "only one"})])
+    cfg = load_config(make_config({"paths.data_path": one, "training.val_fraction": 0.5}))
+    with pytest.raises(DataError, match="too few for a validation split"):
+        load_corpus(cfg)
+
+
+def test_split_is_deterministic_and_disjoint(make_config):
+    cfg = load_config(make_config())
+    a, b = load_corpus(cfg), load_corpus(cfg)
+    assert a.train_docs == b.train_docs and a.val_docs == b.val_docs
+    assert len(a.val_docs) == 20 and len(a.train_docs) == 380  # ceil(400 * 0.05)
+    cfg2 = load_config(make_config({"training.seed": 7}, name="c2.yaml"))
+    assert load_corpus(cfg2).val_docs != a.val_docs
+
+
+def test_pack_rows_fills_rows_and_restarts_positions():
+    packed = pack_rows([[1, 2, 3], [4, 5, 6, 7, 8], [9]], max_seq_length=4, pad_id=0)
+    assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 0, 0, 0]]
+    assert packed["position_ids"] == [[0, 1, 2, 0], [0, 1, 2, 3], [0, -1, -1, -1]]
+
+
+def test_block_mask_and_labels_keep_documents_apart():
+    collate = Collator(pad_id=0, packing=True, padding="longest", max_seq_length=4, attn_implementation="sdpa")
+    batch = collate([{"input_ids": [1, 2, 3, 4], "position_ids": [0, 1, 2, 0]},
+                     {"input_ids": [9, 8, 0, 0], "position_ids": [0, 1, -1, -1]}])
+    mask = batch["attention_mask"][0, 0]
+    assert mask.tolist() == [[True, False, False, False], [True, True, False, False],
+                             [True, True, True, False], [False, False, False, True]]
+    # the first token of a document is never predicted from the previous one; pads never count
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX], [IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["token_mask"].sum().item() == 6
+
+
+def test_padding_modes_never_count_pads():
+    rows = [{"input_ids": [5, 6, 7]}, {"input_ids": [8]}]
+    longest = Collator(0, False, "longest", 8, "sdpa")(rows)
+    assert longest["input_ids"].shape == (2, 3)
+    assert longest["labels"].tolist() == [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    full = Collator(0, False, "max_length", 8, "sdpa")(rows)
+    assert full["input_ids"].shape == (2, 8) and int(full["token_mask"].sum()) == 4
+
+
+def test_packed_row_loss_equals_per_document_losses(tiny_model_dir, make_config):
+    """With the block mask, one packed row scores exactly like its documents run one at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from glmkit.training import loss_sum, target_tokens
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    docs = [torch.randint(2, 2048, (n,)).tolist() for n in (37, 50, 41)]
+    packed = pack_rows(docs, max_seq_length=128, pad_id=1)
+    collate = Collator(1, True, "longest", 128, "sdpa")
+    with torch.no_grad():
+        batch = collate([{"input_ids": r, "position_ids": p} for r, p in zip(packed["input_ids"], packed["position_ids"])])
+        packed_sum, packed_tokens = loss_sum(model, batch).item(), target_tokens(batch)
+        singles = [Collator(1, False, "longest", 128, "sdpa")([{"input_ids": d}]) for d in docs]
+        single_sum = sum(loss_sum(model, b).item() for b in singles)
+        single_tokens = sum(target_tokens(b) for b in singles)
+        # with a plain causal mask, attention leaks across documents and the loss changes
+        leaky = {k: v for k, v in batch.items() if k not in ("attention_mask", "position_ids")}
+        leaky_sum = loss_sum(model, leaky).item()
+    assert packed_tokens == single_tokens == sum(len(d) - 1 for d in docs)
+    assert abs(packed_sum / packed_tokens - single_sum / single_tokens) <= 1e-5
+    assert abs(leaky_sum / packed_tokens - single_sum / single_tokens) > 1e-4

@@ -1,0 +1,80 @@
+"""The tiny checkpoint, the streaming 4-bit loader and its audit."""
+
+import hashlib
+import json
+import os
+
+import torch
+
+from glmkit.config import load_config
+from glmkit.model import audit_model, check_audit, load_model, prepare_for_training
+
+
+def test_tiny_checkpoint_has_the_real_layout(tiny_model_dir):
+    config = json.load(open(os.path.join(tiny_model_dir, "config.json")))
+    assert config["architectures"] == ["Glm4MoeForCausalLM"]
+    assert config["first_k_dense_replace"] == 1 and config["n_shared_experts"] == 1
+    assert config["num_key_value_heads"] < config["num_attention_heads"]
+    assert config["rope_parameters"]["partial_rotary_factor"] == 0.5 and config["hidden_size"] <= 256
+    index = json.load(open(os.path.join(tiny_model_dir, "model.safetensors.index.json")))
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all(os.path.getsize(os.path.join(tiny_model_dir, s)) > 0 for s in shards)
+    # per-expert tensors, as on the Hub: the loader must fuse them
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in index["weight_map"]
+    assert os.path.isfile(os.path.join(tiny_model_dir, "tokenizer.json"))
+
+
+def test_same_seed_same_files(tiny_model_dir, tmp_path):
+    from glmkit.tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint(str(tmp_path / "again"), seed=0)
+    for name in sorted(os.listdir(tiny_model_dir)):
+        a = hashlib.sha256(open(os.path.join(tiny_model_dir, name), "rb").read()).hexdigest()
+        b = hashlib.sha256(open(tmp_path / "again" / name, "rb").read()).hexdigest()
+        assert a == b, name
+
+
+def test_loader_without_quantization_equals_from_pretrained(make_config, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(make_config({"quantization.load_in_4bit": False, "quantization.quantize_experts": False}))
+    ours = load_model(cfg).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 2048, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, reference(ids).logits)
+
+
+def test_audit_shows_every_expert_and_linear_in_4bit(make_config):
+    cfg = load_config(make_config())
+    model = load_model(cfg)
+    audit = audit_model(model)
+    check_audit(audit, cfg)
+    groups = audit["groups"]
+    assert audit["unquantized_expert_params"] == 0 and audit["unquantized_linear_params"] == 0
+    assert groups["routed_experts"]["params"] == groups["routed_experts"]["quantized_params"] == 2 * 8 * 3 * 64 * 128
+    for name in ("dense_mlp", "shared_experts"):
+        assert groups[name]["params"] == groups[name]["quantized_params"] > 0
+    # 4-bit: about half a byte per parameter plus a little quantization state
+    assert groups["routed_experts"]["bytes"] < 0.6 * groups["routed_experts"]["params"]
+    for name in ("embeddings", "lm_head", "norms", "router"):
+        assert groups[name]["quantized_params"] == 0
+    model = prepare_for_training(model, cfg)
+    audit = audit_model(model)
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert audit["trainable_params"] == lora_params == audit["groups"]["lora"]["params"] > 0
+    # nothing large was upcast to fp32 beyond the compute dtype
+    assert all(p.dtype != torch.float64 for p in model.parameters())
+
+
+def test_audit_fails_when_experts_escape_4bit(make_config):
+    import pytest
+
+    from glmkit.model import ModelLoadError
+
+    cfg = load_config(make_config({"quantization.quantize_experts": False}))
+    audit = audit_model(load_model(cfg))
+    assert audit["unquantized_expert_params"] == 2 * 8 * 3 * 64 * 128
+    cfg.quantization.quantize_experts = True  # what the run asked for, vs what loaded
+    with pytest.raises(ModelLoadError, match="routed-expert parameters are not 4-bit"):
+        check_audit(audit, cfg)
