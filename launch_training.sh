@@ -47,17 +47,16 @@ while (($#)); do
     esac
 done
 # Config overrides given to the trainer must reach the helper and the plan too.
+PASS_ARGS=()
 for ((i = 0; i < ${#TRAINER_ARGS[@]}; i++)); do
-    case "${TRAINER_ARGS[i]}" in
-        --set) SET_ARGS+=(--set "${TRAINER_ARGS[i + 1]:-}"); TRAINER_ARGS[i]=""; TRAINER_ARGS[i + 1]=""; i=$((i + 1)) ;;
-        --set=*) SET_ARGS+=(--set "${TRAINER_ARGS[i]#--set=}"); TRAINER_ARGS[i]="" ;;
+    arg="${TRAINER_ARGS[i]}"
+    case "$arg" in
+        --set) SET_ARGS+=(--set "${TRAINER_ARGS[i + 1]:-}"); i=$((i + 1)); continue ;;
+        --set=*) SET_ARGS+=(--set "${arg#--set=}"); continue ;;
         --resume|--resume_from|--resume_from=*) RESUME_MODE=given ;;
         *) ;;
     esac
-done
-PASS_ARGS=()
-for arg in ${TRAINER_ARGS[@]+"${TRAINER_ARGS[@]}"}; do
-    [[ -n "$arg" ]] && PASS_ARGS+=("$arg")
+    PASS_ARGS+=("$arg")
 done
 
 # ---- Stage 2: interpreter. $PYTHON if set, else the kit's venv, else python3. ----

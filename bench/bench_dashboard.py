@@ -36,20 +36,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"first_stats_s": 3.0, "stats_p95_ms": 50.0, "series_p95_ms": 100.0, "peak_rss_mb": 500.0}
 
+# Floats are written with repr(), as json.dumps does in the trainer: up to 17
+# significant digits, exponents for small learning rates.
 TRAIN_LINE = (
-    '{{"step": {step}, "time": {time:.6f}, "loss": {loss:.6f}, "lr": {lr:.6e}, "grad_norm": {gn:.6f}, '
-    '"epoch": {epoch:.6f}, "tokens": {tokens}, "tokens_per_sec": {tps:.3f}, "steps_per_sec": 0.5, '
-    '"elapsed_seconds": {elapsed:.3f}, "eta_seconds": {eta:.3f}, "total_steps": {total}, "aux_loss": null, '
+    '{{"step": {step}, "time": {time!r}, "loss": {loss!r}, "lr": {lr!r}, "grad_norm": {gn!r}, '
+    '"epoch": {epoch!r}, "tokens": {tokens}, "tokens_per_sec": {tps!r}, "steps_per_sec": {sps!r}, '
+    '"elapsed_seconds": {elapsed!r}, "eta_seconds": {eta!r}, "total_steps": {total}, "aux_loss": null, '
     '"gpu_mem_allocated": 61234567890, "gpu_mem_reserved": 70234567890, "gpu_mem_peak": 75234567890}}\n'
 )
 
 
 def train_line(step: int, total: int, t0: float) -> str:
+    jitter = random.random()
     return TRAIN_LINE.format(
-        step=step, time=t0 + 2.0 * step, loss=1.2 + 2.0 * math.exp(-step / 50_000) + 0.05 * random.random(),
-        lr=2e-4 * (0.5 + 0.5 * math.cos(math.pi * step / total)), gn=0.5 + random.random(),
-        epoch=step / total, tokens=step * 65536, tps=32768 + 1000 * random.random(),
-        elapsed=2.0 * step, eta=2.0 * (total - step), total=total,
+        step=step, time=t0 + 2.0 * step + jitter, loss=1.2 + 2.0 * math.exp(-step / 50_000) + 0.05 * jitter,
+        lr=2e-4 * (0.5 + 0.5 * math.cos(math.pi * step / total)) * min(1.0, step / 2000), gn=0.5 + jitter,
+        epoch=step / total, tokens=step * 65536, tps=32768 + 1000 * jitter, sps=0.5 - 0.01 * jitter,
+        elapsed=2.0 * step + jitter, eta=2.0 * (total - step), total=total,
     )
 
 

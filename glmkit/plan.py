@@ -463,8 +463,8 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
                                                      "distributed.gpu_memory_gb")
     plain_upcast = sum(g["plain_path_upcast_bytes"] for g in groups.values())
     # Down the plain path the experts are resident already (nothing to dequantize), in fp32.
-    plain_total = (total - parts["weights"] + plain_upcast * (1 if strategy == "ddp" else 1 / n)
-                   - act["dequantized_experts_bytes"])
+    plain_weights = plain_upcast if strategy == "ddp" else plain_upcast // n
+    plain_total = total - parts["weights"] + plain_weights - act["dequantized_experts_bytes"]
 
     plan = {
         "model": cfg.model.name_or_path if source == "config.json" else GLM45_AIR_NAME,
@@ -492,7 +492,7 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
         **act,
         "per_gpu": parts,
         "total_bytes_per_gpu": total,
-        "plain_path_total_bytes_per_gpu": int(plain_total),
+        "plain_path_total_bytes_per_gpu": plain_total,
         "gpu_memory_bytes": gpu,
         "gpu_memory_source": gpu_source,
         "headroom_bytes": gpu - total,
@@ -530,7 +530,7 @@ def _notes(cfg, source: str, strategy: str, n: int) -> list[str]:
 
 def _gb(nbytes: float) -> str:
     if nbytes < 0.1 * GB:
-        return f"{nbytes / 1e6:.1f} MB"
+        return f"{nbytes / 1e6:.2f} MB" if nbytes < 10e6 else f"{nbytes / 1e6:.1f} MB"
     return f"{nbytes / GB:.2f} GB" if nbytes < 10 * GB else f"{nbytes / GB:.1f} GB"
 
 

@@ -119,7 +119,7 @@ def test_shipped_accelerate_configs_load(name, kind):
     assert loaded.distributed_type.name == kind
 
 
-def test_launch_env_rejects_a_bad_config(kit, tmp_path):
+def test_launch_env_rejects_a_bad_config(kit):
     result = subprocess.run([sys.executable, "-m", "glmkit.launch_env", "--config", kit["config"],
                              "--set", "distributed.num_processes=0"], capture_output=True, text=True, cwd=KIT_ROOT)
     assert result.returncode == 2

@@ -14,6 +14,7 @@ import json
 from typing import Iterable
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 # Characters that may appear inside a JSON number (and NaN/Infinity/-Infinity,
 # which Python's json module writes, and null).  Deleting them leaves a line's
@@ -21,6 +22,10 @@ import numpy as np
 _NUMBER_CHARS = b"0123456789.eE+-NaInfitynul"
 _QUOTE = ord('"')
 _MAX_NUMBER_WIDTH = 40
+_PAD = _MAX_NUMBER_WIDTH + 8  # spare bytes so a window never runs off the end
+# Unix times have 10 integer digits; 14 characters keep milliseconds.  Text
+# with 15 or fewer digits takes the fast path of float parsing (~3x faster).
+_COARSE_WIDTH = 14
 
 
 def _template(first_line: bytes) -> list[str] | None:
@@ -58,21 +63,33 @@ def _value_bounds(line: bytes, n_keys: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _gather_numbers(buf: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray | None:
-    """Parse buf[start[i]:stop[i]] for every i as float64, all at once."""
+def _texts(buf: np.ndarray, start: np.ndarray, stop: np.ndarray, coarse: bool) -> np.ndarray | None:
+    """buf[start[i]:stop[i]] for every i, as one fixed-width bytes array.
+
+    Each row is copied whole out of a sliding-window view, which is much
+    cheaper than indexing byte by byte.  `buf` must have _PAD spare bytes.
+    A `coarse` column keeps only _COARSE_WIDTH characters of plain decimals.
+    """
     widths = stop - start
-    if widths.size == 0:
-        return np.empty(0)
     width = int(widths.max())
-    if width <= 0 or width > _MAX_NUMBER_WIDTH or int(widths.min()) <= 0:
+    if width > _MAX_NUMBER_WIDTH or int(widths.min()) <= 0:
         return None
-    cols = np.arange(width)
-    chars = buf[np.minimum(start[:, None] + cols, buf.size - 1)]
-    chars[cols >= widths[:, None]] = 0  # NUL padding is ignored by the S dtype
-    text = chars.view(f"S{width}").ravel()
+    chars = sliding_window_view(buf, width)[start]
+    chars[np.arange(width) >= widths[:, None]] = 0  # NUL padding is ignored by the S dtype
+    if coarse and width > _COARSE_WIDTH and not ((chars | 0x20) == ord("e")).any():
+        width = _COARSE_WIDTH
+        chars = np.ascontiguousarray(chars[:, :width])
+    return chars.view(f"S{width}").ravel()
+
+
+def _numbers(text: np.ndarray, integer: bool) -> np.ndarray | None:
+    if integer:
+        try:
+            return text.astype(np.int64).astype(np.float64)  # integers parse ~3x faster
+        except ValueError:
+            return None
     nulls = text == b"null"
     if nulls.any():
-        text = text.copy()
         text[nulls] = b"nan"
     try:
         return text.astype(np.float64)
@@ -80,55 +97,67 @@ def _gather_numbers(buf: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.
         return None
 
 
-def _keys_match(buf: np.ndarray, opening: np.ndarray, closing: np.ndarray, key: str) -> bool:
-    """True if the key between each pair of quotes is `key`.
+def _keys_match(buf: np.ndarray, quotes: np.ndarray, keys: list[str], wanted: list[str]) -> bool:
+    """True if every line has the template's key at each wanted position.
 
-    The skeleton check already proved the characters it keeps, so only the
-    length and the characters it deletes (e.g. the "e" in "time") are left
-    to compare; that keeps this check cheap.
+    The skeleton check already proved the characters it keeps, so what is
+    left is each key's length and the characters it deletes (the "e" of
+    "time"): one gather for all of them keeps this cheap.
     """
-    raw = key.encode()
-    if not (closing - opening == len(raw) + 1).all():
-        return False
-    for offset, char in enumerate(raw):
-        if char in _NUMBER_CHARS and not (buf[opening + 1 + offset] == char).all():
+    offsets, expected = [], []
+    for name in wanted:
+        j = keys.index(name)
+        if not (quotes[:, 2 * j + 1] - quotes[:, 2 * j] == len(name) + 1).all():
             return False
-    return True
+        for k, char in enumerate(name.encode()):
+            if char in _NUMBER_CHARS:
+                offsets.append((2 * j, k + 1))
+                expected.append(char)
+    if not offsets:
+        return True
+    columns, shifts = np.array(offsets).T
+    found = buf[quotes[:, columns] + shifts]
+    return bool((found == np.array(expected, dtype=np.uint8)).all())
 
 
-def parse_uniform_block(block: bytes, wanted: Iterable[str]) -> dict[str, np.ndarray] | None:
+def parse_uniform_block(
+    block: bytes, wanted: Iterable[str], integers: Iterable[str] = (), coarse: Iterable[str] = ()
+) -> dict[str, np.ndarray] | None:
     """Columns for `wanted` keys from a block of complete, same-shaped lines.
 
     `block` must end with a newline.  Returns None (caller falls back to json)
     unless every line is provably the same flat numeric record; keys that the
-    records lack come back as all-NaN columns.
+    records lack come back as all-NaN columns.  `integers` must be integers;
+    `coarse` columns (timestamps) are parsed to about 14 significant digits.
     """
-    n_lines = block.count(b"\n")
-    if n_lines == 0 or not block.endswith(b"\n"):
+    if not block.endswith(b"\n"):
         return None
     first = block[: block.index(b"\n") + 1]
     keys = _template(first)
     if keys is None:
         return None
+    buf = np.zeros(len(block) + _PAD, dtype=np.uint8)
+    buf[: len(block)] = np.frombuffer(block, dtype=np.uint8)
+    line_ends = np.flatnonzero(buf == ord("\n"))
+    n_lines = len(line_ends)
     if block.translate(None, _NUMBER_CHARS) != first.translate(None, _NUMBER_CHARS) * n_lines:
         return None
-
-    buf = np.frombuffer(block, dtype=np.uint8)
     quotes = np.flatnonzero(buf == _QUOTE).reshape(n_lines, 2 * len(keys))
-    line_ends = np.flatnonzero(buf == ord("\n"))
     bounds = _value_bounds(first, len(keys))
+    present = [name for name in wanted if name in keys]
+    if not _keys_match(buf, quotes, keys, present):
+        return None
     out: dict[str, np.ndarray] = {}
     for name in wanted:
         if name not in keys:
             out[name] = np.full(n_lines, np.nan)
             continue
         j = keys.index(name)
-        if not _keys_match(buf, quotes[:, 2 * j], quotes[:, 2 * j + 1], name):
-            return None
         prefix, suffix = bounds[j]
         start = quotes[:, 2 * j + 1] + 1 + prefix
         stop = (quotes[:, 2 * j + 2] if j + 1 < len(keys) else line_ends + 1) - suffix
-        values = _gather_numbers(buf, start, stop)
+        text = _texts(buf, start, stop, name in coarse)
+        values = None if text is None else _numbers(text, name in integers)
         if values is None:
             return None
         out[name] = values

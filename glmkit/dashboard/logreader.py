@@ -153,7 +153,7 @@ class TableSink:
         self.latest = None
 
     def feed(self, block: bytes) -> int:
-        columns = parse_uniform_block(block, self.table.fields)
+        columns = parse_uniform_block(block, self.table.fields, integers=("step",), coarse=("time",))
         if columns is not None:
             self._note_latest(block)
             self._append(columns)

@@ -1,0 +1,164 @@
+"""End to end on CPU: the tiny model trains through train_qlora.py and writes the documented logs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cli
+from glmkit.logs import read_jsonl
+
+TRAIN_KEYS = {"step", "time", "loss", "lr", "grad_norm", "epoch", "tokens", "tokens_per_sec", "steps_per_sec",
+              "elapsed_seconds", "eta_seconds", "aux_loss", "total_steps"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, demo_corpus):
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("train")
+    data = yaml.safe_load(open(os.path.join(ROOT, "configs", "tiny.yaml")))
+    data["paths"].update(model_dir=tiny_model_dir, data_path=demo_corpus, output_dir=str(tmp / "run"),
+                         best_adapter_dir=str(tmp / "best"), scratch_dir=str(tmp / "scratch"))
+    data["training"]["max_steps"] = 30
+    data["logging"].update(eval_interval=5, checkpoint_interval=10, keep_top_k=1, expert_stats_interval=5)
+    config = tmp / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    result = run_cli(["train_qlora.py", "--config", str(config)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"config": str(config), "out": str(tmp / "run"), "best": str(tmp / "best"), "stdout": result.stdout}
+
+
+def logs(run, name):
+    return read_jsonl(os.path.join(run["out"], "logs", name))
+
+
+def test_loss_falls_over_30_steps(finished_run):
+    losses = [r["loss"] for r in logs(finished_run, "training_log.jsonl")]
+    assert len(losses) == 30
+    assert sum(losses[:5]) / 5 - sum(losses[-5:]) / 5 > 0.1, losses
+
+
+def test_training_log_schema(finished_run):
+    records = logs(finished_run, "training_log.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 31))
+    for record in records:
+        assert TRAIN_KEYS <= set(record), TRAIN_KEYS - set(record)
+        assert record["aux_loss"] is None and record["total_steps"] == 30
+        assert record["tokens"] == 2 * 2 * 256  # packed rows are all real tokens
+        assert record["lr"] > 0 and record["grad_norm"] > 0 and record["eta_seconds"] >= 0
+    assert records[-1]["eta_seconds"] == 0
+
+
+def test_eval_log_is_token_weighted_and_consistent(finished_run):
+    import math
+
+    records = logs(finished_run, "eval_log.jsonl")
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    for record in records:
+        assert math.isclose(record["perplexity"], math.exp(record["val_loss"]), rel_tol=1e-9)
+        assert record["val_tokens"] > 0
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+
+
+def test_expert_counts_come_from_real_topk_choices(finished_run):
+    records = logs(finished_run, "expert_usage_log.jsonl")
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    for record in records:
+        assert record["interval_tokens"] == 5 * 2 * 2 * 256
+        assert [layer["layer"] for layer in record["layers"]] == [1, 2]  # layer 0 is dense
+        for layer in record["layers"]:
+            assert len(layer["counts"]) == 8
+            assert sum(layer["counts"]) == record["interval_tokens"] * record["top_k"]
+            assert 0.0 <= layer["entropy"] <= 1.0 and layer["max_over_mean"] >= 1.0
+            assert layer["dead_experts"] == [i for i, c in enumerate(layer["counts"]) if c == 0]
+
+
+def test_events_tell_the_run_story(finished_run):
+    events = logs(finished_run, "events_log.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    start = events[0]
+    assert start["world_size"] == 1 and start["effective_batch"] == 4 and start["total_steps"] == 30
+    audit = start["model_audit"]
+    assert audit["unquantized_expert_params"] == 0 and audit["unquantized_linear_params"] == 0
+    assert set(audit["groups"]) >= {"attention", "dense_mlp", "shared_experts", "routed_experts", "router",
+                                    "embeddings", "lm_head", "norms"}
+    assert audit["trainable_params"] > 0
+    assert kinds.count("eval") == 6 and "best_updated" in kinds
+    assert events[-1]["status"] == "finished"
+
+
+def test_retention_keeps_best_and_latest(finished_run):
+    events = logs(finished_run, "events_log.jsonl")
+    saved = [e for e in events if e["event"] == "checkpoint_saved"]
+    deleted = [e["path"] for e in events if e["event"] == "checkpoint_deleted"]
+    regular = [e for e in saved if "final-" not in e["path"]]
+    assert [os.path.basename(e["path"]) for e in regular] == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    remaining = sorted(n for n in os.listdir(finished_run["out"]) if "checkpoint" in n)
+    best = min(regular, key=lambda e: e["val_loss"])
+    expected = {os.path.basename(best["path"]), "checkpoint-30", "final-checkpoint-30"}
+    assert set(remaining) == expected
+    assert all(not os.path.exists(p) for p in deleted)
+    for name in remaining:
+        folder = os.path.join(finished_run["out"], name)
+        assert {"COMPLETE", "adapter_model.safetensors", "adapter_config.json", "trainer_meta.json",
+                "training_config.resolved.yaml", "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl",
+                "dl_state_dict.bin",
+                "tokenizer.json"} <= set(os.listdir(folder)), os.listdir(folder)
+
+
+def test_best_adapter_loads_with_plain_peft(finished_run, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    best = json.load(open(os.path.join(finished_run["best"], "best.json")))
+    evals = logs(finished_run, "eval_log.jsonl")
+    assert best["val_loss"] == min(e["val_loss"] for e in evals)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, finished_run["best"])
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_merge_and_sample(finished_run, tmp_path):
+    merged = tmp_path / "merged"
+    result = run_cli(["use_adapter.py", "--config", finished_run["config"], "--merge", str(merged)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.isfile(merged / "config.json") and not os.path.exists(merged / "adapter_config.json")
+    result = run_cli(["use_adapter.py", "--config", finished_run["config"], "--sample", "The module", "--max-new-tokens", "8"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
+
+
+def test_two_processes_write_one_set_of_logs(make_config, tmp_path):
+    config = make_config({"training.max_steps": 4, "logging.eval_interval": 2, "logging.checkpoint_interval": 4,
+                          "logging.expert_stats_interval": 2})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "train_qlora.py", "--config", config], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "run" / "logs"
+    train = read_jsonl(str(out / "training_log.jsonl"))
+    assert [r["step"] for r in train] == [1, 2, 3, 4]  # one writer, not two
+    assert all(r["tokens"] == 2 * (2 * 2 * 256) for r in train)  # summed over both processes
+    start = read_jsonl(str(out / "events_log.jsonl"))[0]
+    assert start["world_size"] == 2 and start["effective_batch"] == 8
+    for record in read_jsonl(str(out / "expert_usage_log.jsonl")):
+        assert record["interval_tokens"] == 2 * 2 * (2 * 2 * 256)
+        assert all(sum(l["counts"]) == record["interval_tokens"] * 2 for l in record["layers"])
+    assert os.path.isfile(tmp_path / "run" / "checkpoint-4" / "random_states_1.pkl")
+
+
+def test_bad_data_line_is_reported_by_line(make_config, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": "ok " * 50}) + "\n{broken\n" + json.dumps({"text": "ok " * 50}) + "\n")
+    result = run_cli(["train_qlora.py", "--config", make_config({"paths.data_path": str(data)})])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{data}:2: invalid JSON" in result.stderr
+    errors = read_jsonl(str(tmp_path / "run" / "logs" / "error_log.jsonl"))
+    assert errors and errors[0]["type"] == "DataError" and errors[0]["rank"] == 0
