@@ -79,7 +79,7 @@ if [[ ! -f "$KIT_MODEL_DIR/config.json" ]]; then
     die "no model in $KIT_MODEL_DIR (paths.model_dir has no config.json); download $KIT_MODEL_NAME with: python download_model.py --config $KIT_CONFIG  (CPU demo model: python download_model.py --tiny --config $KIT_CONFIG)"
 fi
 if [[ ! -e "$KIT_DATA_PATH" ]]; then
-    die "no training data at $KIT_DATA_PATH (paths.data_path in $KIT_CONFIG); point it at a JSONL file with one {\"$KIT_TEXT_FIELD\": ...} record per line"
+    die "no training data at $KIT_DATA_PATH (paths.data_path in $KIT_CONFIG); point it at a JSONL file with one {\"$KIT_TEXT_FIELD\": ...} record per line  (CPU demo corpus: python -m glmkit.demo_data --config $KIT_CONFIG)"
 fi
 say "model $KIT_MODEL_DIR"
 say "data  $KIT_DATA_PATH"

@@ -37,22 +37,28 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"first_stats_s": 3.0, "stats_p95_ms": 50.0, "series_p95_ms": 100.0, "peak_rss_mb": 500.0}
 
 # Floats are written with repr(), as json.dumps does in the trainer: up to 17
-# significant digits, exponents for small learning rates.
+# significant digits, exponents for small learning rates.  Noise comes from a
+# pool of pre-formatted values so that writing a million lines stays quick.
 TRAIN_LINE = (
-    '{{"step": {step}, "time": {time!r}, "loss": {loss!r}, "lr": {lr!r}, "grad_norm": {gn!r}, '
-    '"epoch": {epoch!r}, "tokens": {tokens}, "tokens_per_sec": {tps!r}, "steps_per_sec": {sps!r}, '
+    '{{"step": {step}, "time": {time!r}, "loss": {loss!r}, "lr": {lr!r}, "grad_norm": {gn}, '
+    '"epoch": {epoch!r}, "tokens": {tokens}, "tokens_per_sec": {tps}, "steps_per_sec": {sps}, '
     '"elapsed_seconds": {elapsed!r}, "eta_seconds": {eta!r}, "total_steps": {total}, "aux_loss": null, '
     '"gpu_mem_allocated": 61234567890, "gpu_mem_reserved": 70234567890, "gpu_mem_peak": 75234567890}}\n'
 )
+_POOL = 4096
+_GRAD = [repr(0.5 + random.random()) for _ in range(_POOL)]
+_TPS = [repr(32768 + 1000 * random.random()) for _ in range(_POOL)]
+_SPS = [repr(0.5 - 0.01 * random.random()) for _ in range(_POOL)]
+_NOISE = [0.05 * random.random() for _ in range(_POOL)]
 
 
 def train_line(step: int, total: int, t0: float) -> str:
-    jitter = random.random()
+    i = (step * 2654435761) % _POOL  # cheap scramble instead of a random call per field
     return TRAIN_LINE.format(
-        step=step, time=t0 + 2.0 * step + jitter, loss=1.2 + 2.0 * math.exp(-step / 50_000) + 0.05 * jitter,
-        lr=2e-4 * (0.5 + 0.5 * math.cos(math.pi * step / total)) * min(1.0, step / 2000), gn=0.5 + jitter,
-        epoch=step / total, tokens=step * 65536, tps=32768 + 1000 * jitter, sps=0.5 - 0.01 * jitter,
-        elapsed=2.0 * step + jitter, eta=2.0 * (total - step), total=total,
+        step=step, time=t0 + 2.0 * step + _NOISE[i], loss=1.2 + 2.0 * math.exp(-step / 50_000) + _NOISE[i - 1],
+        lr=2e-4 * (0.5 + 0.5 * math.cos(math.pi * step / total)) * min(1.0, step / 2000), gn=_GRAD[i],
+        epoch=step / total, tokens=step * 65536, tps=_TPS[i], sps=_SPS[i],
+        elapsed=2.0 * step + _NOISE[i], eta=2.0 * (total - step), total=total,
     )
 
 
@@ -185,6 +191,16 @@ def server_pids(proc: subprocess.Popen) -> list[int]:
     return pids
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the server processes, from /proc/<pid>/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def memory_mb(pid: int) -> tuple[float, float]:
     """(current RSS, peak RSS) in MB from /proc."""
     fields = {}
@@ -251,9 +267,13 @@ def main() -> int:
         client = Client(port)
         wait_healthy(client, proc)
 
+        results["load_average_before"] = round(os.getloadavg()[0], 2)
+        cpu_before = cpu_seconds(server_pids(proc))
         elapsed, status, body = client.get("/api/stats")
         assert status == 200 and json.loads(body)["step"] == args.lines, body[:200]
         results["first_stats_s"] = round(elapsed, 3)
+        # Wall time depends on what else the machine runs; the server's CPU time does not.
+        results["first_stats_server_cpu_s"] = round(cpu_seconds(server_pids(proc)) - cpu_before, 2)
 
         appender = Appender(logs / "training_log.jsonl", args.lines + 1, args.lines * 2, args.rate)
         appender.start()
@@ -306,9 +326,11 @@ def _has_gunicorn() -> bool:
 def print_table(r: dict) -> None:
     m = r["machine"]
     print(f"\n{r['lines']:,}-line training log ({r['log_mb']} MB), {r['server']}, "
-          f"{m['cpus']} CPUs ({m['cpu']}), appending {r['append_rate']:.0f} lines/s")
+          f"{m['cpus']} CPUs ({m['cpu']}), load average {r['load_average_before']}, "
+          f"appending {r['append_rate']:.0f} lines/s")
     rows = [
         ("first /api/stats", f"{r['first_stats_s'] * 1000:.0f}", "", "<= 3000 ms", r["pass"]["first_stats_s"]),
+        ("  server CPU for it (ms)", f"{r['first_stats_server_cpu_s'] * 1000:.0f}", "", "", ""),
         ("/api/stats (live)", r["stats"]["median_ms"], r["stats"]["p95_ms"], "p95 <= 50 ms", r["pass"]["stats_p95_ms"]),
         ("/api/series (4 train series)", r["series"]["median_ms"], r["series"]["p95_ms"], "p95 <= 100 ms",
          r["series"]["p95_ms"] <= TARGETS["series_p95_ms"]),

@@ -67,6 +67,10 @@ def _swap_in_linear4bit(model, qcfg, compute_dtype) -> None:
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
                                 compute_dtype=compute_dtype, compress_statistics=qcfg.double_quant,
                                 quant_type=qcfg.quant_type, device="meta")
+        # bitsandbytes repacks CPU weights for AVX512-BF16 inference the first time a layer runs
+        # in eval mode and never packs them back, so training after an eval pass breaks. Keep
+        # the canonical layout (this flag is CPU-only; CUDA kernels are unaffected).
+        new.support_avx512bf16_for_cpu = False
         setattr(parent, child, new)
 
 

@@ -89,6 +89,8 @@ def next_group(groups):
 @torch.no_grad()
 def evaluate(model, val_rows, collator, accelerator, micro_batch: int) -> tuple[float, int]:
     """Token-weighted mean loss over the whole validation split, every process a shard of it."""
+    # The unwrapped model: DDP's forward syncs buffers, and the shards may differ by a batch.
+    model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     shard = range(accelerator.process_index, len(val_rows), accelerator.num_processes)

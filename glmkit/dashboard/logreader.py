@@ -142,10 +142,14 @@ def columns_from_records(records: list[dict], fields: tuple[str, ...]) -> dict[s
 
 
 class TableSink:
-    """Feeds numeric per-step fields into a StepTable; keeps the newest record."""
+    """Feeds numeric per-step fields into a StepTable; keeps the newest record.
 
-    def __init__(self, fields: tuple[str, ...]):
+    `lazy` fields are stored as text and parsed on first read (see tables.py).
+    """
+
+    def __init__(self, fields: tuple[str, ...], lazy: tuple[str, ...] = ()):
         self.table = StepTable(fields)
+        self.lazy = lazy
         self.latest: dict | None = None
 
     def reset(self) -> None:
@@ -153,7 +157,7 @@ class TableSink:
         self.latest = None
 
     def feed(self, block: bytes) -> int:
-        columns = parse_uniform_block(block, self.table.fields, integers=("step",), coarse=("time",))
+        columns = parse_uniform_block(block, self.table.fields, integers=("step",), coarse=("time",), lazy=self.lazy)
         if columns is not None:
             self._note_latest(block)
             self._append(columns)

@@ -23,6 +23,8 @@ LOG_FILES = {
 # and a short history are shown, so a long backlog is skipped, not parsed.
 MAX_BACKLOG = {"experts": 32 << 20}
 TRAINING_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_sec")
+# Parsed on first use: /api/stats reads these from the newest record instead.
+LAZY_TRAINING_FIELDS = ("lr", "grad_norm", "tokens_per_sec")
 EVAL_FIELDS = ("val_loss", "perplexity")
 
 
@@ -36,7 +38,7 @@ class RunMonitor:
     def __init__(self, logs_dir: str, min_interval: float = 0.25):
         self.logs_dir = os.path.abspath(logs_dir)
         self.min_interval = min_interval
-        self.training = TableSink(TRAINING_FIELDS)
+        self.training = TableSink(TRAINING_FIELDS, lazy=LAZY_TRAINING_FIELDS)
         self.eval = TableSink(EVAL_FIELDS)
         self.experts = ExpertSink()
         self.events = RecordSink()

@@ -9,33 +9,68 @@ from __future__ import annotations
 
 import numpy as np
 
+from .fastjsonl import parse_numbers
+
 
 class GrowableColumn:
-    """A float64 array with amortised O(1) appends and O(1) truncation."""
+    """A float64 array with amortised O(1) appends and O(1) truncation.
+
+    It also accepts number *text* (fixed-width bytes from the fast parser),
+    parsed only when the values are first read: a column nobody plots costs
+    no float parsing, which is most of the cost of loading a long log.
+    """
 
     def __init__(self, capacity: int = 1024):
         self._data = np.empty(capacity)
-        self.size = 0
+        self._parsed = 0  # rows in _data
+        self._texts: list[np.ndarray] = []  # unparsed rows, after the parsed ones
+        self._text_rows = 0
+
+    @property
+    def size(self) -> int:
+        return self._parsed + self._text_rows
 
     def values(self) -> np.ndarray:
-        return self._data[: self.size]  # a view: callers must not keep it across writes
+        self._parse_pending()
+        return self._data[: self._parsed]  # a view: callers must not keep it across writes
+
+    def last(self) -> float | None:
+        if self._texts:
+            return float(parse_numbers(self._texts[-1][-1:])[0])
+        return float(self._data[self._parsed - 1]) if self._parsed else None
 
     def extend(self, values: np.ndarray) -> None:
-        needed = self.size + len(values)
-        if needed > len(self._data):
-            grown = np.empty(max(needed, 2 * len(self._data)))
-            grown[: self.size] = self._data[: self.size]
-            self._data = grown
-        self._data[self.size : needed] = values
-        self.size = needed
+        if values.dtype.kind == "S":
+            if len(values):
+                self._texts.append(values)
+                self._text_rows += len(values)
+            return
+        self._parse_pending()
+        self._append(values)
 
     def keep(self, mask: np.ndarray) -> None:
-        kept = self._data[: self.size][mask]
+        kept = self.values()[mask]
         self._data[: len(kept)] = kept
-        self.size = len(kept)
+        self._parsed = len(kept)
 
     def truncate(self, size: int) -> None:
-        self.size = min(self.size, size)
+        if size < self.size:
+            self._parse_pending()
+            self._parsed = min(self._parsed, size)
+
+    def _parse_pending(self) -> None:
+        texts, self._texts, self._text_rows = self._texts, [], 0
+        for text in texts:
+            self._append(parse_numbers(text))
+
+    def _append(self, values: np.ndarray) -> None:
+        needed = self._parsed + len(values)
+        if needed > len(self._data):
+            grown = np.empty(max(needed, 2 * len(self._data)))
+            grown[: self._parsed] = self._data[: self._parsed]
+            self._data = grown
+        self._data[self._parsed : needed] = values
+        self._parsed = needed
 
 
 def _superseded_within(steps: np.ndarray) -> np.ndarray:
@@ -71,8 +106,7 @@ class StepTable:
         return self._cols[name].values()
 
     def last(self, name: str) -> float | None:
-        n = len(self)
-        return float(self._cols[name].values()[n - 1]) if n else None
+        return self._cols[name].last()
 
     def clear(self) -> None:
         for col in self._cols.values():
