@@ -11,7 +11,7 @@ realistic eval/event/expert logs, starts the dashboard as a real server on
   3. times /api/series/<name> (raw and smoothed)           target p95 <= 100 ms
   4. reads the server's peak resident memory (VmHWM)       target <= 500 MB
 
-    .venv/bin/python bench/bench_dashboard.py --out bench/results/dashboard.json
+    .venv/bin/python bench/bench_dashboard.py --out test-artifacts/bench_dashboard.json
 """
 
 from __future__ import annotations
@@ -328,22 +328,26 @@ def print_table(r: dict) -> None:
     print(f"\n{r['lines']:,}-line training log ({r['log_mb']} MB), {r['server']}, "
           f"{m['cpus']} CPUs ({m['cpu']}), load average {r['load_average_before']}, "
           f"appending {r['append_rate']:.0f} lines/s")
+    def timing(key: str, target: str, ok) -> tuple:
+        t = r[key]
+        return t["median_ms"], t["p95_ms"], t["max_ms"], target, ok
+
+    series_ok = max(r["series"]["p95_ms"], r["series_smoothed"]["p95_ms"]) <= TARGETS["series_p95_ms"]
     rows = [
-        ("first /api/stats", f"{r['first_stats_s'] * 1000:.0f}", "", "<= 3000 ms", r["pass"]["first_stats_s"]),
-        ("  server CPU for it (ms)", f"{r['first_stats_server_cpu_s'] * 1000:.0f}", "", "", ""),
-        ("/api/stats (live)", r["stats"]["median_ms"], r["stats"]["p95_ms"], "p95 <= 50 ms", r["pass"]["stats_p95_ms"]),
-        ("/api/series (4 train series)", r["series"]["median_ms"], r["series"]["p95_ms"], "p95 <= 100 ms",
-         r["series"]["p95_ms"] <= TARGETS["series_p95_ms"]),
-        ("/api/series/loss?smoothing=0.9", r["series_smoothed"]["median_ms"], r["series_smoothed"]["p95_ms"],
-         "p95 <= 100 ms", r["series_smoothed"]["p95_ms"] <= TARGETS["series_p95_ms"]),
-        ("/api/series/val_loss", r["series_eval"]["median_ms"], r["series_eval"]["p95_ms"], "", ""),
-        ("/api/plots/loss.png (redraw)", r["plot_png"]["median_ms"], r["plot_png"]["p95_ms"], "", ""),
-        ("peak RSS (MB)", r["peak_rss_mb"], "", "<= 500 MB", r["pass"]["peak_rss_mb"]),
+        ("first /api/stats (ms)", f"{r['first_stats_s'] * 1000:.0f}", "", "", "<= 3000", r["pass"]["first_stats_s"]),
+        ("  server CPU for it (ms)", f"{r['first_stats_server_cpu_s'] * 1000:.0f}", "", "", "", ""),
+        ("/api/stats, live (ms)", *timing("stats", "p95 <= 50", r["pass"]["stats_p95_ms"])),
+        ("/api/series, 4 train series (ms)", *timing("series", "p95 <= 100", series_ok)),
+        ("/api/series/loss?smoothing=0.9", *timing("series_smoothed", "p95 <= 100", series_ok)),
+        ("/api/series/val_loss (ms)", *timing("series_eval", "", "")),
+        ("/api/plots/loss.png, redraw (ms)", *timing("plot_png", "", "")),
+        ("peak RSS (MB)", r["peak_rss_mb"], "", "", "<= 500", r["pass"]["peak_rss_mb"]),
     ]
-    print(f"{'measure':34} {'median':>10} {'p95':>10}  {'target':14} ok")
-    for name, median, p95, target, ok in rows:
+    print(f"{'measure':34} {'median':>8} {'p95':>8} {'max':>8}  {'target':11} ok")
+    for name, median, p95, worst, target, ok in rows:
         mark = "" if ok == "" else ("yes" if ok else "NO")
-        print(f"{name:34} {median!s:>10} {p95!s:>10}  {target:14} {mark}")
+        print(f"{name:34} {median!s:>8} {p95!s:>8} {worst!s:>8}  {target:11} {mark}")
+    print("(the first request for lr, grad_norm and tokens_per_sec parses that column: the 'max' column)")
     print(f"appended {r['appended_lines']} lines during the loops; last step seen {r['last_step_seen']:,}")
 
 

@@ -98,12 +98,7 @@ def kit_worker(args) -> dict:
         starts.append(_clock())
         threads.append(torch.get_num_threads())
         epoch, group = original_next_group(step_iter)
-        rows = []
-        for batch in group:
-            positions = torch.where(batch["token_mask"], batch["position_ids"], -1)
-            rows.append([{"input_ids": i, "position_ids": p}
-                         for i, p in zip(batch["input_ids"].tolist(), positions.tolist())])
-        groups.append(rows)
+        groups.append(group)  # references only: converting here would bill the kit's step for it
         return epoch, group
 
     def prepare_for_training(model, cfg):
@@ -122,12 +117,21 @@ def kit_worker(args) -> dict:
     end = _clock()
     if rc != 0:
         raise SystemExit(f"train_qlora.main exited {rc}")
+    rows = [[_rows_of(batch) for batch in group] for group in groups]
     with open(os.path.join(work, "rows.json"), "w", encoding="utf-8") as fh:
-        json.dump(groups, fh)
+        json.dump(rows, fh)
     log = latest_per_step(read_jsonl(os.path.join(work, "run", "logs", "training_log.jsonl")))
     return {"side": "kit", "starts": starts, "end": end, "threads": sorted(set(threads)),
             "loss": [r["loss"] for r in log], "lr": [r["lr"] for r in log], "grad_norm": [r["grad_norm"] for r in log],
             "tokens": [r["tokens"] for r in log], "kit_logged_tokens_per_sec": [r["tokens_per_sec"] for r in log]}
+
+
+def _rows_of(batch) -> list[dict]:
+    """The packed rows a collated micro-batch was made of (pad positions back to -1)."""
+    import torch
+
+    positions = torch.where(batch["token_mask"], batch["position_ids"], -1)
+    return [{"input_ids": i, "position_ids": p} for i, p in zip(batch["input_ids"].tolist(), positions.tolist())]
 
 
 # ---------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def trainer_worker(args) -> dict:
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             starts.append(_clock())
             samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            fed.extend(b["input_ids"].tolist() for b in samples)
+            fed.extend(b["input_ids"] for b in samples)  # compared after the run, not billed to the step
             return samples, num_items
 
     logged = {}
@@ -207,8 +211,8 @@ def trainer_worker(args) -> dict:
     threads = torch.get_num_threads()
     trainer.train()
     end = _clock()
-    expected = [collator(rows)["input_ids"].tolist() for rows in micro_batches]
-    assert fed == expected, "the Trainer did not see the kit's micro-batches in the kit's order"
+    expected = [collator(rows)["input_ids"] for rows in micro_batches]
+    assert len(fed) == len(expected) and all(torch.equal(a, b) for a, b in zip(fed, expected)), "the Trainer did not see the kit's micro-batches in the kit's order"
     steps = sorted(logged)
     tokens = [sum(sum(1 for p in row["position_ids"] if p >= 0) for rows in group for row in rows)
               for group in groups[: args.steps]]

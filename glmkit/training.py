@@ -271,7 +271,7 @@ def load_checkpoint(accelerator, model, path: str) -> None:
     from safetensors.torch import load_file
 
     accelerator.load_state(path)
-    weights = load_file(os.path.join(path, "adapter_model.safetensors"), device=str(accelerator.device))
+    weights = load_file(os.path.join(path, "adapter_model.safetensors"))  # copied onto the model's device
     set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
 
 

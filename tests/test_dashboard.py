@@ -434,3 +434,116 @@ def test_cli_refuses_lan_without_token_and_reports_config_errors(tmp_path, monke
     assert err.strip() and "Traceback" not in err
     assert main(["--logs", str(tmp_path / "logs"), "--print-paths"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"LOGS_DIR={tmp_path / 'logs'}", f"OUTPUT_DIR={tmp_path}"]
+
+
+# -- reader internals -------------------------------------------------------
+
+
+def test_chunk_boundaries_long_lines_and_a_last_wanted_key(tmp_path):
+    from glmkit.dashboard.logreader import JsonlTail, TableSink
+
+    path = tmp_path / "training_log.jsonl"
+    records = [{"time": 1.7e9 + i, "step": i, "lr": 1e-5 * (i % 7), "loss": 1.0 / (i + 1)} for i in range(400)]
+    records[150]["note"] = "x" * 5000  # one line longer than a chunk
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    small = TableSink(("loss", "lr"), lazy=("lr",))
+    JsonlTail(str(path), small, chunk_bytes=997).poll()  # odd size: lines straddle chunks
+    assert len(small.table) == 400
+    np.testing.assert_array_equal(small.table.column("step"), np.arange(400))
+    np.testing.assert_array_equal(small.table.column("loss"), [r["loss"] for r in records])
+    np.testing.assert_array_equal(small.table.column("lr"), [r["lr"] for r in records])
+
+
+def test_lazy_columns_are_parsed_on_first_read(run):
+    run.steps(1, 30)
+    app = create_app(run.logs_dir, min_poll_interval=0)
+    client = app.test_client()
+    s = stats(client)
+    table = app.extensions["glmkit_dashboard"].monitor.training.table
+    lr = table._cols["lr"]
+    assert lr._text_rows == 30 and s["lr"] is not None  # the card needed no full parse
+    data = client.get("/api/series/lr").get_json()
+    assert lr._text_rows == 0 and len(data["y"]) == 30
+
+
+def test_a_long_expert_backlog_is_skipped_not_parsed(tmp_path):
+    from glmkit.dashboard.experts import ExpertSink
+    from glmkit.dashboard.logreader import JsonlTail
+
+    run = FakeRun(tmp_path / "run")
+    for step in range(0, 200, 10):
+        run.experts(step)
+    sink = ExpertSink()
+    tail = JsonlTail(run.path("expert_usage"), sink, max_backlog=5000)
+    tail.poll()
+    assert sink.current()["step"] == 190
+    assert 0 < len(sink.table) < 20 and tail.bad_lines == 0 and tail.skipped_bytes > 0
+
+
+# -- launch_dashboard.sh --------------------------------------------------
+
+
+LAUNCHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch_dashboard.sh")
+
+
+def _launch(*args, env=None, **kwargs):
+    import subprocess
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DASHBOARD_")}
+    full_env.update(env or {})
+    return subprocess.run(["bash", LAUNCHER, *args], env=full_env, capture_output=True, text=True, timeout=60,
+                          **kwargs)
+
+
+def test_launcher_is_clean_under_shellcheck():
+    import shutil
+    import subprocess
+
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed")
+    result = subprocess.run(["shellcheck", LAUNCHER], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_launcher_refuses_lan_without_token_and_bad_input(tmp_path):
+    refused = _launch("--logs", str(tmp_path), "--host", "0.0.0.0")
+    assert refused.returncode == 2 and "DASHBOARD_TOKEN" in refused.stderr
+    assert _launch("--logs", str(tmp_path), "--port", "99999").returncode == 2
+    assert _launch("--bogus").returncode == 2
+    bad = _launch("--config", str(tmp_path / "missing.yaml"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_launcher_serves_with_token(tmp_path):
+    import socket
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    run = finished_run(tmp_path / "run")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHBOARD_")}
+    env.update(DASHBOARD_TOKEN="tok", DASHBOARD_PORT=str(port))
+    proc = subprocess.Popen(["bash", LAUNCHER, "--logs", run.logs_dir], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api/stats"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                pytest.fail("served without the token")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "launcher did not start"
+                time.sleep(0.2)
+        request = urllib.request.Request(url, headers={"Authorization": "Bearer tok"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.loads(response.read())["status"] == "finished"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

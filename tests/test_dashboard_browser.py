@@ -159,9 +159,9 @@ def assert_pauses_while_hidden(page) -> None:
         window.__hidden = true;
         document.dispatchEvent(new Event('visibilitychange'));
     }""")
-    page.wait_for_timeout(300)  # let a request already in flight finish
+    page.wait_for_timeout(1500)  # let a refresh already in flight finish
     before = page.evaluate("window.__fetches")
-    page.wait_for_timeout(2500)
+    page.wait_for_timeout(2500)  # the refresh interval is 1 s
     assert page.evaluate("window.__fetches") == before, "refreshed while hidden"
     page.evaluate("() => { window.__hidden = false; document.dispatchEvent(new Event('visibilitychange')); }")
     page.wait_for_function(f"() => window.__fetches > {before}", timeout=5000)

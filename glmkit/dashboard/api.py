@@ -115,7 +115,9 @@ def run_info():
 def experts():
     with dashboard().monitor.locked() as run:
         record = run.experts.current()
-        history = {k: run.experts.table.column(k)[-200:].tolist() for k in ("step", "mean_entropy", "max_over_mean")}
+        table = run.experts.table
+        history = {"step": table.column("step")[-200:].astype(int).tolist(),
+                   **{k: table.column(k)[-200:].tolist() for k in ("mean_entropy", "max_over_mean")}}
     payload = latest_expert_state(record)
     payload["history"] = history
     return jsonify(clean(payload))

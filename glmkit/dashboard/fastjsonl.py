@@ -5,7 +5,10 @@ the same keys in the same order.  Parsing a million such lines with ``json``
 costs several seconds; here numpy slices the numbers out of the raw bytes.
 ``parse_uniform_block`` proves the block is uniform first and returns ``None``
 whenever it cannot, and the caller then falls back to ``json``, so the fast
-path never changes *what* is read, only how quickly.
+path does not change what is read, only how quickly.  Two deliberate
+exceptions: timestamps are kept to the millisecond, and a number that is
+malformed inside an otherwise well-formed line of a lazily parsed column
+reads as NaN instead of making the line count as bad.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ def _template(first_line: bytes) -> list[str] | None:
         record = json.loads(first_line)
     except ValueError:
         return None
-    if not isinstance(record, dict) or not record:
-        return None
+    if not isinstance(record, dict) or not record or first_line.count(b'"') != 2 * len(record):
+        return None  # not a dict, or duplicate keys: the quotes would not pair up with keys
     for value in record.values():
         if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
             return None
@@ -122,6 +125,12 @@ def _number_or_nan(text: bytes) -> float:
         return float("nan")
 
 
+def _line_ends(quotes: np.ndarray, first: bytes, size: int) -> np.ndarray:
+    """Position of each line's newline, from where the next line's first quote is."""
+    lead = first.index(b'"')  # bytes before the first quote; the same on every line
+    return np.append(quotes[1:, 0] - lead - 1, size - 1)
+
+
 def _keys_match(buf: np.ndarray, quotes: np.ndarray, keys: list[str], wanted: list[str]) -> bool:
     """True if every line has the template's key at each wanted position.
 
@@ -132,7 +141,7 @@ def _keys_match(buf: np.ndarray, quotes: np.ndarray, keys: list[str], wanted: li
     offsets, expected = [], []
     for name in wanted:
         j = keys.index(name)
-        if not (quotes[:, 2 * j + 1] - quotes[:, 2 * j] == len(name) + 1).all():
+        if not (quotes[:, 2 * j + 1] - quotes[:, 2 * j] == len(name.encode()) + 1).all():
             return False
         for k, char in enumerate(name.encode()):
             if char in _NUMBER_CHARS:
@@ -168,12 +177,11 @@ def parse_uniform_block(
     keys = _template(first)
     if keys is None:
         return None
-    buf = np.zeros(len(block) + _PAD, dtype=np.uint8)
-    buf[: len(block)] = np.frombuffer(block, dtype=np.uint8)
-    line_ends = np.flatnonzero(buf == ord("\n"))
-    n_lines = len(line_ends)
-    if block.translate(None, _NUMBER_CHARS) != first.translate(None, _NUMBER_CHARS) * n_lines:
+    skeleton = block.translate(None, _NUMBER_CHARS)
+    n_lines = skeleton.count(b"\n")
+    if skeleton != first.translate(None, _NUMBER_CHARS) * n_lines:
         return None
+    buf = np.frombuffer(block + bytes(_PAD), dtype=np.uint8)
     quotes = np.flatnonzero(buf == _QUOTE).reshape(n_lines, 2 * len(keys))
     bounds = _value_bounds(first, len(keys))
     present = [name for name in wanted if name in keys]
@@ -187,7 +195,7 @@ def parse_uniform_block(
         j = keys.index(name)
         prefix, suffix = bounds[j]
         start = quotes[:, 2 * j + 1] + 1 + prefix
-        stop = (quotes[:, 2 * j + 2] if j + 1 < len(keys) else line_ends + 1) - suffix
+        stop = (quotes[:, 2 * j + 2] if j + 1 < len(keys) else _line_ends(quotes, first, len(block)) + 1) - suffix
         text = _texts(buf, start, stop, name in coarse)
         if text is None:
             return None

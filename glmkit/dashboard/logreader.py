@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Protocol
 
 import numpy as np
@@ -48,12 +49,15 @@ class JsonlTail:
     def poll(self) -> bool:
         """Read what was appended; True if anything changed."""
         try:
-            # O_NOFOLLOW: a symlink planted under a fixed log name is not read.
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            # O_NOFOLLOW: a symlink planted under a fixed log name is not read;
+            # O_NONBLOCK: nor does a FIFO there hang the server.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError:
             return self._start_over() if self._identity is not None else False
         with os.fdopen(fd, "rb", buffering=0) as f:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return self._start_over() if self._identity is not None else False
             changed = False
             if self._identity is not None and self._replaced(st, fd):
                 changed = self._start_over()
@@ -92,18 +96,31 @@ class JsonlTail:
         return True
 
     def _read_from(self, f) -> bool:
-        f.seek(self.offset)
-        pending = b""
         fed = False
-        while data := f.read(self.chunk_bytes):
-            data = pending + data
+        while True:
+            f.seek(self.offset)  # re-read an unfinished line rather than copy it around
+            data = f.read(self.chunk_bytes)
             cut = data.rfind(b"\n") + 1
-            pending = data[cut:]  # unfinished line: keep for the next read or poll
-            if cut:
-                self.bad_lines += self.sink.feed(data[:cut])
-                self.offset += cut
-                fed = True
-        return fed
+            if not cut:
+                if len(data) < self.chunk_bytes:
+                    return fed  # nothing new, or an unfinished last line: hold it back
+                data = self._read_long_line(f, data)
+                cut = data.rfind(b"\n") + 1
+                if not cut:
+                    return fed
+            self.bad_lines += self.sink.feed(data if cut == len(data) else data[:cut])
+            self.offset += cut
+            fed = True
+
+    def _read_long_line(self, f, data: bytes) -> bytes:
+        """A line longer than a chunk: read on until its newline (or EOF)."""
+        parts = [data]
+        while b"\n" not in parts[-1]:
+            more = f.read(self.chunk_bytes)
+            if not more:
+                break
+            parts.append(more)
+        return b"".join(parts)
 
 
 def parse_lines(block: bytes) -> tuple[list, int]:
@@ -160,22 +177,19 @@ class TableSink:
         columns = parse_uniform_block(block, self.table.fields, integers=("step",), coarse=("time",), lazy=self.lazy)
         if columns is not None:
             self._note_latest(block)
-            self._append(columns)
+            self.table.append(columns)
             return 0
         values, bad = parse_lines(block)
         records = [v for v in values if is_step_record(v)]
         bad += len(values) - len(records)
         if records:
             self.latest = records[-1]
-            self._append(columns_from_records(records, self.table.fields))
+            self.table.append(columns_from_records(records, self.table.fields))
         return bad
 
     def _note_latest(self, block: bytes) -> None:
         start = block.rfind(b"\n", 0, len(block) - 1) + 1
         self.latest = json.loads(block[start:])  # proven valid by the fast path
-
-    def _append(self, columns: dict[str, np.ndarray]) -> None:
-        self.table.append(columns)
 
     def current(self) -> dict | None:
         """The newest record, unless a resume has since superseded it."""

@@ -24,6 +24,8 @@ from .monitor import RunMonitor  # noqa: E402
 from .series import downsample_indices, ema  # noqa: E402
 
 PLOT_POINTS = 1200
+# Inches at 130 dpi; the page lays plots out two, three and one to a row.
+FIGURE_SIZE = {"lr": (4.3, 3.0), "grad_norm": (4.3, 3.0), "throughput": (4.3, 3.0), "experts": (12.8, 3.6)}
 INK, MUTED, GRID = "#1f2937", "#6b7280", "#e5e7eb"
 BLUE, ORANGE, GREEN, PURPLE, RED = "#2563eb", "#ea580c", "#059669", "#7c3aed", "#dc2626"
 
@@ -67,10 +69,8 @@ def collect(run: RunMonitor, name: str, smoothing: float) -> dict:
     if name == "throughput":
         return _xy(train, "tokens_per_sec", smoothing)
     if name == "validation":
-        best = [e.get("step") for e in run.events.records if e.get("event") == "best_updated"]
-        return {"val": _xy(evals, "val_loss"), "ppl": _xy(evals, "perplexity"), "best": best[-1:]}
-    record = run.experts.current()
-    return {"record": record}
+        return {"val": _xy(evals, "val_loss"), "ppl": _xy(evals, "perplexity")}
+    return {"record": run.experts.current()}
 
 
 def _figure(width: float = 6.4, height: float = 3.0) -> tuple[Figure, object]:
@@ -199,7 +199,7 @@ def _draw_experts(fig: Figure, ax, d: dict) -> None:
 
 
 def render(name: str, data: dict) -> bytes:
-    fig, ax = _figure(12.8, 3.6) if name == "experts" else _figure()
+    fig, ax = _figure(*FIGURE_SIZE.get(name, (6.4, 3.0)))
     if name == "loss":
         _draw_loss(ax, data)
     elif name == "lr":

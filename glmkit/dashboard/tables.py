@@ -54,9 +54,13 @@ class GrowableColumn:
         self._parsed = len(kept)
 
     def truncate(self, size: int) -> None:
-        if size < self.size:
+        if size >= self.size:
+            return
+        if size <= self._parsed:
+            self._texts, self._text_rows = [], 0  # dropped unparsed: no need to parse them
+        else:
             self._parse_pending()
-            self._parsed = min(self._parsed, size)
+        self._parsed = size
 
     def _parse_pending(self) -> None:
         texts, self._texts, self._text_rows = self._texts, [], 0
@@ -88,16 +92,13 @@ def _superseded_within(steps: np.ndarray) -> np.ndarray:
 class StepTable:
     """Per-step columns, strictly increasing in `step`.
 
-    `version` changes on every modification (cache key for plots and series);
-    `generation` changes only when rows are removed, which tells incremental
-    consumers (the running EMA) that their state is stale.
+    `version` changes on every modification: the cache key of plots.
     """
 
     def __init__(self, fields: tuple[str, ...]):
         self.fields = ("step", "time") + tuple(f for f in fields if f not in ("step", "time"))
         self._cols = {name: GrowableColumn() for name in self.fields}
         self.version = 0
-        self.generation = 0
 
     def __len__(self) -> int:
         return self._cols["step"].size
@@ -111,7 +112,7 @@ class StepTable:
     def clear(self) -> None:
         for col in self._cols.values():
             col.truncate(0)
-        self._changed(removed=True)
+        self.version += 1
 
     def append(self, columns: dict[str, np.ndarray]) -> None:
         """Add rows in file order, applying 'for a given step the latest wins'."""
@@ -121,12 +122,11 @@ class StepTable:
         keep = _superseded_within(steps)
         first_new = steps[keep].min()
         cut = int(np.searchsorted(self.column("step"), first_new, side="left"))
-        removed = cut < len(self)
         for name, col in self._cols.items():
             col.truncate(cut)
             values = columns.get(name)
             col.extend(values[keep] if values is not None else np.full(int(keep.sum()), np.nan))
-        self._changed(removed=removed)
+        self.version += 1
 
     def supersede(self, after_step: int, before_time: float) -> None:
         """Drop rows a killed attempt wrote past the step a resume restarted from."""
@@ -138,9 +138,4 @@ class StepTable:
         mask[start:] = ~stale
         for col in self._cols.values():
             col.keep(mask)
-        self._changed(removed=True)
-
-    def _changed(self, removed: bool) -> None:
         self.version += 1
-        if removed:
-            self.generation += 1

@@ -102,8 +102,9 @@ function renderProgress(s) {
   setText("stat-step", fmtInt(s.step));
   setText("stat-total", fmtInt(s.total_steps));
   setText("stat-elapsed", fmtDuration(s.elapsed_seconds));
-  setText("stat-eta", s.status === "finished" ? "done" : fmtDuration(s.eta_seconds));
-  const finish = isNum(s.eta_seconds) && s.status === "running" ? Date.now() / 1000 + s.eta_seconds : null;
+  const live = s.status === "running" || s.status === "stalled";
+  setText("stat-eta", s.status === "finished" ? "done" : live ? fmtDuration(s.eta_seconds) : dash);
+  const finish = isNum(s.eta_seconds) && live ? Date.now() / 1000 + s.eta_seconds : null;
   setText("stat-finish", finish ? fmtClock(finish, true) : dash);
   setText("stat-progress", isNum(s.progress) ? `${(s.progress * 100).toFixed(1)}%` : dash);
   const fill = $("progress-fill");

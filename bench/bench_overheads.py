@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""Overheads of the loop's bookkeeping, as a share of step time, on the tiny model.
+
+The step is the kit's (train_qlora.py's loop body: token-weighted loss over the micro-batches
+under `accelerator.accumulate`, clipping, AdamW + cosine schedule) on the kit's model, data
+loader and Accelerator. Measured:
+
+- router statistics: `RouterStats` forward hooks on vs off, with begin/commit per
+  micro-batch; the every-`expert_stats_interval` `take()` + `record()` is timed on its own
+  and amortized;
+- logging: one `RunLogs.write("train", ...)` per step with the loop's fields vs none;
+- checkpoint: one `Checkpointer.save` (Accelerate state, adapter, tokenizer, resolved
+  config, fsync, rename, retention) against the median step, amortized over
+  `logging.checkpoint_interval` (the tiny recipe's and the real recipe's).
+
+A/B steps are paired and interleaved (ABBA) on the same micro-batches, and the overhead is
+the median of the per-pair ratios, so the machine's load drifts out. Steps draw their
+micro-batches before the clock starts: the percentages are of compute time, so slightly
+larger than of the loop's full step time.
+
+    .venv/bin/python bench/bench_overheads.py [--pairs 40] [--saves 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=40, help="A/B step pairs per comparison")
+    p.add_argument("--saves", type=int, default=3, help="checkpoint saves timed")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--real-checkpoint-interval", type=int, default=None,
+                   help="second interval to amortize a save over (default: training_config.yaml's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see BENCHMARKS.md)")
+    p.add_argument("--out", default=benchlib.default_out("overheads"))
+    return p.parse_args(argv)
+
+
+class Harness:
+    """The kit's setup from train_qlora.train, minus what the measured pieces don't need."""
+
+    def __init__(self, cfg):
+        import torch
+        from transformers import AutoTokenizer
+
+        from glmkit import data
+        from glmkit import model as modeling
+        from glmkit import training
+        from glmkit.logs import RunLogs
+
+        self.cfg, self.training = cfg, training
+        t, o = cfg.training, cfg.optimization
+        torch.manual_seed(t.seed)
+        self.accelerator = training.make_accelerator(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
+        corpus = data.load_corpus(cfg)
+        cache_dir = f"{cfg.paths.scratch_dir}/tokenized/{corpus.fingerprint}"
+        rows = data.tokenize_split(corpus.train_docs, self.tokenizer, cfg, cache_dir, "train")
+        loader = torch.utils.data.DataLoader(rows, batch_size=o.micro_batch_per_gpu, shuffle=True,
+                                             collate_fn=data.make_collator(self.tokenizer, cfg))
+        model = modeling.prepare_for_training(modeling.load_model(cfg, self.accelerator.device), cfg)
+        self.total_steps = 10_000
+        optimizer, self.scheduler = training.make_optimizer_and_scheduler(model, cfg, self.total_steps)
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.logs = RunLogs(cfg.logs_dir)
+        self.checkpointer = training.Checkpointer(self.accelerator, self.model, self.tokenizer, cfg, self.logs)
+        self.groups = training.step_groups(self.loader, o.grad_accum_steps, 0)
+        self.step_count = 0
+        self.model.train()
+
+    def next_group(self):
+        return self.training.next_group(self.groups)[1]
+
+    def step(self, group, stats=None, log=False) -> tuple[float, float, float]:
+        """One optimizer step as train_qlora.py's loop runs it; (wall s, CPU s, loss)."""
+        import torch
+
+        acc, o, training = self.accelerator, self.cfg.optimization, self.training
+        world = acc.num_processes
+        wall, cpu = time.perf_counter(), time.process_time()
+        step_tokens = acc.reduce(torch.tensor([training.target_tokens(b) for b in group]).sum(), "sum")
+        input_tokens = acc.reduce(torch.tensor([int(b["token_mask"].sum()) for b in group]).sum(), "sum")
+        loss_total = torch.zeros((), dtype=torch.float64)
+        for batch in group:
+            with acc.accumulate(self.model):
+                if stats is not None:
+                    stats.begin_microbatch(batch["token_mask"])
+                loss = training.loss_sum(self.model, batch)
+                acc.backward(loss * (world * o.grad_accum_steps) / step_tokens.clamp(min=1))
+                if stats is not None:
+                    stats.commit_microbatch()
+                loss_total += loss.detach().double()
+        step_loss = (acc.reduce(loss_total, "sum") / step_tokens.clamp(min=1)).item()
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), o.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        if log:
+            self.write_log(step_loss, lr, grad_norm, int(input_tokens.item()), time.perf_counter() - wall)
+        return time.perf_counter() - wall, time.process_time() - cpu, step_loss
+
+    def write_log(self, loss, lr, grad_norm, tokens, seconds) -> None:
+        """The loop's per-step record, field for field (gpu_memory() is empty on a CPU)."""
+        step = self.step_count
+        self.logs.write("train", step, loss=loss, lr=lr, grad_norm=grad_norm, aux_loss=None, epoch=step / 100,
+                        tokens=tokens, tokens_per_sec=tokens / max(seconds, 1e-9), steps_per_sec=1 / max(seconds, 1e-9),
+                        eta_seconds=(self.total_steps - step) * seconds, elapsed_seconds=float(step),
+                        total_steps=self.total_steps, **self.training.gpu_memory())
+
+
+def paired_ratios(harness, pairs: int, run_a, run_b) -> dict:
+    """ABBA-interleaved pairs on the same micro-batches; ratio b/a per pair."""
+    walls_a, walls_b, cpus_a, cpus_b, ratios, cpu_ratios = [], [], [], [], [], []
+    for i in range(pairs):
+        group = harness.next_group()
+        if i % 2 == 0:
+            a, b = run_a(group), run_b(group)
+        else:
+            b, a = run_b(group), run_a(group)
+        walls_a.append(a[0])
+        walls_b.append(b[0])
+        cpus_a.append(a[1])
+        cpus_b.append(b[1])
+        ratios.append(b[0] / a[0])
+        cpu_ratios.append(b[1] / a[1])
+    return {"off_step_seconds": benchlib.summary(walls_a), "on_step_seconds": benchlib.summary(walls_b),
+            "off_step_cpu_seconds": benchlib.summary(cpus_a), "on_step_cpu_seconds": benchlib.summary(cpus_b),
+            "ratio_on_over_off": benchlib.summary(ratios), "cpu_ratio_on_over_off": benchlib.summary(cpu_ratios),
+            "overhead_pct": 100 * (benchlib.median(ratios) - 1),
+            "overhead_pct_cpu": 100 * (benchlib.median(cpu_ratios) - 1)}
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    benchlib.quiet()
+    benchlib.set_threads(args.threads)
+    benchlib.ensure_tiny_assets()
+    from glmkit.config import load_config
+    from glmkit.router_stats import RouterStats
+
+    info = benchlib.machine_info()
+    work = os.path.join(benchlib.SCRATCH, "bench", "overheads")
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = benchlib.tiny_config([f"paths.output_dir={work}/run", f"paths.best_adapter_dir={work}/best"])
+    real_interval = args.real_checkpoint_interval or load_config(benchlib.REAL_CONFIG).logging.checkpoint_interval
+    h = Harness(cfg)
+    for _ in range(args.warmup):
+        h.step(h.next_group())
+
+    # -- router statistics: hooks registered only for the "on" step
+    def stats_off(group):
+        return h.step(group)
+
+    def stats_on(group):
+        stats = RouterStats(h.model)
+        try:
+            return h.step(group, stats=stats)
+        finally:
+            stats.remove()
+
+    router = paired_ratios(h, args.pairs, stats_off, stats_on)
+    # take() + record() run every expert_stats_interval steps; time them on a filled counter.
+    stats = RouterStats(h.model)
+    h.step(h.next_group(), stats=stats)
+    stats.remove()
+    counts_snapshot, tokens_snapshot = stats.counts.clone(), stats.tokens
+
+    def take_and_record():
+        stats.counts, stats.tokens = counts_snapshot.clone(), tokens_snapshot
+        counts, routed = stats.take(reduce=lambda x: h.accelerator.reduce(x, "sum"))
+        h.logs.write("experts", h.step_count, **stats.record(counts, routed))
+
+    take_seconds = timed(take_and_record, 50)
+    router["take_record_seconds"] = benchlib.summary(take_seconds)
+    router["expert_stats_interval"] = cfg.logging.expert_stats_interval
+    base_step = router["off_step_seconds"]["median"]
+    router["take_record_amortized_pct"] = 100 * benchlib.median(take_seconds) / cfg.logging.expert_stats_interval / base_step
+    router["total_pct"] = router["overhead_pct"] + router["take_record_amortized_pct"]
+
+    # -- logging: one training_log.jsonl record per step
+    logging_ab = paired_ratios(h, args.pairs, lambda g: h.step(g), lambda g: h.step(g, log=True))
+    write_seconds = timed(lambda: h.write_log(7.0, 1e-4, 0.5, 512, 0.2), 200)
+    logging_ab["write_seconds"] = benchlib.summary(write_seconds)
+    logging_ab["write_pct_of_step"] = 100 * benchlib.median(write_seconds) / logging_ab["off_step_seconds"]["median"]
+
+    # -- checkpoint: one save against the median step
+    step_medians = [router["off_step_seconds"]["median"], logging_ab["off_step_seconds"]["median"]]
+    median_step = benchlib.median(step_medians)
+    save_seconds = []
+    for i in range(args.saves):
+        h.step(h.next_group())
+        start = time.perf_counter()
+        path = h.checkpointer.save(h.step_count, {"step": h.step_count, "val_loss": None})
+        save_seconds.append(time.perf_counter() - start)
+        print(f"  save {i + 1}/{args.saves}: {save_seconds[-1]:.3f} s", flush=True)
+    from glmkit.checkpoint import folder_bytes
+
+    save = benchlib.median(save_seconds)
+    checkpoint = {"save_seconds": benchlib.summary(save_seconds), "median_step_seconds": median_step,
+                  "save_over_step": save / median_step, "checkpoint_bytes": folder_bytes(path),
+                  "amortized_pct": {str(cfg.logging.checkpoint_interval): 100 * save / (cfg.logging.checkpoint_interval * median_step),
+                                    str(real_interval): 100 * save / (real_interval * median_step)},
+                  "intervals": {"tiny_recipe": cfg.logging.checkpoint_interval, "real_recipe": real_interval}}
+    h.logs.close()
+
+    payload = {
+        "benchmark": "overheads",
+        "command": "python bench/bench_overheads.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {**info, "torch_threads": args.threads},
+        "settings": {"pairs": args.pairs, "saves": args.saves, "warmup": args.warmup,
+                     "max_seq_length": cfg.training.max_seq_length,
+                     "micro_batch": cfg.optimization.micro_batch_per_gpu,
+                     "grad_accum": cfg.optimization.grad_accum_steps,
+                     "gradient_checkpointing": cfg.memory.gradient_checkpointing, "threads": args.threads},
+        "median_step_seconds": median_step,
+        "router_stats": router,
+        "logging": logging_ab,
+        "checkpoint": checkpoint,
+    }
+    print()
+    print(benchlib.machine_line(payload["machine"]))
+    print(render(payload))
+    benchlib.write_json(args.out, payload)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def render(payload: dict) -> str:
+    r, lg, c = payload["router_stats"], payload["logging"], payload["checkpoint"]
+    iqr = r["ratio_on_over_off"]
+    liqr = lg["ratio_on_over_off"]
+    ti, ri = c["intervals"]["tiny_recipe"], c["intervals"]["real_recipe"]
+    rows = [
+        ["router statistics: hooks on vs off (A/B, wall)", f"{r['overhead_pct']:+.2f}%",
+         f"pair ratios p25-p75 {iqr['p25']:.3f}-{iqr['p75']:.3f}; CPU-time {r['overhead_pct_cpu']:+.2f}%"],
+        [f"router statistics: take()+record() every {r['expert_stats_interval']} steps",
+         f"{r['take_record_amortized_pct']:.3f}%",
+         f"{r['take_record_seconds']['median'] * 1e3:.2f} ms each"],
+        ["logging: RunLogs.write per step (A/B, wall)", f"{lg['overhead_pct']:+.2f}%",
+         f"pair ratios p25-p75 {liqr['p25']:.3f}-{liqr['p75']:.3f}; CPU-time {lg['overhead_pct_cpu']:+.2f}%"],
+        ["logging: the write itself, timed directly", f"{lg['write_pct_of_step']:.3f}%",
+         f"{lg['write_seconds']['median'] * 1e6:.0f} us per record"],
+        ["checkpoint save / median step", f"{c['save_over_step']:.1f} steps",
+         f"save {c['save_seconds']['median']:.3f} s, step {c['median_step_seconds']:.3f} s, "
+         f"{c['checkpoint_bytes'] / 1e6:.2f} MB"],
+        [f"checkpoint amortized, every {ti} steps (tiny recipe)", f"{c['amortized_pct'][str(ti)]:.2f}%", ""],
+        [f"checkpoint amortized, every {ri} steps (real recipe)", f"{c['amortized_pct'][str(ri)]:.2f}%", ""],
+    ]
+    return benchlib.table(["overhead", "share of step time", "detail"], rows, align="lrl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
