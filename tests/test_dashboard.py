@@ -80,7 +80,8 @@ def test_each_poll_reads_only_appended_bytes(run):
     size_before = os.path.getsize(run.path("training"))
     run.steps(51, 52)
     stats(client)
-    assert b"".join(fed) == open(run.path("training"), "rb").read()[size_before:]
+    with open(run.path("training"), "rb") as fh:
+        assert b"".join(fed) == fh.read()[size_before:]
     assert tail.offset == os.path.getsize(run.path("training"))
 
 

@@ -42,7 +42,8 @@ def describe(e: dict) -> str:
     if kind == "resume":
         return f"Resumed from step {e.get('from_step', '?')} ({_name(e.get('checkpoint'))})"
     if kind == "nan_skipped":
-        return f"Skipped a non-finite step (loss {e.get('loss')}, grad norm {e.get('grad_norm')}, {e.get('consecutive', '?')} in a row)"
+        return (f"Skipped a non-finite step (loss {e.get('loss')}, grad norm {e.get('grad_norm')}, "
+                f"{e.get('consecutive', '?')} in a row)")
     if kind == "preempted":
         return f"Preempted by {e.get('signal', 'a signal')}"
     if kind == "run_end":

@@ -22,22 +22,28 @@ def _valid_layers(record: dict) -> list[dict]:
     layers = record.get("layers")
     if not isinstance(layers, list):
         return []
-    return [l for l in layers if isinstance(l, dict) and isinstance(l.get("counts"), list)]
+    return [layer for layer in layers if isinstance(layer, dict) and isinstance(layer.get("counts"), list)]
 
 
 def _num(value, default=float("nan")) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
+def _finite_stat(reduce, values: list[float]) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(reduce(values)) if values.size else float("nan")
+
+
 def summarise(record: dict) -> dict[str, float]:
     layers = _valid_layers(record)
-    entropy = [_num(l.get("entropy")) for l in layers] or [float("nan")]
-    imbalance = [_num(l.get("max_over_mean")) for l in layers] or [float("nan")]
-    dead = sum(len(l.get("dead_experts") or []) for l in layers)
+    entropy = [_num(layer.get("entropy")) for layer in layers]
+    imbalance = [_num(layer.get("max_over_mean")) for layer in layers]
+    dead = sum(len(layer.get("dead_experts") or []) for layer in layers)
     return {
-        "mean_entropy": float(np.nanmean(entropy)) if np.isfinite(entropy).any() else float("nan"),
-        "min_entropy": float(np.nanmin(entropy)) if np.isfinite(entropy).any() else float("nan"),
-        "max_over_mean": float(np.nanmax(imbalance)) if np.isfinite(imbalance).any() else float("nan"),
+        "mean_entropy": _finite_stat(np.mean, entropy),
+        "min_entropy": _finite_stat(np.min, entropy),
+        "max_over_mean": _finite_stat(np.max, imbalance),
         "dead_experts": float(dead),
     }
 
@@ -77,7 +83,7 @@ class ExpertSink:
         return self.recent.get(int(step)) if step is not None else None
 
 
-def layer_view(layer: dict, num_experts: int) -> dict:
+def layer_view(layer: dict) -> dict:
     counts = np.asarray([_num(c, 0.0) for c in layer["counts"]])
     mean = counts.mean() if counts.size else 0.0
     dead = [int(e) for e in (layer.get("dead_experts") or []) if isinstance(e, int)]
@@ -93,14 +99,14 @@ def layer_view(layer: dict, num_experts: int) -> dict:
 
 def collapse_reasons(layers: list[dict], num_experts: int) -> list[str]:
     reasons = []
-    for l in layers:
-        name = f"layer {l['layer']}"
-        if l["entropy"] < COLLAPSE_MIN_ENTROPY:
-            reasons.append(f"{name}: routing entropy {l['entropy']:.2f} < {COLLAPSE_MIN_ENTROPY}")
-        if l["max_over_mean"] > COLLAPSE_MAX_OVER_MEAN:
-            reasons.append(f"{name}: hottest expert at {l['max_over_mean']:.1f}x the mean load")
-        if num_experts and len(l["dead_experts"]) >= COLLAPSE_DEAD_FRACTION * num_experts:
-            reasons.append(f"{name}: {len(l['dead_experts'])}/{num_experts} experts received no tokens")
+    for layer in layers:
+        name = f"layer {layer['layer']}"
+        if layer["entropy"] < COLLAPSE_MIN_ENTROPY:
+            reasons.append(f"{name}: routing entropy {layer['entropy']:.2f} < {COLLAPSE_MIN_ENTROPY}")
+        if layer["max_over_mean"] > COLLAPSE_MAX_OVER_MEAN:
+            reasons.append(f"{name}: hottest expert at {layer['max_over_mean']:.1f}x the mean load")
+        if num_experts and len(layer["dead_experts"]) >= COLLAPSE_DEAD_FRACTION * num_experts:
+            reasons.append(f"{name}: {len(layer['dead_experts'])}/{num_experts} experts received no tokens")
     return reasons
 
 
@@ -110,7 +116,7 @@ def latest_expert_state(record: dict | None) -> dict:
         return {"available": False, "reason": "no expert usage logged yet", "layers": []}
     layers_in = _valid_layers(record)
     num_experts = int(_num(record.get("num_experts"), len(layers_in[0]["counts"]) if layers_in else 0))
-    layers = [layer_view(l, num_experts) for l in layers_in]
+    layers = [layer_view(layer) for layer in layers_in]
     reasons = collapse_reasons(layers, num_experts)
     summary = summarise(record)
     return {

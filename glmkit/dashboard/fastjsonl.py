@@ -14,7 +14,7 @@ reads as NaN instead of making the line count as bad.
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view

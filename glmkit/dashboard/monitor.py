@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 from .experts import ExpertSink
 from .logreader import JsonlTail, RecordSink, TableSink
@@ -54,7 +54,7 @@ class RunMonitor:
         self._events_resets = 0
 
     @contextmanager
-    def locked(self) -> Iterator["RunMonitor"]:
+    def locked(self) -> Iterator[RunMonitor]:
         with self._lock:
             self._refresh()
             yield self

@@ -101,8 +101,8 @@ def _empty(ax, message: str) -> None:
 def _legend(ax, *more_axes) -> None:
     handles, labels = ax.get_legend_handles_labels()
     for other in more_axes:
-        h, l = other.get_legend_handles_labels()
-        handles, labels = handles + h, labels + l
+        more_handles, more_labels = other.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels, loc="upper right", fontsize=7, frameon=False, labelcolor=MUTED, ncols=4)
 
 
@@ -178,17 +178,18 @@ def _draw_validation(ax, d: dict) -> None:
 
 def _draw_experts(fig: Figure, ax, d: dict) -> None:
     record = d["record"]
-    layers = [l for l in (record or {}).get("layers", []) if isinstance(l, dict) and isinstance(l.get("counts"), list)]
-    if not layers or len({len(l["counts"]) for l in layers}) != 1:
+    layers = [layer for layer in (record or {}).get("layers", [])
+              if isinstance(layer, dict) and isinstance(layer.get("counts"), list)]
+    if not layers or len({len(layer["counts"]) for layer in layers}) != 1:
         _title(ax, "Expert load (layer x expert)")
         return _empty(ax, "No expert usage logged yet")
     _title(ax, f"Expert load at step {record.get('step')} (layer x expert)")
-    counts = np.array([l["counts"] for l in layers], dtype=float)
+    counts = np.array([layer["counts"] for layer in layers], dtype=float)
     mean = counts.mean(axis=1, keepdims=True)
     ratio = np.log2(np.clip(counts / np.where(mean > 0, mean, 1), 1 / 8, 8))
     ax.grid(False)
     image = ax.imshow(ratio, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0, -3, 3), interpolation="nearest")
-    labels = [str(l.get("layer", i)) for i, l in enumerate(layers)]
+    labels = [str(layer.get("layer", i)) for i, layer in enumerate(layers)]
     ticks = np.arange(0, len(labels), max(1, len(labels) // 12))
     ax.set_yticks(ticks, [labels[t] for t in ticks])
     ax.set_ylabel("layer", fontsize=8, color=MUTED)
