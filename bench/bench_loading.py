@@ -135,7 +135,14 @@ def worker(args) -> dict:
               "audit_bytes_total": audit["bytes_total"], "unquantized_expert_params": audit["unquantized_expert_params"],
               "unquantized_linear_params": audit["unquantized_linear_params"], "params_total": audit["params_total"]}
     if not args.no_check:
+        import bitsandbytes as bnb
+
         model.eval()
+        for module in model.modules():
+            # bitsandbytes picks its CPU kernel per module (an avx512-bf16 repack for eval, decided
+            # when the module was built); the same generic kernel everywhere makes the logits comparable.
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
         ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             logits = model(input_ids=ids).logits.float()

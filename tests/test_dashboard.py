@@ -316,6 +316,18 @@ def test_checkpoints_from_disk_and_events(tmp_path):
     assert rows[0]["val_loss"] == pytest.approx(loss_at(20) + 0.1)
 
 
+def test_best_checkpoint_saved_as_final_checkpoint(tmp_path):
+    run = FakeRun(tmp_path / "run", total_steps=30)
+    run.start()
+    run.steps(1, 30)
+    run.checkpoint(20, 2.5)
+    final = os.path.join(run.output_dir, "final-checkpoint-30")
+    os.rename(run.checkpoint(30, 2.9), final)  # the trainer names the last one final-checkpoint-<step>
+    run.event("best_updated", 30, path="best", val_loss=2.4, checkpoint=os.path.join(run.output_dir, "checkpoint-30"))
+    data = make_client(run).get("/api/checkpoints").get_json()
+    assert data["best"]["name"] == "final-checkpoint-30" and data["best"]["final"]
+
+
 def test_events_timeline(tmp_path):
     run = finished_run(tmp_path / "run")
     events = make_client(run).get("/api/events").get_json()["events"]
@@ -342,6 +354,32 @@ def test_gpu_endpoint_without_gpu_gives_reason(run):
     assert isinstance(data["gpus"], list)
     if not data["gpus"]:
         assert data["reason"]
+
+
+def test_gpu_cards_through_nvml(run, monkeypatch):
+    import sys
+    import types
+
+    memory = types.SimpleNamespace(used=30 * 2**30, total=80 * 2**30)
+    fake = types.SimpleNamespace(
+        NVML_TEMPERATURE_GPU=0,
+        nvmlInit=lambda: None,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H100 80GB HBM3",
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=97),
+        nvmlDeviceGetMemoryInfo=lambda h: memory,
+        nvmlDeviceGetTemperature=lambda h, sensor: 61,
+        nvmlDeviceGetPowerUsage=lambda h: 612_000,
+        nvmlDeviceGetEnforcedPowerLimit=lambda h: 1 / 0,  # an unsupported sensor
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    data = make_client(run).get("/api/gpu").get_json()
+    assert data["reason"] is None and [g["index"] for g in data["gpus"]] == [0, 1]
+    gpu = data["gpus"][1]
+    assert (gpu["name"], gpu["utilization"], gpu["temperature"], gpu["power_watts"]) == \
+        ("NVIDIA H100 80GB HBM3", 97, 61, 612.0)
+    assert gpu["memory_used"] == 30 * 2**30 and gpu["power_limit_watts"] is None
 
 
 def test_plots_are_pngs_cached_until_data_changes(run):
@@ -418,6 +456,8 @@ def test_token_auth(run):
     assert scripted.get("/api/stats?token=s3cret").status_code == 200
     assert scripted.get("/api/stats").status_code == 200
     assert make_client(run, token="s3cret").get("/api/stats?token=nope").status_code == 401
+    offsite = make_client(run, token="s3cret").get("/%2F%2Fevil.example/?token=s3cret")
+    assert not offsite.headers["Location"].startswith("//")  # a protocol-relative URL would leave the site
 
 
 def test_cli_refuses_lan_without_token_and_reports_config_errors(tmp_path, monkeypatch, capsys):

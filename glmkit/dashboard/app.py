@@ -62,7 +62,7 @@ def create_app(
         static_folder=str(static_folder or REPO_ROOT / "static"),
         static_url_path="/static",
     )
-    app.config.update(DEBUG=False, TESTING=False, JSON_SORT_KEYS=False)
+    app.config.update(DEBUG=False, TESTING=False)
     app.json.sort_keys = False
     app.extensions[EXTENSION] = DashboardState(
         monitor=RunMonitor(logs_dir, min_interval=min_poll_interval),

@@ -34,7 +34,8 @@ def _bearer() -> str | None:
 
 def _url_without_token() -> str:
     query = [(k, v) for k, v in request.args.items(multi=True) if k != "token"]
-    return request.path + ("?" + urlencode(query) if query else "")
+    path = "/" + request.path.lstrip("/")  # "//host" would redirect off-site
+    return path + ("?" + urlencode(query) if query else "")
 
 
 def _unauthorized() -> Response:

@@ -108,13 +108,13 @@ def _basename(path) -> str | None:
 
 def merge_with_events(checkpoints: list[dict], events: list[dict]) -> dict:
     """Fill gaps from the events and mark the best checkpoint."""
-    saved, best_name, deleted = {}, None, []
+    saved, best, deleted = {}, None, []
     for e in events:
         kind, name = e.get("event"), _basename(e.get("path"))
         if kind == "checkpoint_saved" and name:
             saved[name] = e
         elif kind == "best_updated":
-            best_name = _basename(e.get("checkpoint") or e.get("path")) or best_name
+            best = e
         elif kind == "checkpoint_deleted" and name:
             deleted.append({"name": name, "step": e.get("step"), "reason": e.get("reason"), "time": e.get("time")})
     for c in checkpoints:
@@ -124,16 +124,20 @@ def merge_with_events(checkpoints: list[dict], events: list[dict]) -> dict:
         c["time"] = _number(event.get("time")) or c["time"]
         if not c["size_bytes"]:
             c["size_bytes"] = int(_number(event.get("size_bytes")) or 0)
-    _mark_best(checkpoints, best_name)
-    best = next((c for c in checkpoints if c["best"]), None)
-    return {"checkpoints": checkpoints, "best": best, "deleted": deleted[-50:]}
-
-
-def _mark_best(checkpoints: list[dict], best_name: str | None) -> None:
-    names = {c["name"] for c in checkpoints}
-    if best_name not in names:
-        # No (surviving) best_updated event: fall back to the lowest val loss.
-        scored = [c for c in checkpoints if c["val_loss"] is not None]
-        best_name = min(scored, key=lambda c: c["val_loss"])["name"] if scored else None
+    best_name = _best_name(checkpoints, best)
     for c in checkpoints:
         c["best"] = c["name"] == best_name
+    return {"checkpoints": checkpoints, "best": next((c for c in checkpoints if c["best"]), None),
+            "deleted": deleted[-50:]}
+
+
+def _best_name(checkpoints: list[dict], event: dict | None) -> str | None:
+    """The newest best_updated event's checkpoint, else the lowest val loss."""
+    if event is not None:
+        named = _basename(event.get("checkpoint") or event.get("path"))
+        # The checkpoint of the best step may have been saved as final-checkpoint-<step>.
+        for c in sorted(checkpoints, key=lambda c: c["name"] != named):
+            if c["name"] == named or c["step"] == event.get("step"):
+                return c["name"]
+    scored = [c for c in checkpoints if c["val_loss"] is not None]
+    return min(scored, key=lambda c: c["val_loss"])["name"] if scored else None

@@ -5,9 +5,14 @@
 
 const $ = (id) => document.getElementById(id);
 const body = document.body;
+// A stored preference wins over the server's default, if it is sane.
+function pref(key, fallback, low, high) {
+  const value = Number(localStorage.getItem(key) ?? fallback);
+  return Number.isFinite(value) && value >= low && value <= high ? value : Number(fallback);
+}
 const prefs = {
-  refresh: Number(localStorage.getItem("dash.refresh") ?? body.dataset.refresh ?? 5),
-  smoothing: Number(localStorage.getItem("dash.smoothing") ?? body.dataset.smoothing ?? 0.6),
+  refresh: pref("dash.refresh", body.dataset.refresh || 5, 0, 3600),
+  smoothing: pref("dash.smoothing", body.dataset.smoothing || 0.6, 0, 0.99),
 };
 let timer = null;
 let inflight = false;
