@@ -347,7 +347,7 @@ def print_table(r: dict) -> None:
     for name, median, p95, worst, target, ok in rows:
         mark = "" if ok == "" else ("yes" if ok else "NO")
         print(f"{name:34} {median!s:>8} {p95!s:>8} {worst!s:>8}  {target:11} {mark}")
-    print("(the first request for lr, grad_norm and tokens_per_sec parses that column: the 'max' column)")
+    print("(values other than `step` are parsed on first use: the first /api/series of a column is the 'max')")
     print(f"appended {r['appended_lines']} lines during the loops; last step seen {r['last_step_seen']:,}")
 
 

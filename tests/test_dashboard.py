@@ -240,6 +240,8 @@ def test_ema_is_debiased_like_tensorboard():
             expected.append(state / (1 - weight**t))
         np.testing.assert_allclose(ema(values, weight), expected, rtol=1e-9, atol=1e-9)
         assert ema_last(values, weight) == pytest.approx(expected[-1], abs=1e-12)
+        assert ema_last(values[-15_000:], weight, more_before=True) in (None, pytest.approx(expected[-1], abs=1e-12))
+    assert ema_last(values[-100:], 0.999, more_before=True) is None  # tail shorter than the EMA's memory
 
 
 def test_series_smoothing_parameter(run):
@@ -588,3 +590,34 @@ def test_launcher_serves_with_token(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_smoothing_cache_extends_and_restarts_after_a_resume(run):
+    from glmkit.dashboard.series import SmoothingCache
+
+    run.steps(1, 40)
+    app = create_app(run.logs_dir, min_poll_interval=0)
+    client = app.test_client()
+    smoother = app.extensions["glmkit_dashboard"].smoother
+
+    def check():
+        data = client.get("/api/series/loss?smoothing=0.7").get_json()
+        y, raw = np.array(data["y"], dtype=float), np.array(data["raw"], dtype=float)  # null -> NaN
+        np.testing.assert_allclose(y, ema(raw, 0.7), rtol=1e-12)
+        return data
+
+    check()
+    run.steps(41, 45)
+    run.train(46, loss=float("nan"))  # non-finite values pass through the cached path too
+    assert len(check()["x"]) == 46
+    run.event("resume", 30, from_step=30, checkpoint="checkpoint-30")
+    for step in range(31, 36):
+        run.train(step, loss=0.5)
+    assert check()["x"][-1] == 35
+    assert len(smoother._entries) == 1
+
+    values = np.random.default_rng(3).standard_normal(5000)
+    cache = SmoothingCache()
+    for end in (1, 7, 1000, 4999, 5000):
+        out = cache.smoothed(("k",), 0, values[:end], 0.95)
+    np.testing.assert_allclose(out, ema(values, 0.95), rtol=1e-10, atol=1e-12)

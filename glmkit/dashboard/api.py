@@ -65,9 +65,11 @@ def series(name: str):
     default_points = None if fmt == "csv" else DEFAULT_MAX_POINTS
     max_points = _int_arg("max_points", default_points, 2, MAX_POINTS_LIMIT)
     sink, column = SERIES[name]
-    with dashboard().monitor.locked() as run:
+    state = dashboard()
+    with state.monitor.locked() as run:
         table = getattr(run, sink).table
-        payload = build_series(name, table.column("step"), table.column(column), smoothing, max_points)
+        smoothed = state.smoother.for_table(table, column, smoothing) if smoothing > 0 else None
+        payload = build_series(name, table.column("step"), table.column(column), smoothing, max_points, smoothed)
     if fmt == "csv":
         return Response(series_csv(payload), mimetype="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})

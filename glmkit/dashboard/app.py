@@ -16,6 +16,7 @@ from .gpu import GpuProbe
 from .monitor import RunMonitor
 from .pages import pages
 from .plots import PlotCache
+from .series import SmoothingCache
 from .state import EXTENSION, DashboardState
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,11 +65,13 @@ def create_app(
     )
     app.config.update(DEBUG=False, TESTING=False)
     app.json.sort_keys = False
+    smoother = SmoothingCache()
     app.extensions[EXTENSION] = DashboardState(
         monitor=RunMonitor(logs_dir, min_interval=min_poll_interval),
         checkpoints=CheckpointScanner(output_dir),
         gpu=GpuProbe(),
-        plots=PlotCache(),
+        plots=PlotCache(smoother),
+        smoother=smoother,
         output_dir=output_dir,
         smoothing=smoothing,
         stall_seconds=stall_seconds,

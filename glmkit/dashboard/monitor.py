@@ -23,8 +23,8 @@ LOG_FILES = {
 # and a short history are shown, so a long backlog is skipped, not parsed.
 MAX_BACKLOG = {"experts": 32 << 20}
 TRAINING_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_sec")
-# Parsed on first use: /api/stats reads these from the newest record instead.
-LAZY_TRAINING_FIELDS = ("lr", "grad_norm", "tokens_per_sec")
+# Parsed on first use (all but `step`): /api/stats needs only their last values.
+LAZY_TRAINING_FIELDS = ("time", "loss", "lr", "grad_norm", "tokens_per_sec")
 EVAL_FIELDS = ("val_loss", "perplexity")
 
 

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from .monitor import RunMonitor  # noqa: E402
-from .series import downsample_indices, ema  # noqa: E402
+from .series import SmoothingCache, downsample_indices, ema  # noqa: E402
 
 PLOT_POINTS = 1200
 # Inches at 130 dpi; the page lays plots out two, three and one to a row.
@@ -46,9 +46,11 @@ def plot_versions(versions: dict[str, int]) -> dict[str, str]:
     return {name: "-".join(str(versions[dep]) for dep in deps) for name, deps in PLOTS.items()}
 
 
-def _xy(table, column: str, smoothing: float = 0.0) -> dict:
+def _xy(table, column: str, smoothing: float = 0.0, smoother: SmoothingCache | None = None) -> dict:
     x, y = table.column("step"), table.column(column)
-    smooth = ema(y, smoothing) if smoothing > 0 else None
+    smooth = None
+    if smoothing > 0:
+        smooth = smoother.for_table(table, column, smoothing) if smoother else ema(y, smoothing)
     idx = downsample_indices(y, PLOT_POINTS)
     return {"x": x[idx].copy(), "y": y[idx].copy(), "smooth": smooth[idx] if smooth is not None else None}
 
@@ -58,16 +60,16 @@ def _event_steps(run: RunMonitor, kind: str) -> list[int]:
     return [e[key] for e in run.events.records if e.get("event") == kind and isinstance(e.get(key), int)]
 
 
-def collect(run: RunMonitor, name: str, smoothing: float) -> dict:
+def collect(run: RunMonitor, name: str, smoothing: float, smoother: SmoothingCache | None = None) -> dict:
     """Copy what `name` needs out of the monitor (call with its lock held)."""
     train, evals = run.training.table, run.eval.table
     if name == "loss":
-        return {**_xy(train, "loss", smoothing), "val": _xy(evals, "val_loss"),
+        return {**_xy(train, "loss", smoothing, smoother), "val": _xy(evals, "val_loss"),
                 "checkpoints": _event_steps(run, "checkpoint_saved"), "resumes": _event_steps(run, "resume")}
     if name in ("lr", "grad_norm"):
         return _xy(train, name)
     if name == "throughput":
-        return _xy(train, "tokens_per_sec", smoothing)
+        return _xy(train, "tokens_per_sec", smoothing, smoother)
     if name == "validation":
         return {"val": _xy(evals, "val_loss"), "ppl": _xy(evals, "perplexity")}
     return {"record": run.experts.current()}
@@ -222,7 +224,8 @@ def render(name: str, data: dict) -> bytes:
 class PlotCache:
     """One PNG per (plot, smoothing), redrawn only when its inputs changed."""
 
-    def __init__(self):
+    def __init__(self, smoother: SmoothingCache | None = None):
+        self.smoother = smoother
         self._lock = threading.Lock()  # also serialises Matplotlib, which is not thread-safe
         self._png: dict[tuple[str, float], tuple[str, bytes]] = {}
 
@@ -233,7 +236,7 @@ class PlotCache:
             cached = self._png.get((name, smoothing))
             if cached and cached[0] == etag:
                 return cached
-            data = collect(run, name, smoothing)
+            data = collect(run, name, smoothing, self.smoother)
         with self._lock:
             png = render(name, data)
             if len(self._png) > 64:  # many smoothing values: drop them all, cheap to redo

@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from .tables import GrowableColumn
+
 # name -> (monitor sink, column).  Also the allow-list for /api/series/<name>.
 SERIES = {
     "loss": ("training", "loss"),
@@ -31,15 +33,29 @@ def ema(values: np.ndarray, weight: float) -> np.ndarray:
     where t counts finite values only; non-finite values pass through
     unchanged and do not move the average.
     """
-    out = np.array(values, dtype=np.float64)
-    finite = np.isfinite(out)
-    if weight <= 0 or not finite.any():
-        return out
-    out[finite] = _debiased_ema(out[finite], weight)
-    return out
+    return _ema_from(np.array(values, dtype=np.float64), weight, 0.0, 0)[0]
 
 
-def _debiased_ema(y: np.ndarray, w: float) -> np.ndarray:
+def _ema_from(values: np.ndarray, w: float, state: float, count: int) -> tuple[np.ndarray, float, int]:
+    """Continue an EMA over `values` (modified in place) from (state, count).
+
+    Returns (smoothed values, new state, new count of finite values seen).
+    """
+    finite = np.isfinite(values)
+    if w <= 0 or not finite.any():
+        return values, state, count
+    states = _ema_states(values[finite], w, state)
+    last_state = float(states[-1])
+    t = count + np.arange(1.0, len(states) + 1)
+    # 1 - w**t is 1.0 in floating point once w**t < 1e-17; skip those.
+    debias = t < 40.0 / -math.log(w)
+    states[debias] /= 1.0 - w ** t[debias]
+    values[finite] = states
+    return values, last_state, count + len(states)
+
+
+def _ema_states(y: np.ndarray, w: float, start: float) -> np.ndarray:
+    """Undebiased states w*s + (1-w)*y from s = `start`, vectorised by blocks."""
     n = len(y)
     block = max(1, min(n, int(_MAX_BLOCK_LOG / -math.log(w))))
     rows = -(-n // block)
@@ -52,31 +68,69 @@ def _debiased_ema(y: np.ndarray, w: float) -> np.ndarray:
     local = np.cumsum(grid * ((1 - w) * grow), axis=1) * decay
     # ... then the state carried in from the previous blocks, one scalar each.
     carry = np.zeros(rows)
-    state, w_block = 0.0, w**block
+    state, w_block = start, w**block
     for k, end in enumerate(local[:, -1].tolist()):
         carry[k] = state
         state = state * w_block + end
-    smoothed = (local + carry[:, None] * decay).ravel()[:n]
-    # 1 - w**t is 1.0 in floating point once w**t < 1e-17; skip those.
-    k = min(n, int(40.0 / -math.log(w)) + 1)
-    smoothed[:k] /= 1.0 - w ** np.arange(1.0, k + 1)
-    return smoothed
+    return (local + carry[:, None] * decay).ravel()[:n]
 
 
-def ema_last(values: np.ndarray, weight: float) -> float | None:
+class SmoothingCache:
+    """Smoothed copies of growing series, extended in O(new points).
+
+    The live page re-reads the smoothed loss every few seconds while a
+    handful of steps were appended; redoing the EMA over a million points
+    each time would cost tens of milliseconds.  An entry is rebuilt when its
+    table's `generation` says rows were removed or replaced.
+    """
+
+    MAX_ENTRIES = 6
+
+    def __init__(self):
+        self._entries: dict[tuple, dict] = {}
+
+    def for_table(self, table, column: str, weight: float) -> np.ndarray:
+        """ema(table.column(column), weight), reusing the work of earlier calls."""
+        # Tables live as long as the app (a new run clears them in place).
+        return self.smoothed((id(table), column, weight), table.generation, table.column(column), weight)
+
+    def smoothed(self, key: tuple, generation: int, values: np.ndarray, weight: float) -> np.ndarray:
+        entry = self._entries.pop(key, None)
+        if entry is None or entry["generation"] != generation or entry["rows"] > len(values):
+            entry = {"generation": generation, "rows": 0, "state": 0.0, "count": 0, "out": GrowableColumn()}
+        new, entry["state"], entry["count"] = _ema_from(
+            np.array(values[entry["rows"] :], dtype=np.float64), weight, entry["state"], entry["count"])
+        entry["out"].extend(new)
+        entry["rows"] = len(values)
+        self._entries[key] = entry  # most recently used last
+        while len(self._entries) > self.MAX_ENTRIES:
+            self._entries.pop(next(iter(self._entries)))
+        return entry["out"].values()
+
+
+def ema_memory(weight: float) -> int:
+    """How many recent values decide an EMA: older ones weigh < 1e-17."""
+    return int(40.0 / -math.log(weight)) + 1 if weight > 0 else 1
+
+
+def ema_last(values: np.ndarray, weight: float, more_before: bool = False) -> float | None:
     """Last value of `ema(values, weight)` from the tail alone (O(1) in length).
 
     Terms older than ~40/-ln(w) steps weigh less than 1e-17, so they cannot
-    change the result; only the count of finite values is needed in full.
+    change the result; the count of finite values matters only while it is
+    smaller than that.  With `more_before`, `values` is the tail of a longer
+    series: None means the tail was not enough, pass the whole series.
     """
     if len(values) == 0:
         return None
     if not math.isfinite(values[-1]) or weight <= 0:
         return float(values[-1])
-    window = int(40.0 / -math.log(weight)) + 1
+    window = ema_memory(weight)
+    count = int(np.isfinite(values).sum())
+    if more_before and count < window:
+        return None
     tail = values[-window:]
     tail = tail[np.isfinite(tail)]
-    count = int(np.isfinite(values).sum()) if len(values) > window else len(tail)
     powers = weight ** np.arange(len(tail) - 1, -1, -1.0)
     return float((1 - weight) * np.dot(powers, tail) / (1 - weight**count))
 
@@ -116,8 +170,12 @@ def json_floats(values: np.ndarray) -> list:
     return [v if math.isfinite(v) else None for v in values.tolist()]
 
 
-def build_series(name: str, x: np.ndarray, y: np.ndarray, smoothing: float, max_points: int | None) -> dict:
-    shown = ema(y, smoothing) if smoothing > 0 else y
+def build_series(name: str, x: np.ndarray, y: np.ndarray, smoothing: float, max_points: int | None,
+                 smoothed: np.ndarray | None = None) -> dict:
+    """The /api/series payload; `smoothed` is ema(y, smoothing) if already known."""
+    if smoothing > 0 and smoothed is None:
+        smoothed = ema(y, smoothing)
+    shown = smoothed if smoothing > 0 else y
     idx = downsample_indices(shown, max_points) if max_points else np.arange(len(y))
     payload = {
         "name": name,

@@ -11,6 +11,7 @@ from .checkpoints import CheckpointScanner
 from .gpu import GpuProbe
 from .monitor import RunMonitor
 from .plots import PlotCache
+from .series import SmoothingCache
 
 EXTENSION = "glmkit_dashboard"
 
@@ -21,6 +22,7 @@ class DashboardState:
     checkpoints: CheckpointScanner
     gpu: GpuProbe
     plots: PlotCache
+    smoother: SmoothingCache
     output_dir: str | None
     smoothing: float
     stall_seconds: float

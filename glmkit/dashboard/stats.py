@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .monitor import RunMonitor
-from .series import ema_last
+from .series import ema_last, ema_memory
 
 LIFECYCLE = ("run_start", "resume", "preempted", "run_end")
 # A run is "stalled" when nothing was written for max(stall_seconds,
@@ -30,7 +30,7 @@ def _last_lifecycle(run: RunMonitor) -> dict | None:
 
 def seconds_per_step(run: RunMonitor, window: int = 50) -> float | None:
     table = run.training.table
-    steps, times = table.column("step")[-window:], table.column("time")[-window:]
+    steps, times = table.tail("step", window), table.tail("time", window)
     ok = np.isfinite(times)
     if ok.sum() < 2:
         return None
@@ -86,12 +86,21 @@ def progress_stats(run: RunMonitor, status: str) -> dict:
     }
 
 
+def _smoothed_loss(table, smoothing: float) -> float | None:
+    # The tail decides the EMA; the full (lazily parsed) column is read only
+    # when the debiasing needs the exact count of finite values.
+    tail = table.tail("loss", 2 * ema_memory(smoothing))  # 2x: room for a few NaNs
+    value = ema_last(tail, smoothing, more_before=len(table) > len(tail))
+    if value is None and len(table):
+        value = ema_last(table.column("loss"), smoothing)
+    return _finite(value)
+
+
 def training_stats(run: RunMonitor, smoothing: float) -> dict:
     table, latest = run.training.table, run.training.current() or {}
-    loss = table.column("loss")
     return {
         "loss": _finite(table.last("loss")),
-        "loss_smoothed": _finite(ema_last(loss, smoothing)) if len(loss) else None,
+        "loss_smoothed": _smoothed_loss(table, smoothing),
         "smoothing": smoothing,
         "lr": _finite(table.last("lr")),
         "grad_norm": _finite(table.last("grad_norm")),

@@ -35,9 +35,20 @@ class GrowableColumn:
         return self._data[: self._parsed]  # a view: callers must not keep it across writes
 
     def last(self) -> float | None:
-        if self._texts:
-            return float(parse_numbers(self._texts[-1][-1:])[0])
-        return float(self._data[self._parsed - 1]) if self._parsed else None
+        tail = self.tail(1)
+        return float(tail[0]) if len(tail) else None
+
+    def tail(self, k: int) -> np.ndarray:
+        """The last k values, parsing only the text they need."""
+        parts, need = [], k
+        for text in reversed(self._texts):
+            if need <= 0:
+                break
+            parts.append(parse_numbers(text[-need:]))
+            need -= len(parts[-1])
+        if need > 0 and self._parsed:
+            parts.append(self._data[max(0, self._parsed - need) : self._parsed])
+        return np.concatenate(parts[::-1]) if parts else np.empty(0)
 
     def extend(self, values: np.ndarray) -> None:
         if values.dtype.kind == "S":
@@ -92,13 +103,16 @@ def _superseded_within(steps: np.ndarray) -> np.ndarray:
 class StepTable:
     """Per-step columns, strictly increasing in `step`.
 
-    `version` changes on every modification: the cache key of plots.
+    `version` changes on every modification (the cache key of plots);
+    `generation` only when rows are removed, which tells incremental
+    consumers (SmoothingCache) to start over.
     """
 
     def __init__(self, fields: tuple[str, ...]):
         self.fields = ("step", "time") + tuple(f for f in fields if f not in ("step", "time"))
         self._cols = {name: GrowableColumn() for name in self.fields}
         self.version = 0
+        self.generation = 0
 
     def __len__(self) -> int:
         return self._cols["step"].size
@@ -109,10 +123,13 @@ class StepTable:
     def last(self, name: str) -> float | None:
         return self._cols[name].last()
 
+    def tail(self, name: str, k: int) -> np.ndarray:
+        return self._cols[name].tail(k)
+
     def clear(self) -> None:
         for col in self._cols.values():
             col.truncate(0)
-        self.version += 1
+        self._changed(removed=True)
 
     def append(self, columns: dict[str, np.ndarray]) -> None:
         """Add rows in file order, applying 'for a given step the latest wins'."""
@@ -122,11 +139,12 @@ class StepTable:
         keep = _superseded_within(steps)
         first_new = steps[keep].min()
         cut = int(np.searchsorted(self.column("step"), first_new, side="left"))
+        removed = cut < len(self)
         for name, col in self._cols.items():
             col.truncate(cut)
             values = columns.get(name)
             col.extend(values[keep] if values is not None else np.full(int(keep.sum()), np.nan))
-        self.version += 1
+        self._changed(removed)
 
     def supersede(self, after_step: int, before_time: float) -> None:
         """Drop rows a killed attempt wrote past the step a resume restarted from."""
@@ -138,4 +156,8 @@ class StepTable:
         mask[start:] = ~stale
         for col in self._cols.values():
             col.keep(mask)
+        self._changed(removed=True)
+
+    def _changed(self, removed: bool) -> None:
         self.version += 1
+        self.generation += removed
