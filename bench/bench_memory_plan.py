@@ -49,8 +49,8 @@ def audit_check() -> dict:
     cfg = benchlib.tiny_config()
     planned = build_plan(cfg, gpu_memory_bytes=int(80e9), num_processes=1)
     audit = modeling.audit_model(modeling.load_model(cfg))
-    per_group = {g: {"plan": planned["groups"][g]["bytes"], "audit": audit["groups"][g]["bytes"]}
-                 for g in audit["groups"] if g != "lora" and (audit["groups"][g]["bytes"] or planned["groups"].get(g, {}).get("bytes"))}
+    per_group = {g: {"plan": planned["groups"].get(g, {}).get("bytes", 0), "audit": audit["groups"][g]["bytes"]}
+                 for g in audit["groups"] if g != "lora"}
     return {"model": cfg.paths.model_dir, "compute_dtype": cfg.quantization.compute_dtype,
             "plan_weights_bytes": planned["weights_bytes"], "audit_bytes_total": audit["bytes_total"],
             "equal": planned["weights_bytes"] == audit["bytes_total"], "groups": per_group}
@@ -87,9 +87,11 @@ def main(argv=None) -> int:
         "kit_vs_floor_target": {"at_most": TARGET_RATIO, "met": ways["kit"] / floor <= TARGET_RATIO},
         "routed_experts_bits_per_param": {"kit": 8 * experts["bytes"] / experts["params"],
                                           "plain_path": 8 * experts["plain_path_bytes"] / experts["params"],
-                                          "plain_path_upcast": 8 * experts["plain_path_upcast_bytes"] / experts["params"]},
+                                          "plain_path_upcast": 8 * experts["plain_path_upcast_bytes"]
+                                          / experts["params"]},
         "groups": plan["groups"],
-        "per_gpu_total_bytes": {"kit": plan["total_bytes_per_gpu"], "plain_path_upcast": plan["plain_path_total_bytes_per_gpu"]},
+        "per_gpu_total_bytes": {"kit": plan["total_bytes_per_gpu"],
+                                "plain_path_upcast": plan["plain_path_total_bytes_per_gpu"]},
         "gpu_memory_bytes": plan["gpu_memory_bytes"], "gpu_memory_source": plan["gpu_memory_source"],
         "fits": {"kit": plan["fits"], "plain_path_upcast": plan["plain_path_fits"]},
         "plan_settings": {"micro_batch_per_gpu": plan["micro_batch_per_gpu"], "max_seq_length": plan["max_seq_length"],

@@ -6,8 +6,8 @@ under `accelerator.accumulate`, clipping, AdamW + cosine schedule) on the kit's 
 loader and Accelerator. Measured:
 
 - router statistics: `RouterStats` forward hooks on vs off, with begin/commit per
-  micro-batch; the every-`expert_stats_interval` `take()` + `record()` is timed on its own
-  and amortized;
+  micro-batch (A/B), and the hooks' own work replayed and timed directly; the
+  every-`expert_stats_interval` `take()` + `record()` is timed on its own and amortized;
 - logging: one `RunLogs.write("train", ...)` per step with the loop's fields vs none;
 - checkpoint: one `Checkpointer.save` (Accelerate state, adapter, tokenizer, resolved
   config, fsync, rename, retention) against the median step, amortized over
@@ -142,6 +142,46 @@ def paired_ratios(harness, pairs: int, run_a, run_b) -> dict:
             "overhead_pct_cpu": 100 * (benchlib.median(cpu_ratios) - 1)}
 
 
+def router_hooks_direct(h, RouterStats, base_step: float, repeats: int = 200) -> dict:
+    """The hooks' own work per step, timed outside the forward pass.
+
+    One real step records every router call (module, inputs, outputs) and its micro-batch's
+    token mask; then a micro-batch's bookkeeping (begin_microbatch, each RouterStats hook as
+    often as it fired, commit_microbatch) is replayed and timed. The hook functions are read
+    from torch's per-module hook dict (`_forward_hooks`) by the ids of RouterStats' handles."""
+    stats = RouterStats(h.model)
+    calls, masks = [], []
+    spies = [router.register_forward_hook(lambda m, i, o: calls.append((m, i, o)) if m.training else None)
+             for _, router in stats.routers]
+    original_begin = stats.begin_microbatch
+
+    def begin(mask):
+        masks.append(mask)
+        original_begin(mask)
+
+    stats.begin_microbatch = begin
+    h.step(h.next_group(), stats=stats)
+    for spy in spies:
+        spy.remove()
+    hooks = {id(router): router._forward_hooks[handle.id]
+             for (_, router), handle in zip(stats.routers, stats._handles)}
+    stats.remove()
+    stats.begin_microbatch = original_begin
+    per_microbatch = len(calls) // max(1, len(masks))
+
+    def one_microbatch():
+        original_begin(masks[0])
+        for module, inputs, outputs in calls[:per_microbatch]:
+            hooks[id(module)](module, inputs, outputs)
+        stats.commit_microbatch()
+
+    seconds = timed(one_microbatch, repeats)
+    per_step = benchlib.median(seconds) * len(masks)
+    return {"hook_calls_per_step": len(calls), "microbatches_per_step": len(masks),
+            "hooks_seconds_per_microbatch": benchlib.summary(seconds), "hooks_seconds_per_step": per_step,
+            "hooks_direct_pct": 100 * per_step / base_step}
+
+
 def timed(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
@@ -195,8 +235,10 @@ def main(argv=None) -> int:
     router["take_record_seconds"] = benchlib.summary(take_seconds)
     router["expert_stats_interval"] = cfg.logging.expert_stats_interval
     base_step = router["off_step_seconds"]["median"]
-    router["take_record_amortized_pct"] = 100 * benchlib.median(take_seconds) / cfg.logging.expert_stats_interval / base_step
+    router["take_record_amortized_pct"] = (100 * benchlib.median(take_seconds)
+                                           / cfg.logging.expert_stats_interval / base_step)
     router["total_pct"] = router["overhead_pct"] + router["take_record_amortized_pct"]
+    router.update(router_hooks_direct(h, RouterStats, base_step))
 
     # -- logging: one training_log.jsonl record per step
     logging_ab = paired_ratios(h, args.pairs, lambda g: h.step(g), lambda g: h.step(g, log=True))
@@ -219,8 +261,8 @@ def main(argv=None) -> int:
     save = benchlib.median(save_seconds)
     checkpoint = {"save_seconds": benchlib.summary(save_seconds), "median_step_seconds": median_step,
                   "save_over_step": save / median_step, "checkpoint_bytes": folder_bytes(path),
-                  "amortized_pct": {str(cfg.logging.checkpoint_interval): 100 * save / (cfg.logging.checkpoint_interval * median_step),
-                                    str(real_interval): 100 * save / (real_interval * median_step)},
+                  "amortized_pct": {str(interval): 100 * save / (interval * median_step)
+                                    for interval in (cfg.logging.checkpoint_interval, real_interval)},
                   "intervals": {"tiny_recipe": cfg.logging.checkpoint_interval, "real_recipe": real_interval}}
     h.logs.close()
 
@@ -254,6 +296,9 @@ def render(payload: dict) -> str:
     rows = [
         ["router statistics: hooks on vs off (A/B, wall)", f"{r['overhead_pct']:+.2f}%",
          f"pair ratios p25-p75 {iqr['p25']:.3f}-{iqr['p75']:.3f}; CPU-time {r['overhead_pct_cpu']:+.2f}%"],
+        ["router statistics: the hooks' work, timed directly", f"{r['hooks_direct_pct']:.2f}%",
+         f"{r['hooks_seconds_per_step'] * 1e3:.2f} ms per step ({r['hook_calls_per_step']} hook calls, "
+         f"{r['microbatches_per_step']} micro-batches)"],
         [f"router statistics: take()+record() every {r['expert_stats_interval']} steps",
          f"{r['take_record_amortized_pct']:.3f}%",
          f"{r['take_record_seconds']['median'] * 1e3:.2f} ms each"],

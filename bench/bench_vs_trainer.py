@@ -22,7 +22,7 @@ alternate, and a step's time is the wall (and CPU) time between the starts of co
 optimizer steps, data fetch, forward/backward, optimizer and logging included. The first step
 (warm-up) is left out; medians are reported.
 
-    .venv/bin/python bench/bench_vs_trainer.py [--steps 30] [--repeats 2]
+    .venv/bin/python bench/bench_vs_trainer.py [--steps 30] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ HUGE_INTERVAL = 1_000_000  # no eval or checkpoint inside the timed steps (both 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
-    p.add_argument("--repeats", type=int, default=2, help="kit/Trainer run pairs, alternating order")
+    p.add_argument("--repeats", type=int, default=3, help="kit/Trainer runs each, alternating order")
     p.add_argument("--seq-len", type=int, default=None, help="max_seq_length (default: configs/tiny.yaml's)")
     p.add_argument("--micro-batch", type=int, default=None, help="micro_batch_per_gpu (default: the config's)")
     p.add_argument("--grad-accum", type=int, default=None, help="grad_accum_steps (default: the config's)")
@@ -180,7 +180,7 @@ def trainer_worker(args) -> dict:
 
     class SameOrderTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
-            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+            return torch.utils.data.SequentialSampler(self.train_dataset if train_dataset is None else train_dataset)
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             starts.append(_clock())
@@ -212,7 +212,8 @@ def trainer_worker(args) -> dict:
     trainer.train()
     end = _clock()
     expected = [collator(rows)["input_ids"] for rows in micro_batches]
-    assert len(fed) == len(expected) and all(torch.equal(a, b) for a, b in zip(fed, expected)), "the Trainer did not see the kit's micro-batches in the kit's order"
+    assert len(fed) == len(expected) and all(torch.equal(a, b) for a, b in zip(fed, expected)), \
+        "the Trainer did not see the kit's micro-batches in the kit's order"
     steps = sorted(logged)
     tokens = [sum(sum(1 for p in row["position_ids"] if p >= 0) for rows in group for row in rows)
               for group in groups[: args.steps]]
@@ -367,7 +368,8 @@ def render(payload: dict) -> str:
          ["max |lr_kit - lr_Trainer|", f"{payload['max_abs_lr_diff']:.2e}"],
          ["max |grad_norm_kit - grad_norm_Trainer|", f"{payload['max_abs_grad_norm_diff']:.2e}"],
          ["kit rerun vs first kit run, max |loss diff|", f"{payload['kit_rerun_max_abs_loss_diff']:.2e}"],
-         ["first / last loss (kit)", f"{payload['loss_curves']['kit'][0]:.4f} / {payload['loss_curves']['kit'][-1]:.4f}"]],
+         ["first / last loss (kit)",
+          f"{payload['loss_curves']['kit'][0]:.4f} / {payload['loss_curves']['kit'][-1]:.4f}"]],
         align="lr")
     return table1 + "\n\n" + table2
 

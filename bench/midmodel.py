@@ -41,7 +41,7 @@ def mid_config(hidden, layers, experts, moe_intermediate, intermediate, heads, k
 
 
 def param_count(config) -> dict:
-    """Total and per-token-active parameters, from the config alone (no model built)."""
+    """Total and routed-expert parameters, from the config alone (active ones: bench/mfu.py)."""
     h, L, k = config.hidden_size, config.num_hidden_layers, config.first_k_dense_replace
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
@@ -50,13 +50,11 @@ def param_count(config) -> dict:
     expert = 3 * h * config.moe_intermediate_size
     router = config.n_routed_experts * h
     moe_total = config.n_routed_experts * expert + config.n_shared_experts * expert + router
-    moe_active = config.num_experts_per_tok * expert + config.n_shared_experts * expert + router
     norms = L * 2 * h + h
     embed = config.vocab_size * h
     lm_head = config.vocab_size * h
     total = L * attention + k * dense_mlp + (L - k) * moe_total + norms + embed + lm_head
-    active = L * attention + k * dense_mlp + (L - k) * moe_active + norms + lm_head  # embedding: a lookup
-    return {"total": total, "active_per_token_matmul": active, "routed_experts": (L - k) * config.n_routed_experts * expert}
+    return {"total": total, "routed_experts": (L - k) * config.n_routed_experts * expert}
 
 
 def write_mid_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "500MB", **sizes) -> dict:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run every CPU benchmark with its default sizes, one after another (never in parallel: they
+# time each other otherwise). Results: bench/results/*.json; tables on stdout.
+# About 15-20 minutes on a shared 2-core machine. The GPU benchmark is bench/gpu_smoke.sh.
+#
+#   bench/run_all.sh            # all of them
+#   bench/run_all.sh loading    # only those named (data_efficiency vs_trainer memory_plan loading overheads)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+ALL=(memory_plan data_efficiency vs_trainer overheads loading)
+
+if [[ $# -gt 0 ]]; then
+  selected=("$@")
+else
+  selected=("${ALL[@]}")
+fi
+
+"$PY" -c "import sys; sys.path.insert(0, 'bench'); import benchlib; benchlib.ensure_tiny_assets()"
+
+for name in "${selected[@]}"; do
+  script="bench/bench_${name}.py"
+  if [[ ! -f "$script" ]]; then
+    echo "run_all: no benchmark named '$name' (choose from: ${ALL[*]})" >&2
+    exit 2
+  fi
+  echo
+  echo "=== $name ($(date -u +%H:%M:%S) UTC) ==="
+  "$PY" "$script"
+done
+echo
+echo "results in bench/results/"
