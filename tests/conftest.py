@@ -32,21 +32,27 @@ def demo_corpus(tmp_path_factory):
     return path
 
 
+def write_tiny_config(folder, model_dir: str, data_path: str, overrides: dict | None = None,
+                      name: str = "config.yaml") -> str:
+    """configs/tiny.yaml with paths inside `folder` and {"section.key": value} overrides; return its path."""
+    with open(TINY_CONFIG, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    data["paths"].update(model_dir=model_dir, data_path=data_path, output_dir=str(folder / "run"),
+                         best_adapter_dir=str(folder / "best"), scratch_dir=str(folder / "scratch"))
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".")
+        data[section][key] = value
+    path = folder / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
 @pytest.fixture
 def make_config(tmp_path, tiny_model_dir, demo_corpus):
     """Write a tiny config into tmp_path with overrides {"section.key": value}; return its path."""
 
     def make(overrides: dict | None = None, name: str = "config.yaml") -> str:
-        with open(TINY_CONFIG, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-        data["paths"].update(model_dir=tiny_model_dir, data_path=demo_corpus, output_dir=str(tmp_path / "run"),
-                             best_adapter_dir=str(tmp_path / "best"), scratch_dir=str(tmp_path / "scratch"))
-        for dotted, value in (overrides or {}).items():
-            section, key = dotted.split(".")
-            data[section][key] = value
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(data))
-        return str(path)
+        return write_tiny_config(tmp_path, tiny_model_dir, demo_corpus, overrides, name)
 
     return make
 

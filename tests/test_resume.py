@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, write_tiny_config
 from glmkit.logs import latest_per_step, read_jsonl
 
 SETTINGS = {"training.max_steps": 24, "logging.eval_interval": 5, "logging.checkpoint_interval": 10,
@@ -23,17 +23,9 @@ def curve(out_dir):
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, tiny_model_dir, demo_corpus):
-    import yaml
-
     tmp = tmp_path_factory.mktemp("baseline")
-    data = yaml.safe_load(open(os.path.join(ROOT, "configs", "tiny.yaml")))
-    data["paths"].update(model_dir=tiny_model_dir, data_path=demo_corpus, output_dir=str(tmp / "run"),
-                         best_adapter_dir=str(tmp / "best"), scratch_dir=str(tmp / "scratch"))
-    for dotted, value in SETTINGS.items():
-        section, key = dotted.split(".")
-        data[section][key] = value
-    (tmp / "c.yaml").write_text(yaml.safe_dump(data))
-    result = run_cli(["train_qlora.py", "--config", str(tmp / "c.yaml")])
+    config = write_tiny_config(tmp, tiny_model_dir, demo_corpus, SETTINGS)
+    result = run_cli(["train_qlora.py", "--config", config])
     assert result.returncode == 0, result.stderr[-2000:]
     return curve(str(tmp / "run"))
 

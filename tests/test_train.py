@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, write_tiny_config
 from glmkit.logs import read_jsonl
 
 TRAIN_KEYS = {"step", "time", "loss", "lr", "grad_norm", "epoch", "tokens", "tokens_per_sec", "steps_per_sec",
@@ -16,16 +16,10 @@ TRAIN_KEYS = {"step", "time", "loss", "lr", "grad_norm", "epoch", "tokens", "tok
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir, demo_corpus):
-    import yaml
-
     tmp = tmp_path_factory.mktemp("train")
-    data = yaml.safe_load(open(os.path.join(ROOT, "configs", "tiny.yaml")))
-    data["paths"].update(model_dir=tiny_model_dir, data_path=demo_corpus, output_dir=str(tmp / "run"),
-                         best_adapter_dir=str(tmp / "best"), scratch_dir=str(tmp / "scratch"))
-    data["training"]["max_steps"] = 30
-    data["logging"].update(eval_interval=5, checkpoint_interval=10, keep_top_k=1, expert_stats_interval=5)
-    config = tmp / "config.yaml"
-    config.write_text(yaml.safe_dump(data))
+    config = write_tiny_config(tmp, tiny_model_dir, demo_corpus, {
+        "training.max_steps": 30, "logging.eval_interval": 5, "logging.checkpoint_interval": 10,
+        "logging.keep_top_k": 1, "logging.expert_stats_interval": 5})
     result = run_cli(["train_qlora.py", "--config", str(config)])
     assert result.returncode == 0, result.stderr[-3000:]
     return {"config": str(config), "out": str(tmp / "run"), "best": str(tmp / "best"), "stdout": result.stdout}
