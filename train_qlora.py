@@ -101,8 +101,7 @@ def train(cfg, args, accelerator, logs, state) -> int:
     while state["step"] < total_steps:
         # -- step: forward/backward over the micro-batches, token-weighted, then one update
         epoch, group = training.next_group(groups)
-        step_tokens = accelerator.reduce(torch.tensor([training.target_tokens(b) for b in group], device=accelerator.device).sum(), "sum")
-        input_tokens = accelerator.reduce(torch.tensor([int(b["token_mask"].sum()) for b in group], device=accelerator.device).sum(), "sum")
+        step_tokens, input_tokens = training.count_tokens(group, accelerator)
         loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         for batch in group:
             with accelerator.accumulate(model):
@@ -136,7 +135,7 @@ def train(cfg, args, accelerator, logs, state) -> int:
         if step % lg.log_interval == 0 or step == total_steps:
             logs.write("train", step, loss=step_loss, lr=lr, grad_norm=grad_norm, aux_loss=None,
                        epoch=step / steps_per_epoch,
-                       tokens=int(input_tokens.item()), **clock.rates(int(input_tokens.item()), step, total_steps),
+                       tokens=input_tokens, **clock.rates(input_tokens, step, total_steps),
                        elapsed_seconds=elapsed, total_steps=total_steps, **training.gpu_memory())
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
         if step % lg.expert_stats_interval == 0:

@@ -61,6 +61,13 @@ def target_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def count_tokens(group: list[dict], accelerator) -> tuple[torch.Tensor, int]:
+    """(target tokens, non-pad input tokens) of a step's micro-batches, summed over processes in one reduce."""
+    counts = torch.tensor([[target_tokens(b), int(b["token_mask"].sum())] for b in group], device=accelerator.device)
+    totals = accelerator.reduce(counts.sum(dim=0), "sum")
+    return totals[0], int(totals[1].item())
+
+
 def step_groups(loader, grad_accum: int, epoch: int):
     """Yield (epoch, [micro-batches]) forever; an epoch's incomplete last group is dropped."""
     while True:
