@@ -68,15 +68,15 @@ def train(cfg, args, accelerator, logs, state) -> int:
 
     # ---- accelerate.prepare, and resume ------------------------------------------------------
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    accelerator.register_for_checkpointing(scheduler)
-    checkpointer = training.Checkpointer(accelerator, model, tokenizer, cfg, logs)
+    stats = RouterStats(model, accelerator.is_main_process)
+    accelerator.register_for_checkpointing(scheduler, stats)
+    checkpointer = training.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps)
     if resume_path:
         state.update(training.checkpoint_state(resume_path))
         if state["step"] >= total_steps:
             accelerator.print(f"{resume_path} is at step {state['step']} of {total_steps}: the run has already "
                               f"finished. Raise training.max_steps to train further.")
             return 0
-    stats = RouterStats(model)
     world, tokens_per_step = accelerator.num_processes, o.micro_batch_per_gpu * o.grad_accum_steps * t.max_seq_length
     accelerator.print(f"effective batch: {o.micro_batch_per_gpu} micro x {o.grad_accum_steps} accum x {world} "
                       f"processes = {o.micro_batch_per_gpu * o.grad_accum_steps * world} rows, up to "
@@ -182,10 +182,12 @@ def main(argv=None) -> int:
     try:
         return train(cfg, args, accelerator, logs, state)
     except training.USER_ERRORS as exc:
+        training.close_progress_bars()
         logs.error(exc, state["step"], accelerator.process_index)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BaseException as exc:
+        training.close_progress_bars()
         if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
             logs.error(exc, state["step"], accelerator.process_index)
         raise

@@ -73,7 +73,8 @@ class Harness:
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.logs = RunLogs(cfg.logs_dir)
-        self.checkpointer = training.Checkpointer(self.accelerator, self.model, self.tokenizer, cfg, self.logs)
+        self.checkpointer = training.Checkpointer(self.accelerator, self.model, self.tokenizer, cfg, self.logs,
+                                                stats=None, total_steps=self.total_steps)
         self.groups = training.step_groups(self.loader, o.grad_accum_steps, 0)
         self.step_count = 0
         self.model.train()

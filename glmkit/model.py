@@ -157,11 +157,15 @@ def _place(model, key: str, tensor: torch.Tensor, device, cfg, compute_dtype) ->
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
     qcfg = cfg.quantization
+    # The routing correction bias decides which experts fire; transformers keeps it fp32.
+    dtype = torch.float32 if attr == "e_score_correction_bias" else compute_dtype
+    source, tensor = tensor, tensor.to(device=device, dtype=dtype)
+    if tensor.data_ptr() == source.data_ptr():
+        # Still a view of the memory-mapped shard (CPU, same dtype): own the memory, so the file can close.
+        tensor = tensor.clone()
     if attr == "e_score_correction_bias":
-        # The routing correction bias decides which experts fire; transformers keeps it fp32.
-        module.e_score_correction_bias = tensor.to(device=device, dtype=torch.float32)
+        module.e_score_correction_bias = tensor
         return
-    tensor = tensor.to(device=device, dtype=compute_dtype)
     if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
         module.weight = bnb.nn.Params4bit(tensor, requires_grad=False, compress_statistics=qcfg.double_quant,
                                           quant_type=qcfg.quant_type, blocksize=qcfg.blocksize,

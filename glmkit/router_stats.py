@@ -6,6 +6,10 @@ router records which experts its tokens went to. Gradient checkpointing runs eac
 forward twice (once more in backward), so a hook only *overwrites* the counts of the
 current micro-batch; the loop commits them once per micro-batch. Evaluation passes
 (model.eval()) are not counted. Counts stay on the device until a record is written.
+
+The counts of an interval still open at a checkpoint are part of the training state: they
+are summed onto the main process and saved, so the first record after a resume covers the
+same steps and tokens as in an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import torch
 
 
 class RouterStats:
-    def __init__(self, model):
+    def __init__(self, model, is_main_process: bool = True):
+        self.is_main_process = is_main_process
         self.routers = [(index, layer.mlp.gate) for index, layer in enumerate(_decoder_layers(model))
                         if hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "top_k")]
         self.layer_ids = [index for index, _ in self.routers]
@@ -53,14 +58,32 @@ class RouterStats:
 
     def take(self, reduce=None) -> tuple[torch.Tensor, int]:
         """(counts [layers, experts], tokens) since the last call, summed over processes by `reduce`."""
-        device = self.routers[0][1].weight.device if self.routers else "cpu"
         counts = self.counts if self.counts is not None else torch.zeros(
-            len(self.routers), self.num_experts, dtype=torch.long, device=device)
+            len(self.routers), self.num_experts, dtype=torch.long, device=self._device())
         tokens = torch.tensor([self.tokens], dtype=torch.long, device=counts.device)
         if reduce is not None:
             counts, tokens = reduce(counts), reduce(tokens)
         self.counts, self.tokens = None, 0
         return counts.cpu(), int(tokens.item())
+
+    def fold_onto_main(self, reduce) -> None:
+        """Sum the open interval over processes into the main one (others drop theirs); totals are unchanged."""
+        counts, tokens = self.take(reduce)
+        if self.is_main_process and tokens:
+            self.counts, self.tokens = counts.to(self._device()), tokens
+
+    def state_dict(self) -> dict:
+        return {"counts": None if self.counts is None else self.counts.cpu(), "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Every process reads the main process's file; only the main one keeps the folded counts.
+        if self.is_main_process and state["counts"] is not None:
+            self.counts, self.tokens = state["counts"].to(self._device()), int(state["tokens"])
+        else:
+            self.counts, self.tokens = None, 0
+
+    def _device(self):
+        return self.routers[0][1].weight.device if self.routers else "cpu"
 
     def record(self, counts: torch.Tensor, tokens: int) -> dict:
         """The expert_usage_log.jsonl payload for one interval."""

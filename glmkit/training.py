@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from glmkit import checkpoint as ckpt
-from glmkit.faults import maybe_kill
+from glmkit.faults import maybe_fail_write, maybe_kill
 from glmkit.data import IGNORE_INDEX, DataError, model_inputs
 from glmkit.model import ModelLoadError
 
@@ -141,8 +141,9 @@ class Preemption:
 # ---------------------------------------------------------------------------
 
 class Checkpointer:
-    def __init__(self, accelerator, model, tokenizer, cfg, logs):
+    def __init__(self, accelerator, model, tokenizer, cfg, logs, stats, total_steps: int):
         self.accelerator, self.model, self.tokenizer, self.cfg, self.logs = accelerator, model, tokenizer, cfg, logs
+        self.stats, self.total_steps = stats, total_steps
         self.output_dir = cfg.paths.output_dir
         self.val_losses: dict[str, float | None] = {}
         for _, path in ckpt.list_checkpoints(self.output_dir):
@@ -152,26 +153,58 @@ class Checkpointer:
         accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
 
     def save(self, step: int, meta: dict, final: bool = False) -> str:
+        """Write the checkpoint atomically on every process; on any failure remove the partial folder and raise."""
         acc = self.accelerator
         target = ckpt.checkpoint_path(self.output_dir, step, final)
         tmp = os.path.join(self.output_dir, f".tmp-{os.path.basename(target)}")
-        if acc.is_main_process:
+        if self.stats is not None:  # the open expert-usage interval is training state too
+            self.stats.fold_onto_main(lambda x: acc.reduce(x, "sum"))
+        self._all_or_none(target, tmp, self._prepare_folder, tmp, acc.is_main_process)
+        self._all_or_none(target, tmp, acc.save_state, tmp)
+        self._all_or_none(target, tmp, self._finish, step, meta, final, tmp, target, acc.is_main_process)
+        return target
+
+    def _prepare_folder(self, tmp: str, is_main: bool) -> None:
+        if is_main:
             ckpt.check_free_space(self.output_dir, self._estimate_bytes())
             shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(tmp)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            maybe_kill("checkpoint_write", step)
-            acc.unwrap_model(self.model).save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            ckpt.finalize(tmp, target, {**meta, "step": step, "final": final}, self.cfg.to_dict())
-            self.val_losses[target] = meta.get("val_loss")
-            self.logs.event("checkpoint_saved", step, path=target, val_loss=meta.get("val_loss"),
-                            size_bytes=ckpt.folder_bytes(target))
-            self._apply_retention(step)
-        acc.wait_for_everyone()
-        return target
+
+    def _finish(self, step: int, meta: dict, final: bool, tmp: str, target: str, is_main: bool) -> None:
+        if not is_main:
+            return
+        maybe_kill("checkpoint_write", step)
+        maybe_fail_write("checkpoint_write", step, tmp)
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        ckpt.finalize(tmp, target, {**meta, "step": step, "final": final}, self.cfg.to_dict())
+        self.val_losses[target] = meta.get("val_loss")
+        self.logs.event("checkpoint_saved", step, path=target, val_loss=meta.get("val_loss"),
+                        size_bytes=ckpt.folder_bytes(target))
+        self._apply_retention(step)
+
+    def _all_or_none(self, target: str, tmp: str, work, *args) -> None:
+        """Run one phase of a save on every process; if it failed anywhere, every process raises.
+
+        The flag is reduced across processes (which is also the barrier between phases), so a
+        full disk on one node stops the whole job with one message instead of a hang.
+        """
+        error = None
+        try:
+            work(*args)
+        except (OSError, ckpt.CheckpointError) as exc:
+            error = exc
+        failed = torch.tensor([0 if error is None else 1], device=self.accelerator.device)
+        if not self.accelerator.reduce(failed, "max").item():
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = ckpt.latest_checkpoint(self.output_dir)
+        intact = f"the latest complete checkpoint, {latest}, is intact" if latest else "no earlier checkpoint exists"
+        cause = error if error is not None else "another process failed to write its part"
+        if isinstance(error, ckpt.CheckpointError):
+            raise error
+        raise ckpt.CheckpointError(f"could not write checkpoint {target}: {cause}; {intact}; free disk space or "
+                                   f"fix permissions on {self.output_dir}, then resume with --resume")
 
     def _estimate_bytes(self) -> int:
         trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
@@ -185,6 +218,14 @@ class Checkpointer:
             self.logs.event("checkpoint_deleted", step, path=path,
                             reason=f"not among the {self.cfg.logging.keep_top_k} best by val loss nor the latest")
 
+    def checkpoint_at(self, step: int) -> str | None:
+        """The checkpoint this step will be saved as, if any (the final one when both are written)."""
+        if step == self.total_steps:
+            return ckpt.checkpoint_path(self.output_dir, step, final=True)
+        if step % self.cfg.logging.checkpoint_interval == 0:
+            return ckpt.checkpoint_path(self.output_dir, step)
+        return None
+
     def save_best_adapter(self, step: int, val_loss: float, previous: float | None) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -197,7 +238,7 @@ class Checkpointer:
             fh.write(f'{{"step": {step}, "val_loss": {val_loss!r}, "time": {time.time()!r}}}\n')
         ckpt.swap_in(tmp, target)
         self.logs.event("best_updated", step, path=target, val_loss=val_loss, previous=previous,
-                        checkpoint=ckpt.checkpoint_path(self.output_dir, step))
+                        checkpoint=self.checkpoint_at(step))
 
 
 # ---------------------------------------------------------------------------
@@ -304,11 +345,22 @@ def planned_memory(cfg) -> dict:
 # Progress, timing, memory
 # ---------------------------------------------------------------------------
 
+_open_bars = []
+
+
 def progress_bar(accelerator, step: int, total: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="train", unit="step",
-                dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc="train", unit="step",
+               dynamic_ncols=True)
+    _open_bars.append(bar)
+    return bar
+
+
+def close_progress_bars() -> None:
+    """Finish the bar before an error is printed, so the error is the console's last line."""
+    while _open_bars:
+        _open_bars.pop().close()
 
 
 class StepClock:

@@ -78,3 +78,19 @@ def test_audit_fails_when_experts_escape_4bit(make_config):
     cfg.quantization.quantize_experts = True  # what the run asked for, vs what loaded
     with pytest.raises(ModelLoadError, match="routed-expert parameters are not 4-bit"):
         check_audit(audit, cfg)
+
+
+def test_loaded_model_keeps_no_checkpoint_file_mapped(make_config, tiny_model_dir, tmp_path):
+    """On CPU the shards are memory-mapped while read; the model must own its memory afterwards."""
+    import gc
+    import shutil
+
+    model_dir = str(tmp_path / "model")  # a copy nothing else in this process has opened
+    shutil.copytree(tiny_model_dir, model_dir)
+    cfg = load_config(make_config({"paths.model_dir": model_dir, "quantization.compute_dtype": "bfloat16",
+                                   "quantization.load_in_4bit": False, "quantization.quantize_experts": False}))
+    model = load_model(cfg, "cpu")
+    gc.collect()
+    with open("/proc/self/maps", encoding="utf-8") as fh:
+        mapped = [line.split()[-1] for line in fh if model_dir in line]
+    assert mapped == [] and model.model.embed_tokens.weight.dtype == torch.bfloat16
