@@ -140,7 +140,23 @@ def test_fresh_start_over_an_existing_run_is_refused(make_config):
     assert again.returncode == 2 and "pass --resume" in again.stderr
 
 
-def test_sigterm_saves_and_exits_cleanly(make_config, tmp_path):
+def test_resume_from_a_given_checkpoint(make_config, tmp_path, baseline):
+    config = make_config(SETTINGS)
+    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+    out = tmp_path / "run"
+    again = run_cli(["train_qlora.py", "--config", config, "--resume_from", str(out / "checkpoint-10")])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from {out / 'checkpoint-10'}" in again.stdout + again.stderr
+    resume = [e for e in read_jsonl(str(out / "logs" / "events_log.jsonl")) if e["event"] == "resume"]
+    assert [(e["from_step"], e["checkpoint"]) for e in resume] == [(10, str(out / "checkpoint-10"))]
+    assert_same_run(str(out), baseline)  # steps 11-24 written twice; the latest records equal the first ones
+    wrong = run_cli(["train_qlora.py", "--config", config, "--resume_from", str(out / "logs")])
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert f"--resume_from {out / 'logs'}: not a complete checkpoint" in wrong.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_signal_saves_and_exits_cleanly(signum, make_config, tmp_path):
     config = make_config({"training.max_steps": 400, "logging.eval_interval": 100, "logging.checkpoint_interval": 200})
     log = tmp_path / "run" / "logs" / "training_log.jsonl"
     proc = subprocess.Popen([sys.executable, "train_qlora.py", "--config", config], cwd=ROOT,
@@ -148,13 +164,14 @@ def test_sigterm_saves_and_exits_cleanly(make_config, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and len(read_jsonl(str(log))) < 3:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-2000:]
     assert "continue with ./launch_training.sh" in output
     events = read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl"))
     step = events[-1]["step"]
     assert [e["event"] for e in events[-2:]] == ["preempted", "run_end"] and events[-1]["status"] == "preempted"
+    assert events[-2]["signal"] == signal.Signals(signum).name
     assert os.path.isfile(tmp_path / "run" / f"checkpoint-{step}" / "COMPLETE")
 
 
