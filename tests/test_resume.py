@@ -189,3 +189,24 @@ def test_non_finite_steps_are_skipped_then_abort(make_config, tmp_path):
     errors = read_jsonl(str(tmp_path / "run2" / "logs" / "error_log.jsonl"))
     # `step` in an error record is the last completed optimizer step
     assert errors[-1]["type"] == "FloatingPointError" and errors[-1]["step"] == 2
+
+
+def test_resume_across_an_epoch_boundary(tmp_path_factory, tiny_model_dir):
+    """A small corpus (20 steps per epoch): resume at step 15, cross into epoch 2's reshuffle, match to the bit."""
+    from glmkit.demo_data import write_demo_corpus
+
+    corpus = str(tmp_path_factory.mktemp("small") / "small.jsonl")
+    write_demo_corpus(corpus, max_docs=40)
+    settings = {"training.max_steps": None, "training.epochs": 2, "logging.eval_interval": 5,
+                "logging.checkpoint_interval": 15, "logging.expert_stats_interval": 5}
+    reference_dir = tmp_path_factory.mktemp("epochs-baseline")
+    config = write_tiny_config(reference_dir, tiny_model_dir, corpus, settings)
+    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+    reference = curves(str(reference_dir / "run"))
+    assert [epoch for *_, epoch in reference["training_log.jsonl"].values()][19:21] == [1.0, 1.05]
+    tmp = tmp_path_factory.mktemp("epochs-killed")
+    config = write_tiny_config(tmp, tiny_model_dir, corpus, settings)
+    killed = run_cli(["train_qlora.py", "--config", config], env={"GLMKIT_FAULT_KILL_AT": "mid_step:23"})
+    assert killed.returncode == -signal.SIGKILL
+    assert run_cli(["train_qlora.py", "--config", config, "--resume"]).returncode == 0
+    assert_same_run(str(tmp / "run"), reference)
