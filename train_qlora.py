@@ -180,7 +180,12 @@ def main(argv=None) -> int:
     logs = RunLogs(cfg.logs_dir, enabled=accelerator.is_main_process)
     state = training.fresh_state()
     try:
-        return train(cfg, args, accelerator, logs, state)
+        status = train(cfg, args, accelerator, logs, state)
+        # Tear down the process group while Python is still whole: left to interpreter exit, gloo's
+        # threads can abort a clean run (pytorch/pytorch#179291). Only on success: after an error
+        # a peer may still sit in a collective, and the teardown would deadlock.
+        accelerator.end_training()
+        return status
     except training.USER_ERRORS as exc:
         training.close_progress_bars()
         logs.error(exc, state["step"], accelerator.process_index)
