@@ -45,6 +45,8 @@ def train(cfg, args, accelerator, logs, state) -> int:
     t, o, lg = cfg.training, cfg.optimization, cfg.logging
     torch.manual_seed(t.seed)
     resume_path = training.resume_checkpoint(cfg, args, accelerator, logs)
+    modeling.check_model_dir(cfg)
+    planned_memory = training.memory_plan(cfg, accelerator, args.force)
     tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
     corpus = data.load_corpus(cfg)
     with accelerator.main_process_first():
@@ -86,7 +88,7 @@ def train(cfg, args, accelerator, logs, state) -> int:
                effective_batch=o.micro_batch_per_gpu * o.grad_accum_steps * world,
                tokens_per_step=tokens_per_step * world, model_audit=audit, bad_lines=len(corpus.bad_lines),
                train_rows=len(train_rows), val_rows=len(val_rows), resumed_from=resume_path,
-               device=str(accelerator.device), **training.planned_memory(cfg))
+               device=str(accelerator.device), **planned_memory)
 
     if resume_path:  # last of all, so nothing draws from the random streams it restores
         training.load_checkpoint(accelerator, model, resume_path)

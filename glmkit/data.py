@@ -37,7 +37,9 @@ class Corpus:
 def read_documents(path: str, text_field: str, skip_bad_lines: bool) -> tuple[list[str], list[str]]:
     """Every document of a JSONL file, and the bad lines as 'file:line: reason'."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file; set paths.data_path (python -m glmkit.demo_data writes a demo corpus)")
+        what = "not a regular file" if os.path.exists(path) else "no such file"
+        raise DataError(f"{path}: {what}; set paths.data_path to a JSONL file "
+                        f"(python -m glmkit.demo_data writes a demo corpus)")
     docs, bad = [], []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, start=1):

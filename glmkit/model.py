@@ -50,6 +50,15 @@ def load_model_config(model_dir: str):
     return config
 
 
+def check_model_dir(cfg) -> None:
+    """Fail in one line, before anything is loaded, if paths.model_dir can't serve this config."""
+    config = load_model_config(cfg.paths.model_dir)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and cfg.training.max_seq_length > limit:
+        raise ModelLoadError(f"training.max_seq_length {cfg.training.max_seq_length} exceeds the model's "
+                             f"max_position_embeddings ({limit}) in {cfg.paths.model_dir}; lower it")
+
+
 def _quantized_linear_names(model) -> list[str]:
     # lm_head stays in the compute dtype: it is the last layer before the loss and 4-bit
     # there costs accuracy for little memory. The router is an nn.Parameter, not a Linear.

@@ -328,16 +328,27 @@ def meta_of(state: dict, elapsed: float, world_size: int) -> dict:
     return {**state, "elapsed_seconds": elapsed, "val_loss": val, "world_size": world_size}
 
 
-def planned_memory(cfg) -> dict:
-    """The memory plan's per-GPU total, so run_start can be compared with the measured peak."""
+class DoesNotFit(RuntimeError):
+    pass
+
+
+def memory_plan(cfg, accelerator, force: bool) -> dict:
+    """The plan's per-GPU numbers for run_start; on GPUs, refuse a run it says won't fit unless --force.
+
+    The check runs before any weight is loaded, so a hopeless configuration costs seconds, not
+    the minutes of streaming 100B parameters in before an out-of-memory error.
+    """
+    from glmkit.plan import build_plan, verdict_line
+
     try:
-        from glmkit.plan import build_plan
-    except ImportError:
-        return {}
-    try:
-        plan = build_plan(cfg)
-    except Exception as exc:  # the plan is advisory; never block training on it
-        return {"planned_memory_error": str(exc)}
+        plan = build_plan(cfg, num_processes=accelerator.num_processes)
+    except Exception as exc:  # a plan that cannot be built is reported, never a reason not to train
+        return {"planned_memory_error": f"{type(exc).__name__}: {exc}"}
+    on_gpu = accelerator.device.type == "cuda"
+    if on_gpu:
+        accelerator.print(verdict_line(plan))
+        if not plan["fits"] and not force:
+            raise DoesNotFit(f"{verdict_line(plan)}; pass --force to start anyway")
     return {"planned_memory": {k: plan.get(k) for k in ("total_bytes_per_gpu", "weights_bytes", "fits", "strategy")}}
 
 
@@ -433,4 +444,4 @@ def run_eval(state, step, model, val_rows, collator, accelerator, logs, checkpoi
 
 
 # Errors that a user fixes by changing input: one clear line and exit 2, no traceback.
-USER_ERRORS = (ResumeError, ckpt.CheckpointError, DataError, ModelLoadError, FloatingPointError)
+USER_ERRORS = (ResumeError, ckpt.CheckpointError, DataError, ModelLoadError, FloatingPointError, DoesNotFit)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, run_cli, write_tiny_config
 from glmkit.logs import read_jsonl
@@ -156,3 +157,41 @@ def test_bad_data_line_is_reported_by_line(make_config, tmp_path):
     assert f"{data}:2: invalid JSON" in result.stderr
     errors = read_jsonl(str(tmp_path / "run" / "logs" / "error_log.jsonl"))
     assert errors and errors[0]["type"] == "DataError" and errors[0]["rank"] == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"paths.model_dir": "/nonexistent/glm"}, "/nonexistent/glm has no config.json; run `python download_model.py`"),
+    ({"training.max_seq_length": 100_000}, "training.max_seq_length 100000 exceeds the model's max_position_embeddings (8192)"),
+])
+def test_unusable_model_settings_fail_in_one_line_before_loading(make_config, tmp_path, overrides, message):
+    result = run_cli(["train_qlora.py", "--config", make_config(overrides)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert not os.path.exists(tmp_path / "scratch" / "tokenized")  # failed before touching the data
+
+
+class GpuAccelerator:
+    """What memory_plan reads of an Accelerator on a one-GPU machine (no CUDA needed to build it)."""
+    device = torch.device("cuda", 0)
+    num_processes = 1
+
+    def __init__(self):
+        self.printed = []
+
+    def print(self, text):
+        self.printed.append(text)
+
+
+def test_trainer_refuses_a_run_the_plan_says_will_not_fit(make_config):
+    from glmkit.config import load_config
+    from glmkit.training import DoesNotFit, memory_plan
+
+    roomy = memory_plan(load_config(make_config()), GpuAccelerator(), force=False)
+    assert roomy["planned_memory"]["fits"] is True
+    cramped = load_config(make_config({"distributed.gpu_memory_gb": 0.001}))
+    with pytest.raises(DoesNotFit, match=r"^memory plan: DOES NOT FIT - needs .* per GPU, has .*; pass --force"):
+        memory_plan(cramped, GpuAccelerator(), force=False)
+    accelerator = GpuAccelerator()
+    forced = memory_plan(cramped, accelerator, force=True)
+    assert forced["planned_memory"]["fits"] is False and "DOES NOT FIT" in accelerator.printed[0]
