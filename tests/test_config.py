@@ -105,3 +105,37 @@ def test_invalid_yaml_is_one_line(tmp_path):
     result = run_cli(["train_qlora.py", "--config", str(tmp_path / "broken.yaml")])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is not valid YAML at line" in result.stderr
+
+
+def config_keys() -> list[tuple[str, str]]:
+    import dataclasses
+
+    from glmkit.config import Config
+
+    return [(section.name, key.name) for section in dataclasses.fields(Config) if section.name != "source_path"
+            for key in dataclasses.fields(section.default_factory())]
+
+
+def test_readme_documents_every_config_key():
+    rows = [line for line in open(os.path.join(ROOT, "README.md"), encoding="utf-8") if line.startswith("| `")]
+    missing = [f"{s}.{k}" for s, k in config_keys()
+               if not any(f"`{s}.{k}`" in row or (f"`{s}." in row and f"`{k}`" in row) for row in rows)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("yaml_file", ["training_config.yaml", "configs/tiny.yaml"])
+def test_every_yaml_key_is_present_and_commented(yaml_file):
+    """The one YAML a user edits says, beside each key, what it trades off."""
+    lines = open(os.path.join(ROOT, yaml_file), encoding="utf-8").read().splitlines()
+    section, seen, bare = None, set(), []
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith(" "):
+            section = line.split(":")[0]
+            continue
+        key = line.split(":")[0].strip()
+        seen.add((section, key))
+        if "#" not in line and yaml_file == "training_config.yaml":
+            bare.append(f"{section}.{key}")
+    assert set(config_keys()) - seen == set() and bare == []
