@@ -1,7 +1,9 @@
 """Fault injection for the crash tests.
 
 GLMKIT_FAULT_KILL_AT=<point>:<step> SIGKILLs this process there; GLMKIT_FAULT_DISK_FULL_AT=
-checkpoint_write:<step> makes that checkpoint's write fail with ENOSPC, as a full disk would.
+checkpoint_write:<step> makes that checkpoint's write fail with ENOSPC, as a full disk would;
+GLMKIT_FAULT_UNSHARED_OUTPUT=1 shows every process but the main one a private output folder,
+as node-local disks on a multi-node job would.
 
 Points: `mid_step` (between two micro-batches), `after_eval`, `checkpoint_write` (the Accelerate
 state is on disk but the folder is not finalised). A real SIGKILL at a precise point makes
@@ -22,3 +24,9 @@ def maybe_kill(point: str, step: int) -> None:
 def maybe_fail_write(point: str, step: int, path: str) -> None:
     if os.environ.get("GLMKIT_FAULT_DISK_FULL_AT") == f"{point}:{step}":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def unshared_view(path: str, process_index: int) -> str:
+    if process_index and os.environ.get("GLMKIT_FAULT_UNSHARED_OUTPUT") == "1":
+        return os.path.join(os.path.dirname(path), f"private-{process_index}", os.path.basename(path))
+    return path

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from glmkit import checkpoint as ckpt
-from glmkit.faults import maybe_fail_write, maybe_kill
+from glmkit.faults import maybe_fail_write, maybe_kill, unshared_view
 from glmkit.data import IGNORE_INDEX, DataError, model_inputs
 from glmkit.model import ModelLoadError
 
@@ -273,9 +273,42 @@ def fresh_state() -> dict:
             "elapsed_seconds": 0.0, "last_val_loss": None, "last_eval_step": None}
 
 
+def check_shared_output_dir(accelerator, output_dir: str) -> None:
+    """Every process must see the same paths.output_dir, or checkpoints can't be resumed.
+
+    Each process writes its own RNG state into the checkpoint, and only the main process
+    finalises the folder: on node-local disks the other nodes' parts would be lost. The main
+    process writes a token; every process reads it back through its own view of the folder.
+    """
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    marker = os.path.join(output_dir, ".shared-storage-check")
+    token = [f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"]
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(marker, "w", encoding="utf-8") as fh:
+            fh.write(token[0])
+    broadcast_object_list(token)
+    seen = None
+    view = unshared_view(marker, accelerator.process_index)
+    if os.path.isfile(view):
+        with open(view, encoding="utf-8") as fh:
+            seen = fh.read()
+    blind = accelerator.reduce(torch.tensor([0 if seen == token[0] else 1], device=accelerator.device), "sum")
+    if accelerator.is_main_process:
+        os.remove(marker)
+    if int(blind.item()):
+        raise ResumeError(f"paths.output_dir {output_dir} is not the same folder for every process: {int(blind.item())} "
+                          f"of {accelerator.num_processes} cannot see what the main process writes there. Put it on "
+                          f"storage all nodes share (NFS, Lustre, ...); checkpoints hold every process's state")
+
+
 def resume_checkpoint(cfg, args, accelerator, logs) -> str | None:
     """The checkpoint to continue from (None: a fresh run), after checking it fits this config."""
     output_dir = cfg.paths.output_dir
+    check_shared_output_dir(accelerator, output_dir)
     if accelerator.is_main_process:
         for path in ckpt.clean_incomplete(output_dir):
             print(f"removed incomplete checkpoint {path} (its write was interrupted)")

@@ -210,3 +210,15 @@ def test_resume_across_an_epoch_boundary(tmp_path_factory, tiny_model_dir):
     assert killed.returncode == -signal.SIGKILL
     assert run_cli(["train_qlora.py", "--config", config, "--resume"]).returncode == 0
     assert_same_run(str(tmp / "run"), reference)
+
+
+def test_output_dir_not_shared_by_every_process_is_refused(make_config, tmp_path):
+    """Node-local output folders would lose the other nodes' checkpoint parts: refuse before training."""
+    config = make_config({"training.max_steps": 2})
+    result = run_cli([*TWO_PROCESSES, "train_qlora.py", "--config", config], env={"GLMKIT_FAULT_UNSHARED_OUTPUT": "1"})
+    assert result.returncode != 0
+    assert (f"paths.output_dir {tmp_path / 'run'} is not the same folder for every process: 1 of 2 cannot see"
+            in result.stderr)
+    assert "train_qlora.py\", line" not in result.stderr  # a one-line error, not a traceback through the trainer
+    assert read_jsonl(str(tmp_path / "run" / "logs" / "training_log.jsonl")) == []  # refused before any step
+    assert read_jsonl(str(tmp_path / "run" / "logs" / "error_log.jsonl"))[-1]["type"] == "ResumeError"
