@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import pydoc
+import re
 import warnings
 
 # Modules that import without side effects (no GUI, no printing) and document themselves well.
@@ -30,6 +31,8 @@ MODULES = [
     "uuid", "wave", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zlib",
 ]
 
+# Default values render as "<object object at 0x7f...>": the address changes with every process.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 MIN_CHARS = 120          # shorter docs are stubs ("Return self==value."), not prose
 MAX_CHARS = 24_000       # about 6k tokens: long enough to span several packed rows
 
@@ -62,7 +65,7 @@ def _signature(obj) -> str:
 
 
 def _trim(text: str) -> str:
-    text = text.strip()
+    text = _ADDRESS.sub("", text).strip()
     if len(text) <= MAX_CHARS:
         return text
     cut = text.rfind("\n\n", 0, MAX_CHARS)

@@ -14,21 +14,32 @@ sys.path.insert(0, ROOT)
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
+# Both are built in a fresh process, as `download_model.py --tiny` and `python -m glmkit.demo_data` do:
+# the tokenizer and the corpus come from pydoc renderings, which pytest's own imports would change.
+
+def write_tiny_model_in_fresh_process(path: str, env: dict | None = None) -> None:
+    code = f"from glmkit.tiny import write_tiny_checkpoint; write_tiny_checkpoint({path!r}, seed=0)"
+    result = run_cli(["-c", code], env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def write_demo_corpus_in_fresh_process(path: str, max_docs: int, env: dict | None = None) -> None:
+    code = f"from glmkit.demo_data import write_demo_corpus; write_demo_corpus({path!r}, max_docs={max_docs})"
+    result = run_cli(["-c", code], env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from glmkit.tiny import write_tiny_checkpoint
-
     path = str(tmp_path_factory.mktemp("tiny-model"))
-    write_tiny_checkpoint(path, seed=0)
+    write_tiny_model_in_fresh_process(path)
     return path
 
 
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
-    from glmkit.demo_data import write_demo_corpus
-
     path = str(tmp_path_factory.mktemp("data") / "demo.jsonl")
-    write_demo_corpus(path, max_docs=400)
+    write_demo_corpus_in_fresh_process(path, max_docs=400)
     return path
 
 

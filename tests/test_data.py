@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import write_demo_corpus_in_fresh_process
 from glmkit.config import load_config
 from glmkit.data import IGNORE_INDEX, Collator, DataError, block_causal_mask, load_corpus, pack_rows, read_documents
 
@@ -101,3 +102,14 @@ def test_packed_row_loss_equals_per_document_losses(tiny_model_dir, make_config)
     assert packed_tokens == single_tokens == sum(len(d) - 1 for d in docs)
     assert abs(packed_sum / packed_tokens - single_sum / single_tokens) <= 1e-5
     assert abs(leaky_sum / packed_tokens - single_sum / single_tokens) > 1e-4
+
+
+def test_demo_corpus_is_the_same_in_every_process(tmp_path, demo_corpus):
+    """Reprs of default values carry memory addresses; the corpus must not (runs and losses depend on it)."""
+    import hashlib
+
+    again = str(tmp_path / "again.jsonl")
+    write_demo_corpus_in_fresh_process(again, max_docs=400, env={"PYTHONHASHSEED": "12345"})
+    digest = [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in (demo_corpus, again)]
+    assert digest[0] == digest[1]
+    assert " at 0x" not in open(again, encoding="utf-8").read()

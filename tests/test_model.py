@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from conftest import write_tiny_model_in_fresh_process
 from glmkit.config import load_config
 from glmkit.model import audit_model, check_audit, load_model, prepare_for_training
 
@@ -25,9 +26,7 @@ def test_tiny_checkpoint_has_the_real_layout(tiny_model_dir):
 
 
 def test_same_seed_same_files(tiny_model_dir, tmp_path):
-    from glmkit.tiny import write_tiny_checkpoint
-
-    write_tiny_checkpoint(str(tmp_path / "again"), seed=0)
+    write_tiny_model_in_fresh_process(str(tmp_path / "again"), env={"PYTHONHASHSEED": "4321"})
     for name in sorted(os.listdir(tiny_model_dir)):
         a = hashlib.sha256(open(os.path.join(tiny_model_dir, name), "rb").read()).hexdigest()
         b = hashlib.sha256(open(tmp_path / "again" / name, "rb").read()).hexdigest()
