@@ -13,6 +13,7 @@ import json
 import os
 import pydoc
 import re
+import sys
 import warnings
 
 # Modules that import without side effects (no GUI, no printing) and document themselves well.
@@ -65,7 +66,8 @@ def _signature(obj) -> str:
 
 
 def _trim(text: str) -> str:
-    text = _ADDRESS.sub("", text).strip()
+    # Defaults such as platform.architecture(executable=sys.executable) name this checkout's venv.
+    text = _ADDRESS.sub("", text).replace(sys.executable, "python").strip()
     if len(text) <= MAX_CHARS:
         return text
     cut = text.rfind("\n\n", 0, MAX_CHARS)
