@@ -215,16 +215,13 @@ def predict(model: dict, acc: dict) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    benchlib.quiet()
-    benchlib.set_threads(args.threads)
-    benchlib.ensure_tiny_assets()
+    info = benchlib.start_tiny_bench(args.threads)
     import torch
     from transformers import AutoTokenizer
 
     from glmkit import data
     from glmkit import model as modeling
 
-    info = benchlib.machine_info()
     info["torch_threads"] = args.threads
     base_cfg = benchlib.tiny_config()
     tokenizer = AutoTokenizer.from_pretrained(base_cfg.paths.model_dir)

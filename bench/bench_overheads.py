@@ -194,13 +194,10 @@ def timed(fn, repeats: int) -> list[float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    benchlib.quiet()
-    benchlib.set_threads(args.threads)
-    benchlib.ensure_tiny_assets()
+    info = benchlib.start_tiny_bench(args.threads)
     from glmkit.config import load_config
     from glmkit.router_stats import RouterStats
 
-    info = benchlib.machine_info()
     work = os.path.join(benchlib.SCRATCH, "bench", "overheads")
     shutil.rmtree(work, ignore_errors=True)
     cfg = benchlib.tiny_config([f"paths.output_dir={work}/run", f"paths.best_adapter_dir={work}/best"])

@@ -81,6 +81,14 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def start_tiny_bench(threads: int | None) -> dict:
+    """Quiet logs, set torch threads, make sure the tiny model and corpus exist; the machine's description."""
+    quiet()
+    set_threads(threads)
+    ensure_tiny_assets()
+    return machine_info()
+
+
 def quiet() -> None:
     """Silence the warnings the benchmarks do not act on (bitsandbytes' optional CPU kernels)."""
     import logging

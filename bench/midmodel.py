@@ -62,6 +62,8 @@ def write_mid_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "5
     import torch
     from transformers import AutoTokenizer, Glm4MoeForCausalLM
 
+    from glmkit.tiny import save_with_uneven_routing
+
     sizes = {**DEFAULTS, **{k: v for k, v in sizes.items() if v is not None}}
     stamp_path = os.path.join(model_dir, STAMP)
     wanted = {"sizes": sizes, "seed": seed}
@@ -77,12 +79,7 @@ def write_mid_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "5
                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = Glm4MoeForCausalLM._from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for layer in model.model.layers[config.first_k_dense_replace:]:
-            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.01)
-    model.generation_config.do_sample = False
-    model.save_pretrained(model_dir, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(model_dir)
+    save_with_uneven_routing(model, tokenizer, model_dir, max_shard_size)
     del model
     counts = param_count(config)
     disk = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir) if f.endswith(".safetensors"))

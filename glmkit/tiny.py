@@ -80,9 +80,14 @@ def write_tiny_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "
     config = tiny_model_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = Glm4MoeForCausalLM(config).to(torch.bfloat16)
+    save_with_uneven_routing(model, tokenizer, model_dir, max_shard_size)
+
+
+def save_with_uneven_routing(model, tokenizer, model_dir: str, max_shard_size: str) -> None:
+    """Give the routers a trained-looking correction bias, then save model + tokenizer in sharded Hub layout."""
     with torch.no_grad():
         # A small spread in the correction bias, as a trained router has, so routing is uneven.
-        for layer in model.model.layers[config.first_k_dense_replace:]:
+        for layer in model.model.layers[model.config.first_k_dense_replace:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.01)
     model.generation_config.do_sample = False
     model.save_pretrained(model_dir, max_shard_size=max_shard_size)

@@ -159,18 +159,18 @@ class Checkpointer:
         tmp = os.path.join(self.output_dir, f".tmp-{os.path.basename(target)}")
         if self.stats is not None:  # the open expert-usage interval is training state too
             self.stats.fold_onto_main(lambda x: acc.reduce(x, "sum"))
-        self._all_or_none(target, tmp, self._prepare_folder, tmp, acc.is_main_process)
+        self._all_or_none(target, tmp, self._prepare_folder, tmp)
         self._all_or_none(target, tmp, acc.save_state, tmp)
-        self._all_or_none(target, tmp, self._finish, step, meta, final, tmp, target, acc.is_main_process)
+        self._all_or_none(target, tmp, self._finish, step, meta, final, tmp, target)
         return target
 
-    def _prepare_folder(self, tmp: str, is_main: bool) -> None:
-        if is_main:
+    def _prepare_folder(self, tmp: str) -> None:
+        if self.accelerator.is_main_process:
             ckpt.check_free_space(self.output_dir, self._estimate_bytes())
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _finish(self, step: int, meta: dict, final: bool, tmp: str, target: str, is_main: bool) -> None:
-        if not is_main:
+    def _finish(self, step: int, meta: dict, final: bool, tmp: str, target: str) -> None:
+        if not self.accelerator.is_main_process:
             return
         maybe_kill("checkpoint_write", step)
         maybe_fail_write("checkpoint_write", step, tmp)
@@ -198,11 +198,11 @@ class Checkpointer:
             return
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, ckpt.CheckpointError):  # the free-space check's own message says it all
+            raise error
         latest = ckpt.latest_checkpoint(self.output_dir)
         intact = f"the latest complete checkpoint, {latest}, is intact" if latest else "no earlier checkpoint exists"
         cause = error if error is not None else "another process failed to write its part"
-        if isinstance(error, ckpt.CheckpointError):
-            raise error
         raise ckpt.CheckpointError(f"could not write checkpoint {target}: {cause}; {intact}; free disk space or "
                                    f"fix permissions on {self.output_dir}, then resume with --resume")
 
@@ -296,11 +296,11 @@ def check_shared_output_dir(accelerator, output_dir: str) -> None:
     if os.path.isfile(view):
         with open(view, encoding="utf-8") as fh:
             seen = fh.read()
-    blind = accelerator.reduce(torch.tensor([0 if seen == token[0] else 1], device=accelerator.device), "sum")
+    blind = int(accelerator.reduce(torch.tensor([int(seen != token[0])], device=accelerator.device), "sum").item())
     if accelerator.is_main_process:
         os.remove(marker)
-    if int(blind.item()):
-        raise ResumeError(f"paths.output_dir {output_dir} is not the same folder for every process: {int(blind.item())} "
+    if blind:
+        raise ResumeError(f"paths.output_dir {output_dir} is not the same folder for every process: {blind} "
                           f"of {accelerator.num_processes} cannot see what the main process writes there. Put it on "
                           f"storage all nodes share (NFS, Lustre, ...); checkpoints hold every process's state")
 
@@ -377,8 +377,7 @@ def memory_plan(cfg, accelerator, force: bool) -> dict:
         plan = build_plan(cfg, num_processes=accelerator.num_processes)
     except Exception as exc:  # a plan that cannot be built is reported, never a reason not to train
         return {"planned_memory_error": f"{type(exc).__name__}: {exc}"}
-    on_gpu = accelerator.device.type == "cuda"
-    if on_gpu:
+    if accelerator.device.type == "cuda":
         accelerator.print(verdict_line(plan))
         if not plan["fits"] and not force:
             raise DoesNotFit(f"{verdict_line(plan)}; pass --force to start anyway")

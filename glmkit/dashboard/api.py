@@ -98,10 +98,7 @@ def checkpoints():
 
 @api.get("/events")
 def events():
-    limit = _int_arg("limit", 500, 1, MAX_LIST_LIMIT)
-    with dashboard().monitor.locked() as run:
-        records = run.events.records[-limit:]
-        total = run.events.total
+    records, total = _newest_records("events", default_limit=500)
     return jsonify(clean({"events": [timeline_entry(e) for e in records], "total": total}))
 
 
@@ -132,8 +129,13 @@ def gpu():
 
 @api.get("/errors")
 def errors():
-    limit = _int_arg("limit", 100, 1, MAX_LIST_LIMIT)
-    with dashboard().monitor.locked() as run:
-        records = run.errors.records[-limit:]
-        total = run.errors.total
+    records, total = _newest_records("errors", default_limit=100)
     return jsonify(clean({"errors": records, "total": total}))
+
+
+def _newest_records(log: str, default_limit: int) -> tuple[list[dict], int]:
+    """The newest ?limit= records of the run's events or errors log, and how many it holds."""
+    limit = _int_arg("limit", default_limit, 1, MAX_LIST_LIMIT)
+    with dashboard().monitor.locked() as run:
+        source = getattr(run, log)
+        return source.records[-limit:], source.total
