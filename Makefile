@@ -8,12 +8,14 @@ DASHBOARD_PORT ?= 5000
 
 .PHONY: demo test venv tiny-model demo-data clean-demo
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulled in by another package would be the CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# the kit itself, editable: scripts, tests and benchmarks import glmkit from this checkout
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
@@ -30,6 +32,7 @@ demo: tiny-model demo-data
 	./launch_dashboard.sh --config $(TINY) --port $(DASHBOARD_PORT)
 
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 clean-demo:

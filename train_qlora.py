@@ -14,14 +14,25 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
+from dataclasses import replace
 
 import torch
 
 from glmkit import checkpoint as ckpt
-from glmkit.faults import maybe_kill
 from glmkit.config import add_config_arguments, config_from_args
+from glmkit.data import DataError
+from glmkit.distributed import agree, check_shared_output_dir, make_accelerator
+from glmkit.faults import maybe_kill
 from glmkit.logs import RunLogs
+from glmkit.loop_state import LoopState
+from glmkit.model import ModelLoadError
+from glmkit.plan import DoesNotFit
+from glmkit.progress import close_progress_bars
+from glmkit.run_lock import RunLock, RunLocked
+
+# Errors that a user fixes by changing input: one clear line and exit 2, no traceback.
+USER_ERRORS = (ckpt.ResumeError, ckpt.CheckpointError, DataError, ModelLoadError, FloatingPointError, DoesNotFit,
+               RunLocked)
 
 
 def parse_args(argv=None):
@@ -36,17 +47,40 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def train(cfg, args, accelerator, logs, state) -> int:
-    from glmkit import data, model as modeling, training
-    from glmkit.router_stats import RouterStats
+def lock_output_dir(cfg, accelerator) -> RunLock:
+    """Take the output folder's lock on the main process; every process stops if it is held elsewhere."""
+    lock, refused = RunLock(cfg.paths.output_dir), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except RunLocked as exc:
+            refused = exc
+    if agree(accelerator, refused is not None):
+        raise refused or RunLocked(f"paths.output_dir {cfg.paths.output_dir} is in use by another trainer")
+    return lock
+
+
+def train(cfg, args, accelerator, logs) -> int:
     from transformers import AutoTokenizer
 
-    # ---- setup: data, model, optimizer -------------------------------------------------
+    from glmkit import data
+    from glmkit import model as modeling
+    from glmkit.evaluation import adapter_is_finite, evaluate, improves
+    from glmkit.optim import apply_current_hyperparameters, make_optimizer_and_scheduler
+    from glmkit.plan import memory_gate
+    from glmkit.preemption import Preemption
+    from glmkit.progress import StepClock, gpu_memory, progress_bar
+    from glmkit.router_stats import RouterStats
+    from glmkit.step import check_nan_budget, next_group, step_groups, train_step
+
+    # ---- setup: checks, data, model, optimizer ---------------------------------------------
     t, o, lg = cfg.training, cfg.optimization, cfg.logging
     torch.manual_seed(t.seed)
-    resume_path = training.resume_checkpoint(cfg, args, accelerator, logs)
+    check_shared_output_dir(accelerator, cfg.paths.output_dir)
+    resume_path = ckpt.resume_checkpoint(cfg, args, accelerator)
+    ckpt.check_best_adapter_dir(cfg.paths.best_adapter_dir)
     modeling.check_model_dir(cfg)
-    planned_memory = training.memory_plan(cfg, accelerator, args.force)
+    planned_memory = memory_gate(cfg, accelerator, args.force)
     tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
     corpus = data.load_corpus(cfg)
     with accelerator.main_process_first():
@@ -61,97 +95,83 @@ def train(cfg, args, accelerator, logs, state) -> int:
     modeling.check_audit(modeling.audit_model(model), cfg)
     model = modeling.prepare_for_training(model, cfg)
     audit = modeling.audit_model(model)
-    steps_per_epoch = math.ceil(len(train_rows) / (o.micro_batch_per_gpu * accelerator.num_processes)) // o.grad_accum_steps
+    world = accelerator.num_processes
+    steps_per_epoch = math.ceil(len(train_rows) / (o.micro_batch_per_gpu * world)) // o.grad_accum_steps
     if steps_per_epoch < 1:
         raise data.DataError(f"{cfg.paths.data_path}: {len(train_rows)} training rows do not fill one optimizer step; "
                              f"add data or lower optimization.grad_accum_steps / micro_batch_per_gpu")
     total_steps = t.max_steps or t.epochs * steps_per_epoch
-    optimizer, scheduler = training.make_optimizer_and_scheduler(model, cfg, total_steps)
+    optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, total_steps)
 
-    # ---- accelerate.prepare, and resume ------------------------------------------------------
+    # ---- accelerate.prepare, and resume -----------------------------------------------------
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     stats = RouterStats(model, accelerator.is_main_process)
     accelerator.register_for_checkpointing(scheduler, stats)
-    checkpointer = training.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps)
-    if resume_path:
-        state.update(training.checkpoint_state(resume_path))
-        if state["step"] >= total_steps:
-            accelerator.print(f"{resume_path} is at step {state['step']} of {total_steps}: the run has already "
-                              f"finished. Raise training.max_steps to train further.")
-            return 0
-    world, tokens_per_step = accelerator.num_processes, o.micro_batch_per_gpu * o.grad_accum_steps * t.max_seq_length
+    checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps)
+    state = ckpt.checkpoint_state(resume_path) if resume_path else LoopState()
+    if state.step >= total_steps:
+        accelerator.print(f"{resume_path} is at step {state.step} of {total_steps}: the run has already "
+                          f"finished. Raise training.max_steps to train further.")
+        return 0
+    rows_per_step = o.micro_batch_per_gpu * o.grad_accum_steps * world
     accelerator.print(f"effective batch: {o.micro_batch_per_gpu} micro x {o.grad_accum_steps} accum x {world} "
-                      f"processes = {o.micro_batch_per_gpu * o.grad_accum_steps * world} rows, up to "
-                      f"{tokens_per_step * world:,} tokens per optimizer step; {total_steps} steps")
+                      f"processes = {rows_per_step} rows, up to {rows_per_step * t.max_seq_length:,} tokens per "
+                      f"optimizer step; {total_steps} steps")
     accelerator.print(modeling.format_audit(audit))
-    logs.event("run_start", state["step"], config=cfg.to_dict(), world_size=world, total_steps=total_steps,
-               effective_batch=o.micro_batch_per_gpu * o.grad_accum_steps * world,
-               tokens_per_step=tokens_per_step * world, model_audit=audit, bad_lines=len(corpus.bad_lines),
-               train_rows=len(train_rows), val_rows=len(val_rows), resumed_from=resume_path,
-               device=str(accelerator.device), **planned_memory)
-
+    logs.event("run_start", state.step, config=cfg.to_dict(), world_size=world, total_steps=total_steps,
+               effective_batch=rows_per_step, tokens_per_step=rows_per_step * t.max_seq_length, model_audit=audit,
+               bad_lines=len(corpus.bad_lines), train_rows=len(train_rows), val_rows=len(val_rows),
+               resumed_from=resume_path, device=str(accelerator.device), **planned_memory)
     if resume_path:  # last of all, so nothing draws from the random streams it restores
-        training.load_checkpoint(accelerator, model, resume_path)
-        logs.event("resume", state["step"], from_step=state["step"], checkpoint=resume_path)
+        ckpt.load_checkpoint(accelerator, model, resume_path)
+        apply_current_hyperparameters(optimizer, scheduler, cfg)
+        logs.event("resume", state.step, from_step=state.step, checkpoint=resume_path)
 
-    # ---- the loop ---------------------------------------------------------------------------
-    preemption = training.Preemption()
-    progress = training.progress_bar(accelerator, state["step"], total_steps)
-    clock = training.StepClock(state["elapsed_seconds"])
+    # ---- the loop -----------------------------------------------------------------------------
+    preemption = Preemption()
+    progress = progress_bar(accelerator, state.step, total_steps)
+    clock = StepClock(state.elapsed_seconds)
     model.train()
-    groups = training.step_groups(train_loader, o.grad_accum_steps, state["epoch"])
-    while state["step"] < total_steps:
+    groups = step_groups(train_loader, o.grad_accum_steps, state.epoch)
+    while state.step < total_steps:
         # -- step: forward/backward over the micro-batches, token-weighted, then one update
-        epoch, group = training.next_group(groups)
-        step_tokens, input_tokens = training.count_tokens(group, accelerator)
-        loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        for batch in group:
-            with accelerator.accumulate(model):
-                stats.begin_microbatch(batch["token_mask"])
-                loss = training.loss_sum(model, batch)
-                # Undo Accelerate's 1/accum and DDP's 1/world: the step's loss is sum / all target tokens.
-                accelerator.backward(loss * (world * o.grad_accum_steps) / step_tokens.clamp(min=1))
-                stats.commit_microbatch()
-                loss_total += loss.detach().double()
-                maybe_kill("mid_step", state["step"] + 1)
-        step_loss = (accelerator.reduce(loss_total, "sum") / step_tokens.clamp(min=1)).item()
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), o.max_grad_norm))
-        lr = scheduler.get_last_lr()[0]
-        step_loss = training.injected_nan(state["step"] + 1, step_loss)
-        if math.isfinite(step_loss) and math.isfinite(grad_norm):
-            optimizer.step()
-            scheduler.step()
-            state["nan_skips"] = 0
-        else:
-            state["nan_skips"] += 1
-            logs.event("nan_skipped", state["step"] + 1, loss=step_loss, grad_norm=grad_norm, consecutive=state["nan_skips"])
-            training.check_nan_budget(state["nan_skips"], t.max_nan_skips)
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["epoch"] = epoch
-        step = state["step"]
-        elapsed = clock.tick()
+        epoch, group = next_group(groups)
+        result = train_step(model, group, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
+                            stats=stats, max_grad_norm=o.max_grad_norm, step=state.step + 1)
+        state = replace(state, step=state.step + 1, epoch=epoch, tokens_seen=state.tokens_seen + result.input_tokens,
+                        nan_skips=0 if result.applied else state.nan_skips + 1, elapsed_seconds=clock.tick())
+        step = state.step
         progress.update(1)
+        if not result.applied:
+            logs.event("nan_skipped", step, loss=result.loss, grad_norm=result.grad_norm, consecutive=state.nan_skips)
+            check_nan_budget(state.nan_skips, t.max_nan_skips)
 
         # -- log
         if step % lg.log_interval == 0 or step == total_steps:
-            logs.write("train", step, loss=step_loss, lr=lr, grad_norm=grad_norm, aux_loss=None,
-                       epoch=step / steps_per_epoch,
-                       tokens=input_tokens, **clock.rates(input_tokens, step, total_steps),
-                       elapsed_seconds=elapsed, total_steps=total_steps, **training.gpu_memory())
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            logs.write("train", step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm, aux_loss=None,
+                       epoch=step / steps_per_epoch, tokens=result.input_tokens, tokens_seen=state.tokens_seen,
+                       **clock.rates(result.input_tokens, step, total_steps), elapsed_seconds=state.elapsed_seconds,
+                       total_steps=total_steps, **gpu_memory())
+            progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
         if step % lg.expert_stats_interval == 0:
             counts, routed = stats.take(reduce=lambda x: accelerator.reduce(x, "sum"))
             logs.write("experts", step, **stats.record(counts, routed))
 
-        # -- eval
-        if step % lg.eval_interval == 0 or step == total_steps:
-            training.run_eval(state, step, model, val_rows, collator, accelerator, logs, checkpointer, o.micro_batch_per_gpu)
+        # -- eval, and the best adapter
+        if (step % lg.eval_interval == 0 or step == total_steps) and len(val_rows):
+            ev = evaluate(model, val_rows, collator, accelerator, o.micro_batch_per_gpu)
+            logs.write("eval", step, val_loss=ev.val_loss, perplexity=ev.perplexity, val_tokens=ev.val_tokens)
+            logs.event("eval", step, val_loss=ev.val_loss, perplexity=ev.perplexity)
+            state = replace(state, last_val_loss=ev.val_loss, last_eval_step=step)
+            maybe_kill("after_eval", step)
+            if improves(ev.val_loss, state.best_val_loss) and adapter_is_finite(model):
+                checkpointer.save_best_adapter(step, ev.val_loss, state.best_val_loss)
+                state = replace(state, best_val_loss=ev.val_loss, best_step=step)
 
-        # -- checkpoint
+        # -- checkpoint, and preemption
         preempted = preemption.requested(accelerator)
         if step % lg.checkpoint_interval == 0 or preempted:
-            checkpointer.save(step, training.meta_of(state, elapsed, world))
+            checkpointer.save(state)
         clock.exclude_side_work()
         if preempted:
             logs.event("preempted", step, signal=preemption.signal_name or "peer")
@@ -160,12 +180,12 @@ def train(cfg, args, accelerator, logs, state) -> int:
                               f"continue with ./launch_training.sh (or train_qlora.py --resume)")
             return 0
 
-    # ---- final save ---------------------------------------------------------------------------
+    # ---- final save -----------------------------------------------------------------------------
     progress.close()
-    final = checkpointer.save(state["step"], training.meta_of(state, clock.elapsed(), world), final=True)
-    logs.event("run_end", state["step"], status="finished", final_checkpoint=final,
-               best_val_loss=state["best_val_loss"], **training.gpu_memory(peak_only=True))
-    accelerator.print(f"done: step {state['step']}, best val loss {state['best_val_loss']}, final checkpoint {final}")
+    final = checkpointer.save(replace(state, elapsed_seconds=clock.elapsed()), final=True)
+    logs.event("run_end", state.step, status="finished", final_checkpoint=final, best_val_loss=state.best_val_loss,
+               tokens_seen=state.tokens_seen, **gpu_memory(peak_only=True))
+    accelerator.print(f"done: step {state.step}, best val loss {state.best_val_loss}, final checkpoint {final}")
     return 0
 
 
@@ -176,30 +196,30 @@ def main(argv=None) -> int:
         from glmkit.plan import run_plan_cli
 
         return run_plan_cli(cfg, args.json)
-    from glmkit import training
-
-    accelerator = training.make_accelerator(cfg)
+    accelerator = make_accelerator(cfg)
     logs = RunLogs(cfg.logs_dir, enabled=accelerator.is_main_process)
-    state = training.fresh_state()
+    lock = RunLock(cfg.paths.output_dir)
     try:
-        status = train(cfg, args, accelerator, logs, state)
+        lock = lock_output_dir(cfg, accelerator)
+        status = train(cfg, args, accelerator, logs)
         # Tear down the process group while Python is still whole: left to interpreter exit, gloo's
         # threads can abort a clean run (pytorch/pytorch#179291). Only on success: after an error
         # a peer may still sit in a collective, and the teardown would deadlock.
         accelerator.end_training()
         return status
-    except training.USER_ERRORS as exc:
-        training.close_progress_bars()
-        logs.error(exc, state["step"], accelerator.process_index)
+    except USER_ERRORS as exc:
+        close_progress_bars()
+        logs.error(exc, None, accelerator.process_index)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BaseException as exc:
-        training.close_progress_bars()
+        close_progress_bars()
         if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
-            logs.error(exc, state["step"], accelerator.process_index)
+            logs.error(exc, None, accelerator.process_index)
         raise
     finally:
         logs.close()
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -37,8 +37,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402  (puts the repository root on sys.path)
+import benchlib  (puts the repository root on sys.path)
 
 MODES = ("packing", "longest", "max_length")
 TARGET_SHARE = 0.97
@@ -101,7 +100,7 @@ def batch_accounting(batch: list[dict], mode: str, seq_len: int) -> dict:
 
 
 def collated_accounting(batch: dict) -> dict:
-    from glmkit.training import target_tokens
+    from glmkit.step import target_tokens
 
     return {"positions": batch["input_ids"].numel(), "length": batch["input_ids"].shape[1],
             "real": int(batch["token_mask"].sum()), "targets": target_tokens(batch)}
@@ -158,7 +157,7 @@ def glm45_air_epoch_flops(batches: list[list[dict]], mode: str, seq_len: int) ->
 
 def fwd_bwd_seconds(model, batches) -> list[tuple[float, float]]:
     """(wall seconds, CPU seconds of this process) of forward + backward, per micro-batch."""
-    from glmkit.training import loss_sum
+    from glmkit.step import loss_sum
 
     out = []
     for batch in batches:

@@ -38,8 +38,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 import midmodel  # noqa: E402
 
 METHODS = ("kit", "plain", "hf-bnb")

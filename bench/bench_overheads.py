@@ -29,8 +29,7 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 
 def parse_args(argv=None):
@@ -54,13 +53,16 @@ class Harness:
 
         from glmkit import data
         from glmkit import model as modeling
-        from glmkit import training
+        from glmkit.checkpoint import Checkpointer
+        from glmkit.distributed import make_accelerator
         from glmkit.logs import RunLogs
+        from glmkit.optim import make_optimizer_and_scheduler
+        from glmkit.step import step_groups
 
-        self.cfg, self.training = cfg, training
+        self.cfg = cfg
         t, o = cfg.training, cfg.optimization
         torch.manual_seed(t.seed)
-        self.accelerator = training.make_accelerator(cfg)
+        self.accelerator = make_accelerator(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
         corpus = data.load_corpus(cfg)
         cache_dir = f"{cfg.paths.scratch_dir}/tokenized/{corpus.fingerprint}"
@@ -69,56 +71,43 @@ class Harness:
                                              collate_fn=data.make_collator(self.tokenizer, cfg))
         model = modeling.prepare_for_training(modeling.load_model(cfg, self.accelerator.device), cfg)
         self.total_steps = 10_000
-        optimizer, self.scheduler = training.make_optimizer_and_scheduler(model, cfg, self.total_steps)
+        optimizer, self.scheduler = make_optimizer_and_scheduler(model, cfg, self.total_steps)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.logs = RunLogs(cfg.logs_dir)
-        self.checkpointer = training.Checkpointer(self.accelerator, self.model, self.tokenizer, cfg, self.logs,
+        self.checkpointer = Checkpointer(self.accelerator, self.model, self.tokenizer, cfg, self.logs,
                                                 stats=None, total_steps=self.total_steps)
-        self.groups = training.step_groups(self.loader, o.grad_accum_steps, 0)
+        self.groups = step_groups(self.loader, o.grad_accum_steps, 0)
         self.step_count = 0
         self.model.train()
 
     def next_group(self):
-        return self.training.next_group(self.groups)[1]
+        from glmkit.step import next_group
+
+        return next_group(self.groups)[1]
 
     def step(self, group, stats=None, log=False) -> tuple[float, float, float]:
-        """One optimizer step as train_qlora.py's loop runs it; (wall s, CPU s, loss)."""
-        import torch
+        """One optimizer step, the loop's own `train_step`; (wall s, CPU s, loss)."""
+        from glmkit.step import train_step
 
-        acc, o, training = self.accelerator, self.cfg.optimization, self.training
-        world = acc.num_processes
         wall, cpu = time.perf_counter(), time.process_time()
-        step_tokens = acc.reduce(torch.tensor([training.target_tokens(b) for b in group]).sum(), "sum")
-        input_tokens = acc.reduce(torch.tensor([int(b["token_mask"].sum()) for b in group]).sum(), "sum")
-        loss_total = torch.zeros((), dtype=torch.float64)
-        for batch in group:
-            with acc.accumulate(self.model):
-                if stats is not None:
-                    stats.begin_microbatch(batch["token_mask"])
-                loss = training.loss_sum(self.model, batch)
-                acc.backward(loss * (world * o.grad_accum_steps) / step_tokens.clamp(min=1))
-                if stats is not None:
-                    stats.commit_microbatch()
-                loss_total += loss.detach().double()
-        step_loss = (acc.reduce(loss_total, "sum") / step_tokens.clamp(min=1)).item()
-        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), o.max_grad_norm))
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
+        result = train_step(self.model, group, accelerator=self.accelerator, optimizer=self.optimizer,
+                            scheduler=self.scheduler, stats=stats, max_grad_norm=self.cfg.optimization.max_grad_norm,
+                            step=self.step_count)
         if log:
-            self.write_log(step_loss, lr, grad_norm, int(input_tokens.item()), time.perf_counter() - wall)
-        return time.perf_counter() - wall, time.process_time() - cpu, step_loss
+            self.write_log(result.loss, result.lr, result.grad_norm, result.input_tokens, time.perf_counter() - wall)
+        return time.perf_counter() - wall, time.process_time() - cpu, result.loss
 
     def write_log(self, loss, lr, grad_norm, tokens, seconds) -> None:
         """The loop's per-step record, field for field (gpu_memory() is empty on a CPU)."""
+        from glmkit.progress import gpu_memory
+
         step = self.step_count
         self.logs.write("train", step, loss=loss, lr=lr, grad_norm=grad_norm, aux_loss=None, epoch=step / 100,
                         tokens=tokens, tokens_per_sec=tokens / max(seconds, 1e-9), steps_per_sec=1 / max(seconds, 1e-9),
                         eta_seconds=(self.total_steps - step) * seconds, elapsed_seconds=float(step),
-                        total_steps=self.total_steps, **self.training.gpu_memory())
+                        total_steps=self.total_steps, **gpu_memory())
 
 
 def paired_ratios(harness, pairs: int, run_a, run_b) -> dict:

@@ -10,7 +10,7 @@ difference left:
 - data: the packed rows the kit's loop actually consumed, recorded step by step from its real
   run (`train_qlora.main`), handed to the Trainer in that order (a sequential sampler) and
   collated on the fly by the kit's collator on both sides;
-- optimizer: `glmkit.training.make_optimizer_and_scheduler` (AdamW, warmup + cosine) for
+- optimizer: `glmkit.optim.make_optimizer_and_scheduler` (AdamW, warmup + cosine) for
   both, the same gradient accumulation, clipping at max_grad_norm, LoRA dropout 0;
 - loss: the kit divides the summed token losses of a step by its target tokens; the Trainer
   passes `num_items_in_batch` (the step's `labels[..., 1:] != -100` count in transformers 5)
@@ -35,8 +35,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 HUGE_INTERVAL = 1_000_000  # no eval or checkpoint inside the timed steps (both happen after the last one)
 
@@ -83,7 +82,7 @@ def kit_worker(args) -> dict:
     import torch
 
     from glmkit import model as modeling
-    from glmkit import training
+    from glmkit import step as stepping
     from glmkit.logs import latest_per_step, read_jsonl
 
     import train_qlora
@@ -92,7 +91,7 @@ def kit_worker(args) -> dict:
     shutil.rmtree(os.path.join(work, "run"), ignore_errors=True)
     shutil.rmtree(os.path.join(work, "best"), ignore_errors=True)
     starts, groups, threads = [], [], []
-    original_next_group, original_prepare = training.next_group, modeling.prepare_for_training
+    original_next_group, original_prepare = stepping.next_group, modeling.prepare_for_training
 
     def next_group(step_iter):
         starts.append(_clock())
@@ -109,7 +108,7 @@ def kit_worker(args) -> dict:
         torch.save(state, os.path.join(work, "lora_init.pt"))
         return peft_model
 
-    training.next_group, modeling.prepare_for_training = next_group, prepare_for_training
+    stepping.next_group, modeling.prepare_for_training = next_group, prepare_for_training
     argv = ["--config", benchlib.TINY_CONFIG]
     for item in overrides(args, work):
         argv += ["--set", item]
@@ -145,7 +144,7 @@ def trainer_worker(args) -> dict:
 
     from glmkit import data
     from glmkit import model as modeling
-    from glmkit import training
+    from glmkit.optim import make_optimizer_and_scheduler
 
     work = args.work_dir
     cfg = benchlib.tiny_config(overrides(args, work))
@@ -196,7 +195,7 @@ def trainer_worker(args) -> dict:
                 logged[state.global_step] = {"loss": logs["loss"], "lr": logs.get("learning_rate"),
                                              "grad_norm": logs.get("grad_norm")}
 
-    optimizer, scheduler = training.make_optimizer_and_scheduler(model, cfg, args.steps)
+    optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, args.steps)
     targs = TrainingArguments(
         output_dir=os.path.join(work, "trainer"), per_device_train_batch_size=1,
         gradient_accumulation_steps=o.grad_accum_steps, max_steps=args.steps, max_grad_norm=o.max_grad_norm,

@@ -22,8 +22,6 @@ TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "tiny.yaml")
 REAL_CONFIG = os.path.join(REPO_ROOT, "training_config.yaml")
 SCRATCH = os.path.join(REPO_ROOT, "scratch")  # git-ignored
 
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 
 # ---------------------------------------------------------------------------

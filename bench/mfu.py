@@ -104,7 +104,6 @@ def flops_per_token(config, seq_len: int, gradient_checkpointing: bool = True) -
 
 def load_model_config(model_dir: str | None, glm45_air: bool):
     if glm45_air:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from glmkit.plan import GLM45_AIR_CONFIG
 
         return dict(GLM45_AIR_CONFIG)

@@ -16,8 +16,7 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 DEFAULTS = {"hidden": 1024, "layers": 12, "experts": 64, "moe_intermediate": 512, "intermediate": 2816,
             "heads": 16, "kv_heads": 4, "head_dim": 64, "top_k": 4}

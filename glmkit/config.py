@@ -12,12 +12,13 @@ import dataclasses
 import difflib
 import os
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import yaml
+
+from glmkit.config_parse import apply_override, bound_problems, bounds_text, build_section, field_default, setting
 
 
 class ConfigError(ValueError):
@@ -30,94 +31,116 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    name_or_path: str = "zai-org/GLM-4.5-Air"
-    revision: str = "main"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """The base model."""
+    name_or_path: str = setting("zai-org/GLM-4.5-Air", "Hub id that download_model.py fetches", critical=True)
+    revision: str = setting("main", "branch, tag or commit; pin a commit hash for reproducible runs", critical=True)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
+        "sdpa", "`sdpa` (block-diagonal 4-D mask) · `flash_attention_2` (varlen via position_ids) · `eager` (debugging)")
 
 
 @dataclass
 class PathsSection:
-    model_dir: str = "models/GLM-4.5-Air"
-    data_path: str = "data/train.jsonl"
-    output_dir: str = "runs/glm45-air-cpt-qlora"
-    best_adapter_dir: str = "runs/best-glm45-adapter"
-    scratch_dir: str = "scratch"
+    """Where things live; relative paths resolve against the config file's folder."""
+    model_dir: str = setting("models/GLM-4.5-Air", "the checkpoint folder download_model.py fills", critical=True)
+    data_path: str = setting("data/train.jsonl", "JSONL, one document per line in `training.text_field`",
+                             critical=True)
+    output_dir: str = setting("runs/glm45-air-cpt-qlora", "checkpoints and `logs/`; the dashboard and auto-resume read here")
+    best_adapter_dir: str = setting("runs/best-glm45-adapter",
+                                    "copy of the adapter with the best val loss, replaced atomically; "
+                                    "must be empty, new, or a previous best adapter")
+    scratch_dir: str = setting("scratch", "caches, TMPDIR and the tokenized-data cache: fast local disk")
 
 
 @dataclass
 class TrainingSection:
-    epochs: int = 1
-    max_steps: Optional[int] = None
-    seed: int = 42
-    max_seq_length: int = 4096
-    val_fraction: float = 0.1
-    text_field: str = "text"
-    packing: bool = True
-    padding: Literal["longest", "max_length"] = "longest"
-    skip_bad_lines: bool = False
-    max_nan_skips: int = 10
+    """What is trained on, and for how long."""
+    epochs: int = setting(1, "passes over the data when `max_steps` is null", ge=1)
+    max_steps: Optional[int] = setting(None, "optimizer steps; null derives them from `epochs`", ge=1)
+    seed: int = setting(42, "data split, shuffle order and LoRA init", critical=True, ge=0)
+    max_seq_length: int = setting(4096, "tokens per row; activation memory grows linearly with it",
+                                  critical=True, ge=8)
+    val_fraction: float = setting(0.01, "held-out share of documents; bigger = steadier val loss, slower evals",
+                                  critical=True, ge=0, lt=1)
+    text_field: str = setting("text", "JSON key holding each document", critical=True)
+    packing: bool = setting(True, "pack documents end to end into full rows (block-diagonal mask)", critical=True)
+    padding: Literal["longest", "max_length"] = setting(
+        "longest", "without packing: `longest` (less waste) or `max_length` (the original recipe)", critical=True)
+    skip_bad_lines: bool = setting(False, "skip and count bad JSONL lines instead of aborting")
+    max_nan_skips: int = setting(10, "consecutive non-finite steps skipped before the run aborts", ge=1)
 
 
 @dataclass
 class OptimizationSection:
-    micro_batch_per_gpu: int = 1
-    grad_accum_steps: int = 16
-    learning_rate: float = 1e-4
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    """Batch geometry, AdamW and the learning-rate schedule."""
+    micro_batch_per_gpu: int = setting(1, "rows per forward; memory grows with it", critical=True, ge=1)
+    grad_accum_steps: int = setting(16, "micro-batches per optimizer step", critical=True, ge=1)
+    learning_rate: float = setting(1e-4, "peak LR (LoRA)", gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = setting("cosine", "`cosine` · `linear` · `constant`, after warmup")
+    warmup_steps: int = setting(50, "linear warmup from 0", ge=0)
+    min_lr_ratio: float = setting(0.1, "decay floor as a share of the peak", ge=0, le=1)
+    weight_decay: float = setting(0.0, "AdamW decay on the LoRA weights", ge=0)
+    adam_beta1: float = setting(0.9, "AdamW first-moment decay", ge=0, lt=1)
+    adam_beta2: float = setting(0.999, "AdamW second-moment decay", ge=0, lt=1)
+    adam_epsilon: float = setting(1e-8, "AdamW denominator floor", gt=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping", gt=0)
 
 
 @dataclass
 class LoraSection:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    target_parameters: list[str] = field(default_factory=list)
+    """The adapter."""
+    r: int = setting(16, "adapter rank: capacity vs parameters and optimizer memory", critical=True, ge=1)
+    alpha: int = setting(32, "scale = alpha / r", critical=True, gt=0)
+    dropout: float = setting(0.05, "dropout on the adapter input; 0 for fully deterministic runs", ge=0, lt=1)
+    target_modules: list[str] = setting(
+        help="Linear modules to adapt (q/k/v/o_proj; shared experts and the dense MLP optional)",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], critical=True)
+    target_parameters: list[str] = setting(help="fused expert parameters via peft (experimental)", factory=list,
+                                           critical=True)
 
 
 @dataclass
 class QuantizationSection:
-    load_in_4bit: bool = True
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    quantize_experts: bool = True
-    blocksize: int = 64
+    """How the frozen base is stored."""
+    load_in_4bit: bool = setting(True, "4-bit base weights", critical=True)
+    quant_type: Literal["nf4", "fp4"] = setting("nf4", "`nf4` · `fp4`", critical=True)
+    double_quant: bool = setting(True, "quantize the absmax constants too", critical=True)
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = setting(
+        "bfloat16", "`bfloat16` · `float16` · `float32` (CPU tests)", critical=True)
+    quantize_experts: bool = setting(True, "fused routed experts in 4-bit", critical=True)
+    blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = setting(64, "values per quantization block",
+                                                                       critical=True)
 
 
 @dataclass
 class LoggingSection:
-    log_interval: int = 1
-    eval_interval: int = 100
-    checkpoint_interval: int = 200
-    keep_top_k: int = 3
-    expert_stats_interval: int = 50
+    """Records, evals and checkpoints."""
+    log_interval: int = setting(1, "steps per training record", ge=1)
+    eval_interval: int = setting(100, "steps per validation pass", ge=1)
+    checkpoint_interval: int = setting(200, "steps per checkpoint; a multiple of `eval_interval`", ge=1)
+    keep_top_k: int = setting(3, "checkpoints kept by val loss (plus the latest)", ge=1)
+    expert_stats_interval: int = setting(50, "steps per expert-usage record", ge=1)
 
 
 @dataclass
 class MemorySection:
-    gradient_checkpointing: bool = True
+    """Activation memory."""
+    gradient_checkpointing: bool = setting(True, "non-reentrant activation checkpointing")
 
 
 @dataclass
 class PerformanceSection:
-    tf32: bool = True
-    pin_memory: bool = True
-    num_workers: int = 0
+    """Kernel precision and the data loader."""
+    tf32: bool = setting(True, "TF32 matmuls for fp32 ops on CUDA")
+    pin_memory: bool = setting(True, "pinned host memory for batch copies")
+    num_workers: int = setting(0, "data loader workers per process", ge=0)
 
 
 @dataclass
 class DistributedSection:
-    num_processes: Optional[int] = None
-    accelerate_config: Optional[str] = None
-    gpu_memory_gb: float = 141.0
+    """Processes, strategy and the memory the plan checks against."""
+    num_processes: Optional[int] = setting(None, "processes per machine (null = visible GPUs)", ge=1)
+    accelerate_config: Optional[str] = setting(None, "`ddp` · `fsdp` · `deepspeed_zero3` · a path")
+    gpu_memory_gb: float = setting(141.0, "memory the plan's verdict checks against", gt=0)
 
 
 @dataclass
@@ -151,117 +174,31 @@ KIT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------
-# Loading: YAML -> dict -> dataclasses, with every type problem collected.
+# Loading: YAML -> dict -> dataclasses, with every problem collected.
 # ---------------------------------------------------------------------------
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(value, tp, key: str, problems: list[str]):
-    """Return `value` as type `tp`, or append a problem and return None."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return _coerce(value, inner, key, problems)
-    ok = True
-    if origin is Literal:
-        ok = value in typing.get_args(tp)
-        if not ok:
-            problems.append(f"{key}: {value!r} is not allowed; use one of {_type_name(tp)}")
-            return None
-        return value
-    if origin is list:
-        if isinstance(value, str):  # a single name is a list of one
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
-            return None
-        return list(value)
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str) and value != ""
-    if not ok:
-        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return None
-    return value
-
-
-def _build_section(cls, raw, prefix: str, problems: list[str]):
-    hints = typing.get_type_hints(cls)
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        problems.append(f"{prefix}: expected a mapping of keys, got {raw!r}")
-        return cls()
-    known = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}"
-        if key not in known:
-            guess = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {prefix}.{guess[0]}?" if guess else f"; known keys: {', '.join(known)}"
-            problems.append(f"{dotted}: unknown key{hint}")
-            continue
-        coerced = _coerce(value, hints[key], dotted, problems)
-        if coerced is not None or value is None and type(None) in typing.get_args(hints[key]):
-            values[key] = coerced
-    return cls(**values)
-
-
-def _apply_override(data: dict, override: str, problems: list[str]) -> None:
-    if "=" not in override:
-        problems.append(f"--set {override}: expected dotted.key=value, e.g. --set training.max_steps=100")
-        return
-    dotted, _, text = override.partition("=")
-    parts = dotted.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        problems.append(f"--set {override}: expected section.key=value, e.g. --set optimization.learning_rate=2e-4")
-        return
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    section = data.setdefault(parts[0], {})
-    if not isinstance(section, dict):
-        problems.append(f"--set {override}: section {parts[0]} is not a mapping in the file")
-        return
-    section[parts[1]] = value
-
 
 def load_config(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> Config:
     """Load, override, resolve and validate; raise ConfigError listing every problem."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
-        raise ConfigError([f"config: {path} does not exist; pass --config PATH to a YAML file"])
+        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        raise ConfigError([f"config: {path} {what}; pass --config PATH to a YAML file such as training_config.yaml"])
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            data = yaml.safe_load(fh)
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"config: {path} is not valid YAML{where}; fix the syntax there"]) from None
+    if data is None:
+        raise ConfigError([f"config: {path} is empty; start from a copy of training_config.yaml"])
     if not isinstance(data, dict):
         raise ConfigError([f"config: {path} must be a mapping of sections (model:, paths:, training:, ...)"])
     problems: list[str] = []
     for override in overrides:
-        _apply_override(data, override, problems)
+        apply_override(data, override, problems)
     return config_from_dict(data, base_dir=os.path.dirname(path), source_path=path, problems=problems)
 
 
@@ -270,14 +207,14 @@ def config_from_dict(data: dict, base_dir: str, source_path: Optional[str] = Non
     problems = [] if problems is None else problems
     hints = typing.get_type_hints(Config)
     sections = {}
-    section_names = [f.name for f in dataclasses.fields(Config) if f.name != "source_path"]
+    names = section_names()
     for name, raw in data.items():
-        if name not in section_names:
-            guess = difflib.get_close_matches(str(name), section_names, n=1)
-            hint = f"; did you mean {guess[0]}?" if guess else f"; sections are {', '.join(section_names)}"
+        if name not in names:
+            guess = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"; did you mean {guess[0]}?" if guess else f"; sections are {', '.join(names)}"
             problems.append(f"{name}: unknown section{hint}")
             continue
-        sections[name] = _build_section(hints[name], raw, name, problems)
+        sections[name] = build_section(hints[name], raw, name, problems)
     cfg = Config(**sections, source_path=source_path)
     _resolve_paths(cfg, base_dir)
     problems.extend(validate(cfg))
@@ -297,59 +234,79 @@ def _resolve_paths(cfg: Config, base_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Validation: ranges and contradictions. Each line names the key and the fix.
+# Validation: declared bounds, then contradictions. Each line names the key and the fix.
 # ---------------------------------------------------------------------------
+
+def _contains(outer: str, inner: str) -> bool:
+    """True if `inner` is `outer` or lies inside it (paths are already absolute and normalised)."""
+    outer, inner = os.path.realpath(outer), os.path.realpath(inner)
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
 
 def validate(cfg: Config) -> list[str]:
     problems: list[str] = []
+    for name in section_names():
+        problems.extend(bound_problems(getattr(cfg, name), name))
 
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             problems.append(f"{key}: {message}")
 
-    t, o, lo, q, lg = cfg.training, cfg.optimization, cfg.lora, cfg.quantization, cfg.logging
-    need(t.epochs >= 1, "training.epochs", f"must be >= 1, got {t.epochs}")
-    need(t.max_steps is None or t.max_steps >= 1, "training.max_steps", f"must be >= 1 or null, got {t.max_steps}")
-    need(t.seed >= 0, "training.seed", f"must be >= 0, got {t.seed}")
-    need(t.max_seq_length >= 8, "training.max_seq_length", f"must be >= 8 tokens, got {t.max_seq_length}")
-    need(0.0 <= t.val_fraction < 1.0, "training.val_fraction", f"must be in [0, 1), got {t.val_fraction}")
-    need(t.max_nan_skips >= 1, "training.max_nan_skips", f"must be >= 1, got {t.max_nan_skips}")
-    need(o.micro_batch_per_gpu >= 1, "optimization.micro_batch_per_gpu", f"must be >= 1, got {o.micro_batch_per_gpu}")
-    need(o.grad_accum_steps >= 1, "optimization.grad_accum_steps", f"must be >= 1, got {o.grad_accum_steps}")
-    need(o.learning_rate > 0, "optimization.learning_rate", f"must be > 0, got {o.learning_rate}")
-    need(o.warmup_steps >= 0, "optimization.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    need(0.0 <= o.min_lr_ratio <= 1.0, "optimization.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    need(o.weight_decay >= 0, "optimization.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    need(0.0 <= o.adam_beta1 < 1.0, "optimization.adam_beta1", f"must be in [0, 1), got {o.adam_beta1}")
-    need(0.0 <= o.adam_beta2 < 1.0, "optimization.adam_beta2", f"must be in [0, 1), got {o.adam_beta2}")
-    need(o.adam_epsilon > 0, "optimization.adam_epsilon", f"must be > 0, got {o.adam_epsilon}")
-    need(o.max_grad_norm > 0, "optimization.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
-    need(lo.r >= 1, "lora.r", f"must be >= 1, got {lo.r}")
-    need(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
-    need(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    lo, q, lg = cfg.lora, cfg.quantization, cfg.logging
     need(bool(lo.target_modules or lo.target_parameters), "lora.target_modules",
          "LoRA needs at least one target; list modules such as q_proj, v_proj")
-    need(q.blocksize in (64, 128, 256, 512, 1024, 2048, 4096), "quantization.blocksize",
-         f"must be a power of two in 64..4096, got {q.blocksize}")
     need(not q.quantize_experts or q.load_in_4bit, "quantization.quantize_experts",
          "needs quantization.load_in_4bit: true (or set quantize_experts: false)")
-    for key in ("log_interval", "eval_interval", "checkpoint_interval", "expert_stats_interval"):
-        need(getattr(lg, key) >= 1, f"logging.{key}", f"must be >= 1, got {getattr(lg, key)}")
-    need(lg.keep_top_k >= 1, "logging.keep_top_k", f"must be >= 1, got {lg.keep_top_k}")
     need(lg.eval_interval < 1 or lg.checkpoint_interval % lg.eval_interval == 0, "logging.checkpoint_interval",
          f"must be a multiple of logging.eval_interval ({lg.eval_interval}) so every checkpoint has a "
          f"val loss to rank it by, got {lg.checkpoint_interval}")
-    need(cfg.performance.num_workers >= 0, "performance.num_workers", f"must be >= 0, got {cfg.performance.num_workers}")
     d = cfg.distributed
-    need(d.num_processes is None or d.num_processes >= 1, "distributed.num_processes",
-         f"must be >= 1 or null (= all visible GPUs), got {d.num_processes}")
-    need(d.gpu_memory_gb > 0, "distributed.gpu_memory_gb", f"must be > 0, got {d.gpu_memory_gb}")
     if d.accelerate_config and d.accelerate_config not in ACCELERATE_CONFIGS:
         need(os.path.isfile(d.accelerate_config), "distributed.accelerate_config",
              f"{d.accelerate_config} does not exist; use one of {', '.join(ACCELERATE_CONFIGS)} or a path")
-    p = cfg.paths
-    need(p.best_adapter_dir != p.output_dir, "paths.best_adapter_dir", "must differ from paths.output_dir")
+    # The best adapter folder is replaced on every improvement: it must not overlap anything else.
+    best = cfg.paths.best_adapter_dir
+    for key in ("output_dir", "model_dir", "scratch_dir", "data_path"):
+        other = getattr(cfg.paths, key)
+        if isinstance(other, str) and (_contains(best, other) or _contains(other, best)):
+            where = "contains" if _contains(best, other) else "lies inside"
+            problems.append(f"paths.best_adapter_dir: {best} {where} paths.{key} ({other}); the best adapter "
+                            f"folder is replaced on each improvement, so give it a folder of its own")
     return problems
+
+
+def section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config) if f.name != "source_path"]
+
+
+def config_fields():
+    """(dotted key, dataclasses.Field) for every key, in file order."""
+    hints = typing.get_type_hints(Config)
+    return [(f"{name}.{f.name}", f) for name in section_names() for f in dataclasses.fields(hints[name])]
+
+
+def critical_keys() -> list[str]:
+    """Keys a checkpoint depends on: a resume refuses to continue if one changed."""
+    return [key for key, f in config_fields() if f.metadata.get("critical")]
+
+
+def _markdown_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(value) + "]"
+    return f"`{value}`" if isinstance(value, str) else repr(value)
+
+
+def readme_table() -> str:
+    """The README's configuration table, rendered from the fields' metadata (`python -m glmkit.config`)."""
+    rows = ["| key | default | what it does | valid | on resume |", "|---|---|---|---|---|"]
+    for key, f in config_fields():
+        rows.append(f"| `{key}` | {_markdown_value(field_default(f))} | {f.metadata.get('help', '')} | "
+                    f"{bounds_text(f) or ''} | {'fixed' if f.metadata.get('critical') else 'may change'} |")
+    return "\n".join(rows) + "\n"
 
 
 def accelerate_config_path(cfg: Config) -> Optional[str]:
@@ -378,11 +335,6 @@ def strategy(cfg: Config) -> str:
     return "ddp"
 
 
-def dump_config(cfg: Config, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-
-
 # ---------------------------------------------------------------------------
 # Command line: --config PATH and repeatable --set dotted.key=value.
 # ---------------------------------------------------------------------------
@@ -404,3 +356,20 @@ def config_from_args(args) -> Config:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def update_readme(path: str = os.path.join(KIT_ROOT, "README.md")) -> None:
+    """Rewrite the README's configuration table from the fields (`python -m glmkit.config --update-readme`)."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    start = text.index("\n", text.index("<!-- config-table")) + 1
+    end = text.index("<!-- /config-table -->")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text[:start] + readme_table() + text[end:])
+
+
+if __name__ == "__main__":  # prints the README's configuration table, or rewrites it in place
+    if sys.argv[1:] == ["--update-readme"]:
+        update_readme()
+    else:
+        print(readme_table(), end="")

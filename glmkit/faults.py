@@ -30,3 +30,9 @@ def unshared_view(path: str, process_index: int) -> str:
     if process_index and os.environ.get("GLMKIT_FAULT_UNSHARED_OUTPUT") == "1":
         return os.path.join(os.path.dirname(path), f"private-{process_index}", os.path.basename(path))
     return path
+
+
+def injected_nan(step: int, loss: float) -> float:
+    """GLMKIT_FAULT_NAN_STEPS=3,4 makes those steps' loss NaN, as a diverging run would."""
+    steps = os.environ.get("GLMKIT_FAULT_NAN_STEPS", "")
+    return float("nan") if str(step) in steps.split(",") else loss

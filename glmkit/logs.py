@@ -37,6 +37,7 @@ class RunLogs:
         self.logs_dir = logs_dir
         self.enabled = enabled
         self._files = {}
+        self.last_step = None  # the step of the latest record, for an error that has no step of its own
         if enabled:
             os.makedirs(logs_dir, exist_ok=True)
             for kind, name in LOG_FILES.items():
@@ -45,6 +46,7 @@ class RunLogs:
     def write(self, kind: str, step: int, **fields) -> None:
         if not self.enabled:
             return
+        self.last_step = step
         record = {"step": step, "time": time.time(), **_clean(fields)}
         fh = self._files[kind]
         fh.write(json.dumps(record) + "\n")
@@ -53,9 +55,9 @@ class RunLogs:
     def event(self, event: str, step: int, **fields) -> None:
         self.write("events", step, event=event, **fields)
 
-    def error(self, exc: BaseException, step: int, rank: int) -> None:
+    def error(self, exc: BaseException, step: int | None, rank: int) -> None:
         """Log a fatal error; every rank may call this, since a crash can start anywhere."""
-        record = {"step": step, "time": time.time(), "rank": rank, "type": type(exc).__name__,
+        record = {"step": self.last_step if step is None else step, "time": time.time(), "rank": rank, "type": type(exc).__name__,
                   "message": str(exc), "traceback": "".join(traceback.format_exception(exc))}
         os.makedirs(self.logs_dir, exist_ok=True)
         with open(os.path.join(self.logs_dir, LOG_FILES["errors"]), "a", encoding="utf-8") as fh:

@@ -22,8 +22,9 @@ from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("glm4_moe",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-AUDIT_GROUPS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "router",
-                "embeddings", "lm_head", "norms", "lora")
+# Where every parameter belongs (see group_of); the audit and the memory plan report the same groups.
+BASE_GROUPS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "router", "embeddings", "lm_head", "norms")
+AUDIT_GROUPS = BASE_GROUPS + ("lora",)
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from glmkit.config import add_config_arguments, config_from_args, strategy as config_strategy
+# One classifier and one dtype table for plan and audit, so their groups compare line by line.
+from glmkit.model import BASE_GROUPS, DTYPES, group_of
 
 GB = 1e9
 # QLoRA paper: NF4 with double quantization costs 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter.
@@ -40,9 +42,6 @@ RUNTIME_OVERHEAD_BYTES = int(3 * GB)
 TIGHT_HEADROOM = 0.10
 # The plain transformers path: BitsAndBytesConfig has no block size; bitsandbytes defaults to 64.
 PLAIN_BLOCKSIZE = 64
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-GROUPS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "router", "embeddings", "lm_head", "norms")
 EXIT_DOES_NOT_FIT = 3
 
 # zai-org/GLM-4.5-Air's published config.json (the keys transformers' Glm4MoeConfig reads).
@@ -137,7 +136,7 @@ def build_meta_model(hf_config, compute_dtype: str):
     hf_logging.set_verbosity_error()  # from_config chatter is noise in a plan
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[compute_dtype])
+            return AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[compute_dtype])
     except (ValueError, KeyError) as exc:
         raise PlanError(f"transformers can't build a {getattr(hf_config, 'model_type', '?')!r} model: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -158,13 +157,6 @@ class TensorInfo:
     layer: int | None       # decoder layer index, None outside the layers
     is_linear_weight: bool  # weight of an nn.Linear other than lm_head: 4-bit in both kit and plain path
     is_expert: bool         # a fused 3-D routed-expert parameter: 4-bit only in the kit
-
-
-def group_of(name: str) -> str:
-    # One classifier for plan and audit, so their groups can be compared line by line.
-    from glmkit.model import group_of as audit_group_of
-
-    return audit_group_of(name)
 
 
 def _layer_index(name: str) -> int | None:
@@ -220,7 +212,7 @@ def _floor_bytes(t: TensorInfo) -> float:
 
 def price_groups(tensors: list[TensorInfo], q) -> dict:
     groups = {g: {"params": 0, "quantized_params": 0, "bytes": 0, "plain_path_bytes": 0,
-                  "plain_path_upcast_bytes": 0, "qlora_floor_bytes": 0} for g in GROUPS}
+                  "plain_path_upcast_bytes": 0, "qlora_floor_bytes": 0} for g in BASE_GROUPS}
     for t in tensors:
         g = groups.setdefault(t.group, {k: 0 for k in groups["attention"]})
         g["params"] += t.numel
@@ -337,7 +329,7 @@ def eager_attention_bytes(a: Arch, micro_batch: int, seq: int, c: int) -> int:
 
 def layer_breakdown(model, a: Arch, cfg, targets: list[LoraTarget]) -> list[dict]:
     """Per decoder layer: activations per token, and its expert bytes in compute dtype."""
-    c = DTYPE_BYTES[cfg.quantization.compute_dtype]
+    c = DTYPES[cfg.quantization.compute_dtype].itemsize
     lora_per_layer: dict[int, int] = defaultdict(int)
     for t in targets:
         if t.layer is not None:
@@ -356,7 +348,7 @@ def layer_breakdown(model, a: Arch, cfg, targets: list[LoraTarget]) -> list[dict
 
 
 def activation_plan(model, a: Arch, cfg, targets: list[LoraTarget], tensors: list[TensorInfo]) -> dict:
-    c = DTYPE_BYTES[cfg.quantization.compute_dtype]
+    c = DTYPES[cfg.quantization.compute_dtype].itemsize
     q = cfg.quantization
     mb, seq = cfg.optimization.micro_batch_per_gpu, cfg.training.max_seq_length
     tokens = mb * seq
@@ -615,6 +607,31 @@ def format_plan(plan: dict) -> str:
     lines += [f"  note: {note}" for note in plan["notes"]]
     lines += ["", plan["verdict"]]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# The trainer's gate: refuse a run the plan says won't fit, before any weight is read
+# ---------------------------------------------------------------------------
+
+class DoesNotFit(RuntimeError):
+    pass
+
+
+def memory_gate(cfg, accelerator, force: bool) -> dict:
+    """The plan's per-GPU numbers for run_start; on GPUs, refuse a run it says won't fit unless --force.
+
+    The check runs before any weight is loaded, so a hopeless configuration costs seconds, not
+    the minutes of streaming 100B parameters in before an out-of-memory error.
+    """
+    try:
+        plan = build_plan(cfg, num_processes=accelerator.num_processes)
+    except Exception as exc:  # a plan that cannot be built is reported, never a reason not to train
+        return {"planned_memory_error": f"{type(exc).__name__}: {exc}"}
+    if accelerator.device.type == "cuda":
+        accelerator.print(verdict_line(plan))
+        if not plan["fits"] and not force:
+            raise DoesNotFit(f"{verdict_line(plan)}; pass --force to start anyway")
+    return {"planned_memory": {k: plan.get(k) for k in ("total_bytes_per_gpu", "weights_bytes", "fits", "strategy")}}
 
 
 def run_plan_cli(cfg, as_json: bool) -> int:

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 

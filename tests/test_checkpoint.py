@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from glmkit import checkpoint as ckpt
-from glmkit import training
+from glmkit.evaluation import adapter_is_finite, improves
 
 
 def make_checkpoint(root, name: str, complete: bool = True) -> str:
@@ -53,35 +53,16 @@ def test_swap_in_replaces_the_folder_whole(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["best"]  # no .tmp or .old left behind
 
 
-class RecordingCheckpointer:
-    def __init__(self):
-        self.best = []
-
-    def save_best_adapter(self, step, val_loss, previous):
-        self.best.append((step, val_loss, previous))
-
-
-class NullLogs:
-    def write(self, *args, **kwargs):
-        pass
-
-    event = write
-
-
 @pytest.mark.parametrize("adapter_value, val_loss, expect_best", [
     (0.5, 6.0, True),
     (float("nan"), 6.0, False),   # an improved val loss, but the adapter holds a NaN: never the best
     (float("inf"), 6.0, False),
     (0.5, float("nan"), False),
+    (0.5, 7.5, False),            # finite, but worse than the best so far
 ])
-def test_best_adapter_needs_a_finite_val_loss_and_finite_weights(monkeypatch, adapter_value, val_loss, expect_best):
+def test_best_adapter_needs_a_better_finite_val_loss_and_finite_weights(adapter_value, val_loss, expect_best):
     adapter = torch.nn.Linear(2, 2)
     with torch.no_grad():
         adapter.weight[0, 0] = adapter_value
-    monkeypatch.setattr(training, "evaluate", lambda *args: (val_loss, 100))
-    state = {**training.fresh_state(), "best_val_loss": 7.0, "best_step": 5}
-    checkpointer = RecordingCheckpointer()
-    training.run_eval(state, 10, adapter, [{"input_ids": [1]}], None, None, NullLogs(), checkpointer, 1)
-    assert (checkpointer.best == [(10, 6.0, 7.0)]) is expect_best
-    assert state["best_val_loss"] == (6.0 if expect_best else 7.0)
-    assert state["last_eval_step"] == 10 and (state["last_val_loss"] == val_loss or math.isnan(val_loss))
+    assert (improves(val_loss, 7.0) and adapter_is_finite(adapter)) is expect_best
+    assert improves(val_loss, None) is math.isfinite(val_loss)

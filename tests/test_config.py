@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from glmkit.config import ConfigError, load_config
+from glmkit.config import ConfigError, config_fields, critical_keys, load_config, readme_table
 
 SHIPPED = ["training_config.yaml", "configs/tiny.yaml"]
 
@@ -24,14 +24,6 @@ def test_real_recipe_is_the_documented_one():
     assert (cfg.quantization.quant_type, cfg.quantization.double_quant, cfg.quantization.quantize_experts) == ("nf4", True, True)
     assert cfg.lora.r == 16 and cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert cfg.training.max_seq_length == 4096
-
-
-def test_every_shipped_key_has_a_comment():
-    """Each key of the real recipe carries a comment saying what it trades off (bar the Adam constants)."""
-    with open(os.path.join(ROOT, "training_config.yaml"), encoding="utf-8") as fh:
-        lines = [l for l in fh if l.startswith("  ") and ":" in l]
-    uncommented = [l.split(":")[0].strip() for l in lines if "#" not in l]
-    assert set(uncommented) <= {"adam_beta1", "adam_epsilon"}, uncommented
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):
@@ -108,19 +100,23 @@ def test_invalid_yaml_is_one_line(tmp_path):
 
 
 def config_keys() -> list[tuple[str, str]]:
-    import dataclasses
-
-    from glmkit.config import Config
-
-    return [(section.name, key.name) for section in dataclasses.fields(Config) if section.name != "source_path"
-            for key in dataclasses.fields(section.default_factory())]
+    return [tuple(key.split(".")) for key, _ in config_fields()]
 
 
-def test_readme_documents_every_config_key():
-    rows = [line for line in open(os.path.join(ROOT, "README.md"), encoding="utf-8") if line.startswith("| `")]
-    missing = [f"{s}.{k}" for s, k in config_keys()
-               if not any(f"`{s}.{k}`" in row or (f"`{s}." in row and f"`{k}`" in row) for row in rows)]
-    assert missing == []
+def test_readme_config_table_is_generated_from_the_fields():
+    """Help, default, bounds and the resume rule are written once, beside each field; the README shows them."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = readme.index("<!-- config-table")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- /config-table -->")]
+    assert block == readme_table(), "run: python -m glmkit.config --update-readme"
+    assert all(f.metadata.get("help") for _, f in config_fields())
+
+
+def test_resume_critical_keys_come_from_the_field_declarations():
+    keys = critical_keys()
+    assert {"lora.r", "training.seed", "paths.data_path", "optimization.grad_accum_steps"} <= set(keys)
+    # What a resume may change must be able to take effect (see glmkit/optim.py): never critical.
+    assert not {"optimization.learning_rate", "optimization.weight_decay", "training.max_steps"} & set(keys)
 
 
 @pytest.mark.parametrize("yaml_file", ["training_config.yaml", "configs/tiny.yaml"])
@@ -139,3 +135,62 @@ def test_every_yaml_key_is_present_and_commented(yaml_file):
         if "#" not in line and yaml_file == "training_config.yaml":
             bare.append(f"{section}.{key}")
     assert set(config_keys()) - seen == set() and bare == []
+
+
+@pytest.mark.parametrize("text, expected", [("5e-5", 5e-5), ("1E-4", 1e-4), ("2e-3", 2e-3), ("3.0e-4", 3e-4)])
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path, text, expected):
+    """PyYAML reads `5e-5` as a string; float keys take it, in the file and in --set."""
+    (tmp_path / "c.yaml").write_text(f"optimization:\n  learning_rate: {text}\n  adam_epsilon: {text}\n")
+    cfg = load_config(tmp_path / "c.yaml", [f"optimization.weight_decay={text}"])
+    assert (cfg.optimization.learning_rate, cfg.optimization.adam_epsilon, cfg.optimization.weight_decay) == (expected,) * 3
+
+
+def test_the_header_example_of_the_real_recipe_works():
+    header = open(os.path.join(ROOT, "training_config.yaml"), encoding="utf-8").read().split("\n\n")[0]
+    override = header.split("--set ")[1].split()[0]
+    cfg = load_config(os.path.join(ROOT, "training_config.yaml"), [override])
+    assert cfg.optimization.learning_rate == 5e-5
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "'inf'", "'nan'"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    (tmp_path / "c.yaml").write_text(f"optimization:\n  learning_rate: {value}\n")
+    with pytest.raises(ConfigError, match=r"^optimization.learning_rate: expected a (finite )?number"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes("training:\n  text_field: caf\xe9\n".encode("latin-1")), "is not UTF-8 text"),
+    (lambda p: p.mkdir(), "is a directory, not a file"),
+    (lambda p: p.write_text(""), "is empty; start from a copy of training_config.yaml"),
+    (lambda p: p.write_text("# only comments\n"), "is empty"),
+])
+def test_unreadable_config_files_are_one_line(tmp_path, make, message):
+    path = tmp_path / "c.yaml"
+    make(path)
+    result = run_cli(["train_qlora.py", "--config", str(path)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
+@pytest.mark.parametrize("best, key", [
+    ("{out}", "paths.output_dir"),              # the run folder itself
+    ("{root}", "paths.output_dir"),             # the parent of everything
+    ("{out}/logs", "paths.output_dir"),         # inside the run folder: its logs
+    ("{model}", "paths.model_dir"),             # the downloaded weights
+    ("{model}/..", "paths.model_dir"),
+    ("{scratch}/best", "paths.scratch_dir"),
+    ("{data}", "paths.data_path"),
+])
+def test_best_adapter_dir_overlapping_another_path_is_refused(tmp_path, best, key):
+    root = tmp_path / "root"
+    paths = {"out": root / "run", "model": root / "models" / "m", "scratch": root / "scratch",
+             "data": root / "data" / "train.jsonl", "root": root}
+    target = best.format(**paths)
+    data = {"paths": {"output_dir": str(paths["out"]), "model_dir": str(paths["model"]),
+                      "scratch_dir": str(paths["scratch"]), "data_path": str(paths["data"]),
+                      "best_adapter_dir": target}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml")
+    assert any(p.startswith("paths.best_adapter_dir:") and key in p for p in info.value.problems), info.value.problems

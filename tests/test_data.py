@@ -83,7 +83,7 @@ def test_packed_row_loss_equals_per_document_losses(tiny_model_dir, make_config)
     """With the block mask, one packed row scores exactly like its documents run one at a time."""
     from transformers import AutoModelForCausalLM
 
-    from glmkit.training import loss_sum, target_tokens
+    from glmkit.step import loss_sum, target_tokens
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

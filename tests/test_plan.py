@@ -11,6 +11,7 @@ import torch
 
 from glmkit import plan as planmod
 from glmkit.config import load_config
+from glmkit.model import BASE_GROUPS
 
 GB = 1e9
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
@@ -114,7 +115,7 @@ def test_air_lora_on_attention(air):
 
 def test_air_json_keys_and_serialisable(air):
     assert JSON_KEYS <= set(air)
-    assert set(planmod.GROUPS) <= set(air["groups"])
+    assert set(BASE_GROUPS) <= set(air["groups"])
     assert json.loads(json.dumps(air)) == air
 
 
@@ -222,7 +223,7 @@ def test_plan_agrees_with_audit_of_loaded_tiny_model(tmp_path):
     assert plan["source"] == "config.json"
     model = load_model(cfg, "cpu")
     audit = audit_model(model)
-    for name in planmod.GROUPS:
+    for name in BASE_GROUPS:
         planned, real = plan["groups"][name], audit["groups"][name]
         assert planned["params"] == real["params"], name
         assert planned["quantized_params"] == real["quantized_params"], name

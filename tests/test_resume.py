@@ -220,3 +220,104 @@ def test_output_dir_not_shared_by_every_process_is_refused(make_config, tmp_path
     assert "train_qlora.py\", line" not in result.stderr  # a one-line error, not a traceback through the trainer
     assert read_jsonl(str(tmp_path / "run" / "logs" / "training_log.jsonl")) == []  # refused before any step
     assert read_jsonl(str(tmp_path / "run" / "logs" / "error_log.jsonl"))[-1]["type"] == "ResumeError"
+
+
+def test_changed_hyperparameters_take_effect_from_the_first_resumed_step(make_config, tmp_path, tiny_model_dir,
+                                                                         demo_corpus):
+    """An allowed change is applied, not just listed: the resumed LR equals a fresh run's at the same steps."""
+    import torch
+
+    (tmp_path / "fresh").mkdir()
+    fresh_cfg = write_tiny_config(tmp_path / "fresh", tiny_model_dir, demo_corpus,
+                                  {**SETTINGS, "optimization.learning_rate": 1e-3, "optimization.weight_decay": 0.01})
+    assert run_cli(["train_qlora.py", "--config", fresh_cfg]).returncode == 0
+    config = make_config(SETTINGS)
+    killed = run_cli(["train_qlora.py", "--config", config], env={"GLMKIT_FAULT_KILL_AT": "mid_step:13"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "optimization.learning_rate=1e-3",
+                       "--set", "optimization.weight_decay=0.01"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    lr_of = lambda out: {r["step"]: r["lr"] for r in latest_per_step(read_jsonl(str(out / "logs" / "training_log.jsonl")))}  # noqa: E731
+    fresh, mine = lr_of(tmp_path / "fresh" / "run"), lr_of(tmp_path / "run")
+    assert all(mine[s] == fresh[s] for s in range(11, 25)), [(s, mine[s], fresh[s]) for s in range(11, 25)]
+    assert mine[10] != fresh[10]  # before the resume the old peak LR was in force
+    groups = torch.load(str(tmp_path / "run" / "checkpoint-20" / "optimizer.bin"), weights_only=False)["param_groups"]
+    assert groups[0]["weight_decay"] == 0.01 and groups[0]["initial_lr"] == 1e-3
+
+
+def test_a_second_trainer_on_the_same_output_dir_is_refused_and_a_killed_one_never_blocks(make_config, tmp_path):
+    config = make_config({"training.max_steps": 400, "logging.eval_interval": 100, "logging.checkpoint_interval": 200})
+    first = subprocess.Popen([sys.executable, "train_qlora.py", "--config", config], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        log = tmp_path / "run" / "logs" / "training_log.jsonl"
+        deadline = time.time() + 300
+        while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.5)
+        assert first.poll() is None, "the first trainer ended early"
+        second = run_cli(["train_qlora.py", "--config", config, "--resume"])
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"is in use by another trainer (pid {first.pid} on " in second.stderr.strip().splitlines()[-1]
+        lines_before = len(log.read_text().splitlines())
+    finally:
+        first.kill()
+        first.wait()
+    assert len(log.read_text().splitlines()) >= lines_before  # the refused trainer wrote no records of its own
+    after_kill = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "training.max_steps=2"])
+    assert after_kill.returncode == 0, after_kill.stderr[-2000:]
+
+
+def _damage(path, how: str) -> None:
+    if how == "truncate":
+        with open(path, "r+b") as fh:
+            fh.truncate(os.path.getsize(path) // 2)
+    elif how == "delete":
+        os.remove(path)
+    else:
+        with open(path, "w") as fh:
+            fh.write("model: [unclosed\n")
+
+
+def test_resume_skips_damaged_checkpoints_and_says_which(make_config, tmp_path):
+    config = make_config(SETTINGS)
+    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+    out = tmp_path / "run"
+    _damage(out / "final-checkpoint-24" / "adapter_model.safetensors", "truncate")
+    _damage(out / "checkpoint-20" / "trainer_meta.json", "delete")
+    resumed = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "training.max_steps=26"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    text = resumed.stdout + resumed.stderr
+    assert f"warning: skipping damaged checkpoint {out / 'final-checkpoint-24'}: adapter_model.safetensors has" in text
+    assert f"warning: skipping damaged checkpoint {out / 'checkpoint-20'}: trainer_meta.json is missing" in text
+    resume = [e for e in read_jsonl(str(out / "logs" / "events_log.jsonl")) if e["event"] == "resume"]
+    assert [(e["from_step"], e["checkpoint"]) for e in resume] == [(10, str(out / "checkpoint-10"))]
+
+
+@pytest.mark.parametrize("victim, how, says", [
+    ("adapter_model.safetensors", "truncate", "adapter_model.safetensors has"),
+    ("trainer_meta.json", "delete", "trainer_meta.json is missing"),
+    ("training_config.resolved.yaml", "corrupt", "training_config.resolved.yaml does not match its checksum"),
+])
+def test_resume_from_a_damaged_checkpoint_is_one_line_before_the_model_loads(make_config, tmp_path, victim, how, says):
+    config = make_config({"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3})
+    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+    target = tmp_path / "run" / "final-checkpoint-3"
+    _damage(target / victim, how)
+    starts = len(read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl")))
+    result = run_cli(["train_qlora.py", "--config", config, "--resume_from", str(target)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --resume_from {target}: the checkpoint is damaged (") and says in last
+    assert len(read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl"))) == starts  # no run_start: nothing loaded
+
+
+def test_best_adapter_dir_holding_foreign_files_is_never_replaced(make_config, tmp_path):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("not the kit's")
+    config = make_config({"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3,
+                          "paths.best_adapter_dir": str(precious)})
+    result = run_cli(["train_qlora.py", "--config", config])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds files the kit did not write" in result.stderr.strip().splitlines()[-1]
+    assert (precious / "notes.txt").read_text() == "not the kit's" and os.listdir(precious) == ["notes.txt"]

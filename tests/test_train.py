@@ -182,7 +182,7 @@ def test_unusable_model_settings_fail_in_one_line_before_loading(make_config, tm
 
 
 class GpuAccelerator:
-    """What memory_plan reads of an Accelerator on a one-GPU machine (no CUDA needed to build it)."""
+    """What memory_gate reads of an Accelerator on a one-GPU machine (no CUDA needed to build it)."""
     device = torch.device("cuda", 0)
     num_processes = 1
 
@@ -195,13 +195,13 @@ class GpuAccelerator:
 
 def test_trainer_refuses_a_run_the_plan_says_will_not_fit(make_config):
     from glmkit.config import load_config
-    from glmkit.training import DoesNotFit, memory_plan
+    from glmkit.plan import DoesNotFit, memory_gate
 
-    roomy = memory_plan(load_config(make_config()), GpuAccelerator(), force=False)
+    roomy = memory_gate(load_config(make_config()), GpuAccelerator(), force=False)
     assert roomy["planned_memory"]["fits"] is True
     cramped = load_config(make_config({"distributed.gpu_memory_gb": 0.001}))
     with pytest.raises(DoesNotFit, match=r"^memory plan: DOES NOT FIT - needs .* per GPU, has .*; pass --force"):
-        memory_plan(cramped, GpuAccelerator(), force=False)
+        memory_gate(cramped, GpuAccelerator(), force=False)
     accelerator = GpuAccelerator()
-    forced = memory_plan(cramped, accelerator, force=True)
+    forced = memory_gate(cramped, accelerator, force=True)
     assert forced["planned_memory"]["fits"] is False and "DOES NOT FIT" in accelerator.printed[0]
