@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-import benchlib  (puts the repository root on sys.path)
+import benchlib
 
 MODES = ("packing", "longest", "max_length")
 TARGET_SHARE = 0.97

@@ -13,7 +13,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)

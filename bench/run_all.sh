@@ -17,7 +17,7 @@ else
   selected=("${ALL[@]}")
 fi
 
-"$PY" -c "import sys; sys.path.insert(0, 'bench'); import benchlib; benchlib.ensure_tiny_assets()"
+PYTHONPATH=bench "$PY" -c "import benchlib; benchlib.ensure_tiny_assets()"
 
 for name in "${selected[@]}"; do
   script="bench/bench_${name}.py"
