@@ -4,7 +4,7 @@
 #   ./launch_dashboard.sh                              # training_config.yaml here, http://127.0.0.1:5000
 #   ./launch_dashboard.sh --config my.yaml --port 5050 # MLflow also likes port 5000
 #   ./launch_dashboard.sh --logs runs/my-run/logs
-#   DASHBOARD_TOKEN=$(openssl rand -hex 16) ./launch_dashboard.sh --host 0.0.0.0
+#   DASHBOARD_TOKEN=$(openssl rand -hex 16) ./launch_dashboard.sh --host 0.0.0.0   # token: 16+ characters
 #   ./launch_dashboard.sh --host 0.0.0.0 --no-auth     # trusted network only
 #
 # Environment defaults (flags win): DASHBOARD_CONFIG, DASHBOARD_LOGS,
@@ -12,15 +12,17 @@
 # DASHBOARD_SERVER (auto|gunicorn|flask), DASHBOARD_THREADS, PYTHON.
 set -euo pipefail
 
-# ---- Stage 0: defaults ------------------------------------------------------
+# ---- Stage 0: what the caller asked for ---------------------------------------
+# Defaults (host, port, threads) and the host/token policy live in Python
+# (glmkit/dashboard/defaults.py and exposure.py); empty here means "Python decides".
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 CONFIG="${DASHBOARD_CONFIG:-$SCRIPT_DIR/training_config.yaml}"
 LOGS="${DASHBOARD_LOGS:-}"
 OUTPUT_DIR="${DASHBOARD_OUTPUT_DIR:-}"
-HOST="${DASHBOARD_HOST:-127.0.0.1}"
-PORT="${DASHBOARD_PORT:-5000}"
+HOST="${DASHBOARD_HOST:-}"
+PORT="${DASHBOARD_PORT:-}"
 SERVER="${DASHBOARD_SERVER:-auto}"
-THREADS="${DASHBOARD_THREADS:-8}"
+THREADS="${DASHBOARD_THREADS:-}"
 NO_AUTH=0
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$SCRIPT_DIR/.venv/bin/python" ]]; then PYTHON="$SCRIPT_DIR/.venv/bin/python"; else PYTHON=python3; fi
@@ -35,7 +37,7 @@ Options:
   --config PATH      training YAML (default: training_config.yaml next to this script)
   --logs DIR         read this logs folder instead of the config's <output_dir>/logs
   --output-dir DIR   checkpoint folder (default: from the config, or the parent of --logs)
-  --host ADDR        bind address (default 127.0.0.1; anything else needs a token)
+  --host ADDR        bind address (default 127.0.0.1; anything else needs a 16+ character token)
   --port N           port (default 5000)
   --no-auth          allow a non-loopback --host without DASHBOARD_TOKEN
   --server NAME      auto (gunicorn if installed), gunicorn or flask
@@ -57,39 +59,37 @@ while [[ $# -gt 0 ]]; do
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
-if ! [[ "$PORT" =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT > 65535)); then die "--port must be 1-65535, got '$PORT'"; fi
-if ! [[ "$THREADS" =~ ^[0-9]+$ ]] || ((THREADS < 1)); then die "DASHBOARD_THREADS must be a positive integer"; fi
 case "$SERVER" in auto|gunicorn|flask) ;; *) die "--server must be auto, gunicorn or flask" ;; esac
+if [[ -n "$THREADS" ]] && ! [[ "$THREADS" =~ ^[1-9][0-9]{0,3}$ ]]; then
+  die "DASHBOARD_THREADS must be a positive integer, got '$THREADS'"
+fi
 
-# ---- Stage 2: find the logs -------------------------------------------------
-# The Python CLI reads the YAML with the trainer's own loader, so both agree
-# on <paths.output_dir>/logs.  It prints config errors itself and exits 2.
-if [[ -n "$LOGS" ]]; then SOURCE=(--logs "$LOGS"); else SOURCE=(--config "$CONFIG"); fi
-if [[ -n "$OUTPUT_DIR" ]]; then SOURCE+=(--output-dir "$OUTPUT_DIR"); fi
-PATHS="$("$PYTHON" "$SCRIPT_DIR/training_dashboard.py" "${SOURCE[@]}" --print-paths)"
-LOGS_DIR="$(sed -n 's/^LOGS_DIR=//p' <<<"$PATHS")"
-OUTPUT_DIR="$(sed -n 's/^OUTPUT_DIR=//p' <<<"$PATHS")"
+# ---- Stage 2: ask Python for the plan -----------------------------------------
+# The Python CLI reads the YAML with the trainer's own loader (so both agree on
+# <paths.output_dir>/logs), fills in the defaults and applies the exposure
+# policy (a non-loopback host needs a 16+ character DASHBOARD_TOKEN, or
+# --no-auth). A refusal is one line on stderr and exit 2, which ends us here.
+if [[ -n "$LOGS" ]]; then ARGS=(--logs "$LOGS"); else ARGS=(--config "$CONFIG"); fi
+if [[ -n "$OUTPUT_DIR" ]]; then ARGS+=(--output-dir "$OUTPUT_DIR"); fi
+if [[ -n "$HOST" ]]; then ARGS+=(--host "$HOST"); fi
+if [[ -n "$PORT" ]]; then ARGS+=(--port "$PORT"); fi
+if [[ "$NO_AUTH" == 1 ]]; then ARGS+=(--no-auth); fi
+PLAN="$("$PYTHON" "$SCRIPT_DIR/training_dashboard.py" "${ARGS[@]}" --print-plan)"
+plan() { sed -n "s/^$1=//p" <<<"$PLAN"; }
+LOGS_DIR="$(plan LOGS_DIR)"
+OUTPUT_DIR="$(plan OUTPUT_DIR)"
+HOST="$(plan HOST)"
+PORT="$(plan PORT)"
+BIND="$(plan BIND)"
+LOOPBACK="$(plan LOOPBACK)"
+THREADS="${THREADS:-$(plan THREADS)}"
 [[ -d "$LOGS_DIR" ]] || echo "launch_dashboard: $LOGS_DIR does not exist yet; the page will wait for the run" >&2
+if [[ "$NO_AUTH" == 1 ]]; then unset DASHBOARD_TOKEN; fi
 
-# ---- Stage 3: access policy ---------------------------------------------------
-# Loopback binds are private to this machine; anything else is reachable from
-# the network and needs a token, unless --no-auth says the network is trusted.
-case "$HOST" in
-  127.*|localhost|::1) LOCAL=1 ;;
-  *) LOCAL=0 ;;
-esac
-if [[ "$LOCAL" == 0 && "$NO_AUTH" == 0 && -z "${DASHBOARD_TOKEN:-}" ]]; then
-  die "--host $HOST is reachable from the network: export DASHBOARD_TOKEN=<secret> (e.g. \$(openssl rand -hex 16)), or pass --no-auth"
-fi
-if [[ "$NO_AUTH" == 1 ]]; then
-  unset DASHBOARD_TOKEN
-  [[ "$LOCAL" == 1 ]] || echo "launch_dashboard: WARNING: serving on $HOST without authentication" >&2
-fi
-
-# ---- Stage 4: say where to look -----------------------------------------------
+# ---- Stage 3: say where to look -------------------------------------------------
 echo "Dashboard for $LOGS_DIR"
-if [[ "$LOCAL" == 1 ]]; then
-  echo "  http://$HOST:$PORT/"
+if [[ "$LOOPBACK" == 1 ]]; then
+  echo "  http://$BIND/"
 else
   for ip in $(hostname -I 2>/dev/null || true); do
     [[ "$ip" == *:* ]] && ip="[$ip]"
@@ -101,13 +101,14 @@ else
   fi
 fi
 
-# ---- Stage 5: serve -------------------------------------------------------------
+# ---- Stage 4: serve -------------------------------------------------------------
 # One gunicorn worker with threads: the parsed logs live in the process, so
 # more workers would each hold (and parse) their own copy.  Never debug mode.
-export DASHBOARD_LOGS_DIR="$LOGS_DIR" DASHBOARD_OUTPUT_DIR="$OUTPUT_DIR" DASHBOARD_NO_AUTH="$NO_AUTH"
+# The gunicorn app reads the same settings back (app_from_env) and applies the
+# same policy; both servers write ?token= values as [redacted] in their logs.
+export DASHBOARD_LOGS_DIR="$LOGS_DIR" DASHBOARD_OUTPUT_DIR="$OUTPUT_DIR" DASHBOARD_NO_AUTH="$NO_AUTH" \
+  DASHBOARD_HOST="$HOST" DASHBOARD_PORT="$PORT"
 if [[ "$SERVER" != flask ]] && "$PYTHON" -c 'import gunicorn' 2>/dev/null; then
-  BIND="$HOST:$PORT"
-  [[ "$HOST" == *:* ]] && BIND="[$HOST]:$PORT"
   EXTRA=()
   # gunicorn >= 24 opens a control socket at one fixed path per user; two
   # dashboards (one per run) would fight over it, and we do not use it.
@@ -117,7 +118,4 @@ if [[ "$SERVER" != flask ]] && "$PYTHON" -c 'import gunicorn' 2>/dev/null; then
     --bind "$BIND" --timeout 120 --access-logfile - "${EXTRA[@]}" 'training_dashboard:app_from_env()'
 fi
 [[ "$SERVER" != gunicorn ]] || die "gunicorn is not installed for $PYTHON"
-FLAGS=()
-if [[ "$NO_AUTH" == 1 ]]; then FLAGS+=(--no-auth); fi
-exec "$PYTHON" "$SCRIPT_DIR/training_dashboard.py" --logs "$LOGS_DIR" --output-dir "$OUTPUT_DIR" \
-  --host "$HOST" --port "$PORT" "${FLAGS[@]}"
+exec "$PYTHON" "$SCRIPT_DIR/training_dashboard.py" "${ARGS[@]}"

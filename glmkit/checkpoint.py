@@ -14,23 +14,20 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 
 import torch
 import yaml
 
+from glmkit.checkpoint_names import COMPLETE, META, checkpoint_path, parse_checkpoint_name
 from glmkit.config import critical_keys
 from glmkit.faults import maybe_fail_write, maybe_kill
 from glmkit.loop_state import LoopState
 
-COMPLETE = "COMPLETE"
-META = "trainer_meta.json"
 RESOLVED_CONFIG = "training_config.resolved.yaml"
 # Written into the best-adapter folder: only a folder carrying it (or an empty one) is ever replaced.
 BEST_ADAPTER_MARKER = "best.json"
-_CHECKPOINT = re.compile(r"^(final-)?checkpoint-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -42,18 +39,8 @@ class ResumeError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------
-# Naming and listing
+# Naming (glmkit/checkpoint_names.py, shared with the dashboard) and listing
 # ---------------------------------------------------------------------------
-
-def checkpoint_path(output_dir: str, step: int, final: bool = False) -> str:
-    return os.path.join(output_dir, f"{'final-' if final else ''}checkpoint-{step}")
-
-
-def parse_checkpoint_name(name: str) -> tuple[int, bool] | None:
-    """(step, final) for a checkpoint folder name, None for anything else."""
-    match = _CHECKPOINT.match(name)
-    return (int(match.group(2)), bool(match.group(1))) if match else None
-
 
 def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, COMPLETE))

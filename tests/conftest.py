@@ -1,10 +1,17 @@
-"""Shared fixtures: the tiny GLM-4.5-Air checkpoint and the demo corpus, built once per session."""
+"""Shared fixtures and helpers: the tiny GLM-4.5-Air checkpoint and the demo corpus (built once per session),
+configs, running the kit's commands (`run_cli`), free ports, and the dashboard served for real and driven by
+headless Chromium. Fakes (a fake run's logs) are in fakes.py, the fake Hub in fake_hub.py."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 
 import pytest
 import yaml
@@ -67,8 +74,130 @@ def make_config(tmp_path, tiny_model_dir, demo_corpus):
     return make
 
 
-def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a kit command as a user would, from the repo root."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, cwd: str = ROOT,
+            unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `python <args>` as a user would: from the repo root (or `cwd`), with this environment minus the
+    variables whose names start with one of `unset`, plus `env`."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(unset)}
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# The dashboard, served for real and seen in a real browser
+# ---------------------------------------------------------------------------
+
+CHROMIUM = os.environ.get("DASHBOARD_TEST_CHROMIUM", "/usr/bin/chromium")
+# The test machine has no network: without these chromium keeps trying to reach Google.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@dataclass
+class DashboardServer:
+    url: str
+    port: int
+    log_path: str  # the server's stderr: Werkzeug's access log
+    process: subprocess.Popen
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, token: str | None = None, timeout: float = 30.0,
+                       log_path: str | None = None) -> None:
+    request = urllib.request.Request(url + "/health")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = ""
+            if log_path:
+                with open(log_path, encoding="utf-8", errors="replace") as fh:
+                    tail = fh.read()[-2000:]
+            raise RuntimeError(f"dashboard exited with {process.returncode}: {tail}")
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("dashboard did not become healthy in time")
+
+
+@pytest.fixture
+def serve_dashboard(tmp_path_factory):
+    """serve_dashboard(logs_dir, output_dir=None, token=None, extra_args=()) -> DashboardServer: the real
+    `training_dashboard.py` server on 127.0.0.1 and a free port (refresh 1 s), stopped after the test."""
+    servers = []
+
+    def serve(logs_dir, output_dir=None, token: str | None = None, extra_args=()) -> DashboardServer:
+        port = free_port()
+        cmd = [sys.executable, os.path.join(ROOT, "training_dashboard.py"), "--logs", str(logs_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--refresh", "1", *extra_args]
+        if output_dir:
+            cmd += ["--output-dir", str(output_dir)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DASHBOARD_")}
+        if token:
+            env["DASHBOARD_TOKEN"] = token
+        log_path = str(tmp_path_factory.mktemp("dashboard-server") / "server.log")
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = DashboardServer(f"http://127.0.0.1:{port}", port, log_path, process)
+        servers.append(server)
+        wait_until_healthy(server.url, process, token, log_path=log_path)
+        return server
+
+    yield serve
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def chromium():
+    """chromium(width=1440, height=1000) -> a Playwright page in headless Debian chromium (never a downloaded
+    browser), started on first use and closed after the test. Skips without Playwright or chromium."""
+    playwright_sync = pytest.importorskip("playwright.sync_api")
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    opened = []
+
+    def new_page(width: int = 1440, height: int = 1000):
+        if not opened:
+            pw = playwright_sync.sync_playwright().start()
+            opened.append(pw)
+            opened.append(pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS))
+        return opened[1].new_page(viewport={"width": width, "height": height})
+
+    yield new_page
+    if opened:
+        opened[1].close()
+        opened[0].stop()
+
+
+def wait_for_plots(page, timeout_ms: int = 30_000) -> None:
+    """Until every plot image on the dashboard page has loaded."""
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('img[data-plot]')]
+                 .every(img => img.getAttribute('src') && img.complete && img.naturalWidth > 0)""",
+        timeout=timeout_ms,
+    )

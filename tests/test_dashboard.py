@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest_dashboard import FakeRun, finished_run, loss_at
+from conftest import run_cli
+from fakes import FakeRun, finished_run, loss_at, tokens_at, tokens_seen_at
 from glmkit.dashboard import create_app
 from glmkit.dashboard.fastjsonl import parse_uniform_block
 from glmkit.dashboard.series import downsample_indices, ema, ema_last
@@ -42,9 +43,9 @@ def run(tmp_path):
 
 def test_malformed_lines_are_counted_and_skipped(run):
     run.steps(1, 5)
-    run.append_raw("training", "this is not json\n")
-    run.append_raw("training", '{"loss": 1.0, "time": 1}\n')  # no step
-    run.append_raw("training", "[1, 2]\n")
+    run.append_raw("train", "this is not json\n")
+    run.append_raw("train", '{"loss": 1.0, "time": 1}\n')  # no step
+    run.append_raw("train", "[1, 2]\n")
     run.steps(6, 8)
     client = make_client(run)
     s = stats(client)
@@ -58,11 +59,11 @@ def test_unfinished_last_line_is_held_back_until_complete(run):
     run.steps(1, 3)
     line = json.dumps({"step": 4, "time": time.time(), "loss": 0.5, "lr": 1e-4, "grad_norm": 1.0,
                        "tokens_per_sec": 10.0}) + "\n"
-    run.append_raw("training", line[:20])
+    run.append_raw("train", line[:20])
     client = make_client(run)
     s = stats(client)
     assert (s["step"], s["bad_lines"]) == (3, 0)
-    run.append_raw("training", line[20:])
+    run.append_raw("train", line[20:])
     s = stats(client)
     assert (s["step"], s["loss"], s["bad_lines"]) == (4, 0.5, 0)
 
@@ -73,30 +74,30 @@ def test_each_poll_reads_only_appended_bytes(run):
     client = app.test_client()
     stats(client)
     monitor = app.extensions["glmkit_dashboard"].monitor
-    tail = monitor.tails["training"]
+    tail = monitor.tails["train"]
     fed = []
     original = tail.sink.feed
     tail.sink.feed = lambda block: fed.append(block) or original(block)
-    size_before = os.path.getsize(run.path("training"))
+    size_before = os.path.getsize(run.path("train"))
     run.steps(51, 52)
     stats(client)
-    with open(run.path("training"), "rb") as fh:
+    with open(run.path("train"), "rb") as fh:
         assert b"".join(fed) == fh.read()[size_before:]
-    assert tail.offset == os.path.getsize(run.path("training"))
+    assert tail.offset == os.path.getsize(run.path("train"))
 
 
 def test_truncated_or_replaced_file_starts_over(run):
     run.steps(1, 40)
     client = make_client(run)
     assert stats(client)["step"] == 40
-    with open(run.path("training"), "w") as fh:  # truncated in place: a new run
+    with open(run.path("train"), "w") as fh:  # truncated in place: a new run
         fh.write("")
     run.steps(1, 3)
     assert stats(client)["step"] == 3
     assert client.get("/api/series/loss").get_json()["x"] == [1, 2, 3]
     replacement = FakeRun(run.output_dir + "-new", total_steps=100)
     replacement.steps(1, 60)  # larger than before, so only the inode tells
-    os.replace(replacement.path("training"), run.path("training"))
+    os.replace(replacement.path("train"), run.path("train"))
     assert stats(client)["step"] == 60
     assert len(client.get("/api/series/loss").get_json()["x"]) == 60
 
@@ -105,7 +106,7 @@ def test_rewritten_file_that_grew_past_the_offset_is_noticed(run):
     run.steps(1, 5)
     client = make_client(run)
     assert stats(client)["step"] == 5
-    with open(run.path("training"), "r+") as fh:  # same inode, bigger, different head
+    with open(run.path("train"), "r+") as fh:  # same inode, bigger, different head
         fh.seek(0)
         fh.truncate()
     other = FakeRun(run.output_dir, total_steps=100)
@@ -205,7 +206,7 @@ def test_running_then_stalled(run):
     client = make_client(run, stall_seconds=60)
     assert stats(client)["status"] == "running"
     old = time.time() - 3600
-    for name in ("training", "events"):
+    for name in ("train", "events"):
         os.utime(run.path(name), (old, old))
     s = stats(client)
     assert s["status"] == "stalled" and s["seconds_since_write"] > 3000
@@ -221,6 +222,37 @@ def test_progress_and_training_numbers(run):
     losses = np.array([loss_at(i) for i in range(1, 26)])
     assert s["loss_smoothed"] == pytest.approx(ema(losses, 0.6)[-1])
     assert stats(make_client(run), smoothing=0.9)["loss_smoothed"] == pytest.approx(ema(losses, 0.9)[-1])
+
+
+def test_tokens_seen_is_the_latest_records_cumulative_count(run):
+    run.steps(1, 25)
+    s = stats(make_client(run))
+    assert s["tokens_seen"] == tokens_seen_at(25) and s["tokens_seen_estimated"] is False
+    assert s["tokens"] == tokens_at(25)  # the last step's own count, as before
+
+
+def test_tokens_seen_follows_a_resume(run):
+    run.steps(1, 30)
+    client = make_client(run)
+    run.event("resume", 20, from_step=20, checkpoint=os.path.join(run.output_dir, "checkpoint-20"))
+    assert stats(client)["tokens_seen"] is None  # the killed attempt's records are superseded
+    run.steps(21, 24)
+    assert stats(client)["tokens_seen"] == tokens_seen_at(24)
+
+
+def test_tokens_seen_of_a_log_that_predates_it_is_an_estimate(tmp_path):
+    old = FakeRun(tmp_path / "old", total_steps=100, with_tokens_seen=False)
+    old.steps(1, 30)
+    old.event("resume", 20, from_step=20, checkpoint="checkpoint-20")
+    for step in range(21, 26):
+        old.train(step)
+    s = stats(make_client(old))
+    # Under the resume rule each step counts once: steps 21-30 of the killed attempt are gone.
+    assert s["tokens_seen"] == tokens_seen_at(25) and s["tokens_seen_estimated"] is True
+    sparse = FakeRun(tmp_path / "sparse", total_steps=100, with_tokens_seen=False)
+    for step in (5, 10, 15):  # log_interval 5: each record stands for the 5 steps up to it
+        sparse.train(step)
+    assert stats(make_client(sparse))["tokens_seen"] == 5 * (tokens_at(5) + tokens_at(10) + tokens_at(15))
 
 
 # -- series maths -----------------------------------------------------------
@@ -434,49 +466,65 @@ def test_path_tricks_are_404(run, path):
 def test_symlinked_log_file_is_not_followed(run, tmp_path):
     secret = tmp_path / "secret.jsonl"
     secret.write_text(json.dumps({"step": 999, "time": 1.0, "loss": 1.0}) + "\n")
-    os.symlink(secret, run.path("training"))
+    os.symlink(secret, run.path("train"))
     assert stats(make_client(run))["step"] is None
 
 
-def test_token_auth(run):
+def test_a_log_file_replaced_by_a_directory_is_reported_not_a_500(run):
+    run.steps(1, 10, eval_every=5)
+    run.checkpoint(10, 2.0)
+    client = make_client(run)
+    assert stats(client)["step"] == 10
+    os.remove(run.path("train"))
+    os.mkdir(run.path("train"))
+    os.remove(run.path("events"))
+    os.symlink(run.path("eval"), run.path("events"))
+    meta = os.path.join(run.output_dir, "checkpoint-10", "trainer_meta.json")
+    os.remove(meta)
+    os.mkdir(meta)
+    for path in ("/api/stats", "/api/series/loss", "/api/series/val_loss", "/api/plots/loss.png", "/api/checkpoints",
+                 "/api/events", "/api/run", "/api/experts", "/api/errors", "/", "/health"):
+        assert client.get(path).status_code == 200, path
+    s = stats(client)
+    assert s["log_problems"] == {"training_log.jsonl": "is a directory, not a log file",
+                                 "events_log.jsonl": "is a symbolic link, which is not followed"}
+    assert s["step"] is None and s["val_step"] == 10  # what can be read still is
+    assert client.get("/api/checkpoints").get_json()["checkpoints"][0]["name"] == "checkpoint-10"
+    os.rmdir(run.path("train"))
+    run.steps(1, 4)
+    s = stats(client)
+    assert s["step"] == 4 and s["log_problems"] == {"events_log.jsonl": "is a symbolic link, which is not followed"}
+
+
+@pytest.mark.parametrize("query", ["/api/series/loss?max_points=", "/api/events?limit=", "/api/errors?limit=",
+                                   "/api/series/loss?format=csv&max_points="])
+def test_a_number_of_thousands_of_digits_is_a_400(run, query):
     run.steps(1, 3)
-    client = make_client(run, token="s3cret")
-    assert client.get("/api/stats").status_code == 401
-    assert client.get("/api/stats", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.get("/", headers={"Accept": "text/html"}).status_code == 401
-    assert client.get("/api/stats", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-
-    browser = make_client(run, token="s3cret")
-    response = browser.get("/?token=s3cret&x=1")
-    assert response.status_code == 303 and response.headers["Location"] == "/?x=1"
-    cookie = response.headers["Set-Cookie"]
-    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "s3cret" not in cookie
-    assert browser.get("/api/stats").status_code == 200  # the cookie now carries it
-    assert browser.get("/api/plots/loss.png").status_code == 200
-
-    scripted = make_client(run, token="s3cret")
-    assert scripted.get("/api/stats?token=s3cret").status_code == 200
-    assert scripted.get("/api/stats").status_code == 200
-    assert make_client(run, token="s3cret").get("/api/stats?token=nope").status_code == 401
-    offsite = make_client(run, token="s3cret").get("/%2F%2Fevil.example/?token=s3cret")
-    assert not offsite.headers["Location"].startswith("//")  # a protocol-relative URL would leave the site
+    response = make_client(run).get(query + "9" * 4301)
+    assert response.status_code == 400 and "must be an integer in" in response.get_json()["detail"]
+    assert make_client(run).get(query + "0" * 4301 + "5").status_code == 400
 
 
-def test_cli_refuses_lan_without_token_and_reports_config_errors(tmp_path, monkeypatch, capsys):
-    from glmkit.dashboard.cli import main
+def test_checkpoint_names_are_the_trainers(tmp_path):
+    from glmkit.checkpoint_names import checkpoint_path, parse_checkpoint_name
 
-    monkeypatch.delenv("DASHBOARD_TOKEN", raising=False)
-    assert main(["--logs", str(tmp_path), "--host", "0.0.0.0"]) == 2
-    assert "DASHBOARD_TOKEN" in capsys.readouterr().err
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("paths: [unclosed\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(bad)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.strip() and "Traceback" not in err
-    assert main(["--logs", str(tmp_path / "logs"), "--print-paths"]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"LOGS_DIR={tmp_path / 'logs'}", f"OUTPUT_DIR={tmp_path}"]
+    assert parse_checkpoint_name(os.path.basename(checkpoint_path("out", 120))) == (120, False)
+    assert parse_checkpoint_name(os.path.basename(checkpoint_path("out", 7, final=True))) == (7, True)
+    for name in ("checkpoint-", "checkpoint-1a", ".tmp-checkpoint-5", "checkpoint-5\n", "checkpoint-\u0665",
+                 "checkpoint-" + "9" * 4301, "best"):
+        assert parse_checkpoint_name(name) is None, name
+    run = FakeRun(tmp_path / "run")
+    run.checkpoint(5, 1.0)
+    os.makedirs(os.path.join(run.output_dir, "checkpoint-" + "9" * 200))  # no int64 step: not the trainer's
+    names = [c["name"] for c in make_client(run).get("/api/checkpoints").get_json()["checkpoints"]]
+    assert names == ["checkpoint-5"]
+
+
+def test_the_dashboard_never_imports_torch():
+    code = ("import sys, glmkit.dashboard.cli, glmkit.checkpoint_names, glmkit.logs; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = run_cli(["-c", code])
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 # -- reader internals -------------------------------------------------------
@@ -502,7 +550,7 @@ def test_lazy_columns_are_parsed_on_first_read(run):
     app = create_app(run.logs_dir, min_poll_interval=0)
     client = app.test_client()
     s = stats(client)
-    table = app.extensions["glmkit_dashboard"].monitor.training.table
+    table = app.extensions["glmkit_dashboard"].monitor.train.table
     lr = table._cols["lr"]
     assert lr._text_rows == 30 and s["lr"] is not None  # the card needed no full parse
     data = client.get("/api/series/lr").get_json()
@@ -517,79 +565,10 @@ def test_a_long_expert_backlog_is_skipped_not_parsed(tmp_path):
     for step in range(0, 200, 10):
         run.experts(step)
     sink = ExpertSink()
-    tail = JsonlTail(run.path("expert_usage"), sink, max_backlog=5000)
+    tail = JsonlTail(run.path("experts"), sink, max_backlog=5000)
     tail.poll()
     assert sink.current()["step"] == 190
     assert 0 < len(sink.table) < 20 and tail.bad_lines == 0 and tail.skipped_bytes > 0
-
-
-# -- launch_dashboard.sh --------------------------------------------------
-
-
-LAUNCHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch_dashboard.sh")
-
-
-def _launch(*args, env=None, **kwargs):
-    import subprocess
-
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DASHBOARD_")}
-    full_env.update(env or {})
-    return subprocess.run(["bash", LAUNCHER, *args], env=full_env, capture_output=True, text=True, timeout=60,
-                          **kwargs)
-
-
-def test_launcher_is_clean_under_shellcheck():
-    import shutil
-    import subprocess
-
-    if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed")
-    result = subprocess.run(["shellcheck", LAUNCHER], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
-
-
-def test_launcher_refuses_lan_without_token_and_bad_input(tmp_path):
-    refused = _launch("--logs", str(tmp_path), "--host", "0.0.0.0")
-    assert refused.returncode == 2 and "DASHBOARD_TOKEN" in refused.stderr
-    assert _launch("--logs", str(tmp_path), "--port", "99999").returncode == 2
-    assert _launch("--bogus").returncode == 2
-    bad = _launch("--config", str(tmp_path / "missing.yaml"))
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-
-
-def test_launcher_serves_with_token(tmp_path):
-    import socket
-    import subprocess
-    import urllib.error
-    import urllib.request
-
-    run = finished_run(tmp_path / "run")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHBOARD_")}
-    env.update(DASHBOARD_TOKEN="tok", DASHBOARD_PORT=str(port))
-    proc = subprocess.Popen(["bash", LAUNCHER, "--logs", run.logs_dir], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api/stats"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                pytest.fail("served without the token")
-            except urllib.error.HTTPError as exc:
-                assert exc.code == 401
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "launcher did not start"
-                time.sleep(0.2)
-        request = urllib.request.Request(url, headers={"Authorization": "Bearer tok"})
-        with urllib.request.urlopen(request, timeout=5) as response:
-            assert json.loads(response.read())["status"] == "finished"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 def test_smoothing_cache_extends_and_restarts_after_a_resume(run):

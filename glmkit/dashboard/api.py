@@ -38,7 +38,8 @@ def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+    # The length check comes first: int() refuses 4,301+ digits with a ValueError.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(high))) or not low <= int(raw) <= high:
         abort(400, f"{name} must be an integer in [{low}, {high}]")
     return int(raw)
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flask import Flask, jsonify, request
+from flask import Flask, abort, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .accesslog import redact_server_logs
 from .api import api
 from .auth import install_token_auth
 from .checkpoints import CheckpointScanner
+from .defaults import DEFAULTS
+from .exposure import host_header_name, host_header_names
 from .gpu import GpuProbe
 from .monitor import RunMonitor
 from .pages import pages
@@ -36,10 +39,11 @@ def create_app(
     output_dir: str | None = None,
     token: str | None = None,
     *,
-    smoothing: float = 0.6,
-    stall_seconds: float = 300.0,
-    refresh_seconds: float = 5.0,
-    min_poll_interval: float = 0.25,
+    bind_host: str = DEFAULTS.host,
+    smoothing: float = DEFAULTS.smoothing,
+    stall_seconds: float = DEFAULTS.stall_seconds,
+    refresh_seconds: float = DEFAULTS.refresh_seconds,
+    min_poll_interval: float = DEFAULTS.min_poll_interval,
     title: str | None = None,
     template_folder: str | os.PathLike | None = None,
     static_folder: str | os.PathLike | None = None,
@@ -47,7 +51,10 @@ def create_app(
     """Build the dashboard for the run whose logs are in `logs_dir`.
 
     output_dir: where checkpoints live (default: the parent of logs_dir).
-    token: if set, every request must carry it (see auth.py).
+    token: if set, every request must carry it (see auth.py); it never appears in the server's logs.
+    bind_host: the address the server binds; on a loopback address the Host header must name a
+        loopback address too (see exposure.py). Deciding whether a bind needs a token is the caller's
+        job: cli.py and app_from_env apply exposure.decide().
     smoothing: default EMA weight for the loss card and plots.
     stall_seconds: silence after which a run without run_end is "stalled".
     refresh_seconds: the page's default auto-refresh interval.
@@ -78,6 +85,10 @@ def create_app(
         refresh_seconds=refresh_seconds,
         title=title or os.path.basename(output_dir.rstrip(os.sep)) or "training run",
     )
+    redact_server_logs(token, (app.logger,))
+    allowed_hosts = host_header_names(bind_host)
+    if allowed_hosts is not None:
+        app.before_request(_host_check(allowed_hosts))  # before the token check: no oracle for a rebound page
     if token:
         install_token_auth(app, token)
     app.register_blueprint(pages)
@@ -85,6 +96,18 @@ def create_app(
     app.after_request(_secure_headers)
     app.register_error_handler(HTTPException, _http_error)
     return app
+
+
+def _host_check(allowed: tuple[str, ...]):
+    """Refuse requests whose Host header names anything but this machine (DNS rebinding)."""
+    names = ", ".join(allowed)
+
+    def check_host():
+        if host_header_name(request.headers.get("Host")) not in allowed:
+            abort(400, f"this dashboard is bound to a loopback address and answers only to the host names {names}; "
+                       "open it as http://127.0.0.1:<port>/ (or through an SSH tunnel to it)")
+
+    return check_host
 
 
 def _secure_headers(response):

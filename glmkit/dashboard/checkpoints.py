@@ -1,33 +1,38 @@
 """Checkpoints on disk, joined with what the events say about them.
 
-Only direct children of the output folder named ``checkpoint-<digits>`` or
-``final-checkpoint-<digits>`` are looked at, never through a symlink, so
-nothing outside the output folder is ever read.  Temporary folders that are
-still being written (``.tmp-checkpoint-*``) do not match.
+Only direct children of the output folder whose names the trainer writes
+(``checkpoint-<step>``, ``final-checkpoint-<step>``: glmkit.checkpoint_names)
+are looked at, never through a symlink, so nothing outside the output folder
+is ever read.  Temporary folders that are still being written
+(``.tmp-checkpoint-*``) do not match.  A folder that vanishes mid-scan (the
+trainer's retention deleting it) or an unreadable meta file is skipped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 
-CHECKPOINT_NAME = re.compile(r"(final-)?checkpoint-([0-9]{1,12})")
-META_FILE = "trainer_meta.json"
+from glmkit.checkpoint_names import COMPLETE, META, parse_checkpoint_name
+
 MAX_META_BYTES = 1 << 20
 
 
 def _read_meta(folder: str) -> dict:
     try:
-        fd = os.open(os.path.join(folder, META_FILE), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(os.path.join(folder, META), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return {}
-    with os.fdopen(fd, "rb") as f:
-        try:
-            meta = json.loads(f.read(MAX_META_BYTES))
-        except ValueError:
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory would make fdopen raise
             return {}
+        meta = json.loads(os.read(fd, MAX_META_BYTES))
+    except (OSError, ValueError):
+        return {}
+    finally:
+        os.close(fd)
     return meta if isinstance(meta, dict) else {}
 
 
@@ -63,29 +68,31 @@ class CheckpointScanner:
         if not self.output_dir:
             return []
         try:
-            entries = [e for e in os.scandir(self.output_dir) if CHECKPOINT_NAME.fullmatch(e.name)]
+            entries = [(e, parsed) for e in os.scandir(self.output_dir) if (parsed := parse_checkpoint_name(e.name))]
         except OSError:
             return []
         found = []
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                found.append(self._describe(entry))
+        for entry, (step, final) in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    found.append(self._describe(entry, step, final))
+            except OSError:
+                continue  # deleted while we looked
         self._cache = {e["name"]: self._cache[e["name"]] for e in found if e["name"] in self._cache}
         return sorted(found, key=lambda c: (c["step"], c["final"]))
 
-    def _describe(self, entry: os.DirEntry) -> dict:
+    def _describe(self, entry: os.DirEntry, step: int, final: bool) -> dict:
         mtime = entry.stat(follow_symlinks=False).st_mtime_ns
-        complete = os.path.lexists(os.path.join(entry.path, "COMPLETE"))
+        complete = os.path.lexists(os.path.join(entry.path, COMPLETE))
         key = mtime + int(complete)
         cached = self._cache.get(entry.name)
         if cached and cached[0] == key:
             return dict(cached[1])
-        final, step = CHECKPOINT_NAME.fullmatch(entry.name).groups()
         meta = _read_meta(entry.path)
         info = {
             "name": entry.name,
-            "step": int(step),
-            "final": bool(final),
+            "step": step,
+            "final": final,
             "complete": complete,
             "val_loss": _number(meta.get("val_loss")),
             "epoch": _number(meta.get("epoch")),

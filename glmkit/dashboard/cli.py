@@ -1,32 +1,40 @@
-"""Command line of the dashboard (training_dashboard.py is a thin wrapper).
+"""Command line of the dashboard (training_dashboard.py is a thin wrapper), and the gunicorn factory.
 
 The access token is read from the DASHBOARD_TOKEN environment variable, never
 from argv, where every user of the machine could read it in `ps`.
+Defaults come from defaults.py and the exposure policy from exposure.py;
+launch_dashboard.sh asks `--print-plan` rather than repeating either.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 
 from .app import create_app
+from .defaults import (DEFAULTS, ENV_HOST, ENV_LOGS_DIR, ENV_NO_AUTH, ENV_OUTPUT_DIR, ENV_PORT, ENV_REFRESH,
+                       ENV_SMOOTHING, ENV_STALL_SECONDS, ENV_TOKEN)
+from .exposure import Exposure, ExposureError, decide
 
-LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+__all__ = ["app_from_env", "build_parser", "main", "resolve_dirs"]
 
 
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"must be 1-65535, got {text!r}")
+    return int(text)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad input is one line and exit 2, as everywhere in the kit (argparse adds the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="training_dashboard.py",
         description="Browser dashboard for a glmkit training run (reads the JSONL logs only).",
     )
@@ -36,17 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (with --config), repeatable")
     p.add_argument("--output-dir", help="checkpoint folder (default: parent of the logs folder)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("DASHBOARD_PORT", "5000")),
-                   help="port (default $DASHBOARD_PORT or 5000)")
+    p.add_argument("--host", default=os.environ.get(ENV_HOST) or DEFAULTS.host,
+                   help=f"bind address (default ${ENV_HOST} or {DEFAULTS.host}); a non-loopback address needs "
+                        f"${ENV_TOKEN} (16+ characters) or --no-auth")
+    p.add_argument("--port", type=_port, default=os.environ.get(ENV_PORT) or str(DEFAULTS.port),
+                   help=f"port (default ${ENV_PORT} or {DEFAULTS.port})")
     p.add_argument("--no-auth", action="store_true",
-                   help="allow a non-loopback --host without DASHBOARD_TOKEN")
-    p.add_argument("--smoothing", type=float, default=0.6, help="default EMA weight in [0, 1)")
-    p.add_argument("--stall-seconds", type=float, default=300.0,
+                   help=f"serve without ${ENV_TOKEN}, even on a non-loopback --host (trusted networks only)")
+    p.add_argument("--smoothing", type=float, default=DEFAULTS.smoothing, help="default EMA weight in [0, 1)")
+    p.add_argument("--stall-seconds", type=float, default=DEFAULTS.stall_seconds,
                    help="silence after which a run counts as stalled")
-    p.add_argument("--refresh", type=float, default=5.0, help="default page refresh interval, seconds")
-    p.add_argument("--print-paths", action="store_true",
-                   help="print LOGS_DIR=<dir> and OUTPUT_DIR=<dir> lines and exit (for launch_dashboard.sh)")
+    p.add_argument("--refresh", type=float, default=DEFAULTS.refresh_seconds,
+                   help="default page refresh interval, seconds")
+    p.add_argument("--print-plan", action="store_true",
+                   help="check the host/token policy, print LOGS_DIR, OUTPUT_DIR, HOST, PORT, BIND, LOOPBACK "
+                        "and THREADS as KEY=VALUE lines, and exit (for launch_dashboard.sh)")
     return p
 
 
@@ -71,6 +83,12 @@ def resolve_dirs(args: argparse.Namespace) -> tuple[str, str]:
     return logs_dir, os.path.abspath(args.output_dir) if args.output_dir else output_dir
 
 
+def _plan_lines(logs_dir: str, output_dir: str, exposure: Exposure) -> str:
+    return "\n".join([f"LOGS_DIR={logs_dir}", f"OUTPUT_DIR={output_dir}", f"HOST={exposure.host}",
+                      f"PORT={exposure.port}", f"BIND={exposure.bind}", f"LOOPBACK={int(exposure.loopback)}",
+                      f"THREADS={DEFAULTS.threads}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -78,30 +96,51 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--set needs --config")
     if not 0.0 <= args.smoothing < 1.0:
         parser.error("--smoothing must be in [0, 1)")
-    logs_dir, output_dir = resolve_dirs(args)
-    if args.print_paths:
-        print(f"LOGS_DIR={logs_dir}\nOUTPUT_DIR={output_dir}")
-        return 0
-    token = os.environ.get("DASHBOARD_TOKEN") or None
-    if not is_loopback(args.host) and not token and not args.no_auth:
-        print(f"refusing to serve on {args.host} without DASHBOARD_TOKEN; set it, or pass --no-auth",
-              file=sys.stderr)
+    try:
+        exposure = decide(args.host, args.port, os.environ.get(ENV_TOKEN), no_auth=args.no_auth)
+    except ExposureError as exc:
+        print(f"training_dashboard: {exc}", file=sys.stderr)
         return 2
-    app = create_app(logs_dir, output_dir, token=None if args.no_auth else token,
+    logs_dir, output_dir = resolve_dirs(args)
+    if exposure.warning():
+        print(f"training_dashboard: {exposure.warning()}", file=sys.stderr)
+    if args.print_plan:
+        print(_plan_lines(logs_dir, output_dir, exposure))
+        return 0
+    app = create_app(logs_dir, output_dir, token=exposure.token, bind_host=exposure.host,
                      smoothing=args.smoothing, stall_seconds=args.stall_seconds, refresh_seconds=args.refresh)
-    print(f"dashboard: reading {logs_dir}\n  open http://{args.host}:{args.port}/", file=sys.stderr)
-    app.run(host=args.host, port=args.port, debug=False, use_reloader=False, threaded=True)
+    print(f"dashboard: reading {logs_dir}\n  open http://{exposure.bind}/", file=sys.stderr)
+    app.run(host=exposure.host.strip("[]"), port=exposure.port, debug=False, use_reloader=False, threaded=True)
     return 0
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"app_from_env: {name} must be a number, got {raw!r}") from None
+
+
 def app_from_env():
-    """Factory for `gunicorn 'training_dashboard:app_from_env()'` (see launch_dashboard.sh)."""
-    no_auth = os.environ.get("DASHBOARD_NO_AUTH") == "1"
+    """Factory for `gunicorn 'training_dashboard:app_from_env()'` (see launch_dashboard.sh).
+
+    DASHBOARD_HOST must name the address gunicorn binds (default 127.0.0.1), so that the same
+    exposure policy applies: a token for exposed binds, the Host check for loopback ones.
+    """
+    if ENV_LOGS_DIR not in os.environ:
+        raise SystemExit(f"app_from_env: set {ENV_LOGS_DIR} to the run's logs folder")
+    try:
+        exposure = decide(os.environ.get(ENV_HOST) or DEFAULTS.host, DEFAULTS.port, os.environ.get(ENV_TOKEN),
+                          no_auth=os.environ.get(ENV_NO_AUTH) == "1")
+    except ExposureError as exc:
+        raise SystemExit(f"app_from_env: {exc}") from None
     return create_app(
-        os.environ["DASHBOARD_LOGS_DIR"],
-        os.environ.get("DASHBOARD_OUTPUT_DIR") or None,
-        token=None if no_auth else (os.environ.get("DASHBOARD_TOKEN") or None),
-        smoothing=float(os.environ.get("DASHBOARD_SMOOTHING", "0.6")),
-        stall_seconds=float(os.environ.get("DASHBOARD_STALL_SECONDS", "300")),
-        refresh_seconds=float(os.environ.get("DASHBOARD_REFRESH", "5")),
+        os.environ[ENV_LOGS_DIR],
+        os.environ.get(ENV_OUTPUT_DIR) or None,
+        token=exposure.token,
+        bind_host=exposure.host,
+        smoothing=_env_float(ENV_SMOOTHING, DEFAULTS.smoothing),
+        stall_seconds=_env_float(ENV_STALL_SECONDS, DEFAULTS.stall_seconds),
+        refresh_seconds=_env_float(ENV_REFRESH, DEFAULTS.refresh_seconds),
     )

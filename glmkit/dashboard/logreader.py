@@ -8,6 +8,7 @@ which means a new run: its consumer is reset and reading starts over.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -43,6 +44,7 @@ class JsonlTail:
         self.offset = 0
         self.bad_lines = 0
         self.mtime: float | None = None
+        self.problem: str | None = None  # why the file cannot be read, when it exists but is unusable
         self._identity: tuple[int, int] | None = None
         self._head = b""
 
@@ -52,12 +54,16 @@ class JsonlTail:
             # O_NOFOLLOW: a symlink planted under a fixed log name is not read;
             # O_NONBLOCK: nor does a FIFO there hang the server.
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-        except OSError:
+        except OSError as exc:
+            self.problem = _open_problem(exc)
             return self._start_over() if self._identity is not None else False
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which raises on a directory
+            os.close(fd)
+            self.problem = "is a directory, not a log file" if stat.S_ISDIR(st.st_mode) else "is not a regular file"
+            return self._start_over() if self._identity is not None else False
+        self.problem = None
         with os.fdopen(fd, "rb", buffering=0) as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return self._start_over() if self._identity is not None else False
             changed = False
             if self._identity is not None and self._replaced(st, fd):
                 changed = self._start_over()
@@ -121,6 +127,14 @@ class JsonlTail:
                 break
             parts.append(more)
         return b"".join(parts)
+
+
+def _open_problem(exc: OSError) -> str | None:
+    if exc.errno == errno.ENOENT:
+        return None  # not written yet: the normal state before a run starts
+    if exc.errno == errno.ELOOP:
+        return "is a symbolic link, which is not followed"
+    return f"cannot be opened ({exc.strerror or exc})"
 
 
 def parse_lines(block: bytes) -> tuple[list, int]:

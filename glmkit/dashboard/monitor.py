@@ -1,30 +1,32 @@
-"""The dashboard's view of one run: the five log files and what they hold."""
+"""The dashboard's view of one run: the five log files and what they hold.
+
+The files and their kinds are the trainer's own (glmkit.logs.LOG_FILES); each
+kind has a sink here under the same name (`run.train`, `run.eval`, ...).
+"""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
+
+from glmkit.logs import LOG_FILES
 
 from .experts import ExpertSink
 from .logreader import JsonlTail, RecordSink, TableSink
 
-# The only files the dashboard ever reads from the logs folder.
-LOG_FILES = {
-    "events": "events_log.jsonl",
-    "training": "training_log.jsonl",
-    "eval": "eval_log.jsonl",
-    "experts": "expert_usage_log.jsonl",
-    "errors": "error_log.jsonl",
-}
+# Events are read first: a resume event must be seen no later than the records
+# the resumed run writes after it.
+READ_ORDER = ("events", *(kind for kind in LOG_FILES if kind != "events"))
 # Expert records are large (layers x experts counts) and only the newest one
 # and a short history are shown, so a long backlog is skipped, not parsed.
 MAX_BACKLOG = {"experts": 32 << 20}
-TRAINING_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_sec")
+# `tokens` (per step) backs the "tokens seen" card for logs written before `tokens_seen` existed.
+TRAINING_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_sec", "tokens")
 # Parsed on first use (all but `step`): /api/stats needs only their last values.
-LAZY_TRAINING_FIELDS = ("time", "loss", "lr", "grad_norm", "tokens_per_sec")
+LAZY_TRAINING_FIELDS = ("time", *TRAINING_FIELDS)
 EVAL_FIELDS = ("val_loss", "perplexity")
 
 
@@ -38,15 +40,15 @@ class RunMonitor:
     def __init__(self, logs_dir: str, min_interval: float = 0.25):
         self.logs_dir = os.path.abspath(logs_dir)
         self.min_interval = min_interval
-        self.training = TableSink(TRAINING_FIELDS, lazy=LAZY_TRAINING_FIELDS)
+        self.train = TableSink(TRAINING_FIELDS, lazy=LAZY_TRAINING_FIELDS)
         self.eval = TableSink(EVAL_FIELDS)
         self.experts = ExpertSink()
         self.events = RecordSink()
         self.errors = RecordSink()
         self.tails = {
-            name: JsonlTail(os.path.join(self.logs_dir, filename), getattr(self, name),
-                            max_backlog=MAX_BACKLOG.get(name))
-            for name, filename in LOG_FILES.items()
+            kind: JsonlTail(os.path.join(self.logs_dir, LOG_FILES[kind]), getattr(self, kind),
+                            max_backlog=MAX_BACKLOG.get(kind))
+            for kind in READ_ORDER
         }
         self._lock = threading.Lock()
         self._last_refresh = float("-inf")
@@ -64,8 +66,6 @@ class RunMonitor:
         if now - self._last_refresh < self.min_interval:
             return
         self._last_refresh = now
-        # Events first: a resume event must be seen no later than the records
-        # the resumed run writes after it.
         for tail in self.tails.values():
             tail.poll()
         self._apply_resumes()
@@ -80,7 +80,7 @@ class RunMonitor:
                 continue
             from_step, when = event.get("from_step"), event.get("time")
             if isinstance(from_step, int) and isinstance(when, (int, float)):
-                for sink in (self.training, self.eval, self.experts):
+                for sink in (self.train, self.eval, self.experts):
                     sink.table.supersede(from_step, when)
 
     # -- facts derived from the files themselves ---------------------------
@@ -90,7 +90,11 @@ class RunMonitor:
         return max(times) if times else None
 
     def bad_lines(self) -> dict[str, int]:
-        return {LOG_FILES[name]: tail.bad_lines for name, tail in self.tails.items()}
+        return {LOG_FILES[kind]: tail.bad_lines for kind, tail in self.tails.items()}
+
+    def problems(self) -> dict[str, str]:
+        """Log files that exist but cannot be read (a directory, a symlink, no permission), and why."""
+        return {LOG_FILES[kind]: tail.problem for kind, tail in self.tails.items() if tail.problem}
 
     def has_data(self) -> bool:
         return any(t.offset for t in self.tails.values())
@@ -98,7 +102,7 @@ class RunMonitor:
     def versions(self) -> dict[str, int]:
         """Change counters, used as cache keys and plot cache-busters."""
         return {
-            "training": self.training.table.version,
+            "train": self.train.table.version,
             "eval": self.eval.table.version,
             "experts": self.experts.table.version,
             "events": self.events.version,

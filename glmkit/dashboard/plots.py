@@ -32,10 +32,10 @@ BLUE, ORANGE, GREEN, PURPLE, RED = "#2563eb", "#ea580c", "#059669", "#7c3aed", "
 # name -> the monitor data it depends on (for the cache key).  Also the
 # allow-list for /api/plots/<name>.png.
 PLOTS = {
-    "loss": ("training", "eval", "events"),
-    "lr": ("training",),
-    "grad_norm": ("training",),
-    "throughput": ("training",),
+    "loss": ("train", "eval", "events"),
+    "lr": ("train",),
+    "grad_norm": ("train",),
+    "throughput": ("train",),
     "validation": ("eval", "events"),
     "experts": ("experts",),
 }
@@ -62,7 +62,7 @@ def _event_steps(run: RunMonitor, kind: str) -> list[int]:
 
 def collect(run: RunMonitor, name: str, smoothing: float, smoother: SmoothingCache | None = None) -> dict:
     """Copy what `name` needs out of the monitor (call with its lock held)."""
-    train, evals = run.training.table, run.eval.table
+    train, evals = run.train.table, run.eval.table
     if name == "loss":
         return {**_xy(train, "loss", smoothing, smoother), "val": _xy(evals, "val_loss"),
                 "checkpoints": _event_steps(run, "checkpoint_saved"), "resumes": _event_steps(run, "resume")}

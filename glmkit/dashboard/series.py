@@ -12,10 +12,10 @@ from .tables import GrowableColumn
 
 # name -> (monitor sink, column).  Also the allow-list for /api/series/<name>.
 SERIES = {
-    "loss": ("training", "loss"),
-    "lr": ("training", "lr"),
-    "grad_norm": ("training", "grad_norm"),
-    "tokens_per_sec": ("training", "tokens_per_sec"),
+    "loss": ("train", "loss"),
+    "lr": ("train", "lr"),
+    "grad_norm": ("train", "grad_norm"),
+    "tokens_per_sec": ("train", "tokens_per_sec"),
     "val_loss": ("eval", "val_loss"),
     "perplexity": ("eval", "perplexity"),
 }

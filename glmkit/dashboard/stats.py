@@ -29,7 +29,7 @@ def _last_lifecycle(run: RunMonitor) -> dict | None:
 
 
 def seconds_per_step(run: RunMonitor, window: int = 50) -> float | None:
-    table = run.training.table
+    table = run.train.table
     steps, times = table.tail("step", window), table.tail("time", window)
     ok = np.isfinite(times)
     if ok.sum() < 2:
@@ -66,13 +66,31 @@ def _run_start(run: RunMonitor) -> dict | None:
     return None
 
 
+def tokens_seen(table, latest: dict) -> tuple[float | None, bool]:
+    """(cumulative non-pad input tokens, estimated?) as of the newest training record.
+
+    The trainer writes `tokens_seen` in every record, continued across resumes. A log written before
+    it did has only the logged step's `tokens`: each stands for the steps since the record before it
+    (exact with log_interval 1), summed under the resume rule, and flagged as an estimate.
+    """
+    if not latest:
+        return None, False
+    if "tokens_seen" in latest:
+        return _finite(latest["tokens_seen"]), False
+    per_step, steps = table.column("tokens"), table.column("step")
+    covered = np.diff(steps, prepend=0.0)
+    finite = np.isfinite(per_step)
+    return (float((per_step[finite] * covered[finite]).sum()), True) if finite.any() else (None, False)
+
+
 def progress_stats(run: RunMonitor, status: str) -> dict:
-    table, latest = run.training.table, run.training.current() or {}
+    table, latest = run.train.table, run.train.current() or {}
     start = _run_start(run) or {}
     step = table.last("step")
     total = _finite(latest.get("total_steps")) or _finite(start.get("total_steps"))
     progress = min(1.0, step / total) if step is not None and total else None
     eta = _finite(latest.get("eta_seconds"))
+    seen, estimated = tokens_seen(table, latest)
     if status == "finished":
         progress, eta = (1.0 if total else progress), 0.0
     return {
@@ -82,7 +100,9 @@ def progress_stats(run: RunMonitor, status: str) -> dict:
         "elapsed_seconds": _finite(latest.get("elapsed_seconds")),
         "eta_seconds": eta,
         "epoch": _finite(latest.get("epoch")),
-        "tokens": _finite(latest.get("tokens")),
+        "tokens": _finite(latest.get("tokens")),  # this step's
+        "tokens_seen": seen,
+        "tokens_seen_estimated": estimated,
     }
 
 
@@ -97,7 +117,7 @@ def _smoothed_loss(table, smoothing: float) -> float | None:
 
 
 def training_stats(run: RunMonitor, smoothing: float) -> dict:
-    table, latest = run.training.table, run.training.current() or {}
+    table, latest = run.train.table, run.train.current() or {}
     return {
         "loss": _finite(table.last("loss")),
         "loss_smoothed": _smoothed_loss(table, smoothing),
@@ -147,6 +167,7 @@ def compute_stats(run: RunMonitor, now: float, smoothing: float, stall_seconds: 
         "seconds_per_step": seconds_per_step(run),
         "bad_lines": sum(bad.values()),
         "bad_lines_by_file": bad,
+        "log_problems": run.problems(),
         "errors": len(run.errors.records),
         "versions": run.versions(),
     }

@@ -126,13 +126,18 @@ function renderCards(s) {
   const perStep = isNum(s.steps_per_sec) && s.steps_per_sec > 0 ? 1 / s.steps_per_sec : s.seconds_per_step;
   setText("stat-speed", isNum(perStep) ? `${perStep.toFixed(perStep < 10 ? 2 : 1)} s / step` : dash);
   setText("stat-epoch", fmtFixed(s.epoch, 3));
-  setText("stat-tokens", isNum(s.tokens) ? `${fmtCompact(s.tokens)} tokens seen` : dash);
+  setText("stat-tokens", isNum(s.tokens_seen) ? `${fmtCompact(s.tokens_seen)} tokens seen` : dash);
+  $("stat-tokens").title = s.tokens_seen_estimated
+    ? "estimated: this log predates tokens_seen, so each logged step's tokens stand for the steps since the previous record"
+    : "non-pad input tokens trained on so far, all processes, across resumes";
   setText("stat-mem", fmtBytes(s.gpu_mem_peak));
   setText("stat-mem-hint", isNum(s.gpu_mem_allocated)
     ? `peak · now ${fmtBytes(s.gpu_mem_allocated)} / reserved ${fmtBytes(s.gpu_mem_reserved)}` : "not logged (no CUDA)");
   const bad = $("bad-lines");
-  bad.textContent = s.bad_lines ? `${s.bad_lines} malformed log line(s) skipped` : "all log lines parsed";
-  bad.className = s.bad_lines ? "warn" : "";
+  const problems = Object.entries(s.log_problems || {}).map(([file, why]) => `${file} ${why}`);
+  const notes = [...problems, ...(s.bad_lines ? [`${s.bad_lines} malformed log line(s) skipped`] : [])];
+  bad.textContent = notes.length ? notes.join(" · ") : "all log lines parsed";
+  bad.className = notes.length ? "warn" : "";
 }
 
 function renderValidation(s, checkpoints) {

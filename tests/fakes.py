@@ -1,7 +1,8 @@
-"""Helpers for the dashboard tests: a fake run that writes realistic logs.
+"""Fakes for the tests: a run that writes realistic logs without training (the dashboard tests).
 
 Records follow the trainer's log contract (see glmkit/logs.py): one JSON
-object per line, flushed per line, every record with `step` and `time`.
+object per line, flushed per line, every record with `step` and `time`, in
+the files glmkit.logs.LOG_FILES names. The fake Hub server is tests/fake_hub.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import os
 import threading
 import time
 
+from glmkit.checkpoint_names import COMPLETE, META, checkpoint_path
+from glmkit.logs import LOG_FILES
+
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 6, 16, 2
 
 
@@ -19,26 +23,40 @@ def loss_at(step: int) -> float:
     return 2.2 * math.exp(-step / 400) + 1.1 + 0.05 * math.sin(step * 0.7)
 
 
+def tokens_at(step: int) -> int:
+    """Non-pad input tokens of a step: a full batch is 65,536, padding takes a varying part."""
+    return 65536 - 97 * (step % 13)
+
+
+def tokens_seen_at(step: int) -> int:
+    """What the trainer's `tokens_seen` holds after `step` (steps 1..step, logged or not)."""
+    cycles, rest = divmod(step, 13)  # sum of step % 13 over 1..step, in closed form
+    return 65536 * step - 97 * (78 * cycles + rest * (rest + 1) // 2)
+
+
 class FakeRun:
     """Writes the five logs of one run (and checkpoints) under `output_dir`."""
 
-    def __init__(self, output_dir: str, total_steps: int = 1000, t0: float | None = None):
+    def __init__(self, output_dir: str, total_steps: int = 1000, t0: float | None = None,
+                 with_tokens_seen: bool = True):
         self.output_dir = str(output_dir)
+        self.with_tokens_seen = with_tokens_seen  # False: a log from before the trainer wrote tokens_seen
         self.logs_dir = os.path.join(self.output_dir, "logs")
         os.makedirs(self.logs_dir, exist_ok=True)
         self.total_steps = total_steps
         self.t0 = time.time() if t0 is None else t0
         self.clock = self.t0
 
-    def path(self, name: str) -> str:
-        return os.path.join(self.logs_dir, f"{name}_log.jsonl")
+    def path(self, kind: str) -> str:
+        """The log of `kind`, a key of glmkit.logs.LOG_FILES ("train", "eval", "experts", "events", "errors")."""
+        return os.path.join(self.logs_dir, LOG_FILES[kind])
 
-    def append(self, name: str, record: dict) -> None:
-        with open(self.path(name), "a", encoding="utf-8") as fh:
+    def append(self, kind: str, record: dict) -> None:
+        with open(self.path(kind), "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def append_raw(self, name: str, text: str) -> None:
-        with open(self.path(name), "a", encoding="utf-8") as fh:
+    def append_raw(self, kind: str, text: str) -> None:
+        with open(self.path(kind), "a", encoding="utf-8") as fh:
             fh.write(text)
 
     def tick(self, seconds: float = 2.0) -> float:
@@ -57,12 +75,14 @@ class FakeRun:
         record = {
             "step": step, "time": now, "loss": loss_at(step) if loss is None else loss,
             "lr": 2e-4 * min(1.0, step / 50) * (0.5 + 0.5 * math.cos(math.pi * step / self.total_steps)),
-            "grad_norm": 0.8 + 0.2 * math.cos(step), "epoch": step / self.total_steps, "tokens": step * 65536,
+            "grad_norm": 0.8 + 0.2 * math.cos(step), "epoch": step / self.total_steps, "tokens": tokens_at(step),
             "tokens_per_sec": 32768.0 + 500 * math.sin(step), "steps_per_sec": 0.5,
             "elapsed_seconds": now - self.t0, "eta_seconds": (self.total_steps - step) * 2.0,
             "total_steps": self.total_steps, "aux_loss": None,
         }
-        self.append("training", record)
+        if self.with_tokens_seen:
+            record["tokens_seen"] = tokens_seen_at(step)
+        self.append("train", record)
         return record
 
     def evaluate(self, step: int, val_loss: float | None = None) -> None:
@@ -87,18 +107,17 @@ class FakeRun:
             entropy = -sum(p * math.log(p) for p in probs) / math.log(NUM_EXPERTS)
             layers.append({"layer": layer, "counts": counts, "max_over_mean": max(counts) / mean,
                            "entropy": entropy, "dead_experts": [e for e, c in enumerate(counts) if c == 0]})
-        self.append("expert_usage", {"step": step, "time": self.tick(0.01), "interval_tokens": 65536,
+        self.append("experts", {"step": step, "time": self.tick(0.01), "interval_tokens": 65536,
                                      "num_experts": NUM_EXPERTS, "top_k": TOP_K, "layers": layers})
 
     def checkpoint(self, step: int, val_loss: float | None, best: bool = False) -> str:
-        name = f"checkpoint-{step}"
-        folder = os.path.join(self.output_dir, name)
+        folder = checkpoint_path(self.output_dir, step)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "adapter_model.safetensors"), "wb") as fh:
             fh.write(b"\0" * 4096)
-        with open(os.path.join(folder, "trainer_meta.json"), "w", encoding="utf-8") as fh:
+        with open(os.path.join(folder, META), "w", encoding="utf-8") as fh:
             json.dump({"step": step, "val_loss": val_loss, "epoch": step / self.total_steps}, fh)
-        open(os.path.join(folder, "COMPLETE"), "w").close()
+        open(os.path.join(folder, COMPLETE), "w").close()
         self.event("checkpoint_saved", step, path=folder, val_loss=val_loss, size_bytes=4096)
         if best:
             self.event("best_updated", step, path=os.path.join(self.output_dir, "best"), val_loss=val_loss,
@@ -106,7 +125,7 @@ class FakeRun:
         return folder
 
     def error(self, step: int, message: str = "CUDA out of memory") -> None:
-        self.append("error", {"step": step, "time": self.tick(0.1), "type": "OutOfMemoryError",
+        self.append("errors", {"step": step, "time": self.tick(0.1), "type": "OutOfMemoryError",
                               "message": message, "traceback": "Traceback ...\nOutOfMemoryError", "rank": 0})
 
     def steps(self, first: int, last: int, eval_every: int = 0, expert_every: int = 0) -> None:

@@ -1,0 +1,30 @@
+"""How checkpoints are named: folders `checkpoint-<step>` and `final-checkpoint-<step>`, and the files
+in them that readers other than the trainer look for.
+
+The one definition, shared by the trainer (glmkit/checkpoint.py) and the dashboard. It lives apart from
+checkpoint.py because that module imports torch, and the dashboard, which runs next to training for days,
+must stay light (tests/test_dashboard.py checks that it never imports torch).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+COMPLETE = "COMPLETE"  # written last: a folder without it is unfinished
+META = "trainer_meta.json"
+CHECKPOINT_NAME = re.compile(r"(final-)?checkpoint-([0-9]+)")
+# A step fits in int64; longer digit runs are not names this kit wrote (and int() of 4,301+ digits raises).
+MAX_STEP_DIGITS = 18
+
+
+def checkpoint_path(output_dir: str, step: int, final: bool = False) -> str:
+    return os.path.join(output_dir, f"{'final-' if final else ''}checkpoint-{step}")
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, bool] | None:
+    """(step, final) if `name` is a folder name `checkpoint_path` writes, else None."""
+    match = CHECKPOINT_NAME.fullmatch(name)
+    if match is None or len(match.group(2)) > MAX_STEP_DIGITS:
+        return None
+    return int(match.group(2)), bool(match.group(1))
