@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import types
 
 import pytest
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS_DIR)
-for path in (ROOT, TESTS_DIR):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-from fake_hub import FakeHub  # noqa: E402
-from glmkit import hub as hubmod  # noqa: E402
+from conftest import ROOT, free_port, run_cli
+from fake_hub import FakeHub
+from glmkit import hub as hubmod
 
 REPO_ID = "glmkit-test/GLM-4.5-Air-tiny"
 SCRIPT = os.path.join(ROOT, "download_model.py")
@@ -98,16 +91,17 @@ def write_config(tmp_path, model_dir, repo_id=REPO_ID, revision="main") -> str:
     return str(path)
 
 
-def run_cli(tmp_path, *args, endpoint, model_dir=None, repo_id=REPO_ID, revision="main", **env_extra):
+# The user's own Hub settings and proxies must not reach the fake hub.
+HUB_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_OFFLINE", "http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY",
+           "HTTPS_PROXY", "ALL_PROXY")
+
+
+def run_download(tmp_path, *args, endpoint, model_dir=None, repo_id=REPO_ID, revision="main", **env_extra):
     model_dir = model_dir or tmp_path / "model"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_")) and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
-           and k != "TRANSFORMERS_OFFLINE"}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1",
+    env = dict(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1",
                HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", **env_extra)
     config = write_config(tmp_path, model_dir, repo_id, revision)
-    return subprocess.run([sys.executable, SCRIPT, "--config", config, *args], env=env, cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    return run_cli([SCRIPT, "--config", config, *args], env=env, timeout=120, cwd=str(tmp_path), unset=HUB_ENV)
 
 
 def error_lines(result) -> list[str]:
@@ -132,18 +126,12 @@ def write_repo(folder, files: dict[str, bytes]) -> None:
         (folder / name).write_bytes(data)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------
 # (1) full download, then verification
 # ---------------------------------------------------------------------------
 
 def test_full_download_then_verification_passes(tmp_path, fake_hub, repo_files):
-    result = run_cli(tmp_path, endpoint=fake_hub.endpoint)
+    result = run_download(tmp_path, endpoint=fake_hub.endpoint)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verified:" in result.stdout and "footprint:" in result.stdout
@@ -162,7 +150,7 @@ def test_dropped_connection_is_resumed_with_a_range_request(tmp_path, fake_hub, 
     cut = len(repo_files[shard]) * 9 // 10
     fake_hub.drop_connection(shard, after_bytes=cut, times=1)
 
-    result = run_cli(tmp_path, endpoint=fake_hub.endpoint)
+    result = run_download(tmp_path, endpoint=fake_hub.endpoint)
 
     assert result.returncode == 0, result.stdout + result.stderr
     first, retry = fake_hub.downloads(shard)
@@ -177,7 +165,7 @@ def test_interrupted_download_fails_in_one_line_and_rerun_completes(tmp_path, fa
     # Cut the shard, then answer 503 to the in-run retry: the first run has to give up.
     fake_hub.drop_connection(shard, after_bytes=len(repo_files[shard]) * 9 // 10, times=1, then_status=503)
 
-    first = run_cli(tmp_path, endpoint=fake_hub.endpoint)
+    first = run_download(tmp_path, endpoint=fake_hub.endpoint)
 
     assert_clean_failure(first, "503", "rerun download_model.py")
     assert [s.range is not None for s in fake_hub.downloads(shard)] == [False, True]  # it tried to resume
@@ -187,7 +175,7 @@ def test_interrupted_download_fails_in_one_line_and_rerun_completes(tmp_path, fa
     fake_hub.restore()
     fake_hub.clear_log()
 
-    second = run_cli(tmp_path, endpoint=fake_hub.endpoint)
+    second = run_download(tmp_path, endpoint=fake_hub.endpoint)
 
     assert second.returncode == 0, second.stdout + second.stderr
     assert "verified:" in second.stdout
@@ -197,13 +185,13 @@ def test_interrupted_download_fails_in_one_line_and_rerun_completes(tmp_path, fa
 
 
 def test_rerun_refetches_a_shard_truncated_after_download(tmp_path, fake_hub, repo_files):
-    assert run_cli(tmp_path, endpoint=fake_hub.endpoint).returncode == 0
+    assert run_download(tmp_path, endpoint=fake_hub.endpoint).returncode == 0
     shard = shards(repo_files)[-1]
     path = tmp_path / "model" / shard
     path.write_bytes(repo_files[shard][: len(repo_files[shard]) // 2])
     fake_hub.clear_log()
 
-    result = run_cli(tmp_path, endpoint=fake_hub.endpoint)
+    result = run_download(tmp_path, endpoint=fake_hub.endpoint)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert {s.file for s in fake_hub.downloads()} == {shard}
@@ -221,7 +209,7 @@ def test_verify_only_catches_missing_and_truncated_shards(tmp_path, repo_files):
     (model_dir / missing).unlink()
     (model_dir / truncated).write_bytes(repo_files[truncated][:-100])
 
-    result = run_cli(tmp_path, "--verify-only", endpoint=f"http://127.0.0.1:{free_port()}")
+    result = run_download(tmp_path, "--verify-only", endpoint=f"http://127.0.0.1:{free_port()}")
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
@@ -234,7 +222,7 @@ def test_verify_only_catches_missing_and_truncated_shards(tmp_path, repo_files):
 def test_verify_only_passes_on_a_complete_folder(tmp_path, repo_files):
     write_repo(tmp_path / "model", repo_files)
 
-    result = run_cli(tmp_path, "--verify-only", endpoint=f"http://127.0.0.1:{free_port()}")
+    result = run_download(tmp_path, "--verify-only", endpoint=f"http://127.0.0.1:{free_port()}")
 
     assert result.returncode == 0, result.stdout + result.stderr
     size = sum(len(d) for d in repo_files.values()) / hubmod.GB
@@ -280,7 +268,7 @@ def test_safetensors_check_reads_only_the_header(tmp_path, repo_files):
 def test_gated_repo_gives_one_line_and_never_prints_the_token(tmp_path, repo_files, token):
     env = {"HF_TOKEN": token} if token else {}
     with FakeHub(REPO_ID, repo_files, gated=True) as gated:
-        result = run_cli(tmp_path, endpoint=gated.endpoint, **env)
+        result = run_download(tmp_path, endpoint=gated.endpoint, **env)
 
     line = assert_clean_failure(result, "gated", f"{gated.endpoint}/{REPO_ID}", "request access")
     assert TOKEN not in result.stdout + result.stderr
@@ -311,7 +299,7 @@ def test_hub_errors_give_one_line_with_what_to_do(tmp_path, fake_hub, case):
     else:
         kwargs["HF_HUB_OFFLINE"] = "1"
 
-    result = run_cli(tmp_path, **kwargs)
+    result = run_download(tmp_path, **kwargs)
 
     assert_clean_failure(result, *expected)
     assert TOKEN not in result.stdout + result.stderr
@@ -320,12 +308,12 @@ def test_hub_errors_give_one_line_with_what_to_do(tmp_path, fake_hub, case):
 
 def test_listing_hiccup_falls_back_to_the_size_estimate(tmp_path, fake_hub, repo_files):
     fake_hub.fail_api(503, times=1)  # only our own pre-flight listing sees it
-    result = run_cli(tmp_path, endpoint=fake_hub.endpoint)
+    result = run_download(tmp_path, endpoint=fake_hub.endpoint)
     if hubmod.free_bytes(str(tmp_path)) < hubmod.FALLBACK_REPO_BYTES:
         # Without the listing the check assumes the full GLM-4.5-Air size, which this disk can't hold.
         assert_clean_failure(result, "not enough free disk space", "estimated")
         fake_hub.fail_api(503, times=1)
-        result = run_cli(tmp_path, "--min-free-gb", "0", endpoint=fake_hub.endpoint)
+        result = run_download(tmp_path, "--min-free-gb", "0", endpoint=fake_hub.endpoint)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "warning: could not list" in result.stdout
@@ -338,7 +326,7 @@ def test_listing_hiccup_falls_back_to_the_size_estimate(tmp_path, fake_hub, repo
 # ---------------------------------------------------------------------------
 
 def test_download_is_refused_without_enough_disk_space(tmp_path, fake_hub):
-    result = run_cli(tmp_path, "--min-free-gb", "1e12", endpoint=fake_hub.endpoint)
+    result = run_download(tmp_path, "--min-free-gb", "1e12", endpoint=fake_hub.endpoint)
 
     assert_clean_failure(result, "not enough free disk space", "--min-free-gb")
     assert not fake_hub.downloads()
@@ -390,6 +378,6 @@ def test_tiny_writes_with_the_generator_then_verifies(tmp_path, monkeypatch, rep
 
 def test_tiny_with_the_real_generator(tmp_path):
     pytest.importorskip("glmkit.tiny")
-    result = run_cli(tmp_path, "--tiny", endpoint=f"http://127.0.0.1:{free_port()}")
+    result = run_download(tmp_path, "--tiny", endpoint=f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verified:" in result.stdout

@@ -8,13 +8,13 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
+from conftest import free_port
 from glmkit.config import load_config
 from glmkit.launch_env import format_lines, launch_values
 
@@ -313,12 +313,6 @@ def _trainer_ready() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("glmkit.tiny", "glmkit.demo_data", "glmkit.model"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _events(output_dir: str) -> list[dict]:
     with open(os.path.join(output_dir, "logs", "events_log.jsonl"), encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -340,7 +334,7 @@ def test_two_process_cpu_run_resumes_by_itself(tmp_path):
                        "logging.eval_interval": 2, "logging.checkpoint_interval": 2}.items():
         settings += ["--set", f"{key}={value}"]
     tiny = os.path.join(KIT_ROOT, "configs", "tiny.yaml")
-    env = launcher_env(MAIN_PROCESS_PORT=str(_free_port()))
+    env = launcher_env(MAIN_PROCESS_PORT=str(free_port()))
 
     first = run_launcher("--config", tiny, *settings, "--set", "training.max_steps=2", env=env, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
