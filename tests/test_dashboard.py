@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 from fakes import FakeRun, finished_run, loss_at, tokens_at, tokens_seen_at
+
 from glmkit.dashboard import create_app
 from glmkit.dashboard.fastjsonl import parse_uniform_block
 from glmkit.dashboard.series import downsample_indices, ema, ema_last

@@ -19,9 +19,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, free_port, wait_until_healthy
 from fakes import FakeRun, finished_run
+
 from glmkit.dashboard import create_app
 from glmkit.dashboard.auth import FAILURE_LIMIT, FailedTokens
 from glmkit.dashboard.defaults import DEFAULTS

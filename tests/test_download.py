@@ -12,9 +12,9 @@ import sys
 import types
 
 import pytest
-
 from conftest import ROOT, free_port, run_cli
 from fake_hub import FakeHub
+
 from glmkit import hub as hubmod
 
 REPO_ID = "glmkit-test/GLM-4.5-Air-tiny"

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import free_port
+
 from glmkit.config import load_config
 from glmkit.launch_env import format_lines, launch_values
 

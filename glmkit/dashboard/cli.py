@@ -13,8 +13,7 @@ import os
 import sys
 
 from .app import create_app
-from .defaults import (DEFAULTS, ENV_HOST, ENV_LOGS_DIR, ENV_NO_AUTH, ENV_OUTPUT_DIR, ENV_PORT, ENV_REFRESH,
-                       ENV_SMOOTHING, ENV_STALL_SECONDS, ENV_TOKEN)
+from .defaults import DEFAULTS, ENV
 from .exposure import Exposure, ExposureError, decide
 
 __all__ = ["app_from_env", "build_parser", "main", "resolve_dirs"]
@@ -44,13 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (with --config), repeatable")
     p.add_argument("--output-dir", help="checkpoint folder (default: parent of the logs folder)")
-    p.add_argument("--host", default=os.environ.get(ENV_HOST) or DEFAULTS.host,
-                   help=f"bind address (default ${ENV_HOST} or {DEFAULTS.host}); a non-loopback address needs "
-                        f"${ENV_TOKEN} (16+ characters) or --no-auth")
-    p.add_argument("--port", type=_port, default=os.environ.get(ENV_PORT) or str(DEFAULTS.port),
-                   help=f"port (default ${ENV_PORT} or {DEFAULTS.port})")
+    p.add_argument("--host", default=os.environ.get(ENV.host) or DEFAULTS.host,
+                   help=f"bind address (default ${ENV.host} or {DEFAULTS.host}); a non-loopback address needs "
+                        f"${ENV.token} (16+ characters) or --no-auth")
+    p.add_argument("--port", type=_port, default=os.environ.get(ENV.port) or str(DEFAULTS.port),
+                   help=f"port (default ${ENV.port} or {DEFAULTS.port})")
     p.add_argument("--no-auth", action="store_true",
-                   help=f"serve without ${ENV_TOKEN}, even on a non-loopback --host (trusted networks only)")
+                   help=f"serve without ${ENV.token}, even on a non-loopback --host (trusted networks only)")
     p.add_argument("--smoothing", type=float, default=DEFAULTS.smoothing, help="default EMA weight in [0, 1)")
     p.add_argument("--stall-seconds", type=float, default=DEFAULTS.stall_seconds,
                    help="silence after which a run counts as stalled")
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.smoothing < 1.0:
         parser.error("--smoothing must be in [0, 1)")
     try:
-        exposure = decide(args.host, args.port, os.environ.get(ENV_TOKEN), no_auth=args.no_auth)
+        exposure = decide(args.host, args.port, os.environ.get(ENV.token), no_auth=args.no_auth)
     except ExposureError as exc:
         print(f"training_dashboard: {exc}", file=sys.stderr)
         return 2
@@ -128,19 +127,19 @@ def app_from_env():
     DASHBOARD_HOST must name the address gunicorn binds (default 127.0.0.1), so that the same
     exposure policy applies: a token for exposed binds, the Host check for loopback ones.
     """
-    if ENV_LOGS_DIR not in os.environ:
-        raise SystemExit(f"app_from_env: set {ENV_LOGS_DIR} to the run's logs folder")
+    if ENV.logs_dir not in os.environ:
+        raise SystemExit(f"app_from_env: set {ENV.logs_dir} to the run's logs folder")
     try:
-        exposure = decide(os.environ.get(ENV_HOST) or DEFAULTS.host, DEFAULTS.port, os.environ.get(ENV_TOKEN),
-                          no_auth=os.environ.get(ENV_NO_AUTH) == "1")
+        exposure = decide(os.environ.get(ENV.host) or DEFAULTS.host, DEFAULTS.port, os.environ.get(ENV.token),
+                          no_auth=os.environ.get(ENV.no_auth) == "1")
     except ExposureError as exc:
         raise SystemExit(f"app_from_env: {exc}") from None
     return create_app(
-        os.environ[ENV_LOGS_DIR],
-        os.environ.get(ENV_OUTPUT_DIR) or None,
+        os.environ[ENV.logs_dir],
+        os.environ.get(ENV.output_dir) or None,
         token=exposure.token,
         bind_host=exposure.host,
-        smoothing=_env_float(ENV_SMOOTHING, DEFAULTS.smoothing),
-        stall_seconds=_env_float(ENV_STALL_SECONDS, DEFAULTS.stall_seconds),
-        refresh_seconds=_env_float(ENV_REFRESH, DEFAULTS.refresh_seconds),
+        smoothing=_env_float(ENV.smoothing, DEFAULTS.smoothing),
+        stall_seconds=_env_float(ENV.stall_seconds, DEFAULTS.stall_seconds),
+        refresh_seconds=_env_float(ENV.refresh_seconds, DEFAULTS.refresh_seconds),
     )

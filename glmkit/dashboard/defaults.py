@@ -19,13 +19,20 @@ class DashboardDefaults:
 
 DEFAULTS = DashboardDefaults()
 
-# Environment variables the command line and the gunicorn factory read (flags win on the command line).
-ENV_HOST = "DASHBOARD_HOST"
-ENV_PORT = "DASHBOARD_PORT"
-ENV_TOKEN = "DASHBOARD_TOKEN"
-ENV_NO_AUTH = "DASHBOARD_NO_AUTH"
-ENV_LOGS_DIR = "DASHBOARD_LOGS_DIR"
-ENV_OUTPUT_DIR = "DASHBOARD_OUTPUT_DIR"
-ENV_SMOOTHING = "DASHBOARD_SMOOTHING"
-ENV_STALL_SECONDS = "DASHBOARD_STALL_SECONDS"
-ENV_REFRESH = "DASHBOARD_REFRESH"
+
+@dataclass(frozen=True)
+class DashboardEnv:
+    """Environment variables the command line and the gunicorn factory read (flags win on the command line)."""
+
+    host: str = "DASHBOARD_HOST"
+    port: str = "DASHBOARD_PORT"
+    token: str = "DASHBOARD_TOKEN"  # never a flag: argv is visible to every user in `ps`
+    no_auth: str = "DASHBOARD_NO_AUTH"
+    logs_dir: str = "DASHBOARD_LOGS_DIR"
+    output_dir: str = "DASHBOARD_OUTPUT_DIR"
+    smoothing: str = "DASHBOARD_SMOOTHING"
+    stall_seconds: str = "DASHBOARD_STALL_SECONDS"
+    refresh_seconds: str = "DASHBOARD_REFRESH"
+
+
+ENV = DashboardEnv()
