@@ -110,3 +110,15 @@ def test_tokens_card_of_a_log_without_tokens_seen(tmp_path, serve_dashboard, chr
     page.wait_for_function("() => document.getElementById('stat-step').textContent === '12'")
     assert page.text_content("#stat-tokens").strip() == "779k tokens seen"  # log_interval 1: the exact sum
     assert page.get_attribute("#stat-tokens", "title").startswith("estimated")
+
+
+def test_an_unreadable_log_is_named_in_the_footer(tmp_path, serve_dashboard, chromium):
+    fake = FakeRun(tmp_path / "run", total_steps=50)
+    fake.start()
+    fake.steps(1, 8)
+    Path(fake.path("eval")).mkdir()  # where eval_log.jsonl should be
+    page = chromium()
+    page.goto(serve_dashboard(fake.logs_dir).url + "/")
+    page.wait_for_function("() => document.getElementById('stat-step').textContent === '8'")
+    assert page.text_content("#bad-lines").strip() == "eval_log.jsonl is a directory, not a log file"
+    assert page.get_attribute("#bad-lines", "class") == "warn"
