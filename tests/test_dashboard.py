@@ -243,12 +243,17 @@ def test_tokens_seen_follows_a_resume(run):
 def test_tokens_seen_of_a_log_that_predates_it_is_an_estimate(tmp_path):
     old = FakeRun(tmp_path / "old", total_steps=100, with_tokens_seen=False)
     old.steps(1, 30)
+    client = make_client(old)
+    assert stats(client)["tokens_seen"] == tokens_seen_at(30)
+    old.steps(31, 33)  # the running sum is extended, not recomputed
+    assert stats(client)["tokens_seen"] == tokens_seen_at(33)
     old.event("resume", 20, from_step=20, checkpoint="checkpoint-20")
     for step in range(21, 26):
         old.train(step)
-    s = stats(make_client(old))
-    # Under the resume rule each step counts once: steps 21-30 of the killed attempt are gone.
+    s = stats(client)
+    # Under the resume rule each step counts once: steps 21-33 of the killed attempt are gone.
     assert s["tokens_seen"] == tokens_seen_at(25) and s["tokens_seen_estimated"] is True
+    assert stats(make_client(old))["tokens_seen"] == tokens_seen_at(25)
     sparse = FakeRun(tmp_path / "sparse", total_steps=100, with_tokens_seen=False)
     for step in (5, 10, 15):  # log_interval 5: each record stands for the 5 steps up to it
         sparse.train(step)

@@ -49,7 +49,7 @@ def stats():
     state = dashboard()
     smoothing = _smoothing(state.smoothing)
     with state.monitor.locked() as run:
-        payload = compute_stats(run, time.time(), smoothing, state.stall_seconds)
+        payload = compute_stats(run, time.time(), smoothing, state.stall_seconds, state.tokens_estimate)
     payload["plot_versions"] = plot_versions(payload["versions"])
     return jsonify(clean(payload))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import current_app
 
@@ -12,6 +12,7 @@ from .gpu import GpuProbe
 from .monitor import RunMonitor
 from .plots import PlotCache
 from .series import SmoothingCache
+from .stats import TokensSeenEstimate
 
 EXTENSION = "glmkit_dashboard"
 
@@ -28,6 +29,7 @@ class DashboardState:
     stall_seconds: float
     refresh_seconds: float
     title: str
+    tokens_estimate: TokensSeenEstimate = field(default_factory=TokensSeenEstimate)
 
 
 def dashboard() -> DashboardState:

@@ -66,31 +66,54 @@ def _run_start(run: RunMonitor) -> dict | None:
     return None
 
 
-def tokens_seen(table, latest: dict) -> tuple[float | None, bool]:
+class TokensSeenEstimate:
+    """For logs written before the trainer recorded `tokens_seen`: the running sum of each logged step's
+    `tokens` times the steps since the record before it (exact with log_interval 1), under the resume rule.
+
+    Extended by the rows appended since the last call, restarted when rows were removed (a resume, a
+    new run), so a long log costs one pass, not one per request.
+    """
+
+    def __init__(self):
+        self._generation, self._rows, self._last_step, self._total, self._seen_any = None, 0, 0.0, 0.0, False
+
+    def value(self, table) -> float | None:
+        if table.generation != self._generation or len(table) < self._rows:
+            self.__init__()
+            self._generation = table.generation
+        new = len(table) - self._rows
+        if new > 0:
+            tokens, steps = table.tail("tokens", new), table.tail("step", new)
+            covered = np.diff(steps, prepend=self._last_step)
+            finite = np.isfinite(tokens)
+            self._total += float((tokens[finite] * covered[finite]).sum())
+            self._seen_any = self._seen_any or bool(finite.any())
+            self._rows, self._last_step = len(table), float(steps[-1])
+        return self._total if self._seen_any else None
+
+
+def tokens_seen(table, latest: dict, estimate: TokensSeenEstimate) -> tuple[float | None, bool]:
     """(cumulative non-pad input tokens, estimated?) as of the newest training record.
 
-    The trainer writes `tokens_seen` in every record, continued across resumes. A log written before
-    it did has only the logged step's `tokens`: each stands for the steps since the record before it
-    (exact with log_interval 1), summed under the resume rule, and flagged as an estimate.
+    The trainer writes `tokens_seen` in every record, continued across resumes; a log that predates it
+    gets the estimate, flagged as such.
     """
     if not latest:
         return None, False
     if "tokens_seen" in latest:
         return _finite(latest["tokens_seen"]), False
-    per_step, steps = table.column("tokens"), table.column("step")
-    covered = np.diff(steps, prepend=0.0)
-    finite = np.isfinite(per_step)
-    return (float((per_step[finite] * covered[finite]).sum()), True) if finite.any() else (None, False)
+    value = estimate.value(table)
+    return value, value is not None
 
 
-def progress_stats(run: RunMonitor, status: str) -> dict:
+def progress_stats(run: RunMonitor, status: str, estimate: TokensSeenEstimate) -> dict:
     table, latest = run.train.table, run.train.current() or {}
     start = _run_start(run) or {}
     step = table.last("step")
     total = _finite(latest.get("total_steps")) or _finite(start.get("total_steps"))
     progress = min(1.0, step / total) if step is not None and total else None
     eta = _finite(latest.get("eta_seconds"))
-    seen, estimated = tokens_seen(table, latest)
+    seen, estimated = tokens_seen(table, latest, estimate)
     if status == "finished":
         progress, eta = (1.0 if total else progress), 0.0
     return {
@@ -153,12 +176,13 @@ def validation_stats(run: RunMonitor) -> dict:
     }
 
 
-def compute_stats(run: RunMonitor, now: float, smoothing: float, stall_seconds: float) -> dict:
+def compute_stats(run: RunMonitor, now: float, smoothing: float, stall_seconds: float,
+                  tokens_estimate: TokensSeenEstimate | None = None) -> dict:
     status = run_status(run, now, stall_seconds)
     written = run.last_write_time()
     bad = run.bad_lines()
     return {
-        **progress_stats(run, status),
+        **progress_stats(run, status, tokens_estimate or TokensSeenEstimate()),
         **training_stats(run, smoothing),
         **validation_stats(run),
         "status": status,
