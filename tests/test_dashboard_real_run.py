@@ -45,9 +45,11 @@ def test_killed_then_resumed_run_reads_true_in_browser(make_config, tmp_path, se
     errors = []
     page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
     page.goto(url + "/")
-    # A SIGKILLed trainer writes nothing more: the page must say so rather than "running".
+    # A SIGKILLed trainer writes nothing more: the page must say so rather than "running". "Stalled" means
+    # silent for 10 x the step time, which is long on a busy machine.
+    seconds_per_step = api(url, "/api/stats")["seconds_per_step"] or 1.0
     page.wait_for_function("() => document.getElementById('status').textContent.trim() === 'stalled'",
-                           timeout=30_000)
+                           timeout=int((30 + 12 * seconds_per_step) * 1000))
     assert page.text_content("#stat-step").strip() == "10"
 
     # Resume while the page is open; it follows the run to its end by itself.
