@@ -197,7 +197,7 @@ case "$RESUME_MODE" in
     path) say "resuming from $RESUME_PATH (--resume_from)"; RESUME_ARGS=(--resume_from "$RESUME_PATH") ;;
     none) say "--no-resume: starting fresh" ;;  # over existing checkpoints it was refused in stage 4
     auto) if [[ -n "$KIT_LATEST_CHECKPOINT" ]]; then
-              say "resuming from $KIT_LATEST_CHECKPOINT (latest complete checkpoint; --no-resume to start over)"
+              say "resuming from $KIT_LATEST_CHECKPOINT (latest complete checkpoint; to start over, use a new paths.output_dir)"
               if [[ "$KIT_RUN_STATUS" == finished ]]; then
                   say "the last run logged run_end finished: unless its settings changed, the trainer says so and exits"
               fi
