@@ -78,6 +78,8 @@ def bounded_requests(timeout: float) -> None:
     """
     import httpx2
     from huggingface_hub import constants, set_client_factory
+    # Not re-exported, but it is the client huggingface_hub would build (its request hook, redirects);
+    # requirements.txt pins 2.4.0 and tests/test_download.py's timeout tests fail if this moves.
     from huggingface_hub.utils._http import default_client_factory
 
     limit = httpx2.Timeout(timeout)
