@@ -78,6 +78,7 @@ def bounded_requests(timeout: float) -> None:
     """
     import httpx2
     from huggingface_hub import constants, set_client_factory
+
     # Not re-exported, but it is the client huggingface_hub would build (its request hook, redirects);
     # requirements.txt pins 2.4.0 and tests/test_download.py's timeout tests fail if this moves.
     from huggingface_hub.utils._http import default_client_factory
@@ -222,9 +223,15 @@ def explain_hub_error(exc: BaseException, repo_id: str, revision: str, endpoint:
     """Turn a huggingface_hub / network / disk error into one line saying what to do."""
     import httpx2
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError,
-                                        LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     hub = (endpoint or constants.ENDPOINT).rstrip("/")
     resume = "rerun download_model.py to resume (finished files are kept)"

@@ -319,7 +319,6 @@ def _param_entries(model):
     """(name, logical params, bytes, quantized?) for every parameter and persistent buffer."""
     import bitsandbytes as bnb
     from bitsandbytes.nn.parametrize import Bnb4bitParametrization
-
     from torch.nn.utils.parametrize import ParametrizationList
 
     for module_name, module in model.named_modules():

@@ -26,6 +26,7 @@ for path in (ROOT, TESTS_DIR):
         sys.path.insert(0, path)
 
 from fake_hub import FakeHub  # noqa: E402
+
 from glmkit import hub as hubmod  # noqa: E402
 
 REPO_ID = "glmkit-test/GLM-4.5-Air-tiny"

@@ -9,9 +9,9 @@ import struct
 
 import pytest
 import torch
+from conftest import ROOT, run_cli, write_tiny_config
 from safetensors.torch import save_file
 
-from conftest import ROOT, run_cli, write_tiny_config
 from glmkit import shards
 
 INDEX = "model.safetensors.index.json"
