@@ -2,11 +2,13 @@
 """Download GLM-4.5-Air into paths.model_dir and verify it (or verify / write a tiny test checkpoint).
 
     python download_model.py                      # download model.name_or_path @ model.revision, then verify
-    python download_model.py --verify-only        # re-check an existing paths.model_dir
+    python download_model.py --verify-only        # re-check an existing paths.model_dir (headers, seconds)
+    python download_model.py --verify-only --deep # ... and hash every file against the Hub's sha256
     python download_model.py --tiny --set paths.model_dir=models/tiny   # offline, scaled-down checkpoint
 
-Rerunning after an interruption fetches only what is still missing. Exit codes: 0 usable checkpoint,
-1 download refused/failed or verification failed, 2 bad configuration, 130 interrupted.
+Rerunning after an interruption fetches only what is still missing. Every request to the Hub gives up after
+--timeout seconds without an answer. Exit codes: 0 usable checkpoint, 1 download refused/failed or
+verification failed, 2 bad configuration or options, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -28,11 +30,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write a scaled-down checkpoint of the same architecture, offline, then verify it")
     parser.add_argument("--min-free-gb", type=float, default=None, metavar="GB",
                         help="require this much free disk space instead of the computed need (0 skips the check)")
+    parser.add_argument("--deep", action="store_true",
+                        help="also hash every file and compare with the Hub's sha256 (needs the Hub; reads "
+                             "every byte: minutes for ~220 GB)")
+    parser.add_argument("--timeout", type=_seconds, default=hub.DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"give up on a Hub request after this long without an answer "
+                             f"(default {hub.DEFAULT_TIMEOUT:g})")
     return parser
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive, finite number of seconds")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.deep and args.tiny:
+        parser.error("--deep compares with the Hub's hashes; a --tiny checkpoint is not on the Hub")
     cfg = config_from_args(args)
     model_dir = cfg.paths.model_dir
     rerun = "download_model.py --tiny" if args.tiny else "download_model.py"
@@ -40,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny:
             write_tiny(model_dir)
         elif not args.verify_only:
-            hub.download(cfg.model.name_or_path, cfg.model.revision, model_dir, min_free_gb=args.min_free_gb)
+            hub.download(cfg.model.name_or_path, cfg.model.revision, model_dir, min_free_gb=args.min_free_gb,
+                         timeout=args.timeout)
+        return report(model_dir, rerun, cfg if args.deep else None, args.timeout)
     except hub.HubError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nerror: interrupted; rerun download_model.py to resume (finished files are kept)", file=sys.stderr)
         return 130
-    return report(model_dir, rerun)
 
 
 def write_tiny(model_dir: str) -> None:
@@ -65,9 +87,16 @@ def write_tiny(model_dir: str) -> None:
     write_tiny_checkpoint(model_dir, seed=0)
 
 
-def report(model_dir: str, rerun: str) -> int:
-    """Verify, print the footprint, and return the exit code."""
+def report(model_dir: str, rerun: str, deep_cfg=None, timeout: float = hub.DEFAULT_TIMEOUT) -> int:
+    """Verify (and with `deep_cfg`, hash against the Hub), print the footprint, and return the exit code."""
     problems = hub.verify_model_dir(model_dir, rerun=rerun)
+    if deep_cfg is not None and os.path.isdir(model_dir):
+        flagged = frozenset(path for path, _ in hub.check_weights(model_dir))  # reported once, above
+        try:
+            problems += hub.deep_verify(model_dir, deep_cfg.model.name_or_path, deep_cfg.model.revision,
+                                        timeout=timeout, skip=flagged, rerun=rerun)
+        except hub.HubError as exc:
+            problems.append(str(exc))
     if os.path.isdir(model_dir):
         files, partial = hub.footprint(model_dir)
         line = f"footprint: {files / hub.GB:.2f} GB ({files:,} bytes) in {model_dir}"
@@ -79,7 +108,8 @@ def report(model_dir: str, rerun: str) -> int:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
         return 1
-    print(f"verified: {model_dir} is a complete {hub.SUPPORTED_ARCHITECTURES[0]} checkpoint")
+    how = " (every file's hash matches the Hub's)" if deep_cfg is not None else ""
+    print(f"verified: {model_dir} is a complete {hub.SUPPORTED_ARCHITECTURES[0]} checkpoint{how}")
     return 0
 
 

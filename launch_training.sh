@@ -6,7 +6,7 @@
 #
 #   --config PATH        the YAML (default: training_config.yaml beside this script)
 #   --set KEY=VALUE      override one config key, for the launcher and the trainer alike
-#   --no-resume          start fresh even when output_dir holds a complete checkpoint
+#   --no-resume          do not auto-resume; refused (exit 2) when output_dir already holds checkpoints
 #   --resume_from PATH   continue from this checkpoint folder
 #   --force              launch even when the memory plan says the run will not fit
 #   --dry-run            do every check and print the launch command, but do not run it
@@ -15,13 +15,19 @@
 # MAIN_PROCESS_IP, MAIN_PROCESS_PORT for multi-node runs; and every cache, NCCL and CUDA
 # variable exported in stage 5, each of which keeps the value it already has.
 # On a machine without a GPU the run takes the CPU path: DDP over gloo (the tiny demo, the tests).
+# Exit status: 2 bad input (one line says what to fix), 3 the memory plan says it won't fit, otherwise
+# the trainer's own status.
 set -euo pipefail
 
 KIT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 say() { printf '[launch] %s\n' "$*"; }
-die() { printf 'launch_training.sh: %s\n' "$*" >&2; exit "${2:-1}"; }
-usage() { sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+# die MESSAGE [STATUS]: one line on stderr; the status defaults to 2 (bad input the user can fix).
+die() { printf 'launch_training.sh: %s\n' "$1" >&2; exit "${2:-2}"; }
+# need_count NAME VALUE: environment numbers must be plain non-negative integers (bash arithmetic
+# would otherwise evaluate "1.5" as a syntax error or "node1" as a variable).
+need_count() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"; }
+usage() { sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 # ---- Stage 1: arguments. Launcher options first; everything after -- goes to the trainer. ----
 CONFIG="$KIT_ROOT/training_config.yaml"
@@ -67,9 +73,10 @@ command -v "$PYTHON" >/dev/null || die "Python interpreter $PYTHON not found; se
 export PYTHONPATH="$KIT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- Stage 3: read the config. Paths, process count, strategy and resume point come from the YAML. ----
-[[ -f "$CONFIG" ]] || die "config $CONFIG not found; pass --config PATH" 2
-KIT_ENV="$("$PYTHON" -m glmkit.launch_env --config "$CONFIG" ${SET_ARGS[@]+"${SET_ARGS[@]}"})" \
-    || die "could not read $CONFIG (problems above)" 2
+[[ ! -d "$CONFIG" ]] || die "config $CONFIG is a folder; pass --config with the YAML file inside it"
+[[ -f "$CONFIG" ]] || die "config $CONFIG not found; pass --config PATH"
+# On a bad config (or an unreadable run folder) the helper prints the problem, one line each, and exits 2.
+KIT_ENV="$("$PYTHON" -m glmkit.launch_env --config "$CONFIG" ${SET_ARGS[@]+"${SET_ARGS[@]}"})" || exit $?
 # The helper prints KIT_*=value lines quoted with shlex.quote, so eval is safe for any path.
 eval "$KIT_ENV"
 say "config $KIT_CONFIG"
@@ -81,6 +88,16 @@ fi
 if [[ ! -e "$KIT_DATA_PATH" ]]; then
     die "no training data at $KIT_DATA_PATH (paths.data_path in $KIT_CONFIG); point it at a JSONL file with one {\"$KIT_TEXT_FIELD\": ...} record per line  (CPU demo corpus: python -m glmkit.demo_data --config $KIT_CONFIG)"
 fi
+# The trainer never starts over on top of a run's checkpoints (and the kit deletes nothing it did not
+# write), so refuse here, in one line, rather than after minutes of start-up.
+if [[ "$RESUME_MODE" == none && -n "$KIT_LATEST_CHECKPOINT" ]]; then
+    die "--no-resume: paths.output_dir $KIT_OUTPUT_DIR already holds checkpoints of a run (latest: $KIT_LATEST_CHECKPOINT); to continue it, drop --no-resume (or pass --resume_from PATH); to start over, set paths.output_dir to a new folder (e.g. --set paths.output_dir=...)"
+fi
+for dir_key in "paths.output_dir:$KIT_OUTPUT_DIR" "paths.scratch_dir:$KIT_SCRATCH_DIR"; do
+    if [[ -e "${dir_key#*:}" && ! -d "${dir_key#*:}" ]]; then
+        die "${dir_key%%:*} ${dir_key#*:} is a file, not a folder; point ${dir_key%%:*} at a folder"
+    fi
+done
 say "model $KIT_MODEL_DIR"
 say "data  $KIT_DATA_PATH"
 say "output $KIT_OUTPUT_DIR (logs in $KIT_LOGS_DIR)"
@@ -94,8 +111,10 @@ say "output $KIT_OUTPUT_DIR (logs in $KIT_LOGS_DIR)"
 : "${XDG_CACHE_HOME:=$KIT_SCRATCH_DIR/cache}"
 : "${MPLCONFIGDIR:=$KIT_SCRATCH_DIR/matplotlib}"
 export HF_HOME TMPDIR TRITON_CACHE_DIR TORCHINDUCTOR_CACHE_DIR CUDA_CACHE_PATH XDG_CACHE_HOME MPLCONFIGDIR
-mkdir -p "$KIT_OUTPUT_DIR" "$HF_HOME" "$TMPDIR" "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" \
-    "$CUDA_CACHE_PATH" "$XDG_CACHE_HOME" "$MPLCONFIGDIR"
+for dir in "$KIT_OUTPUT_DIR" "$HF_HOME" "$TMPDIR" "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" \
+    "$CUDA_CACHE_PATH" "$XDG_CACHE_HOME" "$MPLCONFIGDIR"; do
+    mkdir -p "$dir" 2>/dev/null || die "cannot create the folder $dir (permissions, a file in the way, or a full disk); fix it or point paths.output_dir / paths.scratch_dir elsewhere"
+done
 # The weights are local: never stall a compute node on the Hub.
 : "${HF_HUB_OFFLINE:=1}"
 # A dead peer raises an error instead of hanging every rank until the NCCL timeout.
@@ -143,6 +162,9 @@ export OMP_NUM_THREADS
 # ---- Stage 7: machines. accelerate counts num_processes over all machines. ----
 : "${NUM_MACHINES:=1}"
 : "${MACHINE_RANK:=${SLURM_NODEID:-0}}"
+need_count NUM_MACHINES "$NUM_MACHINES"
+need_count MACHINE_RANK "$MACHINE_RANK"
+if [[ -n "${MAIN_PROCESS_PORT:-}" ]]; then need_count MAIN_PROCESS_PORT "$MAIN_PROCESS_PORT"; fi
 ((NUM_MACHINES >= 1)) || die "NUM_MACHINES must be >= 1, got $NUM_MACHINES"
 ((MACHINE_RANK >= 0 && MACHINE_RANK < NUM_MACHINES)) \
     || die "MACHINE_RANK must be in 0..$((NUM_MACHINES - 1)), got $MACHINE_RANK"
@@ -163,8 +185,8 @@ case "$plan_rc" in
     0) ;;
     3) ((FORCE)) || die "refusing to launch a run the memory plan says won't fit; see python train_qlora.py --config $KIT_CONFIG --plan, or pass --force" 3
        say "--force: launching anyway" ;;
-    2) die "could not read $KIT_CONFIG (problems above)" 2 ;;
-    *) ((FORCE)) || die "the memory plan failed (exit $plan_rc, above); fix it or pass --force"
+    2) exit 2 ;;  # the plan printed the config problems, one line each
+    *) ((FORCE)) || die "the memory plan failed (exit $plan_rc, above); fix it or pass --force" 1
        say "--force: launching without a memory plan" ;;
 esac
 
@@ -173,13 +195,9 @@ RESUME_ARGS=()
 case "$RESUME_MODE" in
     given) say "resume options given after --: passed to the trainer as they are" ;;
     path) say "resuming from $RESUME_PATH (--resume_from)"; RESUME_ARGS=(--resume_from "$RESUME_PATH") ;;
-    none) if [[ -n "$KIT_LATEST_CHECKPOINT" ]]; then
-              say "--no-resume: starting fresh although $KIT_LATEST_CHECKPOINT exists"
-          else
-              say "--no-resume: starting fresh"
-          fi ;;
+    none) say "--no-resume: starting fresh" ;;  # over existing checkpoints it was refused in stage 4
     auto) if [[ -n "$KIT_LATEST_CHECKPOINT" ]]; then
-              say "resuming from $KIT_LATEST_CHECKPOINT (latest complete checkpoint; --no-resume to start over)"
+              say "resuming from $KIT_LATEST_CHECKPOINT (latest complete checkpoint; to start over, use a new paths.output_dir)"
               if [[ "$KIT_RUN_STATUS" == finished ]]; then
                   say "the last run logged run_end finished: unless its settings changed, the trainer says so and exits"
               fi
@@ -191,7 +209,7 @@ esac
 FORCE_ARGS=()
 if ((FORCE)); then FORCE_ARGS=(--force); fi
 
-# ---- Stage 10: launch through accelerate. ----
+# ---- Stage 10: launch through accelerate (glmkit.accelerate_launch: the trainer's exit status, no traceback). ----
 LAUNCH_ARGS=(--num_processes "$TOTAL" --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK")
 if [[ "$DEVICE" == cpu ]]; then
     # --cpu and --multi_gpu exclude each other; ACCELERATE_USE_CPU (stage 6) covers the multi-process case.
@@ -206,7 +224,7 @@ fi
 if [[ -n "${MAIN_PROCESS_IP:-}" ]]; then LAUNCH_ARGS+=(--main_process_ip "$MAIN_PROCESS_IP"); fi
 if [[ -n "${MAIN_PROCESS_PORT:-}" ]]; then LAUNCH_ARGS+=(--main_process_port "$MAIN_PROCESS_PORT"); fi
 
-CMD=("$PYTHON" -m accelerate.commands.launch "${LAUNCH_ARGS[@]}" "$KIT_ROOT/train_qlora.py"
+CMD=("$PYTHON" -m glmkit.accelerate_launch "${LAUNCH_ARGS[@]}" "$KIT_ROOT/train_qlora.py"
      --config "$KIT_CONFIG" ${SET_ARGS[@]+"${SET_ARGS[@]}"} ${RESUME_ARGS[@]+"${RESUME_ARGS[@]}"}
      ${FORCE_ARGS[@]+"${FORCE_ARGS[@]}"} ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})
 say "command: $(printf '%q ' "${CMD[@]}")"
@@ -214,5 +232,5 @@ if ((DRY_RUN)); then
     say "--dry-run: not launching"
     exit 0
 fi
-[[ -f "$KIT_ROOT/train_qlora.py" ]] || die "$KIT_ROOT/train_qlora.py not found"
+[[ -f "$KIT_ROOT/train_qlora.py" ]] || die "$KIT_ROOT/train_qlora.py not found; the checkout is incomplete" 1
 exec "${CMD[@]}"

@@ -14,6 +14,13 @@ Before downloading we list the repo (the same two API calls snapshot_download ma
 to check free disk space against the bytes still missing, and to drop local files whose size differs
 from the Hub's (a truncated shard would otherwise be kept forever: the skip above trusts the metadata).
 
+Every request gives up after `timeout` seconds without an answer (`bounded_requests`): huggingface_hub's
+shared httpx client has no timeout, and several calls (`model_info`, `list_repo_tree`) pass `timeout=None`
+explicitly, so neither HF_HUB_ETAG_TIMEOUT nor HF_HUB_DOWNLOAD_TIMEOUT covers them; a request hook on the
+client does. huggingface_hub's own retries stay (at most 5 per file, 1 s apart), so a Hub that accepts
+connections and never answers ends the command after about `timeout` (our listing is not retried), and one
+that stops sending a file gives up on it after about 6 x `timeout`.
+
 Every failure the user can act on becomes a `HubError` holding one line: what happened and what to do.
 The token is never printed.
 """
@@ -23,8 +30,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
-from typing import Optional, Sequence
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from glmkit import shards
 
 SUPPORTED_ARCHITECTURES = ("Glm4MoeForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("glm4_moe",)
@@ -39,8 +49,8 @@ MARGIN_BYTES = 1 * GB
 MARGIN_FRACTION = 0.02
 # huggingface_hub keeps its per-file metadata and in-flight downloads here, inside local_dir.
 HF_LOCAL_CACHE = os.path.join(".cache", "huggingface")
-# safetensors refuses headers above 100 MB; anything bigger is garbage, not a header.
-MAX_SAFETENSORS_HEADER = 100_000_000
+# Seconds a request may wait for an answer before giving up (download_model.py --timeout).
+DEFAULT_TIMEOUT = 60.0
 
 
 class HubError(Exception):
@@ -52,6 +62,41 @@ class RemoteRepo:
     commit: str  # the commit the revision points at now; we download exactly this one
     sizes: dict[str, int]  # repo path -> size in bytes
     gated: bool
+    # repo path -> ("sha256", LFS oid) for weights, ("git-sha1", blob id) for small files
+    hashes: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# Bounded requests
+# ---------------------------------------------------------------------------
+
+def bounded_requests(timeout: float) -> None:
+    """Make every huggingface_hub request give up after `timeout` seconds without an answer.
+
+    Applies to connecting, each read and each write of every request the shared client sends, whatever
+    timeout (often None) the calling function asked for.
+    """
+    import httpx2
+    from huggingface_hub import constants, set_client_factory
+
+    # Not re-exported, but it is the client huggingface_hub would build (its request hook, redirects);
+    # requirements.txt pins 2.4.0 and tests/test_download.py's timeout tests fail if this moves.
+    from huggingface_hub.utils._http import default_client_factory
+
+    limit = httpx2.Timeout(timeout)
+
+    def cap_timeout(request) -> None:
+        request.extensions = {**request.extensions, "timeout": limit.as_dict()}
+
+    def client_factory():
+        client = default_client_factory()
+        hooks = client.event_hooks
+        client.event_hooks = {**hooks, "request": [*hooks.get("request", []), cap_timeout]}
+        return client
+
+    # The documented knobs, for the calls that read them (the hook above has the last word anyway).
+    constants.HF_HUB_ETAG_TIMEOUT = constants.HF_HUB_DOWNLOAD_TIMEOUT = max(1, round(timeout))
+    set_client_factory(client_factory)
 
 
 # ---------------------------------------------------------------------------
@@ -59,9 +104,11 @@ class RemoteRepo:
 # ---------------------------------------------------------------------------
 
 def download(repo_id: str, revision: str, model_dir: str, *, min_free_gb: Optional[float] = None,
-             endpoint: Optional[str] = None) -> None:
+             endpoint: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT) -> None:
     """Download (or finish downloading) `repo_id` at `revision` into `model_dir`; raise HubError on failure."""
     from huggingface_hub import snapshot_download
+
+    bounded_requests(timeout)
 
     if os.path.isdir(repo_id):
         raise HubError(f"model.name_or_path is a local folder ({repo_id}); there is nothing to download: "
@@ -70,7 +117,7 @@ def download(repo_id: str, revision: str, model_dir: str, *, min_free_gb: Option
         remote = fetch_remote_repo(repo_id, revision, endpoint)
     except Exception as exc:
         if not _is_server_trouble(exc):
-            raise HubError(explain_hub_error(exc, repo_id, revision, endpoint)) from None
+            raise HubError(explain_hub_error(exc, repo_id, revision, endpoint, timeout)) from None
         # The listing failed but the Hub may still serve files: go on with the size estimate.
         print(f"warning: could not list {repo_id} ({_first_line(exc)}); "
               f"assuming {FALLBACK_REPO_BYTES / GB:.0f} GB for the disk-space check", flush=True)
@@ -88,20 +135,26 @@ def download(repo_id: str, revision: str, model_dir: str, *, min_free_gb: Option
     commit_note = f" (commit {pinned[:12]})" if remote is not None else ""
     print(f"downloading {repo_id} @ {revision}{commit_note} into {model_dir}", flush=True)
     try:
-        snapshot_download(repo_id, revision=pinned, local_dir=model_dir, endpoint=endpoint)
+        snapshot_download(repo_id, revision=pinned, local_dir=model_dir, endpoint=endpoint,
+                          etag_timeout=timeout)
     except Exception as exc:  # KeyboardInterrupt passes through to the CLI
-        raise HubError(explain_hub_error(exc, repo_id, revision, endpoint)) from None
+        raise HubError(explain_hub_error(exc, repo_id, revision, endpoint, timeout)) from None
 
 
 def fetch_remote_repo(repo_id: str, revision: str, endpoint: Optional[str] = None) -> RemoteRepo:
-    """The commit `revision` points at and the size of every file in it (raises huggingface_hub errors)."""
+    """The commit `revision` points at, and the size and hash of every file in it (raises huggingface_hub errors).
+
+    The recursive tree listing carries what the Hub's file metadata does: `lfs.sha256` for LFS files
+    (the weights) and the git blob id for the rest.
+    """
     from huggingface_hub import HfApi, RepoFile
 
     api = HfApi(endpoint=endpoint)
     info = api.model_info(repo_id, revision=revision)  # GET /api/models/{repo}/revision/{rev}
     tree = api.list_repo_tree(repo_id, revision=info.sha, recursive=True)  # GET /api/models/{repo}/tree/{sha}
-    sizes = {entry.path: entry.size for entry in tree if isinstance(entry, RepoFile)}
-    return RemoteRepo(commit=info.sha, sizes=sizes, gated=bool(info.gated))
+    files = [entry for entry in tree if isinstance(entry, RepoFile)]
+    hashes = {f.path: ("sha256", f.lfs.sha256) if f.lfs is not None else ("git-sha1", f.blob_id) for f in files}
+    return RemoteRepo(commit=info.sha, sizes={f.path: f.size for f in files}, gated=bool(info.gated), hashes=hashes)
 
 
 def drop_mismatched_files(model_dir: str, sizes: dict[str, int]) -> list[str]:
@@ -165,17 +218,29 @@ def free_bytes(path: str) -> int:
 # Errors -> one line with what to do
 # ---------------------------------------------------------------------------
 
-def explain_hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: Optional[str] = None) -> str:
+def explain_hub_error(exc: BaseException, repo_id: str, revision: str, endpoint: Optional[str] = None,
+                      timeout: Optional[float] = None) -> str:
     """Turn a huggingface_hub / network / disk error into one line saying what to do."""
     import httpx2
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError,
-                                        LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     hub = (endpoint or constants.ENDPOINT).rstrip("/")
     resume = "rerun download_model.py to resume (finished files are kept)"
-    if isinstance(exc, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
+    timed_out = _timeout_in(exc)
+    if timed_out is not None:
+        message = (f"{_who_did_not_answer(timed_out, hub)} did not answer within {timeout or DEFAULT_TIMEOUT:g} s "
+                   f"({type(timed_out).__name__}): check your network, proxy or HF_ENDPOINT (or raise --timeout), "
+                   f"then {resume}")
+    elif isinstance(exc, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
         message = _gated_message(repo_id, endpoint, have_token=_token() is not None)
     elif isinstance(exc, RepositoryNotFoundError):
         message = (f"repository {repo_id} not found on {hub} (or it is private): check model.name_or_path; "
@@ -203,6 +268,28 @@ def explain_hub_error(exc: BaseException, repo_id: str, revision: str, endpoint:
     else:
         message = f"download failed: {type(exc).__name__}: {_first_line(exc)}; {resume}"
     return _redact(message)
+
+
+def _timeout_in(exc: BaseException):
+    """The httpx timeout behind `exc` (itself, or a cause huggingface_hub wrapped it in), or None."""
+    import httpx2
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, httpx2.TimeoutException):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _who_did_not_answer(exc: BaseException, hub: str) -> str:
+    """"the Hub at <endpoint>", or the file server it redirected to, named by its origin."""
+    try:
+        url = exc.request.url
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError when no request is attached
+        return f"the Hub at {hub}"
+    origin = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+    return f"the Hub at {hub}" if origin == hub else f"{origin} (the Hub at {hub} sends downloads there)"
 
 
 def _gated_message(repo_id: str, endpoint: Optional[str], have_token: bool) -> str:
@@ -250,128 +337,173 @@ def verify_model_dir(model_dir: str, rerun: str = "download_model.py") -> list[s
 
     Every line names the file and what to do; `rerun` is the command that (re)creates the folder.
     """
+    return [f"{path}: {problem}" for path, problem in _problems(model_dir, rerun)]
+
+
+def _problems(model_dir: str, rerun: str) -> list[tuple[str, str]]:
+    """(file, what is wrong and what to do) for each problem in `model_dir`."""
     if not os.path.isdir(model_dir):
-        return [f"{model_dir}: folder does not exist; run {rerun} to create it"]
+        return [(model_dir, f"folder does not exist; run {rerun} to create it")]
     return (_check_config(model_dir, rerun) + _check_tokenizer(model_dir, rerun)
             + _check_weights(model_dir, rerun))
 
 
-def _check_config(model_dir: str, rerun: str) -> list[str]:
+def _check_config(model_dir: str, rerun: str) -> list[tuple[str, str]]:
     path = os.path.join(model_dir, "config.json")
     config, problem = _load_json(path, rerun)
     if problem:
-        return [problem]
+        return [(path, problem)]
     if not isinstance(config, dict):
-        return [f"{path}: not a JSON object; delete it and rerun {rerun}"]
+        return [(path, f"not a JSON object; delete it and rerun {rerun}")]
     architectures = config.get("architectures") or []
     model_type = config.get("model_type")
     if not set(architectures) & set(SUPPORTED_ARCHITECTURES) or model_type not in SUPPORTED_MODEL_TYPES:
-        return [f"{path}: architectures {architectures} / model_type {model_type!r} is not supported; this kit "
-                f"trains {', '.join(SUPPORTED_ARCHITECTURES)} (model_type {', '.join(SUPPORTED_MODEL_TYPES)}): "
-                "point model.name_or_path at a GLM-4.5 MoE checkpoint"]
+        return [(path, f"architectures {architectures} / model_type {model_type!r} is not supported; this kit "
+                 f"trains {', '.join(SUPPORTED_ARCHITECTURES)} (model_type {', '.join(SUPPORTED_MODEL_TYPES)}): "
+                 "point model.name_or_path at a GLM-4.5 MoE checkpoint")]
     return []
 
 
-def _check_tokenizer(model_dir: str, rerun: str) -> list[str]:
+def _check_tokenizer(model_dir: str, rerun: str) -> list[tuple[str, str]]:
     problems = []
     present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, name))]
     if not present:
-        problems.append(f"{os.path.join(model_dir, TOKENIZER_FILES[0])}: missing (neither "
-                        f"{' nor '.join(TOKENIZER_FILES)} is there); rerun {rerun} to fetch it")
+        problems.append((os.path.join(model_dir, TOKENIZER_FILES[0]),
+                         f"missing (neither {' nor '.join(TOKENIZER_FILES)} is there); rerun {rerun} to fetch it"))
     elif present[0].endswith(".json"):
-        problems += [p for p in [_load_json(os.path.join(model_dir, present[0]), rerun)[1]] if p]
+        path = os.path.join(model_dir, present[0])
+        problems += [(path, p) for p in [_load_json(path, rerun)[1]] if p]
     elif os.path.getsize(os.path.join(model_dir, present[0])) == 0:
-        problems.append(f"{os.path.join(model_dir, present[0])}: empty; delete it and rerun {rerun}")
-    problem = _load_json(os.path.join(model_dir, "tokenizer_config.json"), rerun)[1]
-    return problems + ([problem] if problem else [])
+        problems.append((os.path.join(model_dir, present[0]), f"empty; delete it and rerun {rerun}"))
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    problem = _load_json(path, rerun)[1]
+    return problems + ([(path, problem)] if problem else [])
 
 
-def _check_weights(model_dir: str, rerun: str) -> list[str]:
-    shards, problem = _shards_to_check(model_dir, rerun)
-    if problem:
-        return [problem]
+def _check_weights(model_dir: str, rerun: str) -> list[tuple[str, str]]:
     problems = []
-    for shard in sorted(shards):
-        path = os.path.join(model_dir, shard)
-        if not os.path.isfile(path):
-            problems.append(f"{path}: missing (listed in {INDEX_FILE}); rerun {rerun} to fetch it")
-            continue
-        problem = check_safetensors_file(path, shards[shard])
-        if problem:
-            problems.append(f"{path}: {problem}; delete it and rerun {rerun}")
+    for path, problem in check_weights(model_dir):
+        fix = f"rerun {rerun} to fetch it" if not os.path.exists(path) else f"delete it and rerun {rerun}"
+        problems.append((path, f"{problem}; {fix}"))
     return problems
 
 
-def _shards_to_check(model_dir: str, rerun: str) -> tuple[dict[str, list[str]], Optional[str]]:
-    """({shard file: tensors the index puts in it}, None) or ({}, one-line problem with the index)."""
+def check_weights(model_dir: str) -> list[tuple[str, str]]:
+    """(file, what is wrong) for the index and every shard it names, from headers alone (seconds for 220 GB).
+
+    The trainer's loader runs this before loading anything; download_model.py --verify-only adds what to do.
+    """
+    weights, problem = shard_map(model_dir)
+    if problem:
+        return [problem]
+    problems = []
+    for shard in sorted(weights):
+        path = os.path.join(model_dir, shard)
+        if not os.path.isfile(path):
+            problems.append((path, f"missing (listed in {INDEX_FILE})"))
+            continue
+        problem = shards.check_file(path, weights[shard])
+        if problem:
+            problems.append((path, problem))
+    return problems
+
+
+def shard_map(model_dir: str) -> tuple[dict[str, list[str]], Optional[tuple[str, str]]]:
+    """({shard file: tensors the index puts in it}, None) or ({}, (index file, what is wrong))."""
     index_path = os.path.join(model_dir, INDEX_FILE)
     if not os.path.isfile(index_path) and os.path.isfile(os.path.join(model_dir, SINGLE_FILE)):
         return {SINGLE_FILE: []}, None  # an unsharded checkpoint: the one file must hold itself together
-    index, problem = _load_json(index_path, rerun)
-    if problem:
-        return {}, problem
+    if not os.path.isfile(index_path):
+        return {}, (index_path, "missing")
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            index = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, (index_path, f"not valid JSON ({exc.__class__.__name__})")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        return {}, f"{index_path}: has no weight_map; delete it and rerun {rerun}"
-    shards: dict[str, list[str]] = {}
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) and v and os.path.basename(v) == v for v in weight_map.values()):
+        return {}, (index_path, "has no valid weight_map (tensor name -> shard file in this folder)")
+    by_shard: dict[str, list[str]] = {}
     for tensor, shard in weight_map.items():
-        shards.setdefault(shard, []).append(tensor)
-    return shards, None
+        by_shard.setdefault(shard, []).append(tensor)
+    return by_shard, None
 
 
-def check_safetensors_file(path: str, expected_tensors: Sequence[str] = ()) -> Optional[str]:
-    """Check a safetensors file from its header alone; return what is wrong, or None.
+def check_safetensors_file(path: str, expected_tensors=()) -> Optional[str]:
+    """What is wrong with one safetensors file, from its header alone (see glmkit.shards.check_file)."""
+    return shards.check_file(path, expected_tensors)
 
-    Layout: 8-byte little-endian header length N, N bytes of JSON mapping each tensor to its
-    `data_offsets` [begin, end) in the data that follows. The data must end exactly at the file's end,
-    so comparing sizes catches truncation without reading the (multi-GB) data.
+
+# ---------------------------------------------------------------------------
+# Deep verification: hash every file against the Hub's listing
+# ---------------------------------------------------------------------------
+
+def downloaded_commit(model_dir: str) -> Optional[str]:
+    """The commit snapshot_download recorded for this folder's files, if they all agree (else None).
+
+    Its `.cache/huggingface/download/<file>.metadata` files start with the commit hash; comparing against
+    that commit (not the branch, which may have moved since) is what makes the deep check fair.
     """
-    size = os.path.getsize(path)
-    if size == 0:
-        return "empty file"
-    with open(path, "rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) < 8:
-            return f"only {size} bytes, too short for a safetensors header"
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > MAX_SAFETENSORS_HEADER:
-            return f"not a safetensors file (header length {header_len} is implausible)"
-        if 8 + header_len > size:
-            return f"truncated: {size} bytes, but the header alone needs {8 + header_len}"
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "safetensors header is not valid JSON"
-    if not isinstance(header, dict):
-        return "safetensors header is not a JSON object"
-    data_end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            return f"safetensors header entry {name!r} has no valid data_offsets"
-        data_end = max(data_end, offsets[1])
-    expected = 8 + header_len + data_end
-    if size < expected:
-        return f"truncated: {size} bytes, the header says {expected}"
-    if size > expected:
-        return f"{size} bytes, but the header accounts for only {expected}"
-    missing = [t for t in expected_tensors if t not in header]
-    if missing:
-        return f"lacks {len(missing)} tensor(s) that {INDEX_FILE} puts there (e.g. {missing[0]})"
-    return None
+    root = os.path.join(model_dir, HF_LOCAL_CACHE, "download")
+    commits = set()
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            if name.endswith(".metadata"):
+                try:
+                    with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                        commits.add(fh.readline().strip())
+                except (OSError, UnicodeDecodeError):
+                    continue
+    return commits.pop() if len(commits) == 1 else None
+
+
+def deep_verify(model_dir: str, repo_id: str, revision: str, *, endpoint: Optional[str] = None,
+                timeout: float = DEFAULT_TIMEOUT, skip: frozenset = frozenset(),
+                rerun: str = "download_model.py") -> list[str]:
+    """Hash every local file the Hub lists and compare with the Hub's sha256 / git blob id.
+
+    Raises HubError when the listing can't be had (the deep check needs the Hub). Files in `skip`
+    (already reported by the header check) and files not on disk are left to the other checks.
+    """
+    if os.path.isdir(repo_id):
+        raise HubError(f"--deep compares with the Hub, but model.name_or_path is a local folder ({repo_id}); "
+                       "drop --deep")
+    commit = downloaded_commit(model_dir) or revision
+    bounded_requests(timeout)
+    try:
+        remote = fetch_remote_repo(repo_id, commit, endpoint)
+    except Exception as exc:
+        raise HubError("--deep needs the Hub's file hashes: "
+                       + explain_hub_error(exc, repo_id, commit, endpoint, timeout)) from None
+    todo = [(name, os.path.join(model_dir, name)) for name in sorted(remote.hashes)]
+    todo = [(name, path) for name, path in todo if os.path.isfile(path) and path not in skip]
+    total = sum(os.path.getsize(path) for _, path in todo)
+    print(f"--deep: hashing {len(todo)} files ({human_size(total)}) against {repo_id} @ {remote.commit[:12]}",
+          flush=True)
+    problems = []
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing", file=sys.stderr,
+              disable=not sys.stderr.isatty()) as bar:
+        for name, path in todo:
+            kind, expected = remote.hashes[name]
+            actual = (shards.file_sha256 if kind == "sha256" else shards.git_blob_sha1)(path, bar.update)
+            if actual != expected:
+                problems.append(f"{path}: content differs from the Hub's ({kind} {actual[:12]}..., the Hub has "
+                                f"{expected[:12]}... at commit {remote.commit[:12]}); delete it and rerun {rerun}")
+    return problems
 
 
 def _load_json(path: str, rerun: str):
-    """(parsed JSON, None) or (None, one-line problem)."""
+    """(parsed JSON, None) or (None, what is wrong with the file at `path` and what to do)."""
     if not os.path.isfile(path):
-        return None, f"{path}: missing; rerun {rerun} to fetch it"
+        return None, f"missing; rerun {rerun} to fetch it"
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh), None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"{path}: not valid JSON ({exc.__class__.__name__}); delete it and rerun {rerun}"
+        return None, f"not valid JSON ({exc.__class__.__name__}); delete it and rerun {rerun}"
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 The launcher never parses YAML or re-derives a path itself: every path, the process
 count, the Accelerate config and the checkpoint to resume from come from here, resolved
 by glmkit.config exactly as the trainer resolves them. Values are quoted with
-shlex.quote, so any path survives `eval`. A bad config exits 2 with one line per problem.
+shlex.quote, so any path survives `eval`. A bad config exits 2 with one line per problem; so does an
+output folder or event log that can't be read (a file where a folder belongs, or the reverse).
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ def visible_gpus() -> int:
 
 
 def last_run_status(logs_dir: str) -> str:
-    """`status` of the last run_end event ("finished", "preempted", ...), or "" if none."""
-    events = read_jsonl(os.path.join(logs_dir, LOG_FILES["events"]))
-    ends = [e for e in events if e.get("event") == "run_end"]
+    """`status` of the last run_end event ("finished", "preempted", ...), or "" if none (or unreadable as text).
+
+    Only the launcher's informational message depends on it, so a log with bytes that are not UTF-8
+    does not block a launch; a log that is not a readable file raises OSError (the trainer appends to it).
+    """
+    try:
+        events = read_jsonl(os.path.join(logs_dir, LOG_FILES["events"]))
+    except UnicodeDecodeError:
+        return ""
+    ends = [e for e in events if isinstance(e, dict) and e.get("event") == "run_end"]
     return str(ends[-1].get("status", "")) if ends else ""
 
 
@@ -66,7 +74,14 @@ def main(argv=None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    print(format_lines(launch_values(cfg)))
+    try:
+        values = launch_values(cfg)
+    except OSError as exc:
+        where = exc.filename or cfg.paths.output_dir
+        print(f"error: {where}: cannot be read ({exc.strerror or exc}); it belongs to the run in paths.output_dir: "
+              "fix or move it aside, or set paths.output_dir to a new folder", file=sys.stderr)
+        return 2
+    print(format_lines(values))
     return 0
 
 

@@ -11,11 +11,11 @@ before the next layer is read.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -58,6 +58,23 @@ def check_model_dir(cfg) -> None:
     if limit and cfg.training.max_seq_length > limit:
         raise ModelLoadError(f"training.max_seq_length {cfg.training.max_seq_length} exceeds the model's "
                              f"max_position_embeddings ({limit}) in {cfg.paths.model_dir}; lower it")
+    check_shards(cfg)
+
+
+def check_shards(cfg) -> None:
+    """Every shard's header against the index (seconds, no tensor data read): damage fails here, in one line."""
+    from glmkit.hub import check_weights
+
+    problems = check_weights(cfg.paths.model_dir)
+    if problems:
+        path, problem = problems[0]
+        more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
+        raise ModelLoadError(f"{path}: {problem}{more}; {_verify_hint(cfg)}")
+
+
+def _verify_hint(cfg) -> str:
+    config = f" --config {cfg.source_path}" if cfg.source_path else ""
+    return f"`python download_model.py --verify-only{config}` lists every damaged file and how to fix it"
 
 
 def _quantized_linear_names(model) -> list[str]:
@@ -102,18 +119,33 @@ def build_skeleton(config, cfg):
 # Streaming the checkpoint in, one layer at a time
 # ---------------------------------------------------------------------------
 
-def _weight_map(model_dir: str) -> dict[str, str]:
-    index_path = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as fh:
-            return json.load(fh)["weight_map"]
-    single = os.path.join(model_dir, "model.safetensors")
-    if os.path.isfile(single):
+def _weight_map(cfg) -> dict[str, str]:
+    from glmkit.hub import shard_map
+
+    by_shard, problem = shard_map(cfg.paths.model_dir)
+    if problem:
+        raise ModelLoadError(f"{problem[0]}: {problem[1]}; {_verify_hint(cfg)}")
+    if list(by_shard.values()) == [[]]:  # an unsharded checkpoint: its header lists the tensors
         from safetensors import safe_open
 
-        with safe_open(single, framework="pt") as fh:
-            return {key: "model.safetensors" for key in fh.keys()}
-    raise ModelLoadError(f"{model_dir} has no model.safetensors.index.json; rerun `python download_model.py`")
+        (single,) = by_shard
+        with _reading(cfg, single):
+            with safe_open(os.path.join(cfg.paths.model_dir, single), framework="pt") as fh:
+                return {key: single for key in fh.keys()}
+    return {tensor: shard for shard, tensors in by_shard.items() for tensor in tensors}
+
+
+@contextmanager
+def _reading(cfg, filename: str):
+    """Turn a shard that can't be read (damaged, truncated, lacking a tensor) into one line naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelLoadError(f"{os.path.join(cfg.paths.model_dir, filename)}: cannot be read ({detail}); "
+                             f"{_verify_hint(cfg)}") from None
 
 
 def _group_by_layer(weight_map: dict[str, str]) -> list[list[str]]:
@@ -125,7 +157,7 @@ def _group_by_layer(weight_map: dict[str, str]) -> list[list[str]]:
     return [sorted(groups[layer]) for layer in sorted(groups)]
 
 
-def _read_tensors(model_dir: str, weight_map: dict[str, str], keys: list[str]) -> dict[str, torch.Tensor]:
+def _read_tensors(cfg, weight_map: dict[str, str], keys: list[str]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = defaultdict(list)
@@ -133,7 +165,7 @@ def _read_tensors(model_dir: str, weight_map: dict[str, str], keys: list[str]) -
         by_file[weight_map[key]].append(key)
     tensors = {}
     for filename, file_keys in by_file.items():
-        with safe_open(os.path.join(model_dir, filename), framework="pt") as fh:
+        with _reading(cfg, filename), safe_open(os.path.join(cfg.paths.model_dir, filename), framework="pt") as fh:
             for key in file_keys:
                 tensors[key] = fh.get_tensor(key)
     return tensors
@@ -194,9 +226,9 @@ def load_model(cfg, device=None):
     model_dir = cfg.paths.model_dir
     config = load_model_config(model_dir)
     model = build_skeleton(config, cfg)
-    weight_map = _weight_map(model_dir)
+    weight_map = _weight_map(cfg)
     for keys in _group_by_layer(weight_map):
-        tensors = _fuse_experts(_read_tensors(model_dir, weight_map, keys))
+        tensors = _fuse_experts(_read_tensors(cfg, weight_map, keys))
         for key in list(tensors):
             if not _belongs_to(model, key):
                 del tensors[key]  # e.g. the MTP layer, which transformers does not load either
@@ -287,7 +319,6 @@ def _param_entries(model):
     """(name, logical params, bytes, quantized?) for every parameter and persistent buffer."""
     import bitsandbytes as bnb
     from bitsandbytes.nn.parametrize import Bnb4bitParametrization
-
     from torch.nn.utils.parametrize import ParametrizationList
 
     for module_name, module in model.named_modules():

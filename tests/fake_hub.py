@@ -3,7 +3,8 @@
 It answers the calls huggingface_hub 2.4 makes (read from its source, not guessed):
 
 - `GET  /api/models/{repo}/revision/{rev}`    -> repo info; `sha` is the commit the revision points at
-- `GET  /api/models/{repo}/tree/{rev}`         -> the recursive file listing (path, size, git oid, lfs)
+- `GET  /api/models/{repo}/tree/{rev}`         -> the recursive file listing (path, size, git oid, lfs): the
+                                                  sha256 of each LFS file is its `lfs.oid`, as on the Hub
 - `HEAD /{repo}/resolve/{rev}/{file}`          -> small files: 200 with ETag (git blob sha1) + X-Repo-Commit;
                                                   LFS files (*.safetensors): 302 to a second "CDN" server with
                                                   X-Linked-Etag (sha256), X-Linked-Size and X-Repo-Commit
@@ -20,6 +21,7 @@ Fault injection for tests:
   headers and `after_bytes` of the body, then close the socket (a transfer cut off midway). Afterwards,
   if `then_status` is set, the file answers that status (e.g. 503) until `restore()`.
 - `fail_api(status, times)`: the next `times` /api/ calls answer `status` (a Hub hiccup).
+- `stall(file)`: every GET of `file`'s bytes is accepted and never answered (a file server gone silent).
 - `gated=True`: /resolve answers 401 (no token) or 403 (token without access) with X-Error-Code GatedRepo.
 
 Every request is recorded in `requests` (the Authorization header only as a yes/no, never its value).
@@ -87,6 +89,8 @@ class FakeHub:
         self._drops: dict[str, _Drop] = {}
         self._failing: dict[str, int] = {}
         self._api_failures: list[int] = []
+        self._stalled: set[str] = set()
+        self._stopping = threading.Event()  # releases stalled handlers
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
 
@@ -98,6 +102,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -136,8 +141,13 @@ class FakeHub:
         with self._lock:
             self._api_failures.extend([status] * times)
 
+    def stall(self, file: str) -> None:
+        with self._lock:
+            self._stalled.add(file)
+
     def restore(self) -> None:
         with self._lock:
+            self._stalled.clear()
             self._drops.clear()
             self._failing.clear()
             self._api_failures.clear()
@@ -280,6 +290,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_file(self, hub: FakeHub, file: str, send_body: bool, etag: Optional[str] = None,
                    commit: Optional[str] = None) -> None:
         data = hub.files[file]
+        if send_body and file in hub._stalled:
+            hub._stopping.wait()  # read the request, never answer: only the client's timeout ends this
+            self.close_connection = True
+            return
         cut_after, fail_status = hub._take_fault(file) if send_body else (None, None)
         if fail_status is not None:
             return self._error(fail_status, None, "Service temporarily unavailable", send_body)

@@ -6,9 +6,14 @@ matter, with HF_ENDPOINT pointing at the fake hub, a private HF_HOME and xet dis
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import socket
 import sys
+import threading
+import time
 import types
 
 import pytest
@@ -96,12 +101,13 @@ HUB_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_OFFLINE", "http_proxy", "https_p
            "HTTPS_PROXY", "ALL_PROXY")
 
 
-def run_download(tmp_path, *args, endpoint, model_dir=None, repo_id=REPO_ID, revision="main", **env_extra):
+def run_download(tmp_path, *args, endpoint, model_dir=None, repo_id=REPO_ID, revision="main", timeout=120,
+                 **env_extra):
     model_dir = model_dir or tmp_path / "model"
     env = dict(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1",
                HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", **env_extra)
     config = write_config(tmp_path, model_dir, repo_id, revision)
-    return run_cli([SCRIPT, "--config", config, *args], env=env, timeout=120, cwd=str(tmp_path), unset=HUB_ENV)
+    return run_cli([SCRIPT, "--config", config, *args], env=env, timeout=timeout, cwd=str(tmp_path), unset=HUB_ENV)
 
 
 def error_lines(result) -> list[str]:
@@ -124,6 +130,43 @@ def write_repo(folder, files: dict[str, bytes]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (folder / name).write_bytes(data)
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts every connection, reads nothing and never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted, stop = [], threading.Event()
+
+    def accept_forever():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # the listener was closed
+                return
+            accepted.append(conn)  # hold it open, silently
+
+    thread = threading.Thread(target=accept_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
+    finally:
+        stop.set()
+        listener.close()
+        for conn in accepted:
+            conn.close()
+        thread.join(timeout=5)
+
+
+def flip_bit(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def data_start(data: bytes) -> int:
+    """Where a safetensors file's tensor data begins (after the 8-byte length and the JSON header)."""
+    return 8 + int.from_bytes(data[:8], "little")
 
 
 # ---------------------------------------------------------------------------
@@ -260,6 +303,76 @@ def test_safetensors_check_reads_only_the_header(tmp_path, repo_files):
     assert "empty" in hubmod.check_safetensors_file(str(path))
 
 
+def test_verify_only_fails_on_a_shard_overwritten_with_random_bytes(tmp_path, repo_files):
+    model_dir = tmp_path / "model"
+    write_repo(model_dir, repo_files)
+    shard = shards(repo_files)[1]
+    (model_dir / shard).write_bytes(os.urandom(len(repo_files[shard])))  # same size, nothing else right
+
+    result = run_download(tmp_path, "--verify-only", endpoint=f"http://127.0.0.1:{free_port()}")
+
+    assert result.returncode == 1
+    assert_clean_failure(result, shard, "not a safetensors file", "rerun download_model.py")
+
+
+def test_verify_only_fails_when_a_header_no_longer_matches_the_data(tmp_path, repo_files):
+    """A header edited to another shape, same byte count of JSON: each tensor's dtype x shape must be its range."""
+    model_dir = tmp_path / "model"
+    write_repo(model_dir, repo_files)
+    shard = shards(repo_files)[1]
+    data = repo_files[shard]
+    end = data_start(data)
+    header = data[8:end].replace(b'"shape":[64,32]', b'"shape":[32,32]')
+    assert header != data[8:end] and len(header) == end - 8
+    (model_dir / shard).write_bytes(data[:8] + header + data[end:])
+
+    result = run_download(tmp_path, "--verify-only", endpoint=f"http://127.0.0.1:{free_port()}")
+
+    assert result.returncode == 1
+    assert_clean_failure(result, shard, "model.layers.0.mlp.gate_proj.weight", "needs 4096 bytes", "span 8192")
+
+
+def test_deep_catches_a_flipped_bit_inside_tensor_data_and_passes_when_clean(tmp_path, fake_hub, repo_files):
+    assert run_download(tmp_path, endpoint=fake_hub.endpoint).returncode == 0  # a real download: records the commit
+    model_dir = tmp_path / "model"
+
+    clean = run_download(tmp_path, "--verify-only", "--deep", endpoint=fake_hub.endpoint)
+
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "every file's hash matches the Hub's" in clean.stdout
+    assert f"against {REPO_ID} @ {fake_hub.commit[:12]}" in clean.stdout
+
+    shard = biggest_shard(repo_files)
+    flip_bit(model_dir / shard, data_start(repo_files[shard]) + 1000)
+    shallow = run_download(tmp_path, "--verify-only", endpoint=fake_hub.endpoint)
+    assert shallow.returncode == 0, shallow.stderr  # the header can't see it: only a hash can
+
+    deep = run_download(tmp_path, "--verify-only", "--deep", endpoint=fake_hub.endpoint)
+
+    line = assert_clean_failure(deep, shard, "differs from the Hub's", "sha256",
+                                hashlib.sha256(repo_files[shard]).hexdigest()[:12], "rerun download_model.py")
+    assert str(model_dir / shard) in line
+    assert (model_dir / shard).exists()  # reported, never deleted by a check
+
+
+def test_deep_also_checks_small_files_by_their_git_blob_id(tmp_path, fake_hub):
+    assert run_download(tmp_path, endpoint=fake_hub.endpoint).returncode == 0
+    readme = tmp_path / "model" / "README.md"
+    readme.write_text("# edited locally\n")
+
+    result = run_download(tmp_path, "--verify-only", "--deep", endpoint=fake_hub.endpoint)
+
+    assert_clean_failure(result, "README.md", "git-sha1", "differs from the Hub's")
+
+
+def test_deep_without_the_hub_is_one_line(tmp_path, repo_files):
+    write_repo(tmp_path / "model", repo_files)
+
+    result = run_download(tmp_path, "--verify-only", "--deep", endpoint=f"http://127.0.0.1:{free_port()}")
+
+    assert_clean_failure(result, "--deep needs the Hub's file hashes", "cannot reach")
+
+
 # ---------------------------------------------------------------------------
 # (4) gated repo, token handling, and the other Hub errors
 # ---------------------------------------------------------------------------
@@ -319,6 +432,47 @@ def test_listing_hiccup_falls_back_to_the_size_estimate(tmp_path, fake_hub, repo
     assert "warning: could not list" in result.stdout
     shard = biggest_shard(repo_files)
     assert (tmp_path / "model" / shard).read_bytes() == repo_files[shard]
+
+
+# ---------------------------------------------------------------------------
+# Timeouts: a Hub (or its file server) that accepts connections and never answers
+# ---------------------------------------------------------------------------
+
+def test_silent_hub_gives_up_after_the_timeout(tmp_path):
+    with silent_server() as (endpoint, accepted):
+        start = time.monotonic()
+        # Without a timeout this waits forever: the subprocess limit turns that into a test failure.
+        result = run_download(tmp_path, "--timeout", "2", endpoint=endpoint, timeout=90)
+        elapsed = time.monotonic() - start
+
+    assert accepted, "the command never connected"
+    assert_clean_failure(result, endpoint, "did not answer within 2 s", "--timeout", "rerun download_model.py")
+    # Interpreter and library start-up included; the request itself waited about 2 s, once.
+    assert elapsed < 45, elapsed
+    assert not (tmp_path / "model").exists()
+
+
+def test_file_server_that_stops_answering_ends_within_a_bound(tmp_path, fake_hub, repo_files):
+    shard = biggest_shard(repo_files)
+    fake_hub.stall(shard)
+    start = time.monotonic()
+
+    result = run_download(tmp_path, "--timeout", "1", endpoint=fake_hub.endpoint, timeout=120)
+
+    elapsed = time.monotonic() - start
+    line = assert_clean_failure(result, fake_hub.cdn, fake_hub.endpoint, "did not answer within 1 s")
+    assert "rerun download_model.py" in line
+    tries = fake_hub.downloads(shard)
+    assert 2 <= len(tries) <= 6  # huggingface_hub retried, a bounded number of times
+    # Up to 6 tries of about 1 s, 1 s apart, plus start-up: bounded, however long the server stays silent.
+    assert elapsed < 60, elapsed
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "inf", "soon"])
+def test_timeout_must_be_a_positive_number(tmp_path, value):
+    result = run_download(tmp_path, "--timeout", value, endpoint=f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--timeout" in result.stderr.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------

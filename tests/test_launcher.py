@@ -1,5 +1,6 @@
 """launch_training.sh and its helper: values from the YAML, auto-resume, refusals, the accelerate
-command it builds (dry runs), shellcheck, and one real 2-process CPU run that resumes by itself."""
+command it builds (dry runs), shellcheck, trainer refusals passed through without a launcher traceback,
+and one real 2-process CPU run that resumes by itself."""
 
 from __future__ import annotations
 
@@ -165,7 +166,6 @@ def test_launcher_resumes_from_the_latest_complete_checkpoint(kit):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--no-resume"], []),
     (["--resume_from", "/some/checkpoint-5"], ["--resume_from", "/some/checkpoint-5"]),
     (["--", "--resume_from", "/given/checkpoint-7"], ["--resume_from", "/given/checkpoint-7"]),
 ])
@@ -187,6 +187,31 @@ def test_fresh_run_without_checkpoints(kit):
     assert "starting a fresh run" in result.stdout
 
 
+def test_no_resume_without_checkpoints_starts_fresh(kit):
+    make_checkpoint(kit["output_dir"], "checkpoint-20", complete=False)  # a killed write is not a run to keep
+    result = run_launcher("--config", kit["config"], "--dry-run", "--no-resume")
+    assert result.returncode == 0, result.stderr
+    assert not [a for a in command_line(result) if a.startswith("--resume")]
+    assert "--no-resume: starting fresh" in result.stdout
+
+
+def test_no_resume_on_an_existing_run_is_one_line(kit):
+    """Not a dry run: the real script, which used to launch and end in a CalledProcessError traceback."""
+    checkpoint = make_checkpoint(kit["output_dir"], "checkpoint-10", complete=True)
+    before = sorted(os.listdir(kit["output_dir"]))
+
+    result = run_launcher("--config", kit["config"], "--no-resume")
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    err = result.stderr.strip()
+    assert "\n" not in err, err
+    assert kit["output_dir"] in err and checkpoint in err
+    assert "drop --no-resume" in err and "--resume_from" in err and "paths.output_dir" in err
+    assert "[launch] command:" not in result.stdout  # refused before anything was launched
+    assert sorted(os.listdir(kit["output_dir"])) == before
+
+
 # ---------------------------------------------------------------------------
 # Refusals, with the fix in the message
 # ---------------------------------------------------------------------------
@@ -194,7 +219,7 @@ def test_fresh_run_without_checkpoints(kit):
 def test_missing_model_dir_is_refused_with_download_hint(kit):
     shutil.rmtree(kit["model_dir"])
     result = run_launcher("--config", kit["config"], "--dry-run")
-    assert result.returncode == 1
+    assert result.returncode == 2
     err = result.stderr.strip()
     assert "\n" not in err
     assert kit["model_dir"] in err and "python download_model.py" in err and "--tiny" in err
@@ -203,7 +228,7 @@ def test_missing_model_dir_is_refused_with_download_hint(kit):
 def test_missing_data_is_refused(kit):
     os.remove(kit["data"])
     result = run_launcher("--config", kit["config"], "--dry-run")
-    assert result.returncode == 1
+    assert result.returncode == 2
     err = result.stderr.strip()
     assert "\n" not in err and kit["data"] in err and "paths.data_path" in err
 
@@ -211,6 +236,57 @@ def test_missing_data_is_refused(kit):
 def test_missing_config_is_refused():
     result = run_launcher("--config", "/no/such/config.yaml", "--dry-run")
     assert result.returncode == 2 and "/no/such/config.yaml" in result.stderr
+
+
+def test_config_folder_is_refused_in_one_line(kit):
+    result = run_launcher("--config", str(kit["root"]), "--dry-run")
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert "\n" not in err and "is a folder" in err and "not found" not in err
+
+
+def test_bad_config_is_reported_once(kit):
+    result = run_launcher("--config", kit["config"], "--dry-run", "--set", "distributed.num_processes=0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "distributed.num_processes" in result.stderr
+    assert "launch_training.sh:" not in result.stderr  # the helper's line says it all
+
+
+def test_output_dir_that_is_a_file_is_refused(kit):
+    with open(kit["output_dir"], "w", encoding="utf-8") as fh:
+        fh.write("my notes\n")
+    result = run_launcher("--config", kit["config"], "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    err = result.stderr.strip()
+    assert "\n" not in err and "paths.output_dir" in err and "is a file" in err
+    with open(kit["output_dir"], encoding="utf-8") as fh:
+        assert fh.read() == "my notes\n"
+
+
+def test_events_log_that_is_a_folder_is_one_line(kit):
+    os.makedirs(os.path.join(kit["output_dir"], "logs", "events_log.jsonl"))
+    result = run_launcher("--config", kit["config"], "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    err = result.stderr.strip()
+    assert "\n" not in err and "events_log.jsonl" in err and "paths.output_dir" in err
+
+
+def test_events_log_with_bytes_that_are_not_utf8_does_not_block_a_launch(kit):
+    logs = os.path.join(kit["output_dir"], "logs")
+    os.makedirs(logs)
+    with open(os.path.join(logs, "events_log.jsonl"), "wb") as fh:
+        fh.write(b'\xff\xfe{"event": "run_end"}\n')
+    result = run_launcher("--config", kit["config"], "--dry-run")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name,value", [("NUM_MACHINES", "1.5"), ("MACHINE_RANK", "node1"),
+                                        ("MAIN_PROCESS_PORT", "29500x")])
+def test_environment_numbers_are_checked(kit, name, value):
+    result = run_launcher("--config", kit["config"], "--dry-run", env=launcher_env(**{name: value}))
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert "\n" not in err and name in err and value in err
 
 
 def test_run_that_does_not_fit_is_refused_unless_forced(kit):
@@ -234,7 +310,7 @@ def test_cpu_path_two_processes_over_gloo(kit):
                           env=launcher_env(HF_HOME="/preset/hf"))
     assert result.returncode == 0, result.stderr
     cmd = command_line(result)
-    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[1:3] == ["-m", "glmkit.accelerate_launch"]
     assert option(cmd, "--num_processes") == "2" and "--multi_gpu" in cmd and "--cpu" not in cmd
     assert "ACCELERATE_USE_CPU=true" in result.stdout
     assert "HF_HOME=/preset/hf" in result.stdout  # the environment wins
@@ -253,7 +329,7 @@ def test_cpu_path_single_process(kit):
 @pytest.mark.skipif(not NO_GPU, reason="checks the CPU path")
 def test_cpu_path_refuses_sharded_strategies(kit):
     result = run_launcher("--config", kit["config"], "--dry-run", "--set", "distributed.accelerate_config=fsdp")
-    assert result.returncode == 1 and "gloo" in result.stderr
+    assert result.returncode == 2 and "gloo" in result.stderr
 
 
 def test_multinode_variables_map_onto_accelerate(kit):
@@ -274,7 +350,7 @@ def test_machine_rank_defaults_to_slurm_node_id(kit):
 
 def test_multinode_without_main_ip_is_refused(kit):
     result = run_launcher("--config", kit["config"], "--dry-run", env=launcher_env(NUM_MACHINES="2"))
-    assert result.returncode == 1 and "MAIN_PROCESS_IP" in result.stderr
+    assert result.returncode == 2 and "MAIN_PROCESS_IP" in result.stderr
 
 
 def test_trainer_overrides_reach_the_helper(kit):
@@ -311,6 +387,34 @@ def _trainer_ready() -> bool:
     if not os.path.isfile(os.path.join(KIT_ROOT, "train_qlora.py")):
         return False
     return all(importlib.util.find_spec(m) is not None for m in ("glmkit.tiny", "glmkit.demo_data", "glmkit.model"))
+
+
+def _tiny_settings(tmp_path, model_dir, corpus, **extra) -> list[str]:
+    settings = []
+    for key, value in {"paths.model_dir": model_dir, "paths.data_path": corpus,
+                       "paths.output_dir": tmp_path / "out", "paths.best_adapter_dir": tmp_path / "best",
+                       "paths.scratch_dir": tmp_path / "scratch", **extra}.items():
+        settings += ["--set", f"{key}={value}"]
+    return settings
+
+
+@pytest.mark.skipif(not NO_GPU, reason="the CPU path (gloo) is what this test exercises")
+@pytest.mark.skipif(not _trainer_ready(), reason="train_qlora.py / glmkit.tiny not written yet")
+@pytest.mark.parametrize("processes", [1, 2])
+def test_trainer_refusal_comes_back_without_a_launcher_traceback(tmp_path, tiny_model_dir, demo_corpus, processes):
+    """accelerate used to wrap the trainer's one-line exit 2 in a CalledProcessError / ChildFailedError traceback."""
+    settings = _tiny_settings(tmp_path, tiny_model_dir, demo_corpus, **{"distributed.num_processes": processes})
+    tiny = os.path.join(KIT_ROOT, "configs", "tiny.yaml")
+    missing = str(tmp_path / "no-such-checkpoint")
+
+    result = run_launcher("--config", tiny, *settings, "--", "--resume_from", missing,
+                          env=launcher_env(MAIN_PROCESS_PORT=str(free_port())), timeout=600)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "CalledProcessError" not in output and "ChildFailedError" not in output
+    errors = {line for line in result.stderr.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and missing in errors.pop()  # every rank says the same one line
 
 
 def _events(output_dir: str) -> list[dict]:
