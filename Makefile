@@ -8,7 +8,7 @@ DASHBOARD_PORT ?= 5000
 
 .PHONY: demo test venv tiny-model demo-data clean-demo
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-trackers.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulled in by another package would be the CUDA build

@@ -29,6 +29,7 @@ from glmkit.model import ModelLoadError
 from glmkit.plan import DoesNotFit
 from glmkit.progress import close_progress_bars
 from glmkit.run_lock import RunLock, RunLocked
+from glmkit.trackers import require_installed
 
 # Errors that a user fixes by changing input: one clear line and exit 2, no traceback.
 USER_ERRORS = (ckpt.ResumeError, ckpt.CheckpointError, DataError, ModelLoadError, FloatingPointError, DoesNotFit,
@@ -72,6 +73,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.progress import StepClock, gpu_memory, progress_bar
     from glmkit.router_stats import RouterStats
     from glmkit.step import check_nan_budget, next_group, step_groups, train_step
+    from glmkit.trackers import start_trackers
 
     # ---- setup: checks, data, model, optimizer ---------------------------------------------
     t, o, lg = cfg.training, cfg.optimization, cfg.logging
@@ -118,6 +120,9 @@ def train(cfg, args, accelerator, logs) -> int:
                       f"processes = {rows_per_step} rows, up to {rows_per_step * t.max_seq_length:,} tokens per "
                       f"optimizer step; {total_steps} steps")
     accelerator.print(modeling.format_audit(audit))
+    if accelerator.is_main_process:  # from here on every JSONL record also goes to logging.report_to
+        logs.trackers = start_trackers(cfg, state.step, state.tracker_runs, logs, world)
+        state = replace(state, tracker_runs=logs.trackers.runs)
     logs.event("run_start", state.step, config=cfg.to_dict(), world_size=world, total_steps=total_steps,
                effective_batch=rows_per_step, tokens_per_step=rows_per_step * t.max_seq_length, model_audit=audit,
                bad_lines=len(corpus.bad_lines), train_rows=len(train_rows), val_rows=len(val_rows),
@@ -196,6 +201,7 @@ def main(argv=None) -> int:
         from glmkit.plan import run_plan_cli
 
         return run_plan_cli(cfg, args.json)
+    require_installed(cfg)
     accelerator = make_accelerator(cfg)
     logs = RunLogs(cfg.logs_dir, enabled=accelerator.is_main_process)
     lock = RunLock(cfg.paths.output_dir)

@@ -19,6 +19,7 @@ from typing import Literal, Optional
 import yaml
 
 from glmkit.config_parse import apply_override, bound_problems, bounds_text, build_section, field_default, setting
+from glmkit.trackers import name_problems as tracker_name_problems
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,9 @@ class PathsSection:
                                     "copy of the adapter with the best val loss, replaced atomically; "
                                     "must be empty, new, or a previous best adapter")
     scratch_dir: str = setting("scratch", "caches, TMPDIR and the tokenized-data cache: fast local disk")
+    tracker_dir: Optional[str] = setting(
+        None, "local tracker files (TensorBoard events, W&B offline runs, MLflow sqlite, trackio); "
+        "null = `<output_dir>/trackers`; WANDB_DIR, MLFLOW_TRACKING_URI, TRACKIO_DIR win when set")
 
 
 @dataclass
@@ -119,6 +123,11 @@ class LoggingSection:
     checkpoint_interval: int = setting(200, "steps per checkpoint; a multiple of `eval_interval`", ge=1)
     keep_top_k: int = setting(3, "checkpoints kept by val loss (plus the latest)", ge=1)
     expert_stats_interval: int = setting(50, "steps per expert-usage record", ge=1)
+    report_to: list[str] = setting(
+        help="experiment trackers fed the same records as the JSONL: `tensorboard` · `wandb` · `mlflow` · "
+        "`trackio` (see Experiment trackers); a failing tracker costs a warning, never the run", factory=list)
+    tracker_project: str = setting("glm45-air-cpt", "W&B project, MLflow experiment, trackio project")
+    run_name: Optional[str] = setting(None, "the run's name in the trackers; null = the `output_dir` folder name")
 
 
 @dataclass
@@ -257,6 +266,7 @@ def validate(cfg: Config) -> list[str]:
          "LoRA needs at least one target; list modules such as q_proj, v_proj")
     need(not q.quantize_experts or q.load_in_4bit, "quantization.quantize_experts",
          "needs quantization.load_in_4bit: true (or set quantize_experts: false)")
+    problems.extend(tracker_name_problems(lg.report_to))
     need(lg.eval_interval < 1 or lg.checkpoint_interval % lg.eval_interval == 0, "logging.checkpoint_interval",
          f"must be a multiple of logging.eval_interval ({lg.eval_interval}) so every checkpoint has a "
          f"val loss to rank it by, got {lg.checkpoint_interval}")

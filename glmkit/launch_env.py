@@ -19,6 +19,7 @@ import sys
 from glmkit.checkpoint import latest_checkpoint
 from glmkit.config import accelerate_config_path, add_config_arguments, config_from_args, strategy
 from glmkit.logs import LOG_FILES, read_jsonl
+from glmkit.trackers import require_installed
 
 
 def visible_gpus() -> int:
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    require_installed(cfg)
     try:
         values = launch_values(cfg)
     except OSError as exc:

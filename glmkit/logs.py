@@ -1,7 +1,8 @@
 """JSON-lines run logs: one file per kind, one record per line, flushed as written.
 
 Every record carries `step` and `time` (unix seconds). Only the main process writes.
-Resume rule for readers: for a given step, the latest record wins.
+Resume rule for readers: for a given step, the latest record wins. Each record written is also
+handed to the experiment trackers (glmkit/trackers.py), so they cannot drift from the files.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RunLogs:
         self.enabled = enabled
         self._files = {}
         self.last_step = None  # the step of the latest record, for an error that has no step of its own
+        self.trackers = None  # glmkit.trackers.Trackers on the main process when logging.report_to is set
         if enabled:
             os.makedirs(logs_dir, exist_ok=True)
             for kind, name in LOG_FILES.items():
@@ -51,6 +53,8 @@ class RunLogs:
         fh = self._files[kind]
         fh.write(json.dumps(record) + "\n")
         fh.flush()
+        if self.trackers is not None:
+            self.trackers.forward(kind, record)
 
     def event(self, event: str, step: int, **fields) -> None:
         self.write("events", step, event=event, **fields)
@@ -64,6 +68,9 @@ class RunLogs:
             fh.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers, trackers = None, self.trackers
+            trackers.finish()
         for fh in self._files.values():
             fh.close()
         self._files = {}

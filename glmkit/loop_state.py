@@ -7,7 +7,7 @@ behind the reader's back, so every change of it is visible in train_qlora.py's l
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class LoopState:
     best_step: int | None = None
     last_val_loss: float | None = None   # the latest eval's, and the step it ran at
     last_eval_step: int | None = None
+    tracker_runs: dict = field(default_factory=dict)  # glmkit.trackers: the run each tracker continues on resume
 
     def to_meta(self) -> dict:
         return dataclasses.asdict(self)
