@@ -20,8 +20,6 @@ import json
 import os
 import sys
 
-from glmkit import checkpoint as ckpt
-
 # Tracker name -> modules it needs. The pinned pip lines live in requirements-trackers.txt,
 # each marked "# for: <tracker>"; the error for a missing one quotes them.
 TRACKERS = {
@@ -122,6 +120,8 @@ def metrics(kind: str, record: dict) -> dict:
 
 def hyperparameters(cfg, world_size: int) -> dict:
     """The resolved config as flat "section.key" values that every tracker accepts (lists and null as JSON)."""
+    from glmkit import checkpoint as ckpt  # not at the top: checkpoint imports config, which imports this module
+
     flat = ckpt.flatten(cfg.to_dict(), world_size)
     return {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
             for key, value in flat.items()}

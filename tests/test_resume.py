@@ -15,7 +15,7 @@ from glmkit.logs import latest_per_step, read_jsonl
 SETTINGS = {"training.max_steps": 24, "logging.eval_interval": 5, "logging.checkpoint_interval": 10,
             "logging.keep_top_k": 2, "logging.expert_stats_interval": 3}
 # Everything a step computes, as opposed to wall-clock fields; compared to the bit.
-DETERMINISTIC = {"training_log.jsonl": ("loss", "lr", "grad_norm", "tokens", "epoch"),
+DETERMINISTIC = {"training_log.jsonl": ("loss", "lr", "grad_norm", "tokens", "tokens_seen", "epoch"),
                  "eval_log.jsonl": ("val_loss", "perplexity", "val_tokens"),
                  "expert_usage_log.jsonl": ("interval_tokens", "layers")}
 

@@ -62,7 +62,12 @@ def tensorboard_scalars(folder) -> dict:
 
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # purges what purge_step retired
     events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    found = {}
+    for tag in events.Tags()["scalars"]:
+        steps = [e.step for e in events.Scalars(tag)]
+        assert len(steps) == len(set(steps)), (tag, steps)  # one point per step, as TensorBoard draws it
+        found[tag] = {e.step: e.value for e in events.Scalars(tag)}
+    return found
 
 
 def wandb_records(path):
@@ -334,9 +339,11 @@ def test_missing_tracker_package_is_one_config_line_with_the_pip_line(make_confi
         f"config error: logging.report_to: wandb needs wandb, which is not installed; install it with: pip install {pin}"]
 
 
-def test_requirements_pin_every_tracker_and_make_test_installs_them():
+def test_requirements_pin_every_tracker_the_readme_quotes_them_and_make_test_installs_them():
     from glmkit.trackers import TRACKERS, pip_line
 
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     for name in TRACKERS:
         assert all("==" in requirement for requirement in pip_line(name).split()), name
+        assert f"`pip install {pip_line(name)}`" in readme, name
     assert "-r requirements-trackers.txt" in open(os.path.join(ROOT, "requirements-dev.txt")).read().splitlines()
