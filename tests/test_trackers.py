@@ -13,8 +13,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli
+
 from glmkit.logs import latest_per_step, read_jsonl
 from glmkit.trackers import metrics
 
