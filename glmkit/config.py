@@ -98,8 +98,14 @@ class LoraSection:
     target_modules: list[str] = setting(
         help="Linear modules to adapt (q/k/v/o_proj; shared experts and the dense MLP optional)",
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], critical=True)
-    target_parameters: list[str] = setting(help="fused expert parameters via peft (experimental)", factory=list,
-                                           critical=True)
+    target_parameters: list[str] = setting(
+        help="fused routed-expert parameters to adapt (mlp.experts.gate_up_proj, mlp.experts.down_proj); "
+             "needs dropout 0", factory=list, critical=True)
+    expert_r: Optional[int] = setting(
+        None, "rank of the routed-expert adapters (null = `r`): each MoE layer adds experts x rank x "
+              "(3 hidden + 3 moe_intermediate) weights", critical=True, ge=1)
+    expert_alpha: Optional[int] = setting(None, "alpha of the routed-expert adapters (null = `alpha`); "
+                                                "scale = expert_alpha / expert_r", critical=True, gt=0)
 
 
 @dataclass
@@ -264,6 +270,11 @@ def validate(cfg: Config) -> list[str]:
     lo, q, lg = cfg.lora, cfg.quantization, cfg.logging
     need(bool(lo.target_modules or lo.target_parameters), "lora.target_modules",
          "LoRA needs at least one target; list modules such as q_proj, v_proj")
+    # peft's LoRA on a 3-D parameter adds B_e A_e to the weight, which has no place for dropout on the
+    # input; an adapter saved with dropout > 0 and target_parameters can't even be loaded by PeftModel.
+    need(not lo.target_parameters or lo.dropout == 0, "lora.dropout",
+         f"must be 0 when lora.target_parameters is set (LoRA on the fused expert parameters has no dropout), "
+         f"got {lo.dropout}")
     need(not q.quantize_experts or q.load_in_4bit, "quantization.quantize_experts",
          "needs quantization.load_in_4bit: true (or set quantize_experts: false)")
     problems.extend(tracker_name_problems(lg.report_to))

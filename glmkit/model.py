@@ -53,11 +53,15 @@ def load_model_config(model_dir: str):
 
 def check_model_dir(cfg) -> None:
     """Fail in one line, before anything is loaded, if paths.model_dir can't serve this config."""
+    from glmkit.lora import resolve_targets
+
     config = load_model_config(cfg.paths.model_dir)
     limit = getattr(config, "max_position_embeddings", None)
     if limit and cfg.training.max_seq_length > limit:
         raise ModelLoadError(f"training.max_seq_length {cfg.training.max_seq_length} exceeds the model's "
                              f"max_position_embeddings ({limit}) in {cfg.paths.model_dir}; lower it")
+    # The skeleton on the meta device knows every name: a LoRA target that matches nothing fails here.
+    resolve_targets(build_skeleton(config, cfg), cfg.lora)
     check_shards(cfg)
 
 
@@ -259,7 +263,7 @@ def _belongs_to(model, key: str) -> bool:
 
 def prepare_for_training(model, cfg):
     """Freeze the base, turn on checkpointing, wrap with LoRA. Nothing large is upcast."""
-    from peft import LoraConfig, get_peft_model
+    from glmkit.lora import apply_lora
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -268,12 +272,7 @@ def prepare_for_training(model, cfg):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    lora = cfg.lora
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules) or None,
-                             target_parameters=list(lora.target_parameters) or None,
-                             bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_config)
+    return apply_lora(model, cfg.lora)
 
 
 # ---------------------------------------------------------------------------
