@@ -103,7 +103,7 @@ class LoraSection:
              "needs dropout 0", factory=list, critical=True)
     expert_r: Optional[int] = setting(
         None, "rank of the routed-expert adapters (null = `r`): each MoE layer adds experts x rank x "
-              "(3 hidden + 3 moe_intermediate) weights", critical=True, ge=1)
+              "(2 hidden + 3 moe_intermediate) weights", critical=True, ge=1)
     expert_alpha: Optional[int] = setting(None, "alpha of the routed-expert adapters (null = `alpha`); "
                                                 "scale = expert_alpha / expert_r", critical=True, gt=0)
 

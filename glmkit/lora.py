@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from glmkit.model import ModelLoadError, group_of
+from glmkit.model import ModelLoadError
 
 ALL_LINEAR = "all-linear"
 
@@ -132,14 +132,3 @@ def apply_lora(model, lora):
         model = get_peft_model(model, config)
     use_factored_experts(model)
     return model
-
-
-def trainable_by_group(model) -> dict[str, int]:
-    """Trainable (LoRA) parameters by the group of the layer they adapt: attention, routed experts, ..."""
-    counts = {"attention": 0, "routed_experts": 0, "shared_experts": 0}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        group = group_of(name.split(".lora_")[0] + ".") if ".lora_" in name else group_of(name)
-        counts[group] = counts.get(group, 0) + param.numel()
-    return counts

@@ -370,7 +370,20 @@ def audit_model(model) -> dict:
         "unquantized_expert_params": unquantized_experts,
         "unquantized_linear_params": unquantized_linear,
         "trainable_params": trainable,
+        # by the group of the layer each LoRA weight adapts: attention, routed_experts, shared_experts, ...
+        "trainable_params_by_group": trainable_by_group(model),
     }
+
+
+def trainable_by_group(model) -> dict[str, int]:
+    """Trainable (LoRA) parameters by the group of the layer they adapt; the three LoRA can target always listed."""
+    counts = {"attention": 0, "routed_experts": 0, "shared_experts": 0}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            # "...mlp.experts.base_layer.lora_A.default.weight" adapts "...mlp.experts."
+            group = group_of(name.split(".lora_")[0] + ".")
+            counts[group] = counts.get(group, 0) + param.numel()
+    return counts
 
 
 def check_audit(audit: dict, cfg) -> None:
@@ -391,7 +404,9 @@ def format_audit(audit: dict) -> str:
         if g["params"]:
             lines.append(f"{name:<16}{g['params']:>16,}{g['quantized_params']:>16,}{g['bytes'] / 2**30:>10.3f}")
     lines.append(f"{'total':<16}{audit['params_total']:>16,}{'':>16}{audit['bytes_total'] / 2**30:>10.3f}")
-    lines.append(f"trainable (LoRA) params: {audit['trainable_params']:,}; "
+    by_group = ", ".join(f"{name.replace('_', ' ')} {count:,}"
+                         for name, count in audit.get("trainable_params_by_group", {}).items())
+    lines.append(f"trainable (LoRA) params: {audit['trainable_params']:,} ({by_group}); "
                  f"unquantized experts: {audit['unquantized_expert_params']:,}; "
                  f"unquantized linears: {audit['unquantized_linear_params']:,}")
     return "\n".join(lines)

@@ -230,35 +230,34 @@ def price_groups(tensors: list[TensorInfo], q) -> dict:
 # LoRA: which modules and parameters PEFT will wrap, and how many weights that adds
 # ---------------------------------------------------------------------------
 
-def _matches(name: str, targets) -> bool:
-    # PEFT's rule for a list of names: the full name, or its last dotted components.
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 @dataclass
 class LoraTarget:
     name: str
     layer: int | None
     in_features: int
     params: int
+    expert: bool = False    # a fused 3-D routed-expert parameter (glmkit.expert_lora), at lora.expert_r
 
 
 def lora_targets(model, lora) -> list[LoraTarget]:
-    """LoRA on a Linear adds r*(in+out); on a 3-D expert parameter [E, a, b], E*r*(a+b)."""
+    """LoRA on a Linear adds r*(in+out); on a 3-D expert parameter [E, a, b], E*r*(a+b) at the expert rank."""
+    from glmkit.lora import expert_rank, matches
+
     modules = list(lora.target_modules)
     all_linear = "all-linear" in modules
     found = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        if (all_linear and not name.endswith("lm_head")) or _matches(name, modules):
+        if (all_linear and not name.endswith("lm_head")) or matches(name, modules):
             found.append(LoraTarget(name, _layer_index(name), module.in_features,
                                     lora.r * (module.in_features + module.out_features)))
     for name, param in model.named_parameters():
-        if lora.target_parameters and _matches(name, lora.target_parameters):
+        if lora.target_parameters and matches(name, lora.target_parameters):
             shape = tuple(param.shape)
             experts, a, b = shape if len(shape) == 3 else (1, *shape)
-            found.append(LoraTarget(name, _layer_index(name), b, experts * lora.r * (a + b)))
+            found.append(LoraTarget(name, _layer_index(name), b, experts * expert_rank(lora)[0] * (a + b),
+                                    expert=True))
     return found
 
 
@@ -332,7 +331,7 @@ def layer_breakdown(model, a: Arch, cfg, targets: list[LoraTarget]) -> list[dict
     c = DTYPES[cfg.quantization.compute_dtype].itemsize
     lora_per_layer: dict[int, int] = defaultdict(int)
     for t in targets:
-        if t.layer is not None:
+        if t.layer is not None and not t.expert:
             # lora_A's input (a dropout copy plus its mask when dropout > 0) and its r outputs.
             dropout = (c + 1) * t.in_features if cfg.lora.dropout > 0 else 0
             lora_per_layer[t.layer] += dropout + c * cfg.lora.r
@@ -342,9 +341,33 @@ def layer_breakdown(model, a: Arch, cfg, targets: list[LoraTarget]) -> list[dict
         moe = experts is not None
         expert_numel = sum(p.numel() for p in experts.parameters()) if moe else 0
         per_token = attention_per_token(a, c) + (moe_per_token(a, c) if moe else dense_mlp_per_token(a, c))
-        layers.append({"index": index, "moe": moe, "per_token": per_token + lora_per_layer[index],
-                       "expert_compute_bytes": expert_numel * c})
+        expert_lora = expert_lora_activations(a, c, [t for t in targets if t.expert and t.layer == index], cfg.lora)
+        layers.append({"index": index, "moe": moe,
+                       "per_token": per_token + lora_per_layer[index] + expert_lora["per_token"],
+                       "expert_compute_bytes": expert_numel * c,
+                       "expert_lora_transient_bytes": expert_lora["transient"]})
     return layers
+
+
+def expert_lora_activations(a: Arch, c: int, targets: list[LoraTarget], lora) -> dict:
+    """What LoRA on one layer's fused experts adds on top of the experts' own activations.
+
+    glmkit.expert_lora runs it factored per routed token: per (token, expert) pair it keeps the
+    r-wide low-rank input of each B matmul and makes one projection-wide output per parameter
+    (gate_up: 2 x moe_intermediate, down: hidden). Per layer, in backward, the factors exist
+    once more in the compute dtype and so do their gradients before they reach the fp32 ones.
+    Nothing the size of an expert tensor is made: no delta, no weight gradient.
+    """
+    if not targets:
+        return {"per_token": 0, "transient": 0}
+    from glmkit.lora import expert_rank
+
+    r = expert_rank(lora)[0]
+    widths = {"gate_up_proj": 2 * a.moe_inter, "down_proj": a.hidden}
+    per_pair = sum(c * (r + widths.get(t.name.rpartition(".")[2], a.hidden)) for t in targets)
+    factors = sum(t.params for t in targets) * c
+    return {"per_token": a.top_k * per_pair, "transient": 2 * factors}
+
 
 
 def activation_plan(model, a: Arch, cfg, targets: list[LoraTarget], tensors: list[TensorInfo]) -> dict:
@@ -358,24 +381,26 @@ def activation_plan(model, a: Arch, cfg, targets: list[LoraTarget], tensors: lis
     # bitsandbytes' parametrization dequantizes a whole fused expert tensor when it is read, and
     # the expert matmuls keep (views of) it for backward: one layer's experts in compute dtype.
     dequant = [layer["expert_compute_bytes"] if (q.load_in_4bit and q.quantize_experts) else 0 for layer in layers]
+    expert_lora = [layer["expert_lora_transient_bytes"] for layer in layers]
     # Linear4bit dequantizes its weight transiently, one layer at a time.
     largest_linear = max((t.numel for t in tensors if t.is_linear_weight), default=0) * c if q.load_in_4bit else 0
     logits = tokens * a.vocab * (4 + c)  # compute-dtype logits plus the fp32 copy the loss upcasts to
     if cfg.memory.gradient_checkpointing:
         boundaries = (len(layers) + 1) * tokens * a.hidden * c  # each layer's input, and the embeddings
         # Recomputing one layer in backward: its activations, as much again in gradients, its experts.
-        peak = max(2 * s + d for s, d in zip(saved, dequant)) + largest_linear
+        peak = max(2 * s + d + x for s, d, x in zip(saved, dequant, expert_lora)) + largest_linear
         dequant_held = max(dequant, default=0)
     else:
         # Autograd keeps every layer's activations, and every MoE layer's dequantized experts.
         boundaries = 0
-        peak = sum(saved) + max(saved, default=0) + sum(dequant) + largest_linear
+        peak = sum(saved) + max(saved, default=0) + sum(dequant) + max(expert_lora, default=0) + largest_linear
         dequant_held = sum(dequant)
     return {
         "tokens_per_micro_batch": tokens,
         "layer_boundaries_bytes": boundaries,
         "layer_peak_bytes": peak,
         "dequantized_experts_bytes": dequant_held,
+        "expert_lora_transient_bytes": max(expert_lora, default=0),
         "logits_and_loss_bytes": logits,
         "activation_bytes": boundaries + peak + logits,
     }
@@ -481,6 +506,7 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
         "plain_path_upcast_weights_bytes": plain_upcast,
         "lora_targets": len(targets),
         **lora,
+        **expert_lora_summary(targets, cfg.lora),
         **act,
         "per_gpu": parts,
         "total_bytes_per_gpu": total,
@@ -496,6 +522,29 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     return plan
 
 
+def expert_lora_summary(targets: list[LoraTarget], lora) -> dict:
+    """LoRA parameters by the group of the layer they adapt, and the routed experts' rank."""
+    from glmkit.lora import expert_rank
+
+    by_group = {"attention": 0, "routed_experts": 0, "shared_experts": 0}
+    for t in targets:
+        group = group_of(t.name + ".")
+        by_group[group] = by_group.get(group, 0) + t.params
+    return {"lora_params_by_group": by_group,
+            "expert_lora_rank": expert_rank(lora)[0] if any(t.expert for t in targets) else None}
+
+
+def _expert_lora_lines(plan: dict) -> list[str]:
+    """Under the LoRA weights: how they split by group, when the routed experts are adapted."""
+    by_group = plan.get("lora_params_by_group") or {}
+    if not by_group.get("routed_experts"):
+        return []
+    share = by_group["routed_experts"] / max(plan["lora_params"], 1)
+    return [f"      {'of which routed experts (rank ' + str(plan['expert_lora_rank']) + ')':<38}"
+            f"{by_group['routed_experts']:>12,} params, {share:.0%}; weights+grads+AdamW "
+            f"{_gb(16 * by_group['routed_experts'])}"]
+
+
 def _notes(cfg, source: str, strategy: str, n: int) -> list[str]:
     notes = []
     if source == "builtin":
@@ -509,8 +558,6 @@ def _notes(cfg, source: str, strategy: str, n: int) -> list[str]:
                      f"gathered layer; untested in this kit, see docs/MEMORY_AND_SCALING.md")
         if n == 1:
             notes.append("sharding over 1 process saves nothing: set distributed.num_processes to the GPU count")
-    if cfg.lora.target_parameters:
-        notes.append("activations of LoRA on expert parameters are not counted (small next to the experts')")
     notes.append(f"activations are an estimate; {RUNTIME_OVERHEAD_BYTES / GB:.0f} GB is set aside for the "
                  f"CUDA context, NCCL buffers and allocator slack")
     return notes
@@ -586,11 +633,15 @@ def format_plan(plan: dict) -> str:
     for key, value in plan["per_gpu"].items():
         if value or key in ("weights", "activations"):
             lines.append(f"    {labels[key]:<40}{_gb(value):>12}")
+        if key == "lora_weights":
+            lines += _expert_lora_lines(plan)
         if key == "activations":
             lines += [
                 f"      {'layer inputs kept by checkpointing':<38}{_gb(plan['layer_boundaries_bytes']):>12}",
                 f"      {'one layer recomputed + its gradients':<38}{_gb(plan['layer_peak_bytes']):>12}",
                 f"      {'  of which dequantized experts':<38}{_gb(plan['dequantized_experts_bytes']):>12}",
+                *([f"      {'  of which expert LoRA factors':<38}{_gb(plan['expert_lora_transient_bytes']):>12}"]
+                  if plan.get("expert_lora_transient_bytes") else []),
                 f"      {'logits + loss (fp32)':<38}{_gb(plan['logits_and_loss_bytes']):>12}",
             ]
     lines.append(f"    {'total':<40}{_gb(plan['total_bytes_per_gpu']):>12}   of {_gb(plan['gpu_memory_bytes'])} "
