@@ -13,7 +13,9 @@
    save_pretrained) against the streaming one (glmkit.adapter.merge), each in a fresh process:
    peak RSS, peak anonymous memory, wall time, and the largest difference between their outputs.
 
-    .venv/bin/python bench/bench_expert_lora.py [--steps 6] [--mid-steps 4] [--repeats 2] [--skip-mid]
+    .venv/bin/python bench/bench_expert_lora.py [--steps 6] [--mid-steps 4] [--repeats 2] [--sections tiny,mid,merge,air]
+
+Each section's results are written as soon as it finishes (a rerun of some sections keeps the others).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="processes per variant (alternating A B B A)")
     p.add_argument("--expert-r", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--skip-mid", action="store_true")
+    p.add_argument("--sections", default="tiny,mid,merge,air",
+                   help="comma-separated: tiny, mid (step comparisons), merge (mid-size), air (GLM-4.5-Air plan)")
     p.add_argument("--child", choices=["steps", "merge"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=["attention", "experts"], help=argparse.SUPPRESS)
@@ -162,6 +165,7 @@ def step_comparison(name: str, model_dir: str, steps: int, args) -> dict:
                  "--warmup", str(args.warmup), "--expert-r", str(args.expert_r)] + (["--save-to", save] if save else [])
         print(f"  {name}: {variant} process {i + 1}/{2 * args.repeats}", flush=True)
         runs[variant].append(run_child(extra, args.threads))
+        print(f"    {json.dumps(runs[variant][-1])}", flush=True)
     out = {}
     for variant, results in runs.items():
         out[variant] = {
@@ -187,6 +191,7 @@ def merge_comparison(args) -> dict:
         print(f"  merge: {how}", flush=True)
         results[how].append(run_child(["--child", "merge", "--how", how, "--model-dir", MID_DIR, "--adapter",
                                        adapter, "--save-to", out_dir], args.threads))
+        print(f"    {json.dumps(results[how][-1])}", flush=True)
     summary = {how: {"seconds": benchlib.summary([r["seconds"] for r in rs]),
                      "peak_rss": max(r["peak_rss"] for r in rs), "peak_anon": max(r["peak_anon"] for r in rs),
                      "ru_maxrss": max(r["ru_maxrss"] for r in rs)} for how, rs in results.items()}
@@ -202,9 +207,10 @@ def compare_merges(old_dir: str, new_dir: str) -> dict:
     """Largest |old - streaming| over every tensor (bf16: old adds the delta in bf16, streaming in fp32)."""
     from safetensors import safe_open
 
-    def tensors(folder):
-        index = json.load(open(os.path.join(folder, "model.safetensors.index.json"), encoding="utf-8"))["weight_map"]
-        for key, shard in sorted(index.items()):
+    from glmkit.model import _weight_map
+
+    def tensors(folder):  # save_pretrained wrote the old merge as one file, the streaming merge keeps the shards
+        for key, shard in sorted(_weight_map(folder).items()):
             with safe_open(os.path.join(folder, shard), framework="pt") as fh:
                 yield key, fh.get_tensor(key).float()
 
@@ -217,7 +223,9 @@ def compare_merges(old_dir: str, new_dir: str) -> dict:
         diff = (old.pop(key) - new).abs().max().item()
         worst = max(worst, diff)
         worst_rel = max(worst_rel, diff / max(new.abs().max().item(), 1e-12))
-    return {"max_abs": worst, "max_rel_to_tensor_max": worst_rel, "same_keys": keys_equal and not old}
+    return {"max_abs": worst, "max_rel_to_tensor_max": worst_rel, "same_keys": keys_equal and not old,
+            "old_files": sorted(f for f in os.listdir(old_dir) if f.endswith(".safetensors")),
+            "streaming_files": sorted(f for f in os.listdir(new_dir) if f.endswith(".safetensors"))}
 
 
 def glm45_air_adapter_bytes(expert_r: int) -> dict:
@@ -246,22 +254,38 @@ def main(argv=None) -> int:
         return 0
     info = benchlib.start_tiny_bench(args.threads)
     os.makedirs(WORK, exist_ok=True)
-    payload = {"machine": info, "settings": vars(args)}
-    tiny_dir = os.path.join(benchlib.REPO_ROOT, "models", "tiny-glm4-moe")
-    payload["tiny"] = step_comparison("tiny", tiny_dir, args.steps, args)
-    if not args.skip_mid:
+    sections = set(args.sections.split(","))
+    payload = {}
+    if os.path.isfile(args.out):  # keep the sections not rerun
+        with open(args.out, encoding="utf-8") as fh:
+            payload = json.load(fh)
+    payload.setdefault("machine_by_section", {})
+    payload["settings"] = {k: v for k, v in vars(args).items() if k not in ("child", "model_dir", "variant", "how",
+                                                                            "adapter", "save_to")}
+
+    def done(section: str, result) -> None:
+        payload[section] = result
+        payload["machine_by_section"][section] = info
+        benchlib.write_json(args.out, payload)
+
+    if "tiny" in sections:
+        done("tiny", step_comparison("tiny", os.path.join(benchlib.REPO_ROOT, "models", "tiny-glm4-moe"),
+                                     args.steps, args))
+    if sections & {"mid", "merge"}:
         from midmodel import write_mid_checkpoint
 
         payload["mid_model"] = write_mid_checkpoint(MID_DIR)
-        payload["mid"] = step_comparison("mid", MID_DIR, args.mid_steps, args)
-        payload["merge"] = merge_comparison(args)
-    payload["glm45_air"] = glm45_air_adapter_bytes(args.expert_r)
-    benchlib.write_json(args.out, payload)
-    print(render(payload))
+    if "mid" in sections:
+        done("mid", step_comparison("mid", MID_DIR, args.mid_steps, args))
+    if "merge" in sections:
+        done("merge", merge_comparison(args))
+    if "air" in sections:
+        done("glm45_air", glm45_air_adapter_bytes(args.expert_r))
+    print(render(payload, info))
     return 0
 
 
-def render(p: dict) -> str:
+def render(p: dict, info: dict) -> str:
     gb = 1e9
     rows = []
     for name in ("tiny", "mid"):
@@ -276,7 +300,7 @@ def render(p: dict) -> str:
                          f"{r['adapter_bytes'] / 1e6:.2f}"])
         rows.append([f"{name}: ratio", "", benchlib.fmt_ratio(p[name]["ratio_wall"]),
                      benchlib.fmt_ratio(p[name]["ratio_cpu"]), "", "", ""])
-    lines = [benchlib.machine_line(p["machine"]), "",
+    lines = [benchlib.machine_line(info), "",
              benchlib.table(["model: LoRA on", "trainable", "step wall s", "step CPU s", "peak RSS GB",
                              "RSS added by steps MB", "adapter MB"], rows)]
     if "merge" in p:
@@ -289,8 +313,8 @@ def render(p: dict) -> str:
                   f"(relative to the tensor's max {m['max_abs_diff']['max_rel_to_tensor_max']:.3g}), same keys: "
                   f"{m['max_abs_diff']['same_keys']}; {m['shards']} shards, largest "
                   f"{m['largest_shard_bytes'] / gb:.2f} GB"]
-    g = p["glm45_air"]
-    lines.append(f"\nGLM-4.5-Air (plan, DDP x 4): adapter {g['attention_adapter_bytes'] / gb:.2f} GB attention-only vs "
+    g = p.get("glm45_air")
+    lines.append("" if g is None else f"\nGLM-4.5-Air (plan, DDP x 4): adapter {g['attention_adapter_bytes'] / gb:.2f} GB attention-only vs "
                  f"{g['experts_adapter_bytes'] / gb:.2f} GB with experts at rank {p['settings']['expert_r']}; per GPU "
                  f"{g['attention_total_per_gpu'] / gb:.1f} vs {g['experts_total_per_gpu'] / gb:.1f} GB")
     return "\n".join(lines)

@@ -4,12 +4,12 @@
 # About 15-20 minutes on a shared 2-core machine. The GPU benchmark is bench/gpu_smoke.sh.
 #
 #   bench/run_all.sh            # all of them
-#   bench/run_all.sh loading    # only those named (data_efficiency vs_trainer memory_plan loading overheads)
+#   bench/run_all.sh loading    # only those named (data_efficiency vs_trainer memory_plan loading overheads expert_lora)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-ALL=(memory_plan data_efficiency vs_trainer overheads loading)
+ALL=(memory_plan data_efficiency vs_trainer overheads loading expert_lora)
 
 if [[ $# -gt 0 ]]; then
   selected=("$@")

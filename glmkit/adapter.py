@@ -112,6 +112,7 @@ def plan_deltas(adapter_dir: str, skeleton, model_dir: str) -> list[Delta]:
     experts = expert_parameters(skeleton)
     linears = {name: m for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
     targeted = [n for n in experts if matches(n, config.get("target_parameters") or [])]
+    experts_modules = {n.rpartition(".")[0] for n in experts}
     deltas = []
     for module in sorted(modules):
         a_key, b_key = f"{ADAPTER_PREFIX}{module}.lora_A.weight", f"{ADAPTER_PREFIX}{module}.lora_B.weight"
@@ -128,8 +129,9 @@ def plan_deltas(adapter_dir: str, skeleton, model_dir: str) -> list[Delta]:
                                  f"adapter's LoRA is for {[b_shape[0], a_shape[1]]} at rank {a_shape[0]}")
             deltas.append(Delta(owner, a_key, b_key, scaling, 0, r))
             continue
-        params = [p for p in _experts_order(skeleton, owner) if f"{owner}.{p}" in targeted] if owner in {
-            n.rpartition(".")[0] for n in experts} else []
+        # A fused-experts module: which of its parameters this wrapper adapts follows from the nesting depth.
+        params = [p for p in _experts_order(skeleton, owner) if f"{owner}.{p}" in targeted] \
+            if owner in experts_modules else []
         if depth >= len(params):
             raise MergeError(f"the adapter does not fit {model_dir}: it adapts {module}, which that model does not "
                              f"have (or its adapter_config.json does not list it in target_parameters)")

@@ -94,9 +94,7 @@ def resolve_targets(model, lora) -> LoraTargets:
 
 def expert_rank(lora) -> tuple[int, int]:
     """(rank, alpha) of the routed-expert adapters: their own when set, else the attention ones."""
-    r = lora.expert_r if getattr(lora, "expert_r", None) else lora.r
-    alpha = lora.expert_alpha if getattr(lora, "expert_alpha", None) else lora.alpha
-    return r, alpha
+    return lora.expert_r or lora.r, lora.expert_alpha or lora.alpha
 
 
 def peft_config(lora, targets: LoraTargets):
@@ -107,8 +105,8 @@ def peft_config(lora, targets: LoraTargets):
     # get_pattern_key matches `(.*\.)?(KEY)$`: escaped full names touch these parameters and nothing else.
     rank_pattern = {re.escape(n): r for n in targets.expert_params} if r != lora.r else {}
     alpha_pattern = {re.escape(n): alpha for n in targets.expert_params} if alpha != lora.alpha else {}
-    modules = (ALL_LINEAR if ALL_LINEAR in lora.target_modules and len(lora.target_modules) == 1
-               else list(lora.target_modules))
+    # "all-linear" is peft's shorthand only as the whole value: with other names beside it, pass what it resolved to
+    modules = targets.modules if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=modules or [], target_parameters=list(targets.expert_params) or None,
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, bias="none", task_type="CAUSAL_LM")
@@ -126,9 +124,9 @@ def apply_lora(model, lora):
     targets = resolve_targets(model, lora)
     config = peft_config(lora, targets)
     with warnings.catch_warnings():
-        # The patterns are checked against module names only, so peft warns that parameter patterns
-        # "matched nothing"; resolve_targets has already checked every name.
-        warnings.filterwarnings("ignore", message=".*_pattern.*")
+        # peft checks the patterns against module names only and warns that the parameter patterns "did not
+        # match any targeted module and were ignored"; they are applied (the expert shapes show the rank).
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
         model = get_peft_model(model, config)
     use_factored_experts(model)
     return model

@@ -460,6 +460,7 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
         raise PlanError(f"{type(model).__name__} has no model.layers; the plan covers decoder-only models")
     tensors = enumerate_tensors(model)
     groups = price_groups(tensors, q)
+    check_lora_targets(model, cfg.lora)
     targets = lora_targets(model, cfg.lora)
     a = arch_of(hf_config)
     act = activation_plan(model, a, cfg, targets, tensors)
@@ -520,6 +521,16 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     }
     plan["verdict"] = verdict_line(plan)
     return plan
+
+
+def check_lora_targets(model, lora) -> None:
+    """The trainer's rule (glmkit.lora): every listed target must match, or there is no plan to make."""
+    from glmkit.lora import LoraTargetError, resolve_targets
+
+    try:
+        resolve_targets(model, lora)
+    except LoraTargetError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def expert_lora_summary(targets: list[LoraTarget], lora) -> dict:

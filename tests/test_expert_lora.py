@@ -6,10 +6,10 @@ import signal
 
 import pytest
 import torch
+from conftest import run_cli, write_tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_tiny_config
 from glmkit.logs import latest_per_step, read_jsonl
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
