@@ -286,6 +286,20 @@ def test_merge_refuses_a_model_that_does_not_fit_the_adapter(expert_run, tiny_mo
     assert "holds a 'llama' model" in line
 
 
+def test_merge_refuses_adapter_options_it_cannot_fold(expert_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    from glmkit.adapter import MergeError, merge
+
+    adapter = tmp_path / "dora"
+    shutil.copytree(expert_run["best"], adapter)
+    config = json.load(open(adapter / "adapter_config.json"))
+    json.dump({**config, "use_dora": True}, open(adapter / "adapter_config.json", "w"))
+    with pytest.raises(MergeError, match=r"uses DoRA, which the merge cannot fold into plain weights"):
+        merge(tiny_model_dir, str(adapter), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
 # ---------------------------------------------------------------------------
 # The plan prices what the trainer builds
 # ---------------------------------------------------------------------------
