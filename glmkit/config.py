@@ -34,8 +34,11 @@ class ModelSection:
     """The base model."""
     name_or_path: str = setting("zai-org/GLM-4.5-Air", "Hub id that download_model.py fetches", critical=True)
     revision: str = setting("main", "branch, tag or commit; pin a commit hash for reproducible runs", critical=True)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
-        "sdpa", "`sdpa` (block-diagonal 4-D mask) · `flash_attention_2` (varlen via position_ids) · `eager` (debugging)")
+    attn_implementation: Literal["varlen", "sdpa", "eager", "flash_attention_2"] = setting(
+        "varlen", "`varlen` (packed rows as segment boundaries: torch's flash-attention varlen kernel on CUDA in "
+        "bf16, per-document sdpa elsewhere; causal per document, no mask) · `sdpa` (block-diagonal 4-D mask: the "
+        "whole row's square) · `flash_attention_2` (only where the `flash-attn` package imports) · `eager` "
+        "(debugging)")
 
 
 @dataclass
@@ -253,6 +256,9 @@ def validate(cfg: Config) -> list[str]:
             problems.append(f"{key}: {message}")
 
     lo, q, lg = cfg.lora, cfg.quantization, cfg.logging
+    need(cfg.model.attn_implementation != "flash_attention_2" or flash_attn_importable(),
+         "model.attn_implementation", "flash_attention_2 needs the flash-attn package, which does not import "
+         "here; use varlen (torch's own flash-attention varlen kernel, nothing to install)")
     need(bool(lo.target_modules or lo.target_parameters), "lora.target_modules",
          "LoRA needs at least one target; list modules such as q_proj, v_proj")
     need(not q.quantize_experts or q.load_in_4bit, "quantization.quantize_experts",
@@ -307,6 +313,15 @@ def readme_table() -> str:
         rows.append(f"| `{key}` | {_markdown_value(field_default(f))} | {f.metadata.get('help', '')} | "
                     f"{bounds_text(f) or ''} | {'fixed' if f.metadata.get('critical') else 'may change'} |")
     return "\n".join(rows) + "\n"
+
+
+def flash_attn_importable() -> bool:
+    """transformers' flash_attention_2 path needs the flash-attn package; it has no wheel for torch 2.13."""
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # noqa: BLE001 - a missing package and a broken build (ABI, CUDA) both mean "unusable"
+        return False
+    return True
 
 
 def accelerate_config_path(cfg: Config) -> Optional[str]:
