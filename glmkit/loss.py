@@ -36,7 +36,8 @@ def chunk_tokens_for(vocab: int) -> int:
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i cross_entropy(hidden_i @ weight.T + bias, target_i), in fp32, chunk by chunk.
 
-    Forward keeps hidden, weight and targets only; backward recomputes each chunk's logits,
+    The loss and the logits' gradient are fp32 (fp64 for fp64 inputs). Forward keeps hidden,
+    weight and targets only; backward recomputes each chunk's logits,
     turns them into d(loss)/d(logits) = softmax - one_hot in place, and multiplies back.
     Gradients flow to hidden, and to weight / bias when they require them (lm_head is frozen
     in this kit, but a trainable head gets its gradient, accumulated in fp32).
@@ -44,11 +45,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk: int):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ctx.loss_dtype = loss_dtype(hidden)
+        total = torch.zeros((), dtype=ctx.loss_dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             logits = F.linear(hidden[start:start + chunk], weight, bias)
-            total += F.cross_entropy(logits.float(), targets[start:start + chunk], ignore_index=IGNORE_INDEX,
-                                     reduction="sum")
+            total += F.cross_entropy(logits.to(ctx.loss_dtype), targets[start:start + chunk],
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk = chunk
@@ -59,11 +61,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, targets = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        acc = ctx.loss_dtype
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             h, t = hidden[start:start + ctx.chunk], targets[start:start + ctx.chunk]
-            grad = F.linear(h, weight, bias).float()
+            grad = F.linear(h, weight, bias).to(acc)
             grad = grad.sub_(grad.logsumexp(dim=-1, keepdim=True)).exp_()  # softmax, in place
             rows = torch.arange(t.shape[0], device=t.device)
             target = t != IGNORE_INDEX
@@ -73,16 +76,22 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[start:start + ctx.chunk] = grad @ weight
             if need_weight:
-                grad_weight += (grad.t() @ h).float()
+                grad_weight += (grad.t() @ h).to(acc)
             if need_bias:
-                grad_bias += grad.float().sum(dim=0)
+                grad_bias += grad.to(acc).sum(dim=0)
             del grad
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
 
 
+def loss_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs (gradient checks): never below fp32."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
 def _chunk_loss(head, hidden, targets):
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(head(hidden).to(loss_dtype(hidden)), targets, ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
@@ -97,7 +106,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: tor
         return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
     from torch.utils.checkpoint import checkpoint
 
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    total = torch.zeros((), dtype=loss_dtype(hidden), device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
         total = total + checkpoint(_chunk_loss, head, hidden[start:start + chunk], targets[start:start + chunk],
                                    use_reentrant=False)
