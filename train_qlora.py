@@ -5,7 +5,7 @@
     python train_qlora.py --config configs/tiny.yaml          # the CPU demo
     python train_qlora.py --config training_config.yaml --plan [--json]
 
-Every expert is NF4, documents are packed with a block-diagonal mask, and everything the
+Every expert is NF4, packed documents are kept apart (varlen segments or a block mask), and everything the
 dashboard shows is written to <paths.output_dir>/logs/*.jsonl. A step is an optimizer step.
 """
 
