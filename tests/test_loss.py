@@ -2,14 +2,19 @@
 
 import pytest
 import torch
+from conftest import write_tiny_config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import write_tiny_config
 from glmkit.data import IGNORE_INDEX, Collator, pack_rows
-from glmkit.loss import (ChunkedLinearCrossEntropy, causal_lm_loss_sum, linear_cross_entropy_sum,
-                         next_token_loss_sum, reference_loss_sum)
+from glmkit.loss import (
+    ChunkedLinearCrossEntropy,
+    causal_lm_loss_sum,
+    linear_cross_entropy_sum,
+    next_token_loss_sum,
+    reference_loss_sum,
+)
 
 HIDDEN, VOCAB = 24, 97
 
