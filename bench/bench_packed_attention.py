@@ -29,8 +29,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 IMPLEMENTATIONS = ("sdpa", "varlen")
 TARGET_SPEEDUP_AT_2048 = 1.5
@@ -50,7 +49,7 @@ def parse_args(argv=None):
 
 def step_seconds(model, batches) -> tuple[float, float, float]:
     """(wall s, CPU s, summed loss) of forward + backward over the micro-batches."""
-    from glmkit.training import loss_sum
+    from glmkit.step import loss_sum
 
     wall, cpu, total = time.perf_counter(), time.process_time(), 0.0
     for batch in batches:

@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
-from gpu_layers import load, packed_rows  # noqa: E402
-from mfu import merge_into  # noqa: E402
+import benchlib
+from gpu_layers import load, packed_rows
+from mfu import merge_into
 
 
 def parse_args(argv=None):
@@ -51,7 +49,8 @@ def main(argv=None) -> int:
 
     from glmkit import plan as planmod
     from glmkit.data import Collator
-    from glmkit.training import loss_sum, make_optimizer_and_scheduler
+    from glmkit.optim import make_optimizer_and_scheduler
+    from glmkit.step import loss_sum
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

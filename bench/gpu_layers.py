@@ -28,9 +28,8 @@ import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
-from mfu import merge_into  # noqa: E402
+import benchlib
+from mfu import merge_into
 
 
 def parse_args(argv=None):

@@ -99,7 +99,7 @@ with open(out, "w") as fh:
 EOF
 
 # ---- stage 1: the mid-size model (and the tiny model's tokenizer and demo corpus it uses) --------
-"$PY" -c "import sys; sys.path.insert(0, 'bench'); import benchlib; benchlib.ensure_tiny_assets()"
+PYTHONPATH="bench${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import benchlib; benchlib.ensure_tiny_assets()"
 # shellcheck disable=SC2086  # MID_ARGS is a list of flags on purpose
 "$PY" bench/midmodel.py "$MID_DIR" $MID_ARGS > "$WORK/mid-model.json"
 

@@ -65,7 +65,8 @@ class TrainingSection:
     val_fraction: float = setting(0.01, "held-out share of documents; bigger = steadier val loss, slower evals",
                                   critical=True, ge=0, lt=1)
     text_field: str = setting("text", "JSON key holding each document", critical=True)
-    packing: bool = setting(True, "pack documents end to end into full rows (block-diagonal mask)", critical=True)
+    packing: bool = setting(True, "pack documents end to end into full rows (kept apart by segment boundaries or "
+                                  "a block-diagonal mask)", critical=True)
     padding: Literal["longest", "max_length"] = setting(
         "longest", "without packing: `longest` (less waste) or `max_length` (the original recipe)", critical=True)
     skip_bad_lines: bool = setting(False, "skip and count bad JSONL lines instead of aborting")
@@ -75,8 +76,11 @@ class TrainingSection:
 @dataclass
 class OptimizationSection:
     """Batch geometry, AdamW and the learning-rate schedule."""
-    micro_batch_per_gpu: int = setting(1, "rows per forward; memory grows with it", critical=True, ge=1)
-    grad_accum_steps: int = setting(16, "micro-batches per optimizer step", critical=True, ge=1)
+    micro_batch_per_gpu: int = setting(
+        4, "rows per forward; memory grows with it, and more rows amortize dequantizing the experts each "
+        "micro-step; `--plan` reports the largest that fits (`max_micro_batch_per_gpu`)", critical=True, ge=1)
+    grad_accum_steps: int = setting(4, "micro-batches per optimizer step (4 × 4 = the 16 rows per GPU of a 1 × 16 "
+                                    "recipe)", critical=True, ge=1)
     learning_rate: float = setting(1e-4, "peak LR (LoRA)", gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = setting("cosine", "`cosine` · `linear` · `constant`, after warmup")
     warmup_steps: int = setting(50, "linear warmup from 0", ge=0)

@@ -35,7 +35,8 @@ def write_yaml(tmp_path, text: str = "") -> str:
 
 
 def air_plan(tmp_path, *overrides, num_processes=4, gpu_memory_bytes=int(141 * GB)):
-    cfg = load_config(write_yaml(tmp_path), list(overrides))
+    """The plan at micro batch 1 unless an override says otherwise (the recipe's own is tested on its own)."""
+    cfg = load_config(write_yaml(tmp_path), ["optimization.micro_batch_per_gpu=1", *overrides])
     return planmod.build_plan(cfg, gpu_memory_bytes=gpu_memory_bytes, num_processes=num_processes)
 
 
