@@ -5,7 +5,7 @@
     python train_qlora.py --config configs/tiny.yaml          # the CPU demo
     python train_qlora.py --config training_config.yaml --plan [--json]
 
-Every expert is NF4, documents are packed with a block-diagonal mask, and everything the
+Every expert is NF4, packed documents are kept apart (varlen segments or a block mask), and everything the
 dashboard shows is written to <paths.output_dir>/logs/*.jsonl. A step is an optimizer step.
 """
 
@@ -64,7 +64,7 @@ def lock_output_dir(cfg, accelerator) -> RunLock:
 def train(cfg, args, accelerator, logs) -> int:
     from transformers import AutoTokenizer
 
-    from glmkit import data
+    from glmkit import data, ddp
     from glmkit import model as modeling
     from glmkit.evaluation import adapter_is_finite, evaluate, improves
     from glmkit.optim import apply_current_hyperparameters, make_optimizer_and_scheduler
@@ -106,6 +106,7 @@ def train(cfg, args, accelerator, logs) -> int:
     optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, total_steps)
 
     # ---- accelerate.prepare, and resume -----------------------------------------------------
+    ddp.exclude_frozen_from_sync(model)  # every rank loaded the 4-bit base itself: DDP syncs LoRA only
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     stats = RouterStats(model, accelerator.is_main_process)
     accelerator.register_for_checkpointing(scheduler, stats)
@@ -126,7 +127,8 @@ def train(cfg, args, accelerator, logs) -> int:
     logs.event("run_start", state.step, config=cfg.to_dict(), world_size=world, total_steps=total_steps,
                effective_batch=rows_per_step, tokens_per_step=rows_per_step * t.max_seq_length, model_audit=audit,
                bad_lines=len(corpus.bad_lines), train_rows=len(train_rows), val_rows=len(val_rows),
-               resumed_from=resume_path, device=str(accelerator.device), **planned_memory)
+               resumed_from=resume_path, device=str(accelerator.device), ddp_sync=ddp.sync_report(model),
+               **planned_memory)
     if resume_path:  # last of all, so nothing draws from the random streams it restores
         ckpt.load_checkpoint(accelerator, model, resume_path)
         apply_current_hyperparameters(optimizer, scheduler, cfg)

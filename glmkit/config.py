@@ -35,8 +35,11 @@ class ModelSection:
     """The base model."""
     name_or_path: str = setting("zai-org/GLM-4.5-Air", "Hub id that download_model.py fetches", critical=True)
     revision: str = setting("main", "branch, tag or commit; pin a commit hash for reproducible runs", critical=True)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
-        "sdpa", "`sdpa` (block-diagonal 4-D mask) · `flash_attention_2` (varlen via position_ids) · `eager` (debugging)")
+    attn_implementation: Literal["varlen", "sdpa", "eager", "flash_attention_2"] = setting(
+        "varlen", "`varlen` (packed rows as segment boundaries: torch's flash-attention varlen kernel on CUDA in "
+        "bf16, per-document sdpa elsewhere; causal per document, no mask) · `sdpa` (block-diagonal 4-D mask: the "
+        "whole row's square) · `flash_attention_2` (only where the `flash-attn` package imports) · `eager` "
+        "(debugging)")
 
 
 @dataclass
@@ -66,7 +69,8 @@ class TrainingSection:
     val_fraction: float = setting(0.01, "held-out share of documents; bigger = steadier val loss, slower evals",
                                   critical=True, ge=0, lt=1)
     text_field: str = setting("text", "JSON key holding each document", critical=True)
-    packing: bool = setting(True, "pack documents end to end into full rows (block-diagonal mask)", critical=True)
+    packing: bool = setting(True, "pack documents end to end into full rows (kept apart by segment boundaries or "
+                                  "a block-diagonal mask)", critical=True)
     padding: Literal["longest", "max_length"] = setting(
         "longest", "without packing: `longest` (less waste) or `max_length` (the original recipe)", critical=True)
     skip_bad_lines: bool = setting(False, "skip and count bad JSONL lines instead of aborting")
@@ -76,8 +80,11 @@ class TrainingSection:
 @dataclass
 class OptimizationSection:
     """Batch geometry, AdamW and the learning-rate schedule."""
-    micro_batch_per_gpu: int = setting(1, "rows per forward; memory grows with it", critical=True, ge=1)
-    grad_accum_steps: int = setting(16, "micro-batches per optimizer step", critical=True, ge=1)
+    micro_batch_per_gpu: int = setting(
+        4, "rows per forward; memory grows with it, and more rows amortize dequantizing the experts each "
+        "micro-step; `--plan` reports the largest that fits (`max_micro_batch_per_gpu`)", critical=True, ge=1)
+    grad_accum_steps: int = setting(4, "micro-batches per optimizer step (4 × 4 = the 16 rows per GPU of a 1 × 16 "
+                                    "recipe)", critical=True, ge=1)
     learning_rate: float = setting(1e-4, "peak LR (LoRA)", gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = setting("cosine", "`cosine` · `linear` · `constant`, after warmup")
     warmup_steps: int = setting(50, "linear warmup from 0", ge=0)
@@ -268,6 +275,9 @@ def validate(cfg: Config) -> list[str]:
             problems.append(f"{key}: {message}")
 
     lo, q, lg = cfg.lora, cfg.quantization, cfg.logging
+    need(cfg.model.attn_implementation != "flash_attention_2" or flash_attn_importable(),
+         "model.attn_implementation", "flash_attention_2 needs the flash-attn package, which does not import "
+         "here; use varlen (torch's own flash-attention varlen kernel, nothing to install)")
     need(bool(lo.target_modules or lo.target_parameters), "lora.target_modules",
          "LoRA needs at least one target; list modules such as q_proj, v_proj")
     # peft's LoRA on a 3-D parameter adds B_e A_e to the weight, which has no place for dropout on the
@@ -328,6 +338,15 @@ def readme_table() -> str:
         rows.append(f"| `{key}` | {_markdown_value(field_default(f))} | {f.metadata.get('help', '')} | "
                     f"{bounds_text(f) or ''} | {'fixed' if f.metadata.get('critical') else 'may change'} |")
     return "\n".join(rows) + "\n"
+
+
+def flash_attn_importable() -> bool:
+    """transformers' flash_attention_2 path needs the flash-attn package; it has no wheel for torch 2.13."""
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # noqa: BLE001 - a missing package and a broken build (ABI, CUDA) both mean "unusable"
+        return False
+    return True
 
 
 def accelerate_config_path(cfg: Config) -> Optional[str]:

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from glmkit.attention import model_kwargs as varlen_kwargs
+from glmkit.attention import packed_segments
+
 IGNORE_INDEX = -100
 PACK_BATCH_DOCS = 2_000  # documents packed together; each such batch pads at most one row
 
@@ -145,7 +148,8 @@ def tokenize_split(docs: list[str], tokenizer, cfg, cache_dir: str, name: str):
 
 
 # ---------------------------------------------------------------------------
-# Collation: tensors, labels, and the mask that keeps packed documents apart
+# Collation: tensors, labels, and the mask (varlen: the segment boundaries)
+# that keeps packed documents apart
 # ---------------------------------------------------------------------------
 
 def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -180,7 +184,10 @@ class Collator:
         labels = input_ids.masked_fill(~real | (positions == 0), IGNORE_INDEX)
         batch = {"input_ids": input_ids, "position_ids": positions.clamp(min=0), "labels": labels,
                  "token_mask": real}
-        if self.attn_implementation != "flash_attention_2":
+        if self.attn_implementation == "varlen":
+            # Segment boundaries instead of a mask (glmkit/attention.py).
+            batch["cu_seqlens"], batch["max_seqlen"] = packed_segments(positions)
+        elif self.attn_implementation != "flash_attention_2":
             # flash-attention varlen finds boundaries from position_ids; sdpa/eager need the mask.
             batch["attention_mask"] = block_causal_mask(positions)
         return batch
@@ -193,7 +200,14 @@ class Collator:
             input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
             real[i, : len(row["input_ids"])] = True
         labels = input_ids.masked_fill(~real, IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": real.long(), "labels": labels, "token_mask": real}
+        batch = {"input_ids": input_ids, "labels": labels, "token_mask": real}
+        if self.attn_implementation == "varlen":
+            # Each row is one document and one run of padding: two segments, no mask.
+            positions = torch.arange(length).expand(len(rows), length).masked_fill(~real, -1)
+            batch["cu_seqlens"], batch["max_seqlen"] = packed_segments(positions)
+        else:
+            batch["attention_mask"] = real.long()
+        return batch
 
 
 def make_collator(tokenizer, cfg) -> Collator:
@@ -202,5 +216,8 @@ def make_collator(tokenizer, cfg) -> Collator:
 
 
 def model_inputs(batch: dict) -> dict:
-    """The batch minus bookkeeping the model does not take."""
-    return {k: v for k, v in batch.items() if k not in ("token_mask", "labels")}
+    """The batch minus bookkeeping the model does not take; segment boundaries as the model's kwargs."""
+    inputs = {k: v for k, v in batch.items() if k not in ("token_mask", "labels", "cu_seqlens", "max_seqlen")}
+    if "cu_seqlens" in batch:
+        inputs.update(varlen_kwargs(batch["cu_seqlens"], batch["max_seqlen"]))
+    return inputs

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from glmkit import attention
+
 SUPPORTED_MODEL_TYPES = ("glm4_moe",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Where every parameter belongs (see group_of); the audit and the memory plan report the same groups.
@@ -111,6 +113,8 @@ def build_skeleton(config, cfg):
     from transformers import AutoModelForCausalLM
 
     compute_dtype = DTYPES[cfg.quantization.compute_dtype]
+    if cfg.model.attn_implementation == attention.NAME:
+        attention.register()
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype,
                                                  attn_implementation=cfg.model.attn_implementation)

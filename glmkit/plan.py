@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from glmkit.config import add_config_arguments, config_from_args, strategy as config_strategy
-# One classifier and one dtype table for plan and audit, so their groups compare line by line.
-from glmkit.model import BASE_GROUPS, DTYPES, group_of
+from glmkit.config import add_config_arguments, config_from_args
+from glmkit.config import strategy as config_strategy
+from glmkit.loss import chunk_tokens_for
+from glmkit.model import BASE_GROUPS, DTYPES, group_of  # shared with the audit, so plan and audit compare
 
 GB = 1e9
 # QLoRA paper: NF4 with double quantization costs 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter.
@@ -326,6 +327,46 @@ def eager_attention_bytes(a: Arch, micro_batch: int, seq: int, c: int) -> int:
     return micro_batch * a.heads * seq * seq * (c + 4)
 
 
+# ---------------------------------------------------------------------------
+# Attention and the loss, priced per implementation
+# ---------------------------------------------------------------------------
+
+def attention_extra_bytes(a: Arch, attn: str, micro_batch: int, seq: int, c: int) -> int:
+    """What one recomputed layer's attention holds beyond attention_per_token's q, k, v, output and lse.
+
+    - varlen / flash_attention_2: nothing more; K/V stay at their own head count, no mask.
+    - sdpa: the packed rows' 4-D block mask (bool, built by the collator) and the additive
+      bias in the compute dtype the mask-capable kernel turns it into and keeps for
+      backward, and K/V expanded to every query head (transformers' repeat_kv whenever a
+      mask is given), kept for backward as the kernel's inputs.
+    - eager: the scores and fp32 probabilities of every head.
+    """
+    if attn == "eager":
+        return eager_attention_bytes(a, micro_batch, seq, c)
+    if attn == "sdpa":
+        mask = micro_batch * seq * seq * (1 + c)
+        expanded_kv = micro_batch * seq * 2 * (a.heads - a.kv_heads) * a.head_dim * c
+        return mask + expanded_kv
+    return 0
+
+
+def loss_bytes(a: Arch, tokens: int, c: int) -> dict:
+    """The chunked loss the trainer runs (glmkit/loss.py), and what the full-vocabulary one would hold.
+
+    Chunked: the target tokens' hidden states and their gradient ([tokens, hidden] each),
+    plus one chunk of logits at a time: compute-dtype logits, the fp32 copy and the
+    log-softmax (forward) or softmax-minus-one-hot (backward). Full: [tokens, vocab]
+    logits, the fp32 upcast and the shifted slice's reshaped copy in forward; in backward
+    the saved log-softmax, the gradient it receives and the one it passes on, all fp32.
+    """
+    chunk = min(tokens, chunk_tokens_for(a.vocab))
+    return {
+        "loss_chunk_tokens": chunk,
+        "logits_and_loss_bytes": 2 * tokens * a.hidden * c + chunk * a.vocab * (c + 8),
+        "full_vocab_loss_bytes": tokens * a.vocab * max(c + 8, 12),
+    }
+
+
 def layer_breakdown(model, a: Arch, cfg, targets: list[LoraTarget]) -> list[dict]:
     """Per decoder layer: activations per token, and its expert bytes in compute dtype."""
     c = DTYPES[cfg.quantization.compute_dtype].itemsize
@@ -369,22 +410,22 @@ def expert_lora_activations(a: Arch, c: int, targets: list[LoraTarget], lora) ->
     return {"per_token": a.top_k * per_pair, "transient": 2 * factors}
 
 
-
-def activation_plan(model, a: Arch, cfg, targets: list[LoraTarget], tensors: list[TensorInfo]) -> dict:
+def activation_plan(model, a: Arch, cfg, targets: list[LoraTarget], tensors: list[TensorInfo],
+                    micro_batch: int | None = None) -> dict:
     c = DTYPES[cfg.quantization.compute_dtype].itemsize
     q = cfg.quantization
-    mb, seq = cfg.optimization.micro_batch_per_gpu, cfg.training.max_seq_length
+    mb, seq = micro_batch or cfg.optimization.micro_batch_per_gpu, cfg.training.max_seq_length
     tokens = mb * seq
     layers = layer_breakdown(model, a, cfg, targets)
-    eager = eager_attention_bytes(a, mb, seq, c) if cfg.model.attn_implementation == "eager" else 0
-    saved = [layer["per_token"] * tokens + eager for layer in layers]
+    attention = attention_extra_bytes(a, cfg.model.attn_implementation, mb, seq, c)
+    saved = [layer["per_token"] * tokens + attention for layer in layers]
     # bitsandbytes' parametrization dequantizes a whole fused expert tensor when it is read, and
     # the expert matmuls keep (views of) it for backward: one layer's experts in compute dtype.
     dequant = [layer["expert_compute_bytes"] if (q.load_in_4bit and q.quantize_experts) else 0 for layer in layers]
     expert_lora = [layer["expert_lora_transient_bytes"] for layer in layers]
     # Linear4bit dequantizes its weight transiently, one layer at a time.
     largest_linear = max((t.numel for t in tensors if t.is_linear_weight), default=0) * c if q.load_in_4bit else 0
-    logits = tokens * a.vocab * (4 + c)  # compute-dtype logits plus the fp32 copy the loss upcasts to
+    loss = loss_bytes(a, tokens, c)
     if cfg.memory.gradient_checkpointing:
         boundaries = (len(layers) + 1) * tokens * a.hidden * c  # each layer's input, and the embeddings
         # Recomputing one layer in backward: its activations, as much again in gradients, its experts.
@@ -401,8 +442,9 @@ def activation_plan(model, a: Arch, cfg, targets: list[LoraTarget], tensors: lis
         "layer_peak_bytes": peak,
         "dequantized_experts_bytes": dequant_held,
         "expert_lora_transient_bytes": max(expert_lora, default=0),
-        "logits_and_loss_bytes": logits,
-        "activation_bytes": boundaries + peak + logits,
+        "attention_extra_bytes": attention,
+        **loss,
+        "activation_bytes": boundaries + peak + loss["logits_and_loss_bytes"],
     }
 
 
@@ -443,6 +485,20 @@ def per_gpu_plan(strategy: str, n: int, weights: int, largest_layer: int, lora: 
     return parts
 
 
+def largest_micro_batch(fits, limit: int = 4096) -> int:
+    """The largest micro-batch m <= limit with fits(m) (0 when not even 1 fits); memory grows with m."""
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, 2 * high
+    high = min(high, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
 def _largest_layer_bytes(tensors: list[TensorInfo], q) -> int:
     by_layer: dict[int, int] = defaultdict(int)
     for t in tensors:
@@ -479,6 +535,9 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     else:
         gpu, gpu_source = detected_gpu_memory() or (int(cfg.distributed.gpu_memory_gb * GB),
                                                      "distributed.gpu_memory_gb")
+    # Everything but the activations is independent of the micro-batch.
+    max_micro_batch = largest_micro_batch(lambda mb: total - act["activation_bytes"] + activation_plan(
+        model, a, cfg, targets, tensors, micro_batch=mb)["activation_bytes"] <= gpu)
     plain_upcast = sum(g["plain_path_upcast_bytes"] for g in groups.values())
     # Down the plain path the experts are resident already (nothing to dequantize), in fp32.
     plain_weights = plain_upcast if strategy == "ddp" else plain_upcast // n
@@ -516,6 +575,7 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
         "gpu_memory_source": gpu_source,
         "headroom_bytes": gpu - total,
         "fits": total <= gpu,
+        "max_micro_batch_per_gpu": max_micro_batch,
         "plain_path_fits": plain_total <= gpu,
         "notes": _notes(cfg, source, strategy, n),
     }
@@ -588,6 +648,8 @@ def _advice(plan: dict) -> str:
     if not plan["gradient_checkpointing"]:
         return "turn on memory.gradient_checkpointing"
     if plan["micro_batch_per_gpu"] > 1:
+        if plan["max_micro_batch_per_gpu"]:
+            return f"lower optimization.micro_batch_per_gpu to {plan['max_micro_batch_per_gpu']}"
         return "lower optimization.micro_batch_per_gpu"
     if plan["strategy"] == "ddp" and plan["weights_bytes"] > 0.5 * plan["gpu_memory_bytes"]:
         return "shard the weights: distributed.accelerate_config: fsdp (docs/MEMORY_AND_SCALING.md)"
@@ -604,7 +666,8 @@ def verdict_line(plan: dict) -> str:
         return (f"memory plan: DOES NOT FIT - needs {_gb(total)} per GPU, has {_gb(gpu)} ({setup}); "
                 f"{_advice(plan)}")
     word = "FITS (tight)" if gpu - total < TIGHT_HEADROOM * gpu else "FITS"
-    return f"memory plan: {word} - {_gb(total)} of {_gb(gpu)} per GPU ({setup})"
+    return (f"memory plan: {word} - {_gb(total)} of {_gb(gpu)} per GPU ({setup}); micro batches up to "
+            f"{plan['max_micro_batch_per_gpu']} fit")
 
 
 def format_plan(plan: dict) -> str:
@@ -653,10 +716,16 @@ def format_plan(plan: dict) -> str:
                 f"      {'  of which dequantized experts':<38}{_gb(plan['dequantized_experts_bytes']):>12}",
                 *([f"      {'  of which expert LoRA factors':<38}{_gb(plan['expert_lora_transient_bytes']):>12}"]
                   if plan.get("expert_lora_transient_bytes") else []),
-                f"      {'logits + loss (fp32)':<38}{_gb(plan['logits_and_loss_bytes']):>12}",
+                        f"      {'attention beyond q, k, v, output':<38}{_gb(plan['attention_extra_bytes']):>12}"
+                f"   ({plan['attn_implementation']})",
+                f"      {'lm_head + loss, chunked':<38}{_gb(plan['logits_and_loss_bytes']):>12}"
+                f"   ({plan['loss_chunk_tokens']} tokens a chunk; full-vocabulary logits would hold "
+                f"{_gb(plan['full_vocab_loss_bytes'])})",
             ]
     lines.append(f"    {'total':<40}{_gb(plan['total_bytes_per_gpu']):>12}   of {_gb(plan['gpu_memory_bytes'])} "
                  f"({plan['gpu_memory_source']})")
+    lines.append(f"  largest micro_batch_per_gpu that fits at {plan['max_seq_length']} tokens: "
+                 f"{plan['max_micro_batch_per_gpu']} (this config: {plan['micro_batch_per_gpu']})")
     lines += [
         "",
         f"  Plain transformers path (BitsAndBytesConfig leaves the fused experts in {q['compute_dtype']}, then "

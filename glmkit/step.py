@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 
-from glmkit.data import IGNORE_INDEX, model_inputs
+from glmkit.data import IGNORE_INDEX
 from glmkit.faults import injected_nan, maybe_kill
+from glmkit.loss import causal_lm_loss_sum
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,9 @@ class StepResult:
 
 
 def loss_sum(model, batch: dict) -> torch.Tensor:
-    """Cross-entropy summed over the batch's target tokens."""
-    logits = model(**model_inputs(batch), use_cache=False).logits
-    targets = batch["labels"][:, 1:]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    """Cross-entropy summed over the batch's target tokens; lm_head and the loss in chunks of tokens,
+    never the full-vocabulary logits (glmkit/loss.py)."""
+    return causal_lm_loss_sum(model, batch)
 
 
 def target_tokens(batch: dict) -> int:

@@ -194,3 +194,20 @@ def test_best_adapter_dir_overlapping_another_path_is_refused(tmp_path, best, ke
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "c.yaml")
     assert any(p.startswith("paths.best_adapter_dir:") and key in p for p in info.value.problems), info.value.problems
+
+
+def test_flash_attention_2_needs_flash_attn_else_one_line_pointing_at_varlen(tmp_path):
+    from glmkit.config import flash_attn_importable
+
+    if flash_attn_importable():
+        pytest.skip("flash-attn imports here: flash_attention_2 is allowed")
+    (tmp_path / "fa2.yaml").write_text("model:\n  attn_implementation: flash_attention_2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "fa2.yaml")
+    assert info.value.problems == ["model.attn_implementation: flash_attention_2 needs the flash-attn package, which "
+                                   "does not import here; use varlen (torch's own flash-attention varlen kernel, "
+                                   "nothing to install)"]
+    result = run_cli(["train_qlora.py", "--config", str(tmp_path / "fa2.yaml")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"config error: {info.value.problems[0]}"]
+    assert load_config(tmp_path / "fa2.yaml", ["model.attn_implementation=varlen"]).model.attn_implementation == "varlen"

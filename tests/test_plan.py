@@ -14,7 +14,8 @@ from glmkit.config import load_config
 from glmkit.model import BASE_GROUPS
 
 GB = 1e9
-TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 # 45 MoE layers x 128 experts x (gate + up + down) x hidden 4096 x moe_intermediate 1408.
 GLM45_AIR_ROUTED = 45 * 128 * 3 * 4096 * 1408
 JSON_KEYS = {
@@ -23,6 +24,7 @@ JSON_KEYS = {
     "lora_bytes", "lora_grad_bytes", "optimizer_bytes", "activation_bytes", "layer_boundaries_bytes",
     "layer_peak_bytes", "dequantized_experts_bytes", "logits_and_loss_bytes", "per_gpu",
     "total_bytes_per_gpu", "gpu_memory_bytes", "gpu_memory_source", "fits", "verdict", "notes",
+    "max_micro_batch_per_gpu", "attention_extra_bytes", "loss_chunk_tokens", "full_vocab_loss_bytes",
 }
 
 
@@ -33,7 +35,8 @@ def write_yaml(tmp_path, text: str = "") -> str:
 
 
 def air_plan(tmp_path, *overrides, num_processes=4, gpu_memory_bytes=int(141 * GB)):
-    cfg = load_config(write_yaml(tmp_path), list(overrides))
+    """The plan at micro batch 1 unless an override says otherwise (the recipe's own is tested on its own)."""
+    cfg = load_config(write_yaml(tmp_path), ["optimization.micro_batch_per_gpu=1", *overrides])
     return planmod.build_plan(cfg, gpu_memory_bytes=gpu_memory_bytes, num_processes=num_processes)
 
 
@@ -136,8 +139,49 @@ def test_without_checkpointing_every_layer_keeps_its_experts(tmp_path, air):
 
 def test_activations_grow_with_tokens(tmp_path, air):
     plan = air_plan(tmp_path, "optimization.micro_batch_per_gpu=2")
-    assert plan["logits_and_loss_bytes"] == 2 * air["logits_and_loss_bytes"] == 2 * 4096 * 151552 * 6
+    # Chunked loss: the target tokens' hidden states and their gradient grow with the tokens, one chunk
+    # of logits (221 tokens x 151552, bf16 + two fp32 copies) does not.
+    assert plan["logits_and_loss_bytes"] - air["logits_and_loss_bytes"] == 2 * 4096 * 4096 * 2
+    assert air["loss_chunk_tokens"] == 221
+    assert air["logits_and_loss_bytes"] == 2 * 4096 * 4096 * 2 + 221 * 151552 * 10
+    # What the full-vocabulary loss would hold: fp32 log-softmax, its gradient in and out (12 bytes a logit).
+    assert plan["full_vocab_loss_bytes"] == 2 * air["full_vocab_loss_bytes"] == 2 * 4096 * 151552 * 12
     assert plan["activation_bytes"] > air["activation_bytes"]
+
+
+def test_attention_is_priced_per_implementation(tmp_path, air):
+    assert air["attn_implementation"] == "varlen" and air["attention_extra_bytes"] == 0
+    sdpa = air_plan(tmp_path, "model.attn_implementation=sdpa")
+    # the 4-D block mask (bool, and the bf16 bias the kernel makes of it) and K/V expanded from 8 to 96 heads
+    mask, expanded = 4096 * 4096 * 3, 4096 * 2 * (96 - 8) * 128 * 2
+    assert sdpa["attention_extra_bytes"] == mask + expanded
+    assert sdpa["layer_peak_bytes"] - air["layer_peak_bytes"] == 2 * (mask + expanded)
+    eager = air_plan(tmp_path, "model.attn_implementation=eager")
+    assert eager["attention_extra_bytes"] == 96 * 4096 * 4096 * (2 + 4)
+    assert eager["max_micro_batch_per_gpu"] < sdpa["max_micro_batch_per_gpu"] <= air["max_micro_batch_per_gpu"]
+
+
+def test_largest_micro_batch_that_fits(tmp_path, air):
+    largest = air["max_micro_batch_per_gpu"]
+    assert largest >= 4  # GLM-4.5-Air at 4096 tokens on a 141 GB H200, varlen + chunked loss
+    at_largest = air_plan(tmp_path, f"optimization.micro_batch_per_gpu={largest}")
+    one_more = air_plan(tmp_path, f"optimization.micro_batch_per_gpu={largest + 1}")
+    assert at_largest["fits"] and not one_more["fits"]
+    assert at_largest["max_micro_batch_per_gpu"] == one_more["max_micro_batch_per_gpu"] == largest
+    assert f"lower optimization.micro_batch_per_gpu to {largest}" in one_more["verdict"]
+    assert air["verdict"].endswith(f"micro batches up to {largest} fit")
+    longer = air_plan(tmp_path, "training.max_seq_length=8192")
+    assert longer["max_micro_batch_per_gpu"] < largest
+    assert air_plan(tmp_path, gpu_memory_bytes=int(60 * GB))["max_micro_batch_per_gpu"] == 0
+
+
+def test_shipped_recipe_uses_a_micro_batch_the_plan_supports():
+    cfg = load_config(os.path.join(ROOT, "training_config.yaml"),
+                      [f"paths.model_dir={os.path.join(ROOT, 'no-such-model-dir')}"])
+    plan = planmod.build_plan(cfg, gpu_memory_bytes=int(141 * GB), num_processes=4)
+    assert plan["fits"] and 1 < cfg.optimization.micro_batch_per_gpu <= plan["max_micro_batch_per_gpu"]
+    # the effective batch of the original 1 x 16 recipe is kept
+    assert cfg.optimization.micro_batch_per_gpu * cfg.optimization.grad_accum_steps == 16
 
 
 def test_experts_left_in_bf16_match_the_plain_path(tmp_path):
@@ -172,6 +216,8 @@ def test_run_plan_cli_prints_table_and_verdict(tmp_path, capsys):
     assert planmod.run_plan_cli(cfg, as_json=False) == 0
     out = capsys.readouterr().out
     assert "routed_experts" in out and "built-in GLM-4.5-Air architecture" in out
+    assert "largest micro_batch_per_gpu that fits at 4096 tokens: " in out
+    assert "lm_head + loss, chunked" in out and "(varlen)" in out
     assert out.strip().splitlines()[-1].startswith("memory plan: ")
 
 

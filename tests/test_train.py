@@ -138,15 +138,19 @@ def test_merge_and_sample(finished_run, tmp_path):
     assert result.stdout.strip()
 
 
-def test_two_processes_write_one_set_of_logs(make_config, tmp_path):
-    config = make_config({"training.max_steps": 4, "logging.eval_interval": 2, "logging.checkpoint_interval": 4,
-                          "logging.expert_stats_interval": 2})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def launch_two_processes(config: str, env: dict | None = None) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                              "train_qlora.py", "--config", config], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_processes_write_one_set_of_logs(make_config, tmp_path):
+    config = make_config({"training.max_steps": 4, "logging.eval_interval": 2, "logging.checkpoint_interval": 4,
+                          "logging.expert_stats_interval": 2})
+    launch_two_processes(config)
     out = tmp_path / "run" / "logs"
     train = read_jsonl(str(out / "training_log.jsonl"))
     assert [r["step"] for r in train] == [1, 2, 3, 4]  # one writer, not two
@@ -157,6 +161,31 @@ def test_two_processes_write_one_set_of_logs(make_config, tmp_path):
         assert record["interval_tokens"] == 2 * 2 * (2 * 2 * 256)
         assert all(sum(l["counts"]) == record["interval_tokens"] * 2 for l in record["layers"])
     assert os.path.isfile(tmp_path / "run" / "checkpoint-4" / "random_states_1.pkl")
+
+
+def test_ddp_leaves_the_frozen_base_alone(make_config, tmp_path):
+    """Every rank loads the 4-bit base itself: DDP broadcasts and all-reduces the LoRA weights only, no
+    buffers, and the run is the same to the bit as with DDP's stock start-up (which broadcasts everything)."""
+    runs = {}
+    for name, env in (("kit", {}), ("stock", {"GLMKIT_DDP_SYNC_FROZEN": "1"})):
+        config = make_config({"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3,
+                              "paths.output_dir": str(tmp_path / name), "paths.best_adapter_dir": str(tmp_path / f"{name}-best")},
+                             name=f"{name}.yaml")
+        launch_two_processes(config, env)
+        logs_dir = tmp_path / name / "logs"
+        runs[name] = {"sync": read_jsonl(str(logs_dir / "events_log.jsonl"))[0]["ddp_sync"],
+                      "trainable": read_jsonl(str(logs_dir / "events_log.jsonl"))[0]["model_audit"]["trainable_params"],
+                      "curve": [(r["loss"], r["grad_norm"]) for r in read_jsonl(str(logs_dir / "training_log.jsonl"))],
+                      "val": [r["val_loss"] for r in read_jsonl(str(logs_dir / "eval_log.jsonl"))]}
+    kit, stock = runs["kit"]["sync"], runs["stock"]["sync"]
+    lora_bytes = 4 * runs["kit"]["trainable"]  # fp32 adapters
+    assert kit["broadcast_bytes"] == kit["all_reduced_bytes"] == stock["all_reduced_bytes"] == lora_bytes
+    assert kit["broadcast_params"] == kit["all_reduced_params"] and kit["broadcast_buffers"] == 0
+    assert kit["ignored_bytes"] + kit["broadcast_bytes"] == stock["broadcast_bytes"]
+    assert stock["ignored_bytes"] == 0 and stock["broadcast_buffers"] > 0
+    assert kit["ignored_bytes"] > 10 * lora_bytes  # the 4-bit base, embeddings, lm_head, norms
+    assert runs["kit"]["curve"] == runs["stock"]["curve"] and len(runs["kit"]["curve"]) == 3
+    assert runs["kit"]["val"] == runs["stock"]["val"]
 
 
 def test_bad_data_line_is_reported_by_line(make_config, tmp_path):

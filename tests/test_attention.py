@@ -1,0 +1,157 @@
+"""varlen attention: packed rows cut by segment boundaries, no mask, equal to the masked sdpa path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_tiny_config
+
+from glmkit import attention
+from glmkit.data import IGNORE_INDEX, Collator, model_inputs, pack_rows
+
+ROW = 128
+PAD = 1
+
+
+def test_segments_of_a_packed_batch():
+    # row 0: a document of 3, then one that spills into row 1; row 1: its rest, then a document of 1 and padding.
+    positions = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, -1, -1]])
+    cu_seqlens, longest = attention.packed_segments(positions)
+    assert cu_seqlens.dtype == torch.int32
+    assert cu_seqlens.tolist() == [0, 3, 5, 7, 8, 10]
+    assert int(longest) == 3
+    # a row that is one document throughout, and a row that starts with padding
+    cu_seqlens, longest = attention.packed_segments(torch.tensor([[0, 1, 2, 3], [-1, -1, -1, -1]]))
+    assert cu_seqlens.tolist() == [0, 4, 8] and int(longest) == 4
+
+
+def test_collator_gives_boundaries_instead_of_a_mask():
+    collate = Collator(pad_id=0, packing=True, padding="longest", max_seq_length=4, attn_implementation="varlen")
+    batch = collate([{"input_ids": [1, 2, 3, 4], "position_ids": [0, 1, 2, 0]},
+                     {"input_ids": [9, 8, 0, 0], "position_ids": [0, 1, -1, -1]}])
+    assert "attention_mask" not in batch
+    assert batch["cu_seqlens"].tolist() == [0, 3, 4, 6, 8]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX], [IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX]]
+    inputs = model_inputs(batch)
+    assert set(inputs) == {"input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                           "max_length_k"}
+    assert inputs["max_length_q"] == inputs["max_length_k"] == 3
+    padded = Collator(0, False, "longest", 8, "varlen")([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
+    assert "attention_mask" not in padded and padded["cu_seqlens"].tolist() == [0, 3, 4, 6]
+
+
+def reference_attention(query, key, value, cu_seqlens, scale):
+    """Per document, K/V expanded to every query head, an explicit lower-triangular mask."""
+    groups = query.shape[1] // key.shape[1]
+    outputs = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q = query[start:end].transpose(0, 1)
+        k = key[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        v = value[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        mask = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def test_segment_attention_equals_per_document_attention_with_gqa():
+    torch.manual_seed(0)
+    lengths = [5, 17, 17, 1, 40, 17, 3]  # repeated lengths share one batched call
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = sum(lengths)
+    query = torch.randn(total, 4, 16, requires_grad=True)
+    key = torch.randn(total, 2, 16, requires_grad=True)
+    value = torch.randn(total, 2, 16, requires_grad=True)
+    weights = torch.randn(total, 4, 16)
+    out = attention.segment_attention(query, key, value, cu_seqlens, max(lengths), 0.25)
+    grads = torch.autograd.grad((out * weights).sum(), (query, key, value))
+    ref = reference_attention(query, key, value, cu_seqlens, 0.25)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (query, key, value))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape  # K/V gradients at their own head count
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# The tiny model: varlen vs masked sdpa, loss and every LoRA gradient
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_models(tmp_path_factory, tiny_model_dir, demo_corpus):
+    """The kit's 4-bit tiny model with LoRA, once per attention implementation, the same random adapter
+    weights in both (random lora_B too, so that every LoRA matrix gets a gradient)."""
+    from glmkit import model as modeling
+    from glmkit.config import load_config
+
+    models = {}
+    for attn in ("sdpa", "varlen"):
+        folder = tmp_path_factory.mktemp(attn)
+        cfg = load_config(write_tiny_config(folder, tiny_model_dir, demo_corpus, {"model.attn_implementation": attn}))
+        model = modeling.prepare_for_training(modeling.load_model(cfg), cfg)
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for _, param in sorted(model.named_parameters()):
+                if param.requires_grad:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        models[attn] = model
+    return models
+
+
+def random_docs(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 2000, (n,), generator=generator).tolist() for n in lengths]
+
+
+def packed_rows(lengths):
+    packed = pack_rows(random_docs(lengths), ROW, PAD)
+    return [{"input_ids": r, "position_ids": p} for r, p in zip(packed["input_ids"], packed["position_ids"])]
+
+
+CASES = {
+    # 5 rows: a 300-token document split over three rows, documents of 1 and 5 tokens, a padded last row
+    "packed, several rows, split documents, padded last row": (True, packed_rows([37, 300, 41, 5, 120, 1, 90])),
+    "packed, one full row": (True, packed_rows([60, 68])),
+    "unpacked, padded to the longest": (False, [{"input_ids": d} for d in random_docs([70, 128, 9], seed=1)]),
+}
+
+
+def loss_and_grads(model, batch, train: bool):
+    from glmkit.step import loss_sum
+
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same LoRA dropout draws on both paths
+    loss = loss_sum(model, batch)
+    if not train:
+        return loss.item(), {}
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_varlen_loss_and_lora_gradients_equal_masked_sdpa(lora_models, case):
+    packing, rows = CASES[case]
+    results = {}
+    for attn, model in lora_models.items():
+        batch = Collator(PAD, packing, "longest", ROW, attn)(rows)
+        assert ("attention_mask" in batch) == (attn == "sdpa")
+        results[attn] = loss_and_grads(model, batch, train=True) + loss_and_grads(model, batch, train=False)[:1]
+    (sdpa_loss, sdpa_grads, sdpa_eval), (varlen_loss, varlen_grads, varlen_eval) = results["sdpa"], results["varlen"]
+    assert varlen_loss == pytest.approx(sdpa_loss, rel=1e-5)
+    assert varlen_eval == pytest.approx(sdpa_eval, rel=1e-5)
+    assert sdpa_grads.keys() == varlen_grads.keys() and len(sdpa_grads) > 0
+    for name, want in sdpa_grads.items():
+        scale = want.abs().max().item()
+        assert scale > 0, name
+        assert (varlen_grads[name] - want).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_without_boundaries_a_row_is_one_causal_sequence(lora_models):
+    """Generation and plain calls pass no cu_seqlens: varlen then behaves as sdpa without a mask."""
+    ids = torch.tensor(random_docs([50, 50]))
+    with torch.no_grad():
+        lora_models["varlen"].eval()
+        lora_models["sdpa"].eval()
+        varlen = lora_models["varlen"](input_ids=ids).logits
+        sdpa = lora_models["sdpa"](input_ids=ids).logits
+    torch.testing.assert_close(varlen, sdpa, rtol=1e-5, atol=1e-5)
