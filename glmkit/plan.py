@@ -716,7 +716,7 @@ def format_plan(plan: dict) -> str:
                 f"      {'  of which dequantized experts':<38}{_gb(plan['dequantized_experts_bytes']):>12}",
                 *([f"      {'  of which expert LoRA factors':<38}{_gb(plan['expert_lora_transient_bytes']):>12}"]
                   if plan.get("expert_lora_transient_bytes") else []),
-                        f"      {'attention beyond q, k, v, output':<38}{_gb(plan['attention_extra_bytes']):>12}"
+                f"      {'attention beyond q, k, v, output':<38}{_gb(plan['attention_extra_bytes']):>12}"
                 f"   ({plan['attn_implementation']})",
                 f"      {'lm_head + loss, chunked':<38}{_gb(plan['logits_and_loss_bytes']):>12}"
                 f"   ({plan['loss_chunk_tokens']} tokens a chunk; full-vocabulary logits would hold "
