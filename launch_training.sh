@@ -85,8 +85,9 @@ say "config $KIT_CONFIG"
 if [[ ! -f "$KIT_MODEL_DIR/config.json" ]]; then
     die "no model in $KIT_MODEL_DIR (paths.model_dir has no config.json); download $KIT_MODEL_NAME with: python download_model.py --config $KIT_CONFIG  (CPU demo model: python download_model.py --tiny --config $KIT_CONFIG)"
 fi
-if [[ ! -e "$KIT_DATA_PATH" ]]; then
-    die "no training data at $KIT_DATA_PATH (paths.data_path in $KIT_CONFIG); point it at a JSONL file with one {\"$KIT_TEXT_FIELD\": ...} record per line  (CPU demo corpus: python -m glmkit.demo_data --config $KIT_CONFIG)"
+# The same resolution the trainer does (files, folders, globs, weighted sources), minus the tokenizing.
+if [[ -n "$KIT_DATA_PROBLEM" ]]; then
+    die "no usable training data: $KIT_DATA_PROBLEM  (paths.data_path in $KIT_CONFIG; one {\"$KIT_TEXT_FIELD\": ...} record per line; CPU demo corpus: python -m glmkit.demo_data --config $KIT_CONFIG)"
 fi
 # The trainer never starts over on top of a run's checkpoints (and the kit deletes nothing it did not
 # write), so refuse here, in one line, rather than after minutes of start-up.

@@ -4,6 +4,7 @@
     accelerate launch train_qlora.py --config training_config.yaml [--resume | --resume_from PATH]
     python train_qlora.py --config configs/tiny.yaml          # the CPU demo
     python train_qlora.py --config training_config.yaml --plan [--json]
+    python train_qlora.py --config training_config.yaml --prepare-data   # tokenize once, no weights loaded
 
 Every expert is NF4, packed documents are kept apart (varlen segments or a block mask), and everything the
 dashboard shows is written to <paths.output_dir>/logs/*.jsonl. A step is an optimizer step.
@@ -45,6 +46,10 @@ def parse_args(argv=None):
     parser.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit")
     parser.add_argument("--json", action="store_true", help="with --plan: one JSON object")
     parser.add_argument("--force", action="store_true", help="start even if the memory plan says it won't fit")
+    parser.add_argument("--prepare-data", action="store_true",
+                        help="tokenize and pack paths.data_path into the cache (no model weights), print a summary, exit")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="with --resume: continue even though the data differs from the checkpoint's fingerprint")
     return parser.parse_args(argv)
 
 
@@ -64,7 +69,7 @@ def lock_output_dir(cfg, accelerator) -> RunLock:
 def train(cfg, args, accelerator, logs) -> int:
     from transformers import AutoTokenizer
 
-    from glmkit import data, ddp
+    from glmkit import data, ddp, prepare
     from glmkit import model as modeling
     from glmkit.evaluation import adapter_is_finite, evaluate, improves
     from glmkit.optim import apply_current_hyperparameters, make_optimizer_and_scheduler
@@ -84,11 +89,8 @@ def train(cfg, args, accelerator, logs) -> int:
     modeling.check_model_dir(cfg)
     planned_memory = memory_gate(cfg, accelerator, args.force)
     tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
-    corpus = data.load_corpus(cfg)
-    with accelerator.main_process_first():
-        cache_dir = f"{cfg.paths.scratch_dir}/tokenized/{corpus.fingerprint}"
-        train_rows = data.tokenize_split(corpus.train_docs, tokenizer, cfg, cache_dir, "train")
-        val_rows = data.tokenize_split(corpus.val_docs, tokenizer, cfg, cache_dir, "val")
+    corpus = prepare.prepare_for_run(cfg, tokenizer, accelerator, logs, resume_path, args.allow_data_change)
+    train_rows, val_rows = corpus.train_rows, corpus.val_rows
     collator = data.make_collator(tokenizer, cfg)
     train_loader = torch.utils.data.DataLoader(train_rows, batch_size=o.micro_batch_per_gpu, shuffle=True,
                                                collate_fn=collator, num_workers=cfg.performance.num_workers,
@@ -110,7 +112,7 @@ def train(cfg, args, accelerator, logs) -> int:
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     stats = RouterStats(model, accelerator.is_main_process)
     accelerator.register_for_checkpointing(scheduler, stats)
-    checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps)
+    checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps, corpus.fingerprint)
     state = ckpt.checkpoint_state(resume_path) if resume_path else LoopState()
     if state.step >= total_steps:
         accelerator.print(f"{resume_path} is at step {state.step} of {total_steps}: the run has already "
@@ -126,7 +128,7 @@ def train(cfg, args, accelerator, logs) -> int:
         state = replace(state, tracker_runs=logs.trackers.runs)
     logs.event("run_start", state.step, config=cfg.to_dict(), world_size=world, total_steps=total_steps,
                effective_batch=rows_per_step, tokens_per_step=rows_per_step * t.max_seq_length, model_audit=audit,
-               bad_lines=len(corpus.bad_lines), train_rows=len(train_rows), val_rows=len(val_rows),
+               bad_lines=corpus.bad_line_count, train_rows=len(train_rows), val_rows=len(val_rows),
                resumed_from=resume_path, device=str(accelerator.device), ddp_sync=ddp.sync_report(model),
                **planned_memory)
     if resume_path:  # last of all, so nothing draws from the random streams it restores
@@ -203,6 +205,10 @@ def main(argv=None) -> int:
         from glmkit.plan import run_plan_cli
 
         return run_plan_cli(cfg, args.json)
+    if args.prepare_data:
+        from glmkit.prepare import run_prepare_cli
+
+        return run_prepare_cli(cfg)
     require_installed(cfg)
     accelerator = make_accelerator(cfg)
     logs = RunLogs(cfg.logs_dir, enabled=accelerator.is_main_process)

@@ -2,7 +2,7 @@
 """Data efficiency: packing vs padding to the longest row vs padding to max_length.
 
 For each max_seq_length, the demo corpus (real prose with a natural spread of lengths) is
-turned into rows by the kit's own pipeline (`glmkit.data.tokenize_split`, the collator of
+turned into rows by the kit's own pipeline (`glmkit.prepare.prepare_data`, the collator of
 `glmkit.data.make_collator`), in a seeded random order as the training loader would draw it:
 
 - packing     documents end to end in rows of exactly max_seq_length, block-diagonal mask
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import random
 import sys
@@ -72,10 +73,18 @@ def mode_overrides(mode: str, seq_len: int) -> list[str]:
 # ---------------------------------------------------------------------------
 
 def build_rows(cfg, tokenizer, docs, cache_dir):
-    from glmkit import data
+    import copy
 
-    rows = data.tokenize_split(docs, tokenizer, cfg, cache_dir, "bench")
-    return [dict(r) for r in rows]
+    from glmkit.prepare import prepare_data
+
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, "docs.jsonl")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({cfg.training.text_field: d}) + "\n" for d in docs)
+    cfg = copy.deepcopy(cfg)
+    cfg.paths.data_path, cfg.paths.scratch_dir, cfg.training.val_fraction = path, cache_dir, 0.0
+    rows = prepare_data(cfg, tokenizer, show_progress=False).train_rows
+    return [rows[i] for i in range(len(rows))]
 
 
 def micro_batches(rows, micro_batch: int, seed: int) -> list[list[dict]]:
@@ -224,8 +233,8 @@ def main(argv=None) -> int:
     info["torch_threads"] = args.threads
     base_cfg = benchlib.tiny_config()
     tokenizer = AutoTokenizer.from_pretrained(base_cfg.paths.model_dir)
-    corpus = data.load_corpus(base_cfg)
-    docs = corpus.train_docs
+    with open(base_cfg.paths.data_path, encoding="utf-8") as fh:
+        docs = [json.loads(line)[base_cfg.training.text_field] for line in fh if line.strip()]
     doc_lengths = [len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]  # + EOS
     corpus_tokens = sum(doc_lengths)
     print(f"corpus: {len(docs)} training documents, {corpus_tokens:,} tokens (with EOS), "

@@ -57,6 +57,7 @@ class Harness:
         from glmkit.distributed import make_accelerator
         from glmkit.logs import RunLogs
         from glmkit.optim import make_optimizer_and_scheduler
+        from glmkit.prepare import prepare_data
         from glmkit.step import step_groups
 
         self.cfg = cfg
@@ -64,9 +65,7 @@ class Harness:
         torch.manual_seed(t.seed)
         self.accelerator = make_accelerator(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
-        corpus = data.load_corpus(cfg)
-        cache_dir = f"{cfg.paths.scratch_dir}/tokenized/{corpus.fingerprint}"
-        rows = data.tokenize_split(corpus.train_docs, self.tokenizer, cfg, cache_dir, "train")
+        rows = prepare_data(cfg, self.tokenizer, show_progress=False).train_rows
         loader = torch.utils.data.DataLoader(rows, batch_size=o.micro_batch_per_gpu, shuffle=True,
                                              collate_fn=data.make_collator(self.tokenizer, cfg))
         model = modeling.prepare_for_training(modeling.load_model(cfg, self.accelerator.device), cfg)

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Run every CPU benchmark with its default sizes, one after another (never in parallel: they
 # time each other otherwise). Results: bench/results/*.json; tables on stdout.
-# About 25-35 minutes on a shared 2-core machine. The GPU benchmark is bench/gpu_smoke.sh.
+# About 25-35 minutes on a shared 2-core machine, plus data_prep (it generates and prepares 1.25 GiB of
+# corpora: about 50 minutes on a busy machine). The GPU benchmark is bench/gpu_smoke.sh.
 #
 #   bench/run_all.sh            # all of them
 #   bench/run_all.sh loading    # only those named (data_efficiency vs_trainer memory_plan loading overheads
-#                               #   expert_lora packed_attention loss_memory)
+#                               #   expert_lora packed_attention loss_memory data_prep)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-ALL=(memory_plan data_efficiency vs_trainer overheads loading expert_lora packed_attention loss_memory)
+ALL=(memory_plan data_efficiency vs_trainer overheads loading expert_lora packed_attention loss_memory data_prep)
 
 if [[ $# -gt 0 ]]; then
   selected=("$@")

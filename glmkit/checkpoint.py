@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from glmkit.checkpoint_names import COMPLETE, META, checkpoint_path, parse_checkpoint_name
-from glmkit.config import critical_keys
+from glmkit.config import critical_keys, keys_checked_otherwise
 from glmkit.faults import maybe_fail_write, maybe_kill
 from glmkit.loop_state import LoopState
 
@@ -197,9 +197,11 @@ def check_best_adapter_dir(target: str) -> None:
 # ---------------------------------------------------------------------------
 
 class Checkpointer:
-    def __init__(self, accelerator, model, tokenizer, cfg, logs, stats, total_steps: int):
+    def __init__(self, accelerator, model, tokenizer, cfg, logs, stats, total_steps: int,
+                 data_fingerprint: dict | None = None):
         self.accelerator, self.model, self.tokenizer, self.cfg, self.logs = accelerator, model, tokenizer, cfg, logs
         self.stats, self.total_steps = stats, total_steps
+        self.data_fingerprint = data_fingerprint  # recorded in every meta; a resume compares it (glmkit/data_fingerprint.py)
         self.output_dir = cfg.paths.output_dir
         self.val_losses: dict[str, float | None] = {}
         for _, path in list_checkpoints(self.output_dir):
@@ -215,7 +217,8 @@ class Checkpointer:
         tmp = os.path.join(self.output_dir, f".tmp-{os.path.basename(target)}")
         if self.stats is not None:  # the open expert-usage interval is training state too
             self.stats.fold_onto_main(lambda x: acc.reduce(x, "sum"))
-        meta = {**state.to_meta(), "val_loss": state.val_loss_now(), "world_size": acc.num_processes, "final": final}
+        meta = {**state.to_meta(), "val_loss": state.val_loss_now(), "world_size": acc.num_processes, "final": final,
+                "data_fingerprint": self.data_fingerprint}
         self._all_or_none(target, tmp, self._prepare_folder, tmp)
         self._all_or_none(target, tmp, acc.save_state, tmp)
         self._all_or_none(target, tmp, self._finish, state.step, meta, tmp, target)
@@ -313,7 +316,8 @@ def flatten(config_dict: dict, world_size: int) -> dict:
 def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(critical keys that differ, harmless keys that differ) between two flat config dicts."""
     critical_set = set(critical_keys()) | {"world_size"}
-    changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    elsewhere = set(keys_checked_otherwise())  # paths.data_path: by the data fingerprint, after the data is read
+    changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and k not in elsewhere]
     return [k for k in changed if k in critical_set], [k for k in changed if k not in critical_set]
 
 

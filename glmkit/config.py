@@ -43,11 +43,48 @@ class ModelSection:
 
 
 @dataclass
+class DataSource:
+    """One entry of a list-valued `paths.data_path`: a file, folder or glob, and its passes per epoch."""
+    path: str = setting(help="a .jsonl / .jsonl.gz / .jsonl.zst / .parquet file, a folder of them, or a glob")
+    weight: float = setting(1.0, "passes over this source per epoch; a fraction takes a deterministic subset "
+                                 "of its documents", gt=0)
+
+
+def _parse_data_path(value, key: str, problems: list[str]):
+    """A path string, or a list of sources: each a path string (weight 1) or a {path, weight} mapping."""
+    if isinstance(value, str) and value:
+        return value
+    if not isinstance(value, list) or not value:
+        problems.append(f"{key}: expected a path, a glob, or a list of sources like [{{path: data/a/, weight: 1}}], "
+                        f"got {value!r}")
+        return None
+    sources = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        if isinstance(item, str) and item:
+            sources.append(DataSource(path=item))
+        elif isinstance(item, dict):
+            if not isinstance(item.get("path"), str) or not item["path"]:
+                problems.append(f"{where}.path: missing or not a string; each source is "
+                                f"{{path: FILE|FOLDER|GLOB, weight: N}}")
+                continue
+            before = len(problems)
+            source = build_section(DataSource, item, where, problems)
+            if len(problems) == before:
+                sources.append(source)
+        else:
+            problems.append(f"{where}: expected a path or {{path: ..., weight: N}}, got {item!r}")
+    return sources if len(sources) == len(value) else None
+
+
+@dataclass
 class PathsSection:
     """Where things live; relative paths resolve against the config file's folder."""
     model_dir: str = setting("models/GLM-4.5-Air", "the checkpoint folder download_model.py fills", critical=True)
-    data_path: str = setting("data/train.jsonl", "JSONL, one document per line in `training.text_field`",
-                             critical=True)
+    data_path: typing.Union[str, list[DataSource]] = setting(
+        "data/train.jsonl", "a `.jsonl` / `.jsonl.gz` / `.jsonl.zst` / `.parquet` file, a folder, a glob, or a list "
+        "of `{path, weight}` sources (README: Inputs and the data cache)", parse=_parse_data_path,
+        on_resume="data fingerprint")
     output_dir: str = setting("runs/glm45-air-cpt-qlora", "checkpoints and `logs/`; the dashboard and auto-resume read here")
     best_adapter_dir: str = setting("runs/best-glm45-adapter",
                                     "copy of the adapter with the best val loss, replaced atomically; "
@@ -155,6 +192,8 @@ class PerformanceSection:
     tf32: bool = setting(True, "TF32 matmuls for fp32 ops on CUDA")
     pin_memory: bool = setting(True, "pinned host memory for batch copies")
     num_workers: int = setting(0, "data loader workers per process", ge=0)
+    tokenizer_workers: Optional[int] = setting(None, "processes that tokenize the corpus when it is prepared; "
+                                                     "null = every core", ge=1)
 
 
 @dataclass
@@ -250,6 +289,9 @@ def _resolve_paths(cfg: Config, base_dir: str) -> None:
         value = getattr(cfg.paths, f.name)
         if isinstance(value, str):
             setattr(cfg.paths, f.name, os.path.normpath(os.path.join(base_dir, os.path.expanduser(value))))
+    if isinstance(cfg.paths.data_path, list):  # glob characters pass through unchanged
+        for source in cfg.paths.data_path:
+            source.path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(source.path)))
     acc = cfg.distributed.accelerate_config
     if acc and acc not in ACCELERATE_CONFIGS:
         cfg.distributed.accelerate_config = os.path.normpath(os.path.join(base_dir, os.path.expanduser(acc)))
@@ -295,10 +337,16 @@ def validate(cfg: Config) -> list[str]:
     if d.accelerate_config and d.accelerate_config not in ACCELERATE_CONFIGS:
         need(os.path.isfile(d.accelerate_config), "distributed.accelerate_config",
              f"{d.accelerate_config} does not exist; use one of {', '.join(ACCELERATE_CONFIGS)} or a path")
+    if isinstance(cfg.paths.data_path, list):
+        for index, source in enumerate(cfg.paths.data_path):
+            need(source.weight > 0, f"paths.data_path[{index}].weight",
+                 f"must be > 0 (passes over {source.path} per epoch; remove the source to leave it out), "
+                 f"got {source.weight}")
     # The best adapter folder is replaced on every improvement: it must not overlap anything else.
     best = cfg.paths.best_adapter_dir
-    for key in ("output_dir", "model_dir", "scratch_dir", "data_path"):
-        other = getattr(cfg.paths, key)
+    data_paths = [s.path for s in cfg.paths.data_path] if isinstance(cfg.paths.data_path, list) else []
+    for key, other in [(k, getattr(cfg.paths, k)) for k in ("output_dir", "model_dir", "scratch_dir", "data_path")] + \
+            [("data_path", path) for path in data_paths]:
         if isinstance(other, str) and (_contains(best, other) or _contains(other, best)):
             where = "contains" if _contains(best, other) else "lies inside"
             problems.append(f"paths.best_adapter_dir: {best} {where} paths.{key} ({other}); the best adapter "
@@ -321,6 +369,11 @@ def critical_keys() -> list[str]:
     return [key for key, f in config_fields() if f.metadata.get("critical")]
 
 
+def keys_checked_otherwise() -> list[str]:
+    """Keys a resume compares by another rule than equality (paths.data_path: the data fingerprint)."""
+    return [key for key, f in config_fields() if f.metadata.get("on_resume")]
+
+
 def _markdown_value(value) -> str:
     if value is None:
         return "null"
@@ -331,12 +384,16 @@ def _markdown_value(value) -> str:
     return f"`{value}`" if isinstance(value, str) else repr(value)
 
 
+def _on_resume(f) -> str:
+    return f.metadata.get("on_resume") or ("fixed" if f.metadata.get("critical") else "may change")
+
+
 def readme_table() -> str:
     """The README's configuration table, rendered from the fields' metadata (`python -m glmkit.config`)."""
     rows = ["| key | default | what it does | valid | on resume |", "|---|---|---|---|---|"]
     for key, f in config_fields():
         rows.append(f"| `{key}` | {_markdown_value(field_default(f))} | {f.metadata.get('help', '')} | "
-                    f"{bounds_text(f) or ''} | {'fixed' if f.metadata.get('critical') else 'may change'} |")
+                    f"{bounds_text(f) or ''} | {_on_resume(f)} |")
     return "\n".join(rows) + "\n"
 
 

@@ -21,12 +21,18 @@ _MISSING = dataclasses.MISSING
 
 
 def setting(default=_MISSING, help: str = "", *, factory=None, critical: bool = False,
-            ge=None, gt=None, le=None, lt=None):
+            ge=None, gt=None, le=None, lt=None, parse=None, on_resume: str | None = None):
     """A config field: its default, what it does and trades off, bounds, and whether it pins a checkpoint.
 
-    `critical` marks keys a checkpoint depends on: changing one makes a run unresumable.
+    `critical` marks keys a checkpoint depends on: changing one makes a run unresumable; `on_resume`
+    names another rule a resume applies instead of equality. `parse(value, key, problems)` replaces
+    the type-driven coercion for a field whose YAML shape the type alone does not describe.
     """
     metadata = {"help": help, "critical": critical}
+    if parse is not None:
+        metadata["parse"] = parse
+    if on_resume is not None:
+        metadata["on_resume"] = on_resume
     metadata.update({k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None})
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -148,7 +154,8 @@ def build_section(cls, raw, prefix: str, problems: list[str]):
     if not isinstance(raw, dict):
         problems.append(f"{prefix}: expected a mapping of keys, got {raw!r}")
         return cls()
-    known = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = list(fields)
     values = {}
     for key, value in raw.items():
         dotted = f"{prefix}.{key}"
@@ -157,7 +164,8 @@ def build_section(cls, raw, prefix: str, problems: list[str]):
             hint = f"; did you mean {prefix}.{guess[0]}?" if guess else f"; known keys: {', '.join(known)}"
             problems.append(f"{dotted}: unknown key{hint}")
             continue
-        coerced = coerce(value, hints[key], dotted, problems)
+        parse = fields[key].metadata.get("parse")
+        coerced = parse(value, dotted, problems) if parse else coerce(value, hints[key], dotted, problems)
         if coerced is not None or value is None and type(None) in typing.get_args(hints[key]):
             values[key] = coerced
     return cls(**values)

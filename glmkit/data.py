@@ -1,150 +1,134 @@
-"""Data: JSONL documents -> validated, split, tokenized, packed (or padded) batches.
+"""Data: packed (or one-document) rows over the token stores, and collation into batches.
 
 Packing puts documents end to end in rows of exactly `max_seq_length` tokens. Each token
 carries its position inside its own document; the collator turns those positions into a
 block-diagonal causal mask, because with sdpa restarting position_ids alone does not stop
 attention from crossing a document boundary. The first token of each document is never
 a training target, so nothing is predicted from the previous document.
+
+Rows are not stored token by token: a row is a list of pieces (a start in the token stores
+and a length), computed from document lengths alone and memory-mapped at training time.
+Where the documents come from and how they are tokenized: glmkit/sources.py, glmkit/token_store.py;
+which documents go where: glmkit/prepare.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
+import bisect
 import os
-import random
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from glmkit.attention import model_kwargs as varlen_kwargs
 from glmkit.attention import packed_segments
+from glmkit.sources import DataError  # noqa: F401 - the data path's error, raised from here too
 
 IGNORE_INDEX = -100
-PACK_BATCH_DOCS = 2_000  # documents packed together; each such batch pads at most one row
-
-
-class DataError(ValueError):
-    """The corpus can't be used; the message names the file, the line and the fix."""
-
-
-@dataclass
-class Corpus:
-    train_docs: list[str]
-    val_docs: list[str]
-    bad_lines: list[str]
-    fingerprint: str
-
-
-def read_documents(path: str, text_field: str, skip_bad_lines: bool) -> tuple[list[str], list[str]]:
-    """Every document of a JSONL file, and the bad lines as 'file:line: reason'."""
-    if not os.path.isfile(path):
-        what = "not a regular file" if os.path.exists(path) else "no such file"
-        raise DataError(f"{path}: {what}; set paths.data_path to a JSONL file "
-                        f"(python -m glmkit.demo_data writes a demo corpus)")
-    docs, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            reason = None
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                reason = f"invalid JSON ({exc.msg})"
-            else:
-                if not isinstance(record, dict) or text_field not in record:
-                    reason = f"missing field {text_field!r}"
-                elif not isinstance(record[text_field], str):
-                    reason = f"field {text_field!r} is not a string"
-                elif not record[text_field].strip():
-                    reason = f"field {text_field!r} is empty"
-            if reason is None:
-                docs.append(record[text_field])
-            else:
-                bad.append(f"{path}:{number}: {reason}")
-    if bad and not skip_bad_lines:
-        shown = "\n".join(bad[:20]) + (f"\n... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"{len(bad)} bad line(s) in {path}; fix them or set training.skip_bad_lines: true\n{shown}")
-    return docs, bad
-
-
-def load_corpus(cfg) -> Corpus:
-    """Read and split deterministically from training.seed and training.val_fraction."""
-    t = cfg.training
-    docs, bad = read_documents(cfg.paths.data_path, t.text_field, t.skip_bad_lines)
-    if not docs:
-        raise DataError(f"{cfg.paths.data_path}: no usable documents; each line needs a non-empty {t.text_field!r}")
-    order = list(range(len(docs)))
-    random.Random(t.seed).shuffle(order)
-    n_val = math.ceil(len(docs) * t.val_fraction) if t.val_fraction > 0 else 0
-    if t.val_fraction > 0 and len(docs) - n_val < 1:
-        raise DataError(f"{cfg.paths.data_path}: {len(docs)} document(s) is too few for a validation split of "
-                        f"{t.val_fraction}; add documents or lower training.val_fraction")
-    val = [docs[i] for i in order[:n_val]]
-    train = [docs[i] for i in order[n_val:]]
-    stat = os.stat(cfg.paths.data_path)
-    key = f"{os.path.abspath(cfg.paths.data_path)}|{stat.st_size}|{stat.st_mtime_ns}|{t.text_field}|{t.seed}|{t.val_fraction}"
-    return Corpus(train, val, bad, hashlib.sha256(key.encode()).hexdigest()[:16])
+LAYOUT_BLOCK_DOCS = 1 << 20  # documents laid out at once: bounds the temporaries for huge corpora
 
 
 # ---------------------------------------------------------------------------
-# Tokenization and packing (datasets.map, cached on disk under scratch_dir)
+# Row layout: documents -> rows of pieces
 # ---------------------------------------------------------------------------
 
-def _tokenize_fn(tokenizer, max_seq_length: int, packing: bool):
-    eos = tokenizer.eos_token_id
+def pack_layout(starts: np.ndarray, lengths: np.ndarray, max_seq_length: int, packing: bool):
+    """(row_ptr, piece_start, piece_len) for documents at token offsets `starts` with `lengths`, in order.
 
-    def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        ids = [row + [eos] for row in ids]
-        if not packing:
-            return {"input_ids": [row[:max_seq_length] for row in ids]}
-        return pack_rows(ids, max_seq_length, tokenizer.pad_token_id)
-
-    return tokenize
+    With packing, documents go end to end in rows of max_seq_length; a document that spills over a
+    row boundary continues in the next row as a fresh segment (positions from 0). Only the last
+    row is short (padded when read). Without packing, each document is one row, truncated.
+    """
+    starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    if not packing:
+        return (np.arange(len(starts) + 1, dtype=np.int64), starts.copy(),
+                np.minimum(lengths, max_seq_length).astype(np.uint32))
+    length = max_seq_length
+    total = int(lengths.sum())
+    n_rows = -(-total // length)
+    per_row = np.zeros(n_rows, dtype=np.int64)
+    piece_starts, piece_lens = [], []
+    offset = 0  # where the block's first document begins in the packed stream
+    for lo in range(0, len(lengths), LAYOUT_BLOCK_DOCS):
+        lens, doc_start = lengths[lo:lo + LAYOUT_BLOCK_DOCS], starts[lo:lo + LAYOUT_BLOCK_DOCS]
+        keep = lens > 0
+        lens, doc_start = lens[keep], doc_start[keep]
+        ends = offset + np.cumsum(lens)
+        begins = ends - lens
+        first_row, last_row = begins // length, (ends - 1) // length
+        n_pieces = last_row - first_row + 1
+        doc = np.repeat(np.arange(len(lens)), n_pieces)
+        within = np.arange(len(doc)) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+        row = first_row[doc] + within
+        lo_token = np.maximum(begins[doc], row * length)
+        hi_token = np.minimum(ends[doc], (row + 1) * length)
+        piece_starts.append(doc_start[doc] + (lo_token - begins[doc]))
+        piece_lens.append((hi_token - lo_token).astype(np.uint32))
+        np.add.at(per_row, row, 1)
+        offset = int(ends[-1]) if len(ends) else offset
+    row_ptr = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
+    return row_ptr, cat(piece_starts, np.int64), cat(piece_lens, np.uint32)
 
 
 def pack_rows(docs: list[list[int]], max_seq_length: int, pad_id: int) -> dict[str, list[list[int]]]:
-    """Documents end to end in rows of exactly max_seq_length; positions restart per document.
+    """Packed rows of in-memory documents (the same layout the training rows use)."""
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    tokens = np.array([t for d in docs for t in d], dtype=np.uint32)
+    layout = pack_layout(np.cumsum(lengths) - lengths, lengths, max_seq_length, packing=True)
+    rows = Rows([tokens], layout, max_seq_length, pad_id, packing=True)
+    read = [rows[i] for i in range(len(rows))]
+    return {"input_ids": [r["input_ids"] for r in read], "position_ids": [r["position_ids"] for r in read]}
 
-    A document that spills over a row boundary continues in the next row as a fresh
-    segment (positions from 0). Only the last row is padded; pad positions are -1.
+
+class Rows(torch.utils.data.Dataset):
+    """Training or validation rows, read from memory-mapped token stores on indexing.
+
+    Each row gives per-token `input_ids` and `position_ids` (restarting at 0 for each document
+    segment, -1 for padding); without packing, just the document's `input_ids`.
     """
-    rows, positions = [], []
-    row, pos = [], []
-    for doc in docs:
-        start = 0
-        while start < len(doc):
-            take = min(len(doc) - start, max_seq_length - len(row))
-            row.extend(doc[start:start + take])
-            pos.extend(range(take))
-            start += take
-            if len(row) == max_seq_length:
-                rows.append(row)
-                positions.append(pos)
-                row, pos = [], []
-    if row:
-        pad = max_seq_length - len(row)
-        rows.append(row + [pad_id] * pad)
-        positions.append(pos + [-1] * pad)
-    return {"input_ids": rows, "position_ids": positions}
+
+    def __init__(self, token_arrays: list[np.ndarray], layout, max_seq_length: int, pad_id: int, packing: bool):
+        self.token_arrays = token_arrays
+        self.bases = [0]
+        for tokens in token_arrays:
+            self.bases.append(self.bases[-1] + len(tokens))
+        self.row_ptr, self.piece_start, self.piece_len = layout
+        self.max_seq_length, self.pad_id, self.packing = max_seq_length, pad_id, packing
+
+    def __len__(self) -> int:
+        return len(self.row_ptr) - 1
+
+    def tokens(self) -> int:
+        """Real (non-pad) tokens over all rows."""
+        return int(self.piece_len.sum(dtype=np.int64))
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        lo, hi = int(self.row_ptr[index]), int(self.row_ptr[index + 1])
+        ids, positions = [], []
+        for start, n in zip(self.piece_start[lo:hi].tolist(), self.piece_len[lo:hi].tolist(), strict=True):
+            which = bisect.bisect_right(self.bases, start) - 1
+            local = start - self.bases[which]
+            ids.append(self.token_arrays[which][local:local + n])
+            positions.append(np.arange(n))
+        row = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
+        if not self.packing:
+            return {"input_ids": row.tolist()}
+        pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+        pad = self.max_seq_length - len(row)
+        return {"input_ids": row.tolist() + [self.pad_id] * pad, "position_ids": pos.tolist() + [-1] * pad}
 
 
-def tokenize_split(docs: list[str], tokenizer, cfg, cache_dir: str, name: str):
-    """A datasets.Dataset of rows, cached by a key of everything that shapes the rows."""
-    import datasets
+def save_layout(folder: str, name: str, layout) -> None:
+    for part, array in zip(("row_ptr", "piece_start", "piece_len"), layout, strict=True):
+        np.save(os.path.join(folder, f"{name}.{part}.npy"), array)
 
-    t = cfg.training
-    key = json.dumps([name, tokenizer.name_or_path, len(tokenizer), t.max_seq_length, t.packing,
-                      hashlib.sha256("\x00".join(docs).encode()).hexdigest()])
-    cache_file = os.path.join(cache_dir, f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.arrow")
-    os.makedirs(cache_dir, exist_ok=True)
-    raw = datasets.Dataset.from_dict({"text": docs})
-    return raw.map(_tokenize_fn(tokenizer, t.max_seq_length, t.packing), batched=True,
-                   batch_size=PACK_BATCH_DOCS, remove_columns=["text"], cache_file_name=cache_file,
-                   load_from_cache_file=True, desc=f"tokenizing {name}")
+
+def load_layout(folder: str, name: str):
+    return tuple(np.load(os.path.join(folder, f"{name}.{part}.npy"), mmap_mode="r")
+                 for part in ("row_ptr", "piece_start", "piece_len"))
 
 
 # ---------------------------------------------------------------------------

@@ -117,6 +117,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    target = cfg.paths.data_path
+    if not isinstance(target, str) or not target.endswith(".jsonl") or os.path.isdir(target):
+        print(f"error: paths.data_path must name one .jsonl file to write the demo corpus to, got {target!r}",
+              file=sys.stderr)
+        return 2
     count = write_demo_corpus(cfg.paths.data_path, args.max_docs, cfg.training.text_field)
     print(f"wrote {count} documents to {cfg.paths.data_path}")
     return 0

@@ -19,6 +19,7 @@ import sys
 from glmkit.checkpoint import latest_checkpoint
 from glmkit.config import accelerate_config_path, add_config_arguments, config_from_args, strategy
 from glmkit.logs import LOG_FILES, read_jsonl
+from glmkit.sources import DataError, describe, resolve_sources
 from glmkit.trackers import require_installed
 
 
@@ -45,13 +46,23 @@ def last_run_status(logs_dir: str) -> str:
     return str(ends[-1].get("status", "")) if ends else ""
 
 
+def data_problem(cfg) -> str:
+    """Why paths.data_path can't be used (nothing matched, an unsupported file, ...), or "" if it can."""
+    try:
+        resolve_sources(cfg.paths.data_path, cfg.training.text_field)
+    except DataError as exc:
+        return str(exc)
+    return ""
+
+
 def launch_values(cfg) -> dict[str, str]:
     acc = accelerate_config_path(cfg)
     return {
         "KIT_CONFIG": cfg.source_path or "",
         "KIT_MODEL_NAME": cfg.model.name_or_path,
         "KIT_MODEL_DIR": cfg.paths.model_dir,
-        "KIT_DATA_PATH": cfg.paths.data_path,
+        "KIT_DATA_PATH": describe(cfg.paths.data_path),
+        "KIT_DATA_PROBLEM": data_problem(cfg),
         "KIT_TEXT_FIELD": cfg.training.text_field,
         "KIT_OUTPUT_DIR": cfg.paths.output_dir,
         "KIT_LOGS_DIR": cfg.logs_dir,

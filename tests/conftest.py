@@ -4,6 +4,8 @@ headless Chromium. Fakes (a fake run's logs) are in fakes.py, the fake Hub in fa
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import shutil
 import socket
@@ -201,3 +203,31 @@ def wait_for_plots(page, timeout_ms: int = 30_000) -> None:
                  .every(img => img.getAttribute('src') && img.complete && img.naturalWidth > 0)""",
         timeout=timeout_ms,
     )
+
+
+def jsonl_bytes(lines) -> bytes:
+    """JSONL of {"text": x} per str item; {"raw": line} items go in verbatim."""
+    return "".join((json.dumps({"text": x}) if isinstance(x, str) else x["raw"]) + "\n" for x in lines).encode()
+
+
+def write_shard(path, texts) -> str:
+    """texts as a shard in the format its name says; {"raw": line} items go in verbatim (JSONL formats)."""
+    path = str(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": texts}), path, row_group_size=50)
+    elif path.endswith(".gz"):
+        with gzip.open(path, "wb") as fh:
+            fh.write(jsonl_bytes(texts))
+    elif path.endswith(".zst"):
+        import zstandard
+
+        with open(path, "wb") as fh:
+            fh.write(zstandard.ZstdCompressor(write_checksum=True).compress(jsonl_bytes(texts)))
+    else:
+        with open(path, "wb") as fh:
+            fh.write(jsonl_bytes(texts))
+    return path

@@ -1,13 +1,15 @@
-"""Data: bad lines by line number, deterministic split, packing that isolates documents."""
+"""Data: bad lines by line number, the content-hash split, packing that isolates documents."""
 
 import json
 
 import pytest
 import torch
-
 from conftest import write_demo_corpus_in_fresh_process
+
 from glmkit.config import load_config
-from glmkit.data import IGNORE_INDEX, Collator, DataError, block_causal_mask, load_corpus, pack_rows, read_documents
+from glmkit.data import IGNORE_INDEX, Collator, DataError, block_causal_mask, pack_rows  # noqa: F401
+from glmkit.prepare import load_tokenizer, prepare_data
+from glmkit.sources import parse_line, utf8
 
 
 def write_lines(path, lines):
@@ -15,41 +17,56 @@ def write_lines(path, lines):
     return str(path)
 
 
-def test_bad_lines_are_reported_by_file_and_line(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [
-        json.dumps({"text": "fine"}), "{not json", json.dumps({"body": "x"}), json.dumps({"text": 3}),
-        json.dumps({"text": "   "}), json.dumps({"text": "also fine"}),
-    ])
+def prepared(config_path):
+    cfg = load_config(config_path)
+    return prepare_data(cfg, load_tokenizer(cfg), show_progress=False)
+
+
+def test_each_kind_of_bad_line_has_its_reason():
+    assert parse_line(json.dumps({"text": "fine"}).encode(), "text") == ("fine", None)
+    assert parse_line(b"   \n", "text") == (None, None)  # blank lines are not documents, nor bad
+    assert parse_line(b"{not json", "text")[1].startswith("invalid JSON")
+    assert parse_line(json.dumps({"body": "x"}).encode(), "text")[1] == "missing field 'text'"
+    assert parse_line(json.dumps({"text": 3}).encode(), "text")[1] == "field 'text' is not a string"
+    assert parse_line(json.dumps({"text": "  "}).encode(), "text")[1] == "field 'text' is empty"
+    text, _ = parse_line(b'{"text": "abc \\ud800"}', "text")
+    assert utf8(text, "text")[1].startswith("field 'text' holds an unpaired surrogate")
+
+
+def test_bad_lines_are_reported_by_file_and_line(tmp_path, make_config):
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"text": "fine " * 30})] * 30 + [
+        "{not json", json.dumps({"body": "x"}), json.dumps({"text": 3}), json.dumps({"text": "   "}),
+        json.dumps({"text": "also fine " * 30})])
     with pytest.raises(DataError) as info:
-        read_documents(path, "text", skip_bad_lines=False)
+        prepared(make_config({"paths.data_path": path, "training.val_fraction": 0.0}))
     message = str(info.value)
-    assert message.startswith(f"4 bad line(s) in {path}; fix them or set training.skip_bad_lines: true")
-    assert f"{path}:2: invalid JSON" in message
-    assert f"{path}:3: missing field 'text'" in message
-    assert f"{path}:4: field 'text' is not a string" in message
-    assert f"{path}:5: field 'text' is empty" in message
-    docs, bad = read_documents(path, "text", skip_bad_lines=True)
-    assert docs == ["fine", "also fine"] and len(bad) == 4
+    assert message.startswith(f"4 bad line(s) in 1 file(s) ({path}: 4); fix them or set training.skip_bad_lines: true")
+    for line, reason in [(31, "invalid JSON"), (32, "missing field 'text'"), (33, "field 'text' is not a string"),
+                         (34, "field 'text' is empty")]:
+        assert f"{path}:{line}: {reason}" in message
+    data = prepared(make_config({"paths.data_path": path, "training.val_fraction": 0.0,
+                                 "training.skip_bad_lines": True}, name="skip.yaml"))
+    assert data.bad_line_count == 4 and data.summary["train"]["docs"] == 31
 
 
 def test_empty_and_too_small_corpora(tmp_path, make_config):
     empty = write_lines(tmp_path / "empty.jsonl", [])
-    cfg = load_config(make_config({"paths.data_path": empty}))
-    with pytest.raises(DataError, match="no usable documents"):
-        load_corpus(cfg)
+    with pytest.raises(DataError, match="no training documents"):
+        prepared(make_config({"paths.data_path": empty}))
     one = write_lines(tmp_path / "one.jsonl", [json.dumps({"text": "only one"})])
-    cfg = load_config(make_config({"paths.data_path": one, "training.val_fraction": 0.5}))
-    with pytest.raises(DataError, match="too few for a validation split"):
-        load_corpus(cfg)
+    with pytest.raises(DataError, match="no training documents|no document fell into the validation split"):
+        prepared(make_config({"paths.data_path": one, "training.val_fraction": 0.5}, name="one.yaml"))
 
 
-def test_split_is_deterministic_and_disjoint(make_config):
-    cfg = load_config(make_config())
-    a, b = load_corpus(cfg), load_corpus(cfg)
-    assert a.train_docs == b.train_docs and a.val_docs == b.val_docs
-    assert len(a.val_docs) == 20 and len(a.train_docs) == 380  # ceil(400 * 0.05)
-    cfg2 = load_config(make_config({"training.seed": 7}, name="c2.yaml"))
-    assert load_corpus(cfg2).val_docs != a.val_docs
+def test_split_is_deterministic_disjoint_and_seeded(make_config):
+    settings = {"training.packing": False, "training.max_seq_length": 8192}
+    a, b = prepared(make_config(settings)), prepared(make_config(settings, name="again.yaml"))
+    rows = lambda r: [tuple(r[i]["input_ids"]) for i in range(len(r))]  # noqa: E731
+    assert rows(a.train_rows) == rows(b.train_rows) and rows(a.val_rows) == rows(b.val_rows)
+    assert not set(rows(a.train_rows)) & set(rows(a.val_rows))
+    assert 10 <= len(a.val_rows) <= 32 and len(a.train_rows) + len(a.val_rows) == 400  # about 5% of 400, by hash
+    other_seed = prepared(make_config({**settings, "training.seed": 7}, name="c2.yaml"))
+    assert set(rows(other_seed.val_rows)) != set(rows(a.val_rows))
 
 
 def test_pack_rows_fills_rows_and_restarts_positions():

@@ -1,5 +1,6 @@
 """Crash safety: SIGKILL at several points, resume, and the run carries on as if uninterrupted."""
 
+import json
 import os
 import signal
 import subprocess
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_cli, write_demo_corpus_in_fresh_process, write_tiny_config
+from conftest import ROOT, run_cli, write_demo_corpus_in_fresh_process, write_shard, write_tiny_config
 from glmkit.logs import latest_per_step, read_jsonl
 
 # expert_stats_interval 3 does not divide checkpoint_interval 10: the open interval must survive a resume.
@@ -192,7 +193,7 @@ def test_non_finite_steps_are_skipped_then_abort(make_config, tmp_path):
 
 
 def test_resume_across_an_epoch_boundary(tmp_path_factory, tiny_model_dir):
-    """A small corpus (20 steps per epoch): resume at step 15, cross into epoch 2's reshuffle, match to the bit."""
+    """A small corpus (21 steps per epoch): resume at step 15, cross into epoch 2's reshuffle, match to the bit."""
     corpus = str(tmp_path_factory.mktemp("small") / "small.jsonl")
     write_demo_corpus_in_fresh_process(corpus, max_docs=40)
     settings = {"training.max_steps": None, "training.epochs": 2, "logging.eval_interval": 5,
@@ -201,7 +202,7 @@ def test_resume_across_an_epoch_boundary(tmp_path_factory, tiny_model_dir):
     config = write_tiny_config(reference_dir, tiny_model_dir, corpus, settings)
     assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
     reference = curves(str(reference_dir / "run"))
-    assert [epoch for *_, epoch in reference["training_log.jsonl"].values()][19:21] == [1.0, 1.05]
+    assert [epoch for *_, epoch in reference["training_log.jsonl"].values()][20:22] == [1.0, 22 / 21]
     tmp = tmp_path_factory.mktemp("epochs-killed")
     config = write_tiny_config(tmp, tiny_model_dir, corpus, settings)
     killed = run_cli(["train_qlora.py", "--config", config], env={"GLMKIT_FAULT_KILL_AT": "mid_step:23"})
@@ -321,3 +322,69 @@ def test_best_adapter_dir_holding_foreign_files_is_never_replaced(make_config, t
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds files the kit did not write" in result.stderr.strip().splitlines()[-1]
     assert (precious / "notes.txt").read_text() == "not the kit's" and os.listdir(precious) == ["notes.txt"]
+
+
+def write_sharded_corpus(folder, demo_corpus) -> list[dict]:
+    """The demo documents as a folder of .jsonl / .jsonl.gz / .parquet shards plus a .jsonl.zst replay source."""
+    with open(demo_corpus, encoding="utf-8") as fh:
+        texts = [json.loads(line)["text"] for line in fh]
+    write_shard(folder / "corpus" / "a.jsonl", texts[:150])
+    write_shard(folder / "corpus" / "b.jsonl.gz", texts[150:280])
+    write_shard(folder / "corpus" / "c.parquet", texts[280:360])
+    replay = write_shard(folder / "replay.jsonl.zst", texts[360:400])
+    return [{"path": str(folder / "corpus"), "weight": 1}, {"path": replay, "weight": 1.5}]
+
+
+def test_sharded_weighted_corpus_resumes_to_the_bit(tmp_path_factory, tiny_model_dir, demo_corpus):
+    data = write_sharded_corpus(tmp_path_factory.mktemp("shards"), demo_corpus)
+    settings = {"training.max_steps": 14, "logging.eval_interval": 5, "logging.checkpoint_interval": 10,
+                "logging.expert_stats_interval": 3}
+    reference_dir = tmp_path_factory.mktemp("sharded-baseline")
+    config = write_tiny_config(reference_dir, tiny_model_dir, data, settings)
+    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+    reference = curves(str(reference_dir / "run"))
+    tmp = tmp_path_factory.mktemp("sharded-killed")
+    config = write_tiny_config(tmp, tiny_model_dir, data, settings)
+    killed = run_cli(["train_qlora.py", "--config", config], env={"GLMKIT_FAULT_KILL_AT": "mid_step:12"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_cli(["train_qlora.py", "--config", config, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "(the cache was warm)" in resumed.stdout and "data: tokenized" not in resumed.stderr  # nothing re-read
+    assert_same_run(str(tmp / "run"), reference)
+
+
+def test_resume_over_changed_data_is_refused_unless_allowed(tmp_path, tiny_model_dir, demo_corpus):
+    from glmkit.checkpoint import read_meta
+
+    data = write_sharded_corpus(tmp_path / "data", demo_corpus)
+    config = write_tiny_config(tmp_path, tiny_model_dir, data, {"training.max_steps": 3, "logging.eval_interval": 3,
+                                                                 "logging.checkpoint_interval": 3})
+    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+    checkpoint = str(tmp_path / "run" / "final-checkpoint-3")
+    assert len(read_meta(checkpoint)["data_fingerprint"]["sources"][0]["files"]) == 3
+    # The same files named another way are the same data: not a change, not even a listed one.
+    same = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "training.max_steps=4",
+                    "--set", f"paths.data_path=[{{path: '{tmp_path / 'data' / 'corpus' / '*'}'}}, "
+                             f"{{path: '{data[1]['path']}', weight: 1.5}}]"])
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "paths.data_path" not in same.stdout + same.stderr
+    added = write_shard(tmp_path / "data" / "corpus" / "d.jsonl", ["a new document about something " * 20] * 30)
+    refused = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "training.max_steps=5"])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    newest = str(tmp_path / "run" / "final-checkpoint-4")
+    assert line.startswith(f"error: cannot resume {newest}: the data of paths.data_path changed since it was saved: "
+                           f"{added} added")
+    assert "--allow-data-change" in line
+    allowed = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "training.max_steps=5",
+                       "--allow-data-change"])
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    events = read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl"))
+    changed = [e for e in events if e["event"] == "data_changed"]
+    assert len(changed) == 1 and changed[0]["checkpoint"] == newest and changed[0]["step"] == 4
+    assert f"{added} added" in changed[0]["changes"] and changed[0]["allowed_by"] == "--allow-data-change"
+    fingerprint = read_meta(str(tmp_path / "run" / "final-checkpoint-5"))["data_fingerprint"]
+    assert len(fingerprint["sources"][0]["files"]) == 4  # the new checkpoint records the data it trained on
+    write_shard(added, ["a rewritten document " * 50] * 10)  # same name, other content
+    rewritten = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "training.max_steps=6"])
+    assert rewritten.returncode == 2 and f"{added} size " in rewritten.stderr.strip().splitlines()[-1]

@@ -41,9 +41,11 @@ def test_losses_are_pinned(finished_run):
     loss or optimizer moves these. The slack only covers float summation order on another CPU."""
     losses = [r["loss"] for r in logs(finished_run, "training_log.jsonl")]
     val = [r["val_loss"] for r in logs(finished_run, "eval_log.jsonl")]
-    assert losses[0] == pytest.approx(7.634309, abs=1e-5)  # before any update
-    assert [losses[9], losses[29]] == pytest.approx([7.367882, 7.318397], abs=5e-4)
-    assert [val[0], val[-1]] == pytest.approx([7.462564, 7.293101], abs=5e-4)
+    # Re-pinned for issue 13's content-hash validation split and seeded document order (the rows changed,
+    # nothing else): before, 7.634309; [7.367882, 7.318397]; [7.462564, 7.293101].
+    assert losses[0] == pytest.approx(7.580369, abs=1e-5)  # before any update
+    assert [losses[9], losses[29]] == pytest.approx([7.338788, 7.345590], abs=5e-4)
+    assert [val[0], val[-1]] == pytest.approx([7.431124, 7.253367], abs=5e-4)
 
 
 def test_training_log_schema(finished_run):
@@ -52,9 +54,11 @@ def test_training_log_schema(finished_run):
     for record in records:
         assert TRAIN_KEYS <= set(record), TRAIN_KEYS - set(record)
         assert record["aux_loss"] is None and record["total_steps"] == 30
-        assert record["tokens"] == 2 * 2 * 256  # packed rows are all real tokens
+        # Packed rows are all real tokens but the epoch's last one (padded); it may be drawn once.
+        assert 2 * 2 * 256 - 256 < record["tokens"] <= 2 * 2 * 256
         assert record["lr"] > 0 and record["grad_norm"] > 0 and record["eta_seconds"] >= 0
     assert records[-1]["eta_seconds"] == 0
+    assert sum(r["tokens"] < 2 * 2 * 256 for r in records) <= 1
 
 
 def test_eval_log_is_token_weighted_and_consistent(finished_run):
@@ -70,9 +74,10 @@ def test_eval_log_is_token_weighted_and_consistent(finished_run):
 
 def test_expert_counts_come_from_real_topk_choices(finished_run):
     records = logs(finished_run, "expert_usage_log.jsonl")
+    tokens = {r["step"]: r["tokens"] for r in logs(finished_run, "training_log.jsonl")}
     assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
     for record in records:
-        assert record["interval_tokens"] == 5 * 2 * 2 * 256
+        assert record["interval_tokens"] == sum(tokens[s] for s in range(record["step"] - 4, record["step"] + 1))
         assert [layer["layer"] for layer in record["layers"]] == [1, 2]  # layer 0 is dense
         for layer in record["layers"]:
             assert len(layer["counts"]) == 8
@@ -154,11 +159,13 @@ def test_two_processes_write_one_set_of_logs(make_config, tmp_path):
     out = tmp_path / "run" / "logs"
     train = read_jsonl(str(out / "training_log.jsonl"))
     assert [r["step"] for r in train] == [1, 2, 3, 4]  # one writer, not two
-    assert all(r["tokens"] == 2 * (2 * 2 * 256) for r in train)  # summed over both processes
+    # Summed over both processes: more than one process can hold (at most one padded row per epoch).
+    assert all(2 * (2 * 2 * 256) - 256 < r["tokens"] <= 2 * (2 * 2 * 256) for r in train)
+    tokens = {r["step"]: r["tokens"] for r in train}
     start = read_jsonl(str(out / "events_log.jsonl"))[0]
     assert start["world_size"] == 2 and start["effective_batch"] == 8
     for record in read_jsonl(str(out / "expert_usage_log.jsonl")):
-        assert record["interval_tokens"] == 2 * 2 * (2 * 2 * 256)
+        assert record["interval_tokens"] == tokens[record["step"] - 1] + tokens[record["step"]]
         assert all(sum(l["counts"]) == record["interval_tokens"] * 2 for l in record["layers"])
     assert os.path.isfile(tmp_path / "run" / "checkpoint-4" / "random_states_1.pkl")
 

@@ -1,0 +1,249 @@
+"""Preparing the corpus: every input format, folders and globs, weighted sources, the content-hash
+validation split, bad lines inside compressed shards, one-line refusals through the real CLI, the
+warm cache, and one preparer among several processes."""
+
+import gzip
+import json
+import os
+
+import pytest
+import yaml
+from conftest import jsonl_bytes, run_cli, write_shard, write_tiny_config
+
+from glmkit.config import ConfigError, load_config
+from glmkit.data import DataError
+from glmkit.logs import read_jsonl
+from glmkit.prepare import prepare_data
+
+
+def demo_texts(demo_corpus) -> list[str]:
+    with open(demo_corpus, encoding="utf-8") as fh:
+        return [json.loads(line)["text"] for line in fh]
+
+
+@pytest.fixture
+def config_for(tmp_path, tiny_model_dir):
+    """A tiny config over data_path (anything paths.data_path takes), one tokenizer worker unless told."""
+
+    def make(data_path, overrides=None, name="config.yaml"):
+        settings = {"performance.tokenizer_workers": 1, "training.val_fraction": 0.1, **(overrides or {})}
+        return write_tiny_config(tmp_path, tiny_model_dir, data_path, settings, name=name)
+
+    return make
+
+
+def prepared(config_path):
+    from glmkit.prepare import load_tokenizer
+
+    cfg = load_config(config_path)
+    return prepare_data(cfg, load_tokenizer(cfg), show_progress=False)
+
+
+def all_rows(rows) -> list[tuple]:
+    return [tuple(rows[i]["input_ids"]) for i in range(len(rows))]
+
+
+def test_every_format_gives_the_same_rows_and_the_trainers_tokens(tmp_path, config_for, demo_corpus, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    texts = demo_texts(demo_corpus)[:120]
+    results = {}
+    for suffix in (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"):
+        shard = write_shard(tmp_path / suffix.strip(".").replace(".", "_") / f"shard{suffix}", texts)
+        data = prepared(config_for(shard, {"training.packing": False, "training.max_seq_length": 8192}))
+        assert data.summary["files"][0]["format"] == {".jsonl": "jsonl", ".jsonl.gz": "gzip", ".jsonl.zst": "zstd",
+                                                      ".parquet": "parquet"}[suffix]
+        results[suffix] = (all_rows(data.train_rows), all_rows(data.val_rows))
+    reference = results[".jsonl"]
+    assert all(value == reference for value in results.values())
+    # Unpacked rows are whole documents: exactly what the trainer's tokenizer makes of each text, plus EOS.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected = {tuple(ids + [tokenizer.eos_token_id]) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]}
+    assert set(reference[0]) | set(reference[1]) == expected
+    assert len(reference[0]) + len(reference[1]) == 120 and len(reference[1]) > 0
+
+
+def test_folders_and_globs_pick_supported_files_in_sorted_order(tmp_path, config_for, demo_corpus):
+    texts = demo_texts(demo_corpus)
+    corpus = tmp_path / "corpus"
+    b = write_shard(corpus / "b.jsonl.gz", texts[:40])
+    a = write_shard(corpus / "a.jsonl", texts[40:80])
+    c = write_shard(corpus / "sub" / "c.parquet", texts[80:120])
+    (corpus / "README.md").write_text("not data")
+    write_shard(corpus / ".hidden.jsonl", texts[120:130])
+    folder = prepared(config_for(str(corpus)))
+    assert [f["path"] for f in folder.summary["files"]] == [a, b, c]
+    assert folder.summary["sources"][0]["docs"] == 120
+    by_glob = prepared(config_for(str(corpus / "*.jsonl*"), name="glob.yaml"))
+    assert [f["path"] for f in by_glob.summary["files"]] == [a, b]
+    recursive = prepared(config_for(str(corpus / "**" / "*.parquet"), name="rec.yaml"))
+    assert [f["path"] for f in recursive.summary["files"]] == [c]
+
+
+def test_weights_repeat_sources_and_fractions_take_a_fixed_subset(tmp_path, config_for, demo_corpus):
+    texts = demo_texts(demo_corpus)
+    domain = write_shard(tmp_path / "domain.jsonl", texts[:60])
+    general = write_shard(tmp_path / "general" / "g.jsonl.zst", texts[60:260])
+    sources = [{"path": domain, "weight": 2}, {"path": str(tmp_path / "general"), "weight": 0.25}]
+    data = prepared(config_for(sources, {"training.packing": False, "training.max_seq_length": 8192}))
+    dom, gen = data.summary["sources"]
+    assert dom["train_docs_per_epoch"] == 2 * dom["train_docs"]
+    assert 0 < gen["train_docs_per_epoch"] < gen["train_docs"] / 2  # about a quarter, never the whole source
+    rows = all_rows(data.train_rows)
+    assert len(rows) == dom["train_docs_per_epoch"] + gen["train_docs_per_epoch"]
+    domain_rows = {r for r in rows if rows.count(r) == 2}
+    assert len(domain_rows) == dom["train_docs"]  # every domain training document exactly twice
+    # The fraction is a function of the documents and the seed: the same subset with other row shapes.
+    packed = prepared(config_for(sources, {"training.max_seq_length": 128}, name="packed.yaml"))
+    assert packed.summary["sources"][1]["train_docs_per_epoch"] == gen["train_docs_per_epoch"]
+    assert packed.summary["sources"][1]["train_tokens_per_epoch"] == gen["train_tokens_per_epoch"]
+    with pytest.raises(ConfigError, match=r"paths.data_path\[1\].weight: must be > 0 \(passes over .*, got 0.0"):
+        load_config(config_for([domain, {"path": general, "weight": 0}], name="zero.yaml"))
+
+
+def test_validation_split_stays_put_when_a_shard_is_added(tmp_path, config_for, demo_corpus):
+    texts = demo_texts(demo_corpus)
+    corpus = tmp_path / "corpus"
+    for i in range(3):
+        write_shard(corpus / f"part-{i}.jsonl", texts[i * 100:(i + 1) * 100])
+    settings = {"training.packing": False, "training.max_seq_length": 8192, "training.val_fraction": 0.2}
+    before = prepared(config_for(str(corpus), settings))
+    write_shard(corpus / "part-3.jsonl.gz", texts[300:400])
+    after = prepared(config_for(str(corpus), settings, name="after.yaml"))
+    val_before, val_after = set(all_rows(before.val_rows)), set(all_rows(after.val_rows))
+    assert val_before and val_before < val_after  # every earlier validation document is still held out
+    assert not val_before & set(all_rows(after.train_rows))
+    assert [f["val_docs"] for f in after.summary["files"][:3]] == [f["val_docs"] for f in before.summary["files"]]
+    assert before.fingerprint["val_sha256"] != after.fingerprint["val_sha256"]
+
+
+def test_bad_lines_in_a_gz_shard_are_named_by_line(tmp_path, config_for, demo_corpus):
+    texts = demo_texts(demo_corpus)
+    good = write_shard(tmp_path / "corpus" / "a.jsonl", texts[:50])
+    lines = [texts[50], {"raw": "{broken"}, texts[51], {"raw": json.dumps({"body": "x"})},
+             {"raw": '{"text": "abc \\ud800"}'}, {"raw": ""}, texts[52], {"raw": json.dumps({"text": "  "})}]
+    shard = write_shard(tmp_path / "corpus" / "b.jsonl.gz", texts[53:90] + lines)
+    config = config_for(str(tmp_path / "corpus"))
+    with pytest.raises(DataError) as info:
+        prepared(config)
+    message = str(info.value)
+    assert message.startswith(f"4 bad line(s) in 1 file(s) ({shard}: 4); fix them or set training.skip_bad_lines: true")
+    assert f"{shard}:39: invalid JSON" in message
+    assert f"{shard}:41: missing field 'text'" in message
+    assert f"{shard}:42: field 'text' holds an unpaired surrogate '\\ud800'" in message  # not a UnicodeEncodeError
+    assert f"{shard}:45: field 'text' is empty" in message
+    data = prepared(config_for(str(tmp_path / "corpus"), {"training.skip_bad_lines": True}, name="skip.yaml"))
+    files = {f["path"]: f for f in data.summary["files"]}
+    assert (files[good]["bad_lines"], files[shard]["bad_lines"]) == (0, 4)
+    assert files[shard]["docs"] == 37 + 3 and data.bad_line_count == 4
+
+
+def test_prepare_data_cli_summary_warm_cache_and_added_shard(tmp_path, config_for, demo_corpus):
+    texts = demo_texts(demo_corpus)
+    corpus = tmp_path / "corpus"
+    write_shard(corpus / "a.jsonl", texts[:100])
+    write_shard(corpus / "b.jsonl.zst", texts[100:200] + [{"raw": "{nope"}])
+    config = config_for(str(corpus), {"training.skip_bad_lines": True, "performance.tokenizer_workers": 2})
+    first = run_cli(["train_qlora.py", "--config", config, "--prepare-data"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    out = first.stdout
+    assert "files: 2 (" in out and f"source {corpus} (weight 1): 2 file(s), 200 documents" in out
+    assert "bad lines: 1 (skipped)" in out and f"  {corpus / 'b.jsonl.zst'}: 1" in out
+    assert "% real tokens" in out and "bytes per token" in out and "elapsed:" in out
+    assert "data: tokenized 2 file(s)" in first.stderr and "2 worker(s)" in first.stderr
+    assert not os.path.exists(tmp_path / "run")  # no model was loaded, nothing was trained
+    warm = run_cli(["train_qlora.py", "--config", config, "--prepare-data"])
+    assert warm.returncode == 0 and "(the cache was warm)" in warm.stdout and "tokenized" not in warm.stderr
+    assert warm.stdout.split("elapsed:")[0] == out.split("elapsed:")[0]
+    write_shard(corpus / "c.parquet", texts[200:250])
+    grown = run_cli(["train_qlora.py", "--config", config, "--prepare-data"])
+    assert grown.returncode == 0 and "data: tokenized 1 file(s)" in grown.stderr  # only the new shard
+    assert "files: 3 (" in grown.stdout
+
+
+def _truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: int(len(data) * keep)])
+
+
+def _no_column(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["some text"]}), path)
+
+
+BAD_INPUTS = {
+    # name: (data_path relative to tmp, setup(tmp) -> None, words the one line must hold)
+    "nothing matched": ("corpus/*.jsonl.gz", lambda tmp: os.makedirs(tmp / "corpus"), ["matches no file"]),
+    "no such file": ("missing.jsonl", lambda tmp: None, ["no such file or folder"]),
+    "unsupported extension": ("notes.txt", lambda tmp: (tmp / "notes.txt").write_text("hello"),
+                              ["unsupported extension", ".jsonl.zst"]),
+    "truncated gz": ("t.jsonl.gz", lambda tmp: _truncate(write_shard(tmp / "t.jsonl.gz", ["word " * 40] * 3000)),
+                     ["corrupt or truncated gzip", "re-download or re-compress"]),
+    "truncated zst": ("t.jsonl.zst", lambda tmp: _truncate(write_shard(tmp / "t.jsonl.zst", ["word " * 40] * 3000)),
+                      ["corrupt or truncated zstd", "re-download or re-compress"]),
+    "parquet without column": ("p.parquet", lambda tmp: _no_column(tmp / "p.parquet"),
+                               ["no column 'text'", "training.text_field"]),
+    "gzip named .jsonl": ("z.jsonl", lambda tmp: (tmp / "z.jsonl").write_bytes(gzip.compress(jsonl_bytes(["a"] * 500))),
+                          ["gzip-compressed but named .jsonl", "rename it to z.jsonl.gz"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_naming_the_file_exit_2(case, tmp_path, config_for):
+    relative, setup, words = BAD_INPUTS[case]
+    setup(tmp_path)
+    target = str(tmp_path / relative)
+    result = run_cli(["train_qlora.py", "--config", config_for(target), "--prepare-data"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and target in errors[0], result.stderr[-2000:]
+    for word in words:
+        assert word in errors[0]
+    assert errors[0] == result.stderr.strip().splitlines()[-1]
+
+
+def test_source_weight_of_zero_or_less_is_a_config_error(tmp_path, config_for, demo_corpus):
+    config = config_for([{"path": demo_corpus, "weight": 1}, {"path": demo_corpus, "weight": -1}])
+    result = run_cli(["train_qlora.py", "--config", config, "--prepare-data"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"config error: paths.data_path[1].weight: must be > 0 (passes over {demo_corpus} "
+                                     f"per epoch; remove the source to leave it out), got -1.0")
+
+
+def test_two_processes_tokenize_once_and_both_map_the_cache(tmp_path, config_for, demo_corpus):
+    texts = demo_texts(demo_corpus)
+    corpus = tmp_path / "corpus"
+    for i, suffix in enumerate((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        write_shard(corpus / f"part-{i}{suffix}", texts[i * 130:(i + 1) * 130])
+    config = config_for(str(corpus), {"training.max_steps": 2, "logging.eval_interval": 2,
+                                      "logging.checkpoint_interval": 2, "training.val_fraction": 0.05})
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = run_cli([*launch, "train_qlora.py", "--config", config], env={"ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert output.count("data: tokenized 3 file(s)") == 1  # one process tokenized; the other only mapped
+    scratch = tmp_path / "scratch" / "tokenized"
+    assert len(os.listdir(scratch / "files")) == 3 and len(os.listdir(scratch / "rows")) == 1
+    start = read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl"))[0]
+    assert start["world_size"] == 2 and start["bad_lines"] == 0
+    train = read_jsonl(str(tmp_path / "run" / "logs" / "training_log.jsonl"))
+    assert [r["step"] for r in train] == [1, 2] and all(0 < r["tokens"] <= 2 * 2 * 2 * 256 for r in train)
+
+
+def test_config_shapes_of_data_path(tmp_path):
+    doc = {"paths": {"data_path": [{"path": "a/*.jsonl.zst", "weight": 2.5}, "b/", {"weight": 1},
+                                   {"path": "c", "wieght": 1}]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml")
+    assert info.value.problems == [
+        "paths.data_path[2].path: missing or not a string; each source is {path: FILE|FOLDER|GLOB, weight: N}",
+        "paths.data_path[3].wieght: unknown key; did you mean paths.data_path[3].weight?"]
+    doc["paths"]["data_path"] = doc["paths"]["data_path"][:2]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert [(s.path, s.weight) for s in cfg.paths.data_path] == [(str(tmp_path / "a/*.jsonl.zst"), 2.5),
+                                                                  (str(tmp_path / "b"), 1.0)]
