@@ -74,6 +74,7 @@ def child_steps(args) -> dict:
     from glmkit import model as modeling
     from glmkit.distributed import make_accelerator
     from glmkit.optim import make_optimizer_and_scheduler
+    from glmkit.prepare import prepare_data
     from glmkit.step import next_group, step_groups, train_step
 
     overrides = [f"paths.model_dir={args.model_dir}", "lora.dropout=0"]
@@ -83,9 +84,7 @@ def child_steps(args) -> dict:
     torch.manual_seed(cfg.training.seed)
     accelerator = make_accelerator(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
-    corpus = data.load_corpus(cfg)
-    rows = data.tokenize_split(corpus.train_docs, tokenizer, cfg,
-                               f"{cfg.paths.scratch_dir}/tokenized/{corpus.fingerprint}", "train")
+    rows = prepare_data(cfg, tokenizer, show_progress=False).train_rows
     loader = torch.utils.data.DataLoader(rows, batch_size=cfg.optimization.micro_batch_per_gpu, shuffle=True,
                                          collate_fn=data.make_collator(tokenizer, cfg))
     model = modeling.prepare_for_training(modeling.load_model(cfg, accelerator.device), cfg)

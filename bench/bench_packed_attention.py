@@ -3,7 +3,7 @@
 
 The tiny QLoRA model (the kit's `load_model` + `prepare_for_training`, fp32, gradient
 checkpointing on, the chunked loss) trains on packed rows of the demo corpus (the kit's
-`tokenize_split` + collator) at each `--seq-lens`, once per attention implementation:
+`prepare_data` + collator) at each `--seq-lens`, once per attention implementation:
 
 - sdpa:   a [rows, 1, L, L] boolean block-diagonal mask; every query is scored against the
           whole row (masked, not skipped), K/V expanded to every query head;
@@ -68,10 +68,10 @@ def main(argv=None) -> int:
 
     from glmkit import data
     from glmkit import model as modeling
+    from glmkit.prepare import prepare_data
 
     base = benchlib.tiny_config()
     tokenizer = AutoTokenizer.from_pretrained(base.paths.model_dir)
-    corpus = data.load_corpus(base)
     models = {}
     for attn in IMPLEMENTATIONS:
         cfg = benchlib.tiny_config([f"model.attn_implementation={attn}"])
@@ -81,8 +81,9 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory(dir=benchlib.SCRATCH) as cache_dir:
         for seq_len in args.seq_lens:
-            cfg = benchlib.tiny_config([f"training.max_seq_length={seq_len}"])
-            rows = data.tokenize_split(corpus.train_docs, tokenizer, cfg, os.path.join(cache_dir, str(seq_len)), "train")
+            cfg = benchlib.tiny_config([f"training.max_seq_length={seq_len}",
+                                        f"paths.scratch_dir={os.path.join(cache_dir, str(seq_len))}"])
+            rows = prepare_data(cfg, tokenizer, show_progress=False).train_rows
             picked = random.Random(args.seed).sample(range(len(rows) // args.micro_batch), args.batches)
             groups = [[rows[i * args.micro_batch + j] for j in range(args.micro_batch)] for i in picked]
             batches = {attn: [data.Collator(tokenizer.pad_token_id, True, "longest", seq_len, attn)(g) for g in groups]

@@ -78,11 +78,14 @@ def packed_rows(cfg, tokenizer, seq_len: int, count: int, seed: int):
     """`count` packed rows of the demo corpus at seq_len, the kit's tokenization; repeated if the corpus is short."""
     import tempfile
 
-    from glmkit import data
+    import copy
 
-    corpus = data.load_corpus(cfg)
+    from glmkit.prepare import prepare_data
+
     with tempfile.TemporaryDirectory(dir=benchlib.SCRATCH) as cache:
-        rows = data.tokenize_split(corpus.train_docs, tokenizer, cfg, cache, "train")
+        cfg = copy.deepcopy(cfg)
+        cfg.paths.scratch_dir = cache
+        rows = prepare_data(cfg, tokenizer, show_progress=False).train_rows
         rows = [rows[i] for i in range(len(rows))]
     random.Random(seed).shuffle(rows)
     return [rows[i % len(rows)] for i in range(count)]
