@@ -135,6 +135,7 @@ def glm45_air_epoch_flops(batches: list[list[dict]], mode: str, seq_len: int) ->
     - flash-attention varlen (attn_implementation: flash_attention_2): causal within each
       document segment only: 2 * layers * heads * head_dim * segment_length per token."""
     import mfu
+
     from glmkit.plan import GLM45_AIR_CONFIG
 
     p = mfu.active_params(GLM45_AIR_CONFIG)
@@ -377,7 +378,8 @@ def render(payload: dict) -> str:
         base = r["modes"].get("packing", {}).get("glm45_air_analytic")
         for mode, m in r["modes"].items():
             g = m["glm45_air_analytic"]
-            rel = (lambda key: f" ({g[key] / base[key]:.2f}x)") if base else (lambda key: "")
+            def rel(key, g=g, base=base):
+                return f" ({g[key] / base[key]:.2f}x)" if base else ""
             glm_rows.append([r["max_seq_length"], mode,
                              f"{g['gflop_per_real_token_sdpa']:.1f}{rel('gflop_per_real_token_sdpa')}",
                              f"{g['gflop_per_real_token_varlen']:.1f}{rel('gflop_per_real_token_varlen')}"])

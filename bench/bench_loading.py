@@ -67,8 +67,8 @@ def parse_args(argv=None):
 
 def _quantize_in_place(model, qcfg, compute_dtype) -> None:
     """Post-hoc: what load_model does while streaming, applied to a fully loaded bf16 model."""
-    import torch
     import bitsandbytes as bnb
+    import torch
 
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and not isinstance(module, bnb.nn.Linear4bit) \
@@ -149,9 +149,9 @@ class MemorySampler:
 def worker(args) -> dict:
     import resource
 
+    import bitsandbytes  # noqa: F401  (imported before the baseline, like the others)
     import psutil
     import torch
-    import bitsandbytes  # noqa: F401  (imported before the baseline, like the others)
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         if reference is not None and method in logits:
             methods[method]["max_abs_logit_diff_vs_kit"] = float((logits[method] - reference).abs().max())
     if "kit" in methods and "peak_rss_bytes" in methods["kit"]:
-        for method, m in methods.items():
+        for m in methods.values():
             if "peak_rss_bytes" in m:
                 m["peak_over_kit"] = m["peak_rss_bytes"] / methods["kit"]["peak_rss_bytes"]
                 m["own_peak_over_kit"] = m["peak_minus_baseline_bytes"] / methods["kit"]["peak_minus_baseline_bytes"]

@@ -81,11 +81,10 @@ def _clock() -> list[float]:
 def kit_worker(args) -> dict:
     import torch
 
+    import train_qlora
     from glmkit import model as modeling
     from glmkit import step as stepping
     from glmkit.logs import latest_per_step, read_jsonl
-
-    import train_qlora
 
     work = args.work_dir
     shutil.rmtree(os.path.join(work, "run"), ignore_errors=True)

@@ -76,9 +76,8 @@ def timed(fn, device, reps: int, warmup: int) -> dict:
 
 def packed_rows(cfg, tokenizer, seq_len: int, count: int, seed: int):
     """`count` packed rows of the demo corpus at seq_len, the kit's tokenization; repeated if the corpus is short."""
-    import tempfile
-
     import copy
+    import tempfile
 
     from glmkit.prepare import prepare_data
 

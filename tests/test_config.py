@@ -4,8 +4,8 @@ import os
 
 import pytest
 import yaml
-
 from conftest import ROOT, run_cli
+
 from glmkit.config import ConfigError, config_fields, critical_keys, keys_checked_otherwise, load_config, readme_table
 
 SHIPPED = ["training_config.yaml", "configs/tiny.yaml"]

@@ -5,8 +5,8 @@ import json
 import os
 
 import torch
-
 from conftest import write_tiny_model_in_fresh_process
+
 from glmkit.config import load_config
 from glmkit.model import audit_model, check_audit, load_model, prepare_for_training
 

@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, run_cli, write_demo_corpus_in_fresh_process, write_shard, write_tiny_config
+
 from glmkit.logs import latest_per_step, read_jsonl
 
 # expert_stats_interval 3 does not divide checkpoint_interval 10: the open interval must survive a resume.

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cli, write_tiny_config
+
 from glmkit.logs import read_jsonl
 
 TRAIN_KEYS = {"step", "time", "loss", "lr", "grad_norm", "epoch", "tokens", "tokens_per_sec", "steps_per_sec",
