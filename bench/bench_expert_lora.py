@@ -206,10 +206,10 @@ def compare_merges(old_dir: str, new_dir: str) -> dict:
     """Largest |old - streaming| over every tensor (bf16: old adds the delta in bf16, streaming in fp32)."""
     from safetensors import safe_open
 
-    from glmkit.model import _weight_map
+    from glmkit.adapter import checkpoint_weight_map
 
     def tensors(folder):  # save_pretrained wrote the old merge as one file, the streaming merge keeps the shards
-        for key, shard in sorted(_weight_map(folder).items()):
+        for key, shard in sorted(checkpoint_weight_map(folder).items()):
             with safe_open(os.path.join(folder, shard), framework="pt") as fh:
                 yield key, fh.get_tensor(key).float()
 

@@ -231,12 +231,12 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | N
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from glmkit.model import _weight_map, load_model_config
+    from glmkit.model import load_model_config
 
     config = load_model_config(model_dir)
     skeleton = _meta_skeleton(config)
     deltas = plan_deltas(adapter_dir, skeleton, model_dir)
-    weight_map = _weight_map(model_dir)
+    weight_map = checkpoint_weight_map(model_dir)
     finder = _DeltaFinder(deltas, _Factors(os.path.join(adapter_dir, "adapter_model.safetensors")))
     _check_base_has_targets(finder, weight_map, model_dir)
     partial = _check_output(out_dir, model_dir)
@@ -275,6 +275,24 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | N
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     os.replace(partial, out_dir)  # an empty out_dir is replaced; a non-empty one was refused above
     return out_dir
+
+
+def checkpoint_weight_map(model_dir: str) -> dict[str, str]:
+    """{tensor: shard file} of a checkpoint, after every shard's header checked against its index."""
+    from safetensors import safe_open
+
+    from glmkit.hub import check_weights, shard_map
+
+    problems = check_weights(model_dir)
+    if problems:
+        path, problem = problems[0]
+        raise MergeError(f"{path}: {problem}; `python download_model.py --verify-only` lists what to fix")
+    by_shard, _ = shard_map(model_dir)
+    if list(by_shard.values()) == [[]]:  # one unsharded file: its header lists the tensors
+        (single,) = by_shard
+        with safe_open(os.path.join(model_dir, single), framework="pt") as fh:
+            return {key: single for key in fh.keys()}
+    return {tensor: shard for shard, tensors in by_shard.items() for tensor in tensors}
 
 
 def _meta_skeleton(config):
