@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from glmkit import hub
+from glmkit import hub, model_files
 from glmkit.config import add_config_arguments, config_from_args
 
 
@@ -89,11 +89,11 @@ def write_tiny(model_dir: str) -> None:
 
 def report(model_dir: str, rerun: str, deep_cfg=None, timeout: float = hub.DEFAULT_TIMEOUT) -> int:
     """Verify (and with `deep_cfg`, hash against the Hub), print the footprint, and return the exit code."""
-    problems = hub.verify_model_dir(model_dir, rerun=rerun)
+    problems = model_files.verify_model_dir(model_dir, rerun=rerun)
     if deep_cfg is not None and os.path.isdir(model_dir):
-        flagged = frozenset(path for path, _ in hub.check_weights(model_dir))  # reported once, above
+        flagged = frozenset(path for path, _ in model_files.check_weights(model_dir))  # reported once, above
         try:
-            problems += hub.deep_verify(model_dir, deep_cfg.model.name_or_path, deep_cfg.model.revision,
+            problems += model_files.deep_verify(model_dir, deep_cfg.model.name_or_path, deep_cfg.model.revision,
                                         timeout=timeout, skip=flagged, rerun=rerun)
         except hub.HubError as exc:
             problems.append(str(exc))

@@ -136,7 +136,7 @@ def glm45_air_epoch_flops(batches: list[list[dict]], mode: str, seq_len: int) ->
       document segment only: 2 * layers * heads * head_dim * segment_length per token."""
     import mfu
 
-    from glmkit.plan import GLM45_AIR_CONFIG
+    from glmkit.plan_weights import GLM45_AIR_CONFIG
 
     p = mfu.active_params(GLM45_AIR_CONFIG)
     per_len = p["layers"] * p["heads"] * p["head_dim"]

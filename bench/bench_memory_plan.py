@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     benchlib.quiet()
     from glmkit.config import load_config
-    from glmkit.plan import QLORA_BITS_PER_PARAM, build_plan
+    from glmkit.plan import build_plan
+    from glmkit.plan_weights import QLORA_BITS_PER_PARAM
 
     info = benchlib.machine_info()
     cfg = load_config(args.config, args.overrides)

@@ -69,7 +69,7 @@ def check_model_dir(cfg) -> None:
 
 def check_shards(cfg) -> None:
     """Every shard's header against the index (seconds, no tensor data read): damage fails here, in one line."""
-    from glmkit.hub import check_weights
+    from glmkit.model_files import check_weights
 
     problems = check_weights(cfg.paths.model_dir)
     if problems:
@@ -128,7 +128,7 @@ def build_skeleton(config, cfg):
 # ---------------------------------------------------------------------------
 
 def _weight_map(cfg) -> dict[str, str]:
-    from glmkit.hub import shard_map
+    from glmkit.model_files import shard_map
 
     by_shard, problem = shard_map(cfg.paths.model_dir)
     if problem:

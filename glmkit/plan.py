@@ -13,7 +13,9 @@ weights are not downloaded yet. Every tensor is then priced the way it will be h
 - activations under gradient checkpointing, the logits and the loss, and a fixed
   allowance for the CUDA context, NCCL buffers and allocator slack.
 
-Run it as `train_qlora.py --config X --plan [--json]`, or `python -m glmkit.plan`.
+The tensors are priced in glmkit/plan_weights.py, the activations in glmkit/plan_activations.py;
+this module sums them per GPU for the chosen strategy, sizes the micro-batch, prints the verdict
+and gates the trainer. Run it as `train_qlora.py --config X --plan [--json]`, or `python -m glmkit.plan`.
 All sizes are decimal GB (1e9 bytes), like GPU spec sheets.
 """
 
@@ -21,432 +23,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from glmkit.config import add_config_arguments, config_from_args
 from glmkit.config import strategy as config_strategy
-from glmkit.loss import chunk_tokens_for
-from glmkit.model import BASE_GROUPS, DTYPES, group_of  # shared with the audit, so plan and audit compare
+from glmkit.model import group_of
+from glmkit.plan_activations import activation_plan, arch_of
+from glmkit.plan_weights import (
+    GB,
+    GLM45_AIR_NAME,
+    QLORA_BITS_PER_PARAM,
+    LoraTarget,
+    PlanError,
+    TensorInfo,
+    build_meta_model,
+    enumerate_tensors,
+    kit_bytes,
+    load_architecture,
+    lora_targets,
+    price_groups,
+)
 
-GB = 1e9
-# QLoRA paper: NF4 with double quantization costs 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter.
-QLORA_BITS_PER_PARAM = 4.127
 # CUDA context, cuBLAS workspaces, NCCL buffers and allocator fragmentation, per GPU.
 RUNTIME_OVERHEAD_BYTES = int(3 * GB)
 # Below this much headroom (share of the GPU) a run that fits is reported as tight.
 TIGHT_HEADROOM = 0.10
-# The plain transformers path: BitsAndBytesConfig has no block size; bitsandbytes defaults to 64.
-PLAIN_BLOCKSIZE = 64
 EXIT_DOES_NOT_FIT = 3
-
-# zai-org/GLM-4.5-Air's published config.json (the keys transformers' Glm4MoeConfig reads).
-# Its MTP layer (num_nextn_predict_layers: 1) is not built by transformers, so not planned.
-GLM45_AIR_CONFIG = {
-    "vocab_size": 151552,
-    "hidden_size": 4096,
-    "intermediate_size": 10944,
-    "moe_intermediate_size": 1408,
-    "num_hidden_layers": 46,
-    "first_k_dense_replace": 1,
-    "num_attention_heads": 96,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "n_routed_experts": 128,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 8,
-    "n_group": 1,
-    "topk_group": 1,
-    "norm_topk_prob": True,
-    "routed_scaling_factor": 1.0,
-    "attention_bias": True,
-    "use_qk_norm": False,
-    "partial_rotary_factor": 0.5,
-    "rope_theta": 1000000.0,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-05,
-    "tie_word_embeddings": False,
-    "hidden_act": "silu",
-    "pad_token_id": 151329,
-    "eos_token_id": [151329, 151336, 151338],
-    "num_nextn_predict_layers": 1,
-}
-GLM45_AIR_NAME = "zai-org/GLM-4.5-Air"
-
-
-class PlanError(RuntimeError):
-    """The plan can't be made; the message (one line) says why and what to do."""
-
-
-# ---------------------------------------------------------------------------
-# Byte counts of one tensor
-# ---------------------------------------------------------------------------
-
-def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
-    """Bytes bitsandbytes 0.50 holds for one 4-bit tensor of `numel` values (uint8 storage).
-
-    Mirrors `functional.quantize_4bit`: packed data (n+1)//2 bytes, a fresh 16-entry fp32
-    code, and per block an fp32 absmax, or with double quantization a uint8 absmax plus the
-    nested state `quantize_blockwise(absmax - offset, blocksize=256)` leaves: fp32 absmax per
-    256 blocks, its own copy of the 256-entry fp32 dynamic code, and the fp32 offset.
-    """
-    blocks = -(-numel // blocksize)
-    total = (numel + 1) // 2 + 16 * 4
-    if double_quant:
-        total += blocks + (-(-blocks // 256)) * 4 + 256 * 4 + 4
-    else:
-        total += blocks * 4
-    return total
-
-
-def qlora_floor_bytes(numel: int) -> float:
-    return numel * QLORA_BITS_PER_PARAM / 8
-
-
-# ---------------------------------------------------------------------------
-# Architecture: config.json when downloaded, GLM-4.5-Air's otherwise
-# ---------------------------------------------------------------------------
-
-def load_architecture(cfg):
-    """(transformers config, "config.json" | "builtin")."""
-    model_dir = cfg.paths.model_dir
-    if os.path.isfile(os.path.join(model_dir, "config.json")):
-        from transformers import AutoConfig
-
-        try:
-            return AutoConfig.from_pretrained(model_dir, local_files_only=True), "config.json"
-        except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PlanError(f"{model_dir}/config.json can't be read by transformers: {first}") from None
-    from transformers import Glm4MoeConfig
-
-    return Glm4MoeConfig(**GLM45_AIR_CONFIG), "builtin"
-
-
-def build_meta_model(hf_config, compute_dtype: str):
-    """The model with shapes and dtypes but no storage: enough to price every tensor."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # from_config chatter is noise in a plan
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[compute_dtype])
-    except (ValueError, KeyError) as exc:
-        raise PlanError(f"transformers can't build a {getattr(hf_config, 'model_type', '?')!r} model: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
-# ---------------------------------------------------------------------------
-# Tensors of the model, grouped like glmkit.model.audit_model
-# ---------------------------------------------------------------------------
-
-@dataclass
-class TensorInfo:
-    name: str
-    group: str
-    numel: int
-    dtype_bytes: int
-    layer: int | None       # decoder layer index, None outside the layers
-    is_linear_weight: bool  # weight of an nn.Linear other than lm_head: 4-bit in both kit and plain path
-    is_expert: bool         # a fused 3-D routed-expert parameter: 4-bit only in the kit
-
-
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
-
-
-def enumerate_tensors(model) -> list[TensorInfo]:
-    """Every parameter, plus the persistent router buffer the audit counts."""
-    linear_weights = {f"{name}.weight" for name, module in model.named_modules()
-                      if isinstance(module, nn.Linear) and not name.endswith("lm_head")}
-    tensors = []
-    for name, param in model.named_parameters():
-        is_expert = ".mlp.experts." in name and param.dim() == 3
-        tensors.append(TensorInfo(name, group_of(name), param.numel(), param.element_size(),
-                                  _layer_index(name), name in linear_weights, is_expert))
-    for name, buf in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            tensors.append(TensorInfo(name, group_of(name), buf.numel(), buf.element_size(),
-                                      _layer_index(name), False, False))
-    return tensors
-
-
-def _kit_bytes(t: TensorInfo, q) -> int:
-    """As glmkit.model.load_model holds it."""
-    if q.load_in_4bit and (t.is_linear_weight or (t.is_expert and q.quantize_experts)):
-        return nf4_bytes(t.numel, q.blocksize, q.double_quant)
-    return t.numel * t.dtype_bytes
-
-
-def _kit_quantized(t: TensorInfo, q) -> bool:
-    return q.load_in_4bit and (t.is_linear_weight or (t.is_expert and q.quantize_experts))
-
-
-def _plain_bytes(t: TensorInfo, q, upcast: bool) -> int:
-    """As from_pretrained(quantization_config=BitsAndBytesConfig(...)) holds it: only nn.Linear
-    goes 4-bit, the fused experts stay in the load dtype; `prepare_model_for_kbit_training`
-    then casts every non-4-bit parameter to fp32 (upcast=True)."""
-    if t.is_linear_weight:
-        return nf4_bytes(t.numel, PLAIN_BLOCKSIZE, q.double_quant)
-    return t.numel * (4 if upcast else t.dtype_bytes)
-
-
-def _floor_bytes(t: TensorInfo) -> float:
-    """The QLoRA ideal: 4.127 bits for everything the kit can quantize, bf16 for the rest."""
-    if t.is_linear_weight or t.is_expert:
-        return qlora_floor_bytes(t.numel)
-    return t.numel * 2.0
-
-
-def price_groups(tensors: list[TensorInfo], q) -> dict:
-    groups = {g: {"params": 0, "quantized_params": 0, "bytes": 0, "plain_path_bytes": 0,
-                  "plain_path_upcast_bytes": 0, "qlora_floor_bytes": 0} for g in BASE_GROUPS}
-    for t in tensors:
-        g = groups.setdefault(t.group, {k: 0 for k in groups["attention"]})
-        g["params"] += t.numel
-        g["quantized_params"] += t.numel if _kit_quantized(t, q) else 0
-        g["bytes"] += _kit_bytes(t, q)
-        g["plain_path_bytes"] += _plain_bytes(t, q, upcast=False)
-        g["plain_path_upcast_bytes"] += _plain_bytes(t, q, upcast=True)
-        g["qlora_floor_bytes"] += _floor_bytes(t)
-    for g in groups.values():
-        g["qlora_floor_bytes"] = int(round(g["qlora_floor_bytes"]))
-    return groups
-
-
-# ---------------------------------------------------------------------------
-# LoRA: which modules and parameters PEFT will wrap, and how many weights that adds
-# ---------------------------------------------------------------------------
-
-@dataclass
-class LoraTarget:
-    name: str
-    layer: int | None
-    in_features: int
-    params: int
-    expert: bool = False    # a fused 3-D routed-expert parameter (glmkit.expert_lora), at lora.expert_r
-
-
-def lora_targets(model, lora) -> list[LoraTarget]:
-    """LoRA on a Linear adds r*(in+out); on a 3-D expert parameter [E, a, b], E*r*(a+b) at the expert rank."""
-    from glmkit.lora import expert_rank, matches
-
-    modules = list(lora.target_modules)
-    all_linear = "all-linear" in modules
-    found = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if (all_linear and not name.endswith("lm_head")) or matches(name, modules):
-            found.append(LoraTarget(name, _layer_index(name), module.in_features,
-                                    lora.r * (module.in_features + module.out_features)))
-    for name, param in model.named_parameters():
-        if lora.target_parameters and matches(name, lora.target_parameters):
-            shape = tuple(param.shape)
-            experts, a, b = shape if len(shape) == 3 else (1, *shape)
-            found.append(LoraTarget(name, _layer_index(name), b, experts * expert_rank(lora)[0] * (a + b),
-                                    expert=True))
-    return found
-
-
-# ---------------------------------------------------------------------------
-# Activations
-# ---------------------------------------------------------------------------
-
-@dataclass
-class Arch:
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    experts: int
-    top_k: int
-    moe_inter: int
-    shared_inter: int
-    dense_inter: int
-
-
-def arch_of(hf_config) -> Arch:
-    hidden = hf_config.hidden_size
-    heads = hf_config.num_attention_heads
-    moe_inter = getattr(hf_config, "moe_intermediate_size", 0) or 0
-    return Arch(
-        hidden=hidden,
-        heads=heads,
-        kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(hf_config, "head_dim", None) or hidden // heads,
-        vocab=hf_config.vocab_size,
-        experts=getattr(hf_config, "n_routed_experts", None) or getattr(hf_config, "num_local_experts", 0) or 0,
-        top_k=getattr(hf_config, "num_experts_per_tok", 0) or 0,
-        moe_inter=moe_inter,
-        shared_inter=moe_inter * (getattr(hf_config, "n_shared_experts", 0) or 0),
-        dense_inter=getattr(hf_config, "intermediate_size", 0) or 0,
-    )
-
-
-def _norm_per_token(a: Arch, c: int) -> int:
-    return (4 + c) * a.hidden  # RMSNorm saves its fp32 upcast input and its output
-
-
-def attention_per_token(a: Arch, c: int) -> int:
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    return (_norm_per_token(a, c)
-            + c * (q + 2 * kv)   # rotated q, k and v, saved by the attention kernel
-            + c * q              # attention output, saved by o_proj
-            + 4 * a.heads        # log-sum-exp of the fused kernel
-            + c * a.hidden)      # residual sum
-
-
-def moe_per_token(a: Arch, c: int) -> int:
-    routed = a.top_k * c * (3 * a.hidden + 4 * a.moe_inter)  # gathered input, gate/up, act, down, weighted
-    shared = c * (4 * a.shared_inter + a.hidden)
-    router = 4 * a.hidden + 2 * 4 * a.experts                # fp32 input copy, logits and sigmoid scores
-    return _norm_per_token(a, c) + router + routed + shared + 2 * c * a.hidden
-
-
-def dense_mlp_per_token(a: Arch, c: int) -> int:
-    return _norm_per_token(a, c) + c * (4 * a.dense_inter + a.hidden) + c * a.hidden
-
-
-def eager_attention_bytes(a: Arch, micro_batch: int, seq: int, c: int) -> int:
-    # Eager attention materialises scores and probabilities (fp32 softmax) per head.
-    return micro_batch * a.heads * seq * seq * (c + 4)
-
-
-# ---------------------------------------------------------------------------
-# Attention and the loss, priced per implementation
-# ---------------------------------------------------------------------------
-
-def attention_extra_bytes(a: Arch, attn: str, micro_batch: int, seq: int, c: int) -> int:
-    """What one recomputed layer's attention holds beyond attention_per_token's q, k, v, output and lse.
-
-    - varlen / flash_attention_2: nothing more; K/V stay at their own head count, no mask.
-    - sdpa: the packed rows' 4-D block mask (bool, built by the collator) and the additive
-      bias in the compute dtype the mask-capable kernel turns it into and keeps for
-      backward, and K/V expanded to every query head (transformers' repeat_kv whenever a
-      mask is given), kept for backward as the kernel's inputs.
-    - eager: the scores and fp32 probabilities of every head.
-    """
-    if attn == "eager":
-        return eager_attention_bytes(a, micro_batch, seq, c)
-    if attn == "sdpa":
-        mask = micro_batch * seq * seq * (1 + c)
-        expanded_kv = micro_batch * seq * 2 * (a.heads - a.kv_heads) * a.head_dim * c
-        return mask + expanded_kv
-    return 0
-
-
-def loss_bytes(a: Arch, tokens: int, c: int) -> dict:
-    """The chunked loss the trainer runs (glmkit/loss.py), and what the full-vocabulary one would hold.
-
-    Chunked: the target tokens' hidden states and their gradient ([tokens, hidden] each),
-    plus one chunk of logits at a time: compute-dtype logits, the fp32 copy and the
-    log-softmax (forward) or softmax-minus-one-hot (backward). Full: [tokens, vocab]
-    logits, the fp32 upcast and the shifted slice's reshaped copy in forward; in backward
-    the saved log-softmax, the gradient it receives and the one it passes on, all fp32.
-    """
-    chunk = min(tokens, chunk_tokens_for(a.vocab))
-    return {
-        "loss_chunk_tokens": chunk,
-        "logits_and_loss_bytes": 2 * tokens * a.hidden * c + chunk * a.vocab * (c + 8),
-        "full_vocab_loss_bytes": tokens * a.vocab * max(c + 8, 12),
-    }
-
-
-def layer_breakdown(model, a: Arch, cfg, targets: list[LoraTarget]) -> list[dict]:
-    """Per decoder layer: activations per token, and its expert bytes in compute dtype."""
-    c = DTYPES[cfg.quantization.compute_dtype].itemsize
-    lora_per_layer: dict[int, int] = defaultdict(int)
-    for t in targets:
-        if t.layer is not None and not t.expert:
-            # lora_A's input (a dropout copy plus its mask when dropout > 0) and its r outputs.
-            dropout = (c + 1) * t.in_features if cfg.lora.dropout > 0 else 0
-            lora_per_layer[t.layer] += dropout + c * cfg.lora.r
-    layers = []
-    for index, layer in enumerate(model.model.layers):
-        experts = getattr(layer.mlp, "experts", None)
-        moe = experts is not None
-        expert_numel = sum(p.numel() for p in experts.parameters()) if moe else 0
-        per_token = attention_per_token(a, c) + (moe_per_token(a, c) if moe else dense_mlp_per_token(a, c))
-        expert_lora = expert_lora_activations(a, c, [t for t in targets if t.expert and t.layer == index], cfg.lora)
-        layers.append({"index": index, "moe": moe,
-                       "per_token": per_token + lora_per_layer[index] + expert_lora["per_token"],
-                       "expert_compute_bytes": expert_numel * c,
-                       "expert_lora_transient_bytes": expert_lora["transient"]})
-    return layers
-
-
-def expert_lora_activations(a: Arch, c: int, targets: list[LoraTarget], lora) -> dict:
-    """What LoRA on one layer's fused experts adds on top of the experts' own activations.
-
-    glmkit.expert_lora runs it factored per routed token: per (token, expert) pair it keeps the
-    r-wide low-rank input of each B matmul and makes one projection-wide output per parameter
-    (gate_up: 2 x moe_intermediate, down: hidden). Per layer, in backward, the factors exist
-    once more in the compute dtype and so do their gradients before they reach the fp32 ones.
-    Nothing the size of an expert tensor is made: no delta, no weight gradient.
-    """
-    if not targets:
-        return {"per_token": 0, "transient": 0}
-    from glmkit.lora import expert_rank
-
-    r = expert_rank(lora)[0]
-    widths = {"gate_up_proj": 2 * a.moe_inter, "down_proj": a.hidden}
-    per_pair = sum(c * (r + widths.get(t.name.rpartition(".")[2], a.hidden)) for t in targets)
-    factors = sum(t.params for t in targets) * c
-    return {"per_token": a.top_k * per_pair, "transient": 2 * factors}
-
-
-def activation_plan(model, a: Arch, cfg, targets: list[LoraTarget], tensors: list[TensorInfo],
-                    micro_batch: int | None = None) -> dict:
-    c = DTYPES[cfg.quantization.compute_dtype].itemsize
-    q = cfg.quantization
-    mb, seq = micro_batch or cfg.optimization.micro_batch_per_gpu, cfg.training.max_seq_length
-    tokens = mb * seq
-    layers = layer_breakdown(model, a, cfg, targets)
-    attention = attention_extra_bytes(a, cfg.model.attn_implementation, mb, seq, c)
-    saved = [layer["per_token"] * tokens + attention for layer in layers]
-    # bitsandbytes' parametrization dequantizes a whole fused expert tensor when it is read, and
-    # the expert matmuls keep (views of) it for backward: one layer's experts in compute dtype.
-    dequant = [layer["expert_compute_bytes"] if (q.load_in_4bit and q.quantize_experts) else 0 for layer in layers]
-    expert_lora = [layer["expert_lora_transient_bytes"] for layer in layers]
-    # Linear4bit dequantizes its weight transiently, one layer at a time.
-    largest_linear = max((t.numel for t in tensors if t.is_linear_weight), default=0) * c if q.load_in_4bit else 0
-    loss = loss_bytes(a, tokens, c)
-    if cfg.memory.gradient_checkpointing:
-        boundaries = (len(layers) + 1) * tokens * a.hidden * c  # each layer's input, and the embeddings
-        # Recomputing one layer in backward: its activations, as much again in gradients, its experts.
-        peak = max(2 * s + d + x for s, d, x in zip(saved, dequant, expert_lora)) + largest_linear
-        dequant_held = max(dequant, default=0)
-    else:
-        # Autograd keeps every layer's activations, and every MoE layer's dequantized experts.
-        boundaries = 0
-        peak = sum(saved) + max(saved, default=0) + sum(dequant) + max(expert_lora, default=0) + largest_linear
-        dequant_held = sum(dequant)
-    return {
-        "tokens_per_micro_batch": tokens,
-        "layer_boundaries_bytes": boundaries,
-        "layer_peak_bytes": peak,
-        "dequantized_experts_bytes": dequant_held,
-        "expert_lora_transient_bytes": max(expert_lora, default=0),
-        "attention_extra_bytes": attention,
-        **loss,
-        "activation_bytes": boundaries + peak + loss["logits_and_loss_bytes"],
-    }
-
 
 # ---------------------------------------------------------------------------
 # Per GPU, for the chosen strategy
@@ -503,7 +108,7 @@ def _largest_layer_bytes(tensors: list[TensorInfo], q) -> int:
     by_layer: dict[int, int] = defaultdict(int)
     for t in tensors:
         if t.layer is not None:
-            by_layer[t.layer] += _kit_bytes(t, q)
+            by_layer[t.layer] += kit_bytes(t, q)
     return max(by_layer.values(), default=0)
 
 

@@ -21,6 +21,7 @@ from conftest import ROOT, free_port, run_cli
 from fake_hub import FakeHub
 
 from glmkit import hub as hubmod
+from glmkit import model_files
 
 REPO_ID = "glmkit-test/GLM-4.5-Air-tiny"
 SCRIPT = os.path.join(ROOT, "download_model.py")
@@ -281,7 +282,7 @@ def test_verification_checks_config_tokenizer_and_index(tmp_path, repo_files):
     (model_dir / "tokenizer.json").unlink()
     (model_dir / hubmod.INDEX_FILE).unlink()
 
-    problems = hubmod.verify_model_dir(str(model_dir))
+    problems = model_files.verify_model_dir(str(model_dir))
 
     assert len(problems) == 3, problems
     assert "config.json" in problems[0] and "LlamaForCausalLM" in problems[0]
@@ -293,14 +294,14 @@ def test_safetensors_check_reads_only_the_header(tmp_path, repo_files):
     shard = biggest_shard(repo_files)
     path = tmp_path / shard
     path.write_bytes(repo_files[shard])
-    assert hubmod.check_safetensors_file(str(path), ["model.embed_tokens.weight"]) is None
-    assert "lacks 1 tensor" in hubmod.check_safetensors_file(str(path), ["model.norm.weight"])
+    assert model_files.check_safetensors_file(str(path), ["model.embed_tokens.weight"]) is None
+    assert "lacks 1 tensor" in model_files.check_safetensors_file(str(path), ["model.norm.weight"])
     path.write_bytes(repo_files[shard] + b"\0")
-    assert "accounts for only" in hubmod.check_safetensors_file(str(path))
+    assert "accounts for only" in model_files.check_safetensors_file(str(path))
     path.write_bytes(repo_files[shard][:20])
-    assert "truncated" in hubmod.check_safetensors_file(str(path))
+    assert "truncated" in model_files.check_safetensors_file(str(path))
     path.write_bytes(b"")
-    assert "empty" in hubmod.check_safetensors_file(str(path))
+    assert "empty" in model_files.check_safetensors_file(str(path))
 
 
 def test_verify_only_fails_on_a_shard_overwritten_with_random_bytes(tmp_path, repo_files):

@@ -12,6 +12,7 @@ import torch
 from glmkit import plan as planmod
 from glmkit.config import load_config
 from glmkit.model import BASE_GROUPS
+from glmkit.plan_weights import nf4_bytes
 
 GB = 1e9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,12 +66,12 @@ def _stored_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("blocksize", [64, 128])
 def test_nf4_bytes_equal_bitsandbytes_storage(numel, double_quant, blocksize):
-    assert planmod.nf4_bytes(numel, blocksize, double_quant) == _stored_bytes(numel, blocksize, double_quant)
+    assert nf4_bytes(numel, blocksize, double_quant) == _stored_bytes(numel, blocksize, double_quant)
 
 
 def test_nf4_double_quant_is_the_qlora_4_127_bits():
     numel = 64 * 256 * 1000
-    assert planmod.nf4_bytes(numel) * 8 / numel == pytest.approx(4.127, abs=0.001)
+    assert nf4_bytes(numel) * 8 / numel == pytest.approx(4.127, abs=0.001)
 
 
 # ---------------------------------------------------------------------------
