@@ -281,7 +281,7 @@ def checkpoint_weight_map(model_dir: str) -> dict[str, str]:
     """{tensor: shard file} of a checkpoint, after every shard's header checked against its index."""
     from safetensors import safe_open
 
-    from glmkit.hub import check_weights, shard_map
+    from glmkit.model_files import check_weights, shard_map
 
     problems = check_weights(model_dir)
     if problems:
