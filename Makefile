@@ -24,7 +24,7 @@ tiny-model: venv
 	$(PY) download_model.py --config $(TINY) --tiny
 
 demo-data: venv
-	$(PY) -m glmkit.demo_data --config $(TINY)
+	$(PY) -m glmkit.demo.corpus --config $(TINY)
 
 # The same launcher and trainer as a real run, on the tiny model, then the dashboard.
 demo: tiny-model demo-data

@@ -17,8 +17,9 @@ import argparse
 import os
 import sys
 
-from glmkit import hub, model_files
-from glmkit.config import add_config_arguments, config_from_args
+from glmkit.config.schema import add_config_arguments, config_from_args
+from glmkit.hub import download as hub
+from glmkit.hub import verify as model_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,9 +79,9 @@ def write_tiny(model_dir: str) -> None:
         raise hub.HubError(f"{model_dir} holds a Hub download; point --tiny elsewhere, "
                            "e.g. --set paths.model_dir=models/tiny")
     try:
-        from glmkit.tiny import write_tiny_checkpoint  # lazy: only --tiny needs it (and torch)
+        from glmkit.demo.tiny import write_tiny_checkpoint  # lazy: only --tiny needs it (and torch)
     except ImportError as exc:
-        raise hub.HubError(f"--tiny needs glmkit.tiny.write_tiny_checkpoint, which could not be imported "
+        raise hub.HubError(f"--tiny needs glmkit.demo.tiny.write_tiny_checkpoint, which could not be imported "
                            f"({exc}); update the checkout") from None
     os.makedirs(model_dir, exist_ok=True)
     print(f"writing a tiny {hub.SUPPORTED_ARCHITECTURES[0]} checkpoint into {model_dir}", flush=True)

@@ -76,7 +76,7 @@ export PYTHONPATH="$KIT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 [[ ! -d "$CONFIG" ]] || die "config $CONFIG is a folder; pass --config with the YAML file inside it"
 [[ -f "$CONFIG" ]] || die "config $CONFIG not found; pass --config PATH"
 # On a bad config (or an unreadable run folder) the helper prints the problem, one line each, and exits 2.
-KIT_ENV="$("$PYTHON" -m glmkit.launch_env --config "$CONFIG" ${SET_ARGS[@]+"${SET_ARGS[@]}"})" || exit $?
+KIT_ENV="$("$PYTHON" -m glmkit.launch.env --config "$CONFIG" ${SET_ARGS[@]+"${SET_ARGS[@]}"})" || exit $?
 # The helper prints KIT_*=value lines quoted with shlex.quote, so eval is safe for any path.
 eval "$KIT_ENV"
 say "config $KIT_CONFIG"
@@ -87,7 +87,7 @@ if [[ ! -f "$KIT_MODEL_DIR/config.json" ]]; then
 fi
 # The same resolution the trainer does (files, folders, globs, weighted sources), minus the tokenizing.
 if [[ -n "$KIT_DATA_PROBLEM" ]]; then
-    die "no usable training data: $KIT_DATA_PROBLEM  (paths.data_path in $KIT_CONFIG; one {\"$KIT_TEXT_FIELD\": ...} record per line; CPU demo corpus: python -m glmkit.demo_data --config $KIT_CONFIG)"
+    die "no usable training data: $KIT_DATA_PROBLEM  (paths.data_path in $KIT_CONFIG; one {\"$KIT_TEXT_FIELD\": ...} record per line; CPU demo corpus: python -m glmkit.demo.corpus --config $KIT_CONFIG)"
 fi
 # The trainer never starts over on top of a run's checkpoints (and the kit deletes nothing it did not
 # write), so refuse here, in one line, rather than after minutes of start-up.
@@ -210,7 +210,7 @@ esac
 FORCE_ARGS=()
 if ((FORCE)); then FORCE_ARGS=(--force); fi
 
-# ---- Stage 10: launch through accelerate (glmkit.accelerate_launch: the trainer's exit status, no traceback). ----
+# ---- Stage 10: launch through accelerate (glmkit.launch.accelerate: the trainer's exit status, no traceback). ----
 LAUNCH_ARGS=(--num_processes "$TOTAL" --num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK")
 if [[ "$DEVICE" == cpu ]]; then
     # --cpu and --multi_gpu exclude each other; ACCELERATE_USE_CPU (stage 6) covers the multi-process case.
@@ -225,7 +225,7 @@ fi
 if [[ -n "${MAIN_PROCESS_IP:-}" ]]; then LAUNCH_ARGS+=(--main_process_ip "$MAIN_PROCESS_IP"); fi
 if [[ -n "${MAIN_PROCESS_PORT:-}" ]]; then LAUNCH_ARGS+=(--main_process_port "$MAIN_PROCESS_PORT"); fi
 
-CMD=("$PYTHON" -m glmkit.accelerate_launch "${LAUNCH_ARGS[@]}" "$KIT_ROOT/train_qlora.py"
+CMD=("$PYTHON" -m glmkit.launch.accelerate "${LAUNCH_ARGS[@]}" "$KIT_ROOT/train_qlora.py"
      --config "$KIT_CONFIG" ${SET_ARGS[@]+"${SET_ARGS[@]}"} ${RESUME_ARGS[@]+"${RESUME_ARGS[@]}"}
      ${FORCE_ARGS[@]+"${FORCE_ARGS[@]}"} ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})
 say "command: $(printf '%q ' "${CMD[@]}")"

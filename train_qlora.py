@@ -19,18 +19,18 @@ from dataclasses import replace
 
 import torch
 
-from glmkit import checkpoint as ckpt
-from glmkit.config import add_config_arguments, config_from_args
-from glmkit.data import DataError
-from glmkit.distributed import agree, check_shared_output_dir, make_accelerator
-from glmkit.faults import maybe_kill
-from glmkit.logs import RunLogs
-from glmkit.loop_state import LoopState
-from glmkit.model import ModelLoadError
-from glmkit.plan import DoesNotFit
-from glmkit.progress import close_progress_bars
-from glmkit.run_lock import RunLock, RunLocked
-from glmkit.trackers import require_installed
+from glmkit.config.schema import add_config_arguments, config_from_args
+from glmkit.data.rows import DataError
+from glmkit.model.errors import ModelLoadError
+from glmkit.plan.fit import DoesNotFit
+from glmkit.run.lock import RunLock, RunLocked
+from glmkit.run.logs import RunLogs
+from glmkit.run.trackers import require_installed
+from glmkit.train import checkpoint as ckpt
+from glmkit.train.distributed import agree, check_shared_output_dir, make_accelerator
+from glmkit.train.faults import maybe_kill
+from glmkit.train.loop_state import LoopState
+from glmkit.train.progress import close_progress_bars
 
 # Errors that a user fixes by changing input: one clear line and exit 2, no traceback.
 USER_ERRORS = (ckpt.ResumeError, ckpt.CheckpointError, DataError, ModelLoadError, FloatingPointError, DoesNotFit,
@@ -69,16 +69,18 @@ def lock_output_dir(cfg, accelerator) -> RunLock:
 def train(cfg, args, accelerator, logs) -> int:
     from transformers import AutoTokenizer
 
-    from glmkit import data, ddp, prepare
-    from glmkit import model as modeling
-    from glmkit.evaluation import adapter_is_finite, evaluate, improves
-    from glmkit.optim import apply_current_hyperparameters, make_optimizer_and_scheduler
-    from glmkit.plan import memory_gate
-    from glmkit.preemption import Preemption
-    from glmkit.progress import StepClock, gpu_memory, progress_bar
-    from glmkit.router_stats import RouterStats
-    from glmkit.step import check_nan_budget, next_group, step_groups, train_step
-    from glmkit.trackers import start_trackers
+    from glmkit.data import prepare
+    from glmkit.data import rows as data
+    from glmkit.model import load as modeling
+    from glmkit.plan.fit import memory_gate
+    from glmkit.run.trackers import start_trackers
+    from glmkit.train import ddp
+    from glmkit.train.evaluation import adapter_is_finite, evaluate, improves
+    from glmkit.train.optim import apply_current_hyperparameters, make_optimizer_and_scheduler
+    from glmkit.train.preemption import Preemption
+    from glmkit.train.progress import StepClock, gpu_memory, progress_bar
+    from glmkit.train.router_stats import RouterStats
+    from glmkit.train.step import check_nan_budget, next_group, step_groups, train_step
 
     # ---- setup: checks, data, model, optimizer ---------------------------------------------
     t, o, lg = cfg.training, cfg.optimization, cfg.logging
@@ -202,11 +204,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
     if args.plan:
-        from glmkit.plan import run_plan_cli
+        from glmkit.plan.fit import run_plan_cli
 
         return run_plan_cli(cfg, args.json)
     if args.prepare_data:
-        from glmkit.prepare import run_prepare_cli
+        from glmkit.data.prepare import run_prepare_cli
 
         return run_prepare_cli(cfg)
     require_installed(cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from glmkit.config import add_config_arguments, config_from_args
+from glmkit.config.schema import add_config_arguments, config_from_args
 
 
 def main(argv=None) -> int:
@@ -31,8 +31,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from glmkit import adapter
-    from glmkit.model import ModelLoadError
+    from glmkit.model import adapter
+    from glmkit.model.errors import ModelLoadError
 
     adapter_dir = args.adapter or cfg.paths.best_adapter_dir
     dtype = getattr(torch, args.dtype)

@@ -2,8 +2,8 @@
 """Data efficiency: packing vs padding to the longest row vs padding to max_length.
 
 For each max_seq_length, the demo corpus (real prose with a natural spread of lengths) is
-turned into rows by the kit's own pipeline (`glmkit.prepare.prepare_data`, the collator of
-`glmkit.data.make_collator`), in a seeded random order as the training loader would draw it:
+turned into rows by the kit's own pipeline (`glmkit.data.prepare.prepare_data`, the collator of
+`glmkit.data.rows.make_collator`), in a seeded random order as the training loader would draw it:
 
 - packing     documents end to end in rows of exactly max_seq_length, block-diagonal mask
               (the kit's default);
@@ -75,7 +75,7 @@ def mode_overrides(mode: str, seq_len: int) -> list[str]:
 def build_rows(cfg, tokenizer, docs, cache_dir):
     import copy
 
-    from glmkit.prepare import prepare_data
+    from glmkit.data.prepare import prepare_data
 
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, "docs.jsonl")
@@ -109,7 +109,7 @@ def batch_accounting(batch: list[dict], mode: str, seq_len: int) -> dict:
 
 
 def collated_accounting(batch: dict) -> dict:
-    from glmkit.step import target_tokens
+    from glmkit.train.step import target_tokens
 
     return {"positions": batch["input_ids"].numel(), "length": batch["input_ids"].shape[1],
             "real": int(batch["token_mask"].sum()), "targets": target_tokens(batch)}
@@ -136,7 +136,7 @@ def glm45_air_epoch_flops(batches: list[list[dict]], mode: str, seq_len: int) ->
       document segment only: 2 * layers * heads * head_dim * segment_length per token."""
     import mfu
 
-    from glmkit.plan_weights import GLM45_AIR_CONFIG
+    from glmkit.plan.weights import GLM45_AIR_CONFIG
 
     p = mfu.active_params(GLM45_AIR_CONFIG)
     per_len = p["layers"] * p["heads"] * p["head_dim"]
@@ -167,7 +167,7 @@ def glm45_air_epoch_flops(batches: list[list[dict]], mode: str, seq_len: int) ->
 
 def fwd_bwd_seconds(model, batches) -> list[tuple[float, float]]:
     """(wall seconds, CPU seconds of this process) of forward + backward, per micro-batch."""
-    from glmkit.step import loss_sum
+    from glmkit.train.step import loss_sum
 
     out = []
     for batch in batches:
@@ -228,8 +228,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from glmkit import data
-    from glmkit import model as modeling
+    from glmkit.data import rows as data
+    from glmkit.model import load as modeling
 
     info["torch_threads"] = args.threads
     base_cfg = benchlib.tiny_config()

@@ -10,7 +10,7 @@ measurement runs in a fresh subprocess with the tiny model's tokenizer:
         Python lists, every text joined for the cache key, `datasets.map` in one process into
         int64 Arrow. It reads one JSONL file, so it gets the same documents as one
         uncompressed file; it runs at 256 MiB only (at 1 GiB it needed 7.5 GB here);
-- new:  `glmkit.prepare.prepare_data` on the sharded folder, with 1 and 2 tokenizer workers.
+- new:  `glmkit.data.prepare.prepare_data` on the sharded folder, with 1 and 2 tokenizer workers.
 
 Measured: wall time of the preparation (cold cache, and again warm), tokens per second
 (corpus tokens / cold wall time, end to end: reading, decompressing, tokenizing, writing,
@@ -184,7 +184,7 @@ def worker(args) -> dict:
     else:
         import resource
 
-        from glmkit.prepare import cache_bytes, prepare_data
+        from glmkit.data.prepare import cache_bytes, prepare_data
 
         cpu = lambda who: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))  # noqa: E731
         main0, workers0, started = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN), time.time()

@@ -10,7 +10,7 @@
 2. Adapter size: adapter_model.safetensors of each variant, and GLM-4.5-Air's from the plan.
 3. The merge on the mid-size checkpoint with the attention + experts adapter: the previous
    `use_adapter.py --merge` (the whole bf16 base in memory, peft's merge_and_unload,
-   save_pretrained) against the streaming one (glmkit.adapter.merge), each in a fresh process:
+   save_pretrained) against the streaming one (glmkit.model.adapter.merge), each in a fresh process:
    peak RSS, peak anonymous memory, wall time, and the largest difference between their outputs.
 
     .venv/bin/python bench/bench_expert_lora.py [--steps 6] [--mid-steps 4] [--repeats 2] [--sections tiny,mid,merge,air]
@@ -70,12 +70,12 @@ def child_steps(args) -> dict:
     from bench_loading import MemorySampler
     from transformers import AutoTokenizer
 
-    from glmkit import data
-    from glmkit import model as modeling
-    from glmkit.distributed import make_accelerator
-    from glmkit.optim import make_optimizer_and_scheduler
-    from glmkit.prepare import prepare_data
-    from glmkit.step import next_group, step_groups, train_step
+    from glmkit.data import rows as data
+    from glmkit.data.prepare import prepare_data
+    from glmkit.model import load as modeling
+    from glmkit.train.distributed import make_accelerator
+    from glmkit.train.optim import make_optimizer_and_scheduler
+    from glmkit.train.step import next_group, step_groups, train_step
 
     overrides = [f"paths.model_dir={args.model_dir}", "lora.dropout=0"]
     if args.variant == "experts":
@@ -125,14 +125,14 @@ def child_merge(args) -> dict:
     start = time.perf_counter()
     with MemorySampler(interval=0.01) as sampler:
         if args.how == "old":  # use_adapter.py --merge before the streaming merge
-            from glmkit.adapter import load_base_with_adapter
+            from glmkit.model.adapter import load_base_with_adapter
 
             model, tokenizer = load_base_with_adapter(args.model_dir, args.adapter, torch.bfloat16)
             merged = model.merge_and_unload()
             merged.save_pretrained(args.save_to)
             tokenizer.save_pretrained(args.save_to)
         else:
-            from glmkit.adapter import merge
+            from glmkit.model.adapter import merge
 
             merge(args.model_dir, args.adapter, args.save_to, torch.bfloat16)
     return {"seconds": time.perf_counter() - start, "peak_rss": sampler.peak["total"],
@@ -206,7 +206,7 @@ def compare_merges(old_dir: str, new_dir: str) -> dict:
     """Largest |old - streaming| over every tensor (bf16: old adds the delta in bf16, streaming in fp32)."""
     from safetensors import safe_open
 
-    from glmkit.adapter import checkpoint_weight_map
+    from glmkit.model.adapter import checkpoint_weight_map
 
     def tensors(folder):  # save_pretrained wrote the old merge as one file, the streaming merge keeps the shards
         for key, shard in sorted(checkpoint_weight_map(folder).items()):
@@ -228,8 +228,8 @@ def compare_merges(old_dir: str, new_dir: str) -> dict:
 
 
 def glm45_air_adapter_bytes(expert_r: int) -> dict:
-    from glmkit.config import load_config
-    from glmkit.plan import build_plan
+    from glmkit.config.schema import load_config
+    from glmkit.plan.fit import build_plan
 
     cfg = load_config(benchlib.REAL_CONFIG, ["paths.model_dir=/nonexistent", "lora.dropout=0"])
     plain = build_plan(cfg, gpu_memory_bytes=int(141e9), num_processes=4)

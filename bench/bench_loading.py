@@ -6,7 +6,7 @@ A checkpoint with GLM-4.5-Air's architecture (bench/midmodel.py: by default hidd
 written under scratch/bench-mid (git-ignored; deleted afterwards unless --keep), then loaded
 each way in a fresh subprocess:
 
-- kit:     `glmkit.model.load_model`: skeleton on the meta device, the checkpoint streamed one
+- kit:     `glmkit.model.load.load_model`: skeleton on the meta device, the checkpoint streamed one
            decoder layer at a time, each layer's experts fused and quantized (NF4, double
            quantization) before the next layer is read;
 - plain:   `AutoModelForCausalLM.from_pretrained(dtype=bfloat16)`, then every Linear but
@@ -155,7 +155,7 @@ def worker(args) -> dict:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from glmkit import model as modeling
+    from glmkit.model import load as modeling
 
     cfg = benchlib.tiny_config([f"paths.model_dir={args.model_dir}", "quantization.compute_dtype=bfloat16"])
     q = cfg.quantization
@@ -196,7 +196,7 @@ def worker(args) -> dict:
         model.eval()
         for module in model.modules():
             # bitsandbytes repacks CPU layers for an avx512-bf16 kernel in eval mode; the kit turns
-            # that off (glmkit/model.py), so do the same here: one kernel, comparable logits.
+            # that off (glmkit/model/load.py), so do the same here: one kernel, comparable logits.
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
         ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
 
 
 def render(payload: dict) -> str:
-    labels = {"kit": "kit: glmkit.model.load_model (streaming)",
+    labels = {"kit": "kit: glmkit.model.load.load_model (streaming)",
               "plain": "plain: from_pretrained(bf16), then quantize",
               "hf-bnb": "from_pretrained(BitsAndBytesConfig), then experts"}
     rows = []

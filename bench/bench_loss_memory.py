@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Peak memory of one loss forward + backward: the full-vocabulary loss vs the chunked one.
 
-- full:    `glmkit.loss.reference_loss_sum`, the formula the trainer used before: lm_head over
+- full:    `glmkit.train.loss.reference_loss_sum`, the formula the trainer used before: lm_head over
            every position, an fp32 upcast, the shifted slice reshaped, cross-entropy;
-- chunked: `glmkit.loss.next_token_loss_sum`, what the trainer uses now: lm_head and the
+- chunked: `glmkit.train.loss.next_token_loss_sum`, what the trainer uses now: lm_head and the
            cross-entropy a chunk of tokens at a time, recomputed in backward.
 
 Both get the same final hidden states [1, T, H] (requiring grad, as under LoRA) and a frozen
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=1024, help="H: hidden size")
     p.add_argument("--vocab", type=int, default=151552, help="V: vocabulary (GLM-4.5-Air: 151552)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--chunk-tokens", type=int, default=None, help="default: glmkit.loss.chunk_tokens_for(V)")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="default: glmkit.train.loss.chunk_tokens_for(V)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=benchlib.default_out("loss_memory"))
     p.add_argument("--worker", choices=["full", "chunked", "compare"], help=argparse.SUPPRESS)
@@ -79,7 +79,7 @@ def inputs(args):
 
 
 def run_variant(name: str, hidden, head, labels, chunk_tokens):
-    from glmkit.loss import next_token_loss_sum, reference_loss_sum
+    from glmkit.train.loss import next_token_loss_sum, reference_loss_sum
 
     if name == "full":
         loss = reference_loss_sum(hidden, head, labels)
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    from glmkit.loss import chunk_tokens_for
+    from glmkit.train.loss import chunk_tokens_for
 
     chunk = args.chunk_tokens or chunk_tokens_for(args.vocab)
     full, chunked, compare = spawn(args, "full"), spawn(args, "chunked"), spawn(args, "compare")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GLM-4.5-Air's weights per GPU, four ways, from the kit's memory plan (no weights loaded).
 
-- kit:          `glmkit.model.load_model`: every Linear and the fused routed experts NF4
+- kit:          `glmkit.model.load.load_model`: every Linear and the fused routed experts NF4
                 (double quantization, blocksize 64), everything else in the compute dtype;
 - plain path:   `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True))`:
                 only nn.Linear goes 4-bit, the fused 3-D experts of transformers 5 stay bf16;
@@ -41,8 +41,8 @@ def parse_args(argv=None):
 
 def audit_check() -> dict:
     """The plan's weight bytes for the tiny model against the bytes of the model load_model builds."""
-    from glmkit import model as modeling
-    from glmkit.plan import build_plan
+    from glmkit.model import load as modeling
+    from glmkit.plan.fit import build_plan
 
     benchlib.ensure_tiny_assets()
     cfg = benchlib.tiny_config()
@@ -58,9 +58,9 @@ def audit_check() -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     benchlib.quiet()
-    from glmkit.config import load_config
-    from glmkit.plan import build_plan
-    from glmkit.plan_weights import QLORA_BITS_PER_PARAM
+    from glmkit.config.schema import load_config
+    from glmkit.plan.fit import build_plan
+    from glmkit.plan.weights import QLORA_BITS_PER_PARAM
 
     info = benchlib.machine_info()
     cfg = load_config(args.config, args.overrides)

@@ -51,14 +51,14 @@ class Harness:
         import torch
         from transformers import AutoTokenizer
 
-        from glmkit import data
-        from glmkit import model as modeling
-        from glmkit.checkpoint import Checkpointer
-        from glmkit.distributed import make_accelerator
-        from glmkit.logs import RunLogs
-        from glmkit.optim import make_optimizer_and_scheduler
-        from glmkit.prepare import prepare_data
-        from glmkit.step import step_groups
+        from glmkit.data import rows as data
+        from glmkit.data.prepare import prepare_data
+        from glmkit.model import load as modeling
+        from glmkit.run.logs import RunLogs
+        from glmkit.train.checkpoint import Checkpointer
+        from glmkit.train.distributed import make_accelerator
+        from glmkit.train.optim import make_optimizer_and_scheduler
+        from glmkit.train.step import step_groups
 
         self.cfg = cfg
         t, o = cfg.training, cfg.optimization
@@ -81,13 +81,13 @@ class Harness:
         self.model.train()
 
     def next_group(self):
-        from glmkit.step import next_group
+        from glmkit.train.step import next_group
 
         return next_group(self.groups)[1]
 
     def step(self, group, stats=None, log=False) -> tuple[float, float, float]:
         """One optimizer step, the loop's own `train_step`; (wall s, CPU s, loss)."""
-        from glmkit.step import train_step
+        from glmkit.train.step import train_step
 
         wall, cpu = time.perf_counter(), time.process_time()
         self.step_count += 1
@@ -100,7 +100,7 @@ class Harness:
 
     def write_log(self, loss, lr, grad_norm, tokens, seconds) -> None:
         """The loop's per-step record, field for field (gpu_memory() is empty on a CPU)."""
-        from glmkit.progress import gpu_memory
+        from glmkit.train.progress import gpu_memory
 
         step = self.step_count
         self.logs.write("train", step, loss=loss, lr=lr, grad_norm=grad_norm, aux_loss=None, epoch=step / 100,
@@ -183,8 +183,8 @@ def timed(fn, repeats: int) -> list[float]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     info = benchlib.start_tiny_bench(args.threads)
-    from glmkit.config import load_config
-    from glmkit.router_stats import RouterStats
+    from glmkit.config.schema import load_config
+    from glmkit.train.router_stats import RouterStats
 
     work = os.path.join(benchlib.SCRATCH, "bench", "overheads")
     shutil.rmtree(work, ignore_errors=True)
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         path = h.checkpointer.save(h.step_count, {"step": h.step_count, "val_loss": None})
         save_seconds.append(time.perf_counter() - start)
         print(f"  save {i + 1}/{args.saves}: {save_seconds[-1]:.3f} s", flush=True)
-    from glmkit.checkpoint import folder_bytes
+    from glmkit.train.checkpoint import folder_bytes
 
     save = benchlib.median(save_seconds)
     checkpoint = {"save_seconds": benchlib.summary(save_seconds), "median_step_seconds": median_step,

@@ -8,7 +8,7 @@ checkpointing on, the chunked loss) trains on packed rows of the demo corpus (th
 - sdpa:   a [rows, 1, L, L] boolean block-diagonal mask; every query is scored against the
           whole row (masked, not skipped), K/V expanded to every query head;
 - varlen: no mask, the rows' segment boundaries (`cu_seqlens`); each document attends
-          causally to itself only, K/V at their own head count (glmkit/attention.py; on
+          causally to itself only, K/V at their own head count (glmkit/model/attention.py; on
           CPU one causal sdpa call per segment length).
 
 The same micro-batches (a seeded sample of the epoch) go through both models, which start
@@ -49,7 +49,7 @@ def parse_args(argv=None):
 
 def step_seconds(model, batches) -> tuple[float, float, float]:
     """(wall s, CPU s, summed loss) of forward + backward over the micro-batches."""
-    from glmkit.step import loss_sum
+    from glmkit.train.step import loss_sum
 
     wall, cpu, total = time.perf_counter(), time.process_time(), 0.0
     for batch in batches:
@@ -66,9 +66,9 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from glmkit import data
-    from glmkit import model as modeling
-    from glmkit.prepare import prepare_data
+    from glmkit.data import rows as data
+    from glmkit.data.prepare import prepare_data
+    from glmkit.model import load as modeling
 
     base = benchlib.tiny_config()
     tokenizer = AutoTokenizer.from_pretrained(base.paths.model_dir)

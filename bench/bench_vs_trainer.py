@@ -4,13 +4,13 @@
 Both sides get the same everything, so the loss curves must agree and throughput is the only
 difference left:
 
-- model: `glmkit.model.load_model` (every Linear and the fused experts NF4) +
+- model: `glmkit.model.load.load_model` (every Linear and the fused experts NF4) +
   `prepare_for_training` (LoRA via peft, gradient checkpointing), fp32 compute, and the very
   same initial LoRA weights (the kit's are saved and loaded into the Trainer's model);
 - data: the packed rows the kit's loop actually consumed, recorded step by step from its real
   run (`train_qlora.main`), handed to the Trainer in that order (a sequential sampler) and
   collated on the fly by the kit's collator on both sides;
-- optimizer: `glmkit.optim.make_optimizer_and_scheduler` (AdamW, warmup + cosine) for
+- optimizer: `glmkit.train.optim.make_optimizer_and_scheduler` (AdamW, warmup + cosine) for
   both, the same gradient accumulation, clipping at max_grad_norm, LoRA dropout 0;
 - loss: the kit divides the summed token losses of a step by its target tokens; the Trainer
   passes `num_items_in_batch` (the step's `labels[..., 1:] != -100` count in transformers 5)
@@ -82,9 +82,9 @@ def kit_worker(args) -> dict:
     import torch
 
     import train_qlora
-    from glmkit import model as modeling
-    from glmkit import step as stepping
-    from glmkit.logs import latest_per_step, read_jsonl
+    from glmkit.model import load as modeling
+    from glmkit.run.logs import latest_per_step, read_jsonl
+    from glmkit.train import step as stepping
 
     work = args.work_dir
     shutil.rmtree(os.path.join(work, "run"), ignore_errors=True)
@@ -141,9 +141,9 @@ def trainer_worker(args) -> dict:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from glmkit import data
-    from glmkit import model as modeling
-    from glmkit.optim import make_optimizer_and_scheduler
+    from glmkit.data import rows as data
+    from glmkit.model import load as modeling
+    from glmkit.train.optim import make_optimizer_and_scheduler
 
     work = args.work_dir
     cfg = benchlib.tiny_config(overrides(args, work))

@@ -191,19 +191,19 @@ def ensure_tiny_assets() -> None:
     model_dir = os.path.join(REPO_ROOT, "models", "tiny-glm4-moe")
     data_path = os.path.join(REPO_ROOT, "data", "demo.jsonl")
     if not os.path.isfile(os.path.join(data_path)):
-        from glmkit.demo_data import write_demo_corpus
+        from glmkit.demo.corpus import write_demo_corpus
 
         print(f"writing the demo corpus to {data_path}")
         write_demo_corpus(data_path)
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        from glmkit.tiny import write_tiny_checkpoint
+        from glmkit.demo.tiny import write_tiny_checkpoint
 
         print(f"writing the tiny model to {model_dir}")
         write_tiny_checkpoint(model_dir)
 
 
 def tiny_config(overrides=()):
-    from glmkit.config import load_config
+    from glmkit.config.schema import load_config
 
     return load_config(TINY_CONFIG, list(overrides))
 

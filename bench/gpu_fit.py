@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The largest micro-batch that fits, measured, against the memory plan's prediction (bench/gpu_smoke.sh).
 
-The plan (`glmkit.plan.build_plan`) predicts `max_micro_batch_per_gpu` for this checkpoint at
+The plan (`glmkit.plan.fit.build_plan`) predicts `max_micro_batch_per_gpu` for this checkpoint at
 `--seq-len` on `--memory-gb` of GPU memory. Here the caching allocator is capped at that
 size (`torch.cuda.set_per_process_memory_fraction`), the model is loaded the kit's way, and
 full training micro-steps (forward, backward, AdamW step) run at growing micro-batches of
@@ -47,10 +47,10 @@ def main(argv=None) -> int:
     benchlib.quiet()
     import torch
 
-    from glmkit import plan as planmod
-    from glmkit.data import Collator
-    from glmkit.optim import make_optimizer_and_scheduler
-    from glmkit.step import loss_sum
+    from glmkit.data.rows import Collator
+    from glmkit.plan import fit as planmod
+    from glmkit.train.optim import make_optimizer_and_scheduler
+    from glmkit.train.step import loss_sum
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -9,7 +9,7 @@ micro-batch of packed demo-corpus rows, forward + backward of:
 - the MoE block of one layer: router, transformers' grouped_mm experts reading the
   4-bit fused expert tensors (dequantized by bitsandbytes' parametrization on every
   read), shared expert; and the dequantization of that layer's experts on its own;
-- lm_head + loss: the full-vocabulary loss vs the chunked one (glmkit/loss.py).
+- lm_head + loss: the full-vocabulary loss vs the chunked one (glmkit/train/loss.py).
 
 Each is the median of `--reps` timed repetitions after `--warmup` untimed ones; on CUDA
 with a synchronize around each, plus the peak memory allocated during one repetition
@@ -79,7 +79,7 @@ def packed_rows(cfg, tokenizer, seq_len: int, count: int, seed: int):
     import copy
     import tempfile
 
-    from glmkit.prepare import prepare_data
+    from glmkit.data.prepare import prepare_data
 
     with tempfile.TemporaryDirectory(dir=benchlib.SCRATCH) as cache:
         cfg = copy.deepcopy(cfg)
@@ -94,7 +94,7 @@ def load(model_dir: str, seq_len: int, dtype: str, micro_batch: int, device):
     """(cfg, model with LoRA, tokenizer): the kit's loading, as train_qlora.py does it."""
     from transformers import AutoTokenizer
 
-    from glmkit import model as modeling
+    from glmkit.model import load as modeling
 
     os.makedirs(benchlib.SCRATCH, exist_ok=True)
     cfg = benchlib.tiny_config([f"paths.model_dir={os.path.abspath(model_dir)}",
@@ -110,9 +110,9 @@ def main(argv=None) -> int:
     benchlib.quiet()
     import torch
 
-    from glmkit.attention import model_kwargs
-    from glmkit.data import Collator
-    from glmkit.loss import chunk_tokens_for, next_token_loss_sum, reference_loss_sum
+    from glmkit.data.rows import Collator
+    from glmkit.model.attention import model_kwargs
+    from glmkit.train.loss import chunk_tokens_for, next_token_loss_sum, reference_loss_sum
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")

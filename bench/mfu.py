@@ -104,7 +104,7 @@ def flops_per_token(config, seq_len: int, gradient_checkpointing: bool = True) -
 
 def load_model_config(model_dir: str | None, glm45_air: bool):
     if glm45_air:
-        from glmkit.plan_weights import GLM45_AIR_CONFIG
+        from glmkit.plan.weights import GLM45_AIR_CONFIG
 
         return dict(GLM45_AIR_CONFIG)
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:

@@ -61,7 +61,7 @@ def write_mid_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "5
     import torch
     from transformers import AutoTokenizer, Glm4MoeForCausalLM
 
-    from glmkit.tiny import save_with_uneven_routing
+    from glmkit.demo.tiny import save_with_uneven_routing
 
     sizes = {**DEFAULTS, **{k: v for k, v in sizes.items() if v is not None}}
     stamp_path = os.path.join(model_dir, STAMP)

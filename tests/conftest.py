@@ -22,17 +22,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
-# Both are built in a fresh process, as `download_model.py --tiny` and `python -m glmkit.demo_data` do:
+# Both are built in a fresh process, as `download_model.py --tiny` and `python -m glmkit.demo.corpus` do:
 # the tokenizer and the corpus come from pydoc renderings, which pytest's own imports would change.
 
 def write_tiny_model_in_fresh_process(path: str, env: dict | None = None) -> None:
-    code = f"from glmkit.tiny import write_tiny_checkpoint; write_tiny_checkpoint({path!r}, seed=0)"
+    code = f"from glmkit.demo.tiny import write_tiny_checkpoint; write_tiny_checkpoint({path!r}, seed=0)"
     result = run_cli(["-c", code], env=env)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 def write_demo_corpus_in_fresh_process(path: str, max_docs: int, env: dict | None = None) -> None:
-    code = f"from glmkit.demo_data import write_demo_corpus; write_demo_corpus({path!r}, max_docs={max_docs})"
+    code = f"from glmkit.demo.corpus import write_demo_corpus; write_demo_corpus({path!r}, max_docs={max_docs})"
     result = run_cli(["-c", code], env=env)
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -1,8 +1,8 @@
 """Fakes for the tests: a run that writes realistic logs without training (the dashboard tests).
 
-Records follow the trainer's log contract (see glmkit/logs.py): one JSON
+Records follow the trainer's log contract (see glmkit/run/logs.py): one JSON
 object per line, flushed per line, every record with `step` and `time`, in
-the files glmkit.logs.LOG_FILES names. The fake Hub server is tests/fake_hub.py.
+the files glmkit.run.logs.LOG_FILES names. The fake Hub server is tests/fake_hub.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 import threading
 import time
 
-from glmkit.checkpoint_names import COMPLETE, META, checkpoint_path
-from glmkit.logs import LOG_FILES
+from glmkit.run.checkpoint_names import COMPLETE, META, checkpoint_path
+from glmkit.run.logs import LOG_FILES
 
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 6, 16, 2
 
@@ -48,7 +48,7 @@ class FakeRun:
         self.clock = self.t0
 
     def path(self, kind: str) -> str:
-        """The log of `kind`, a key of glmkit.logs.LOG_FILES ("train", "eval", "experts", "events", "errors")."""
+        """The log of `kind`, a key of glmkit.run.logs.LOG_FILES ("train", "eval", "experts", "events", "errors")."""
         return os.path.join(self.logs_dir, LOG_FILES[kind])
 
     def append(self, kind: str, record: dict) -> None:

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from conftest import write_tiny_config
 
-from glmkit import attention
-from glmkit.data import IGNORE_INDEX, Collator, model_inputs, pack_rows
+from glmkit.data.rows import IGNORE_INDEX, Collator, model_inputs, pack_rows
+from glmkit.model import attention
 
 ROW = 128
 PAD = 1
@@ -80,8 +80,8 @@ def test_segment_attention_equals_per_document_attention_with_gqa():
 def lora_models(tmp_path_factory, tiny_model_dir, demo_corpus):
     """The kit's 4-bit tiny model with LoRA, once per attention implementation, the same random adapter
     weights in both (random lora_B too, so that every LoRA matrix gets a gradient)."""
-    from glmkit import model as modeling
-    from glmkit.config import load_config
+    from glmkit.config.schema import load_config
+    from glmkit.model import load as modeling
 
     models = {}
     for attn in ("sdpa", "varlen"):
@@ -116,7 +116,7 @@ CASES = {
 
 
 def loss_and_grads(model, batch, train: bool):
-    from glmkit.step import loss_sum
+    from glmkit.train.step import loss_sum
 
     model.train(train)
     model.zero_grad(set_to_none=True)

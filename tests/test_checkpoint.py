@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from glmkit import checkpoint as ckpt
-from glmkit.evaluation import adapter_is_finite, improves
+from glmkit.train import checkpoint as ckpt
+from glmkit.train.evaluation import adapter_is_finite, improves
 
 
 def make_checkpoint(root, name: str, complete: bool = True) -> str:

@@ -6,7 +6,14 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
-from glmkit.config import ConfigError, config_fields, critical_keys, keys_checked_otherwise, load_config, readme_table
+from glmkit.config.schema import (
+    ConfigError,
+    config_fields,
+    critical_keys,
+    keys_checked_otherwise,
+    load_config,
+    readme_table,
+)
 
 SHIPPED = ["training_config.yaml", "configs/tiny.yaml"]
 
@@ -108,7 +115,7 @@ def test_readme_config_table_is_generated_from_the_fields():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     start = readme.index("<!-- config-table")
     block = readme[readme.index("\n", start) + 1:readme.index("<!-- /config-table -->")]
-    assert block == readme_table(), "run: python -m glmkit.config --update-readme"
+    assert block == readme_table(), "run: python -m glmkit.config.schema --update-readme"
     assert all(f.metadata.get("help") for _, f in config_fields())
 
 
@@ -117,7 +124,7 @@ def test_resume_critical_keys_come_from_the_field_declarations():
     assert {"lora.r", "training.seed", "optimization.grad_accum_steps"} <= set(keys)
     # The data is compared by its fingerprint (files, sizes, mtimes, validation content), not by the path's spelling.
     assert "paths.data_path" not in keys and "paths.data_path" in keys_checked_otherwise()
-    # What a resume may change must be able to take effect (see glmkit/optim.py): never critical.
+    # What a resume may change must be able to take effect (see glmkit/train/optim.py): never critical.
     assert not {"optimization.learning_rate", "optimization.weight_decay", "training.max_steps"} & set(keys)
 
 
@@ -199,7 +206,7 @@ def test_best_adapter_dir_overlapping_another_path_is_refused(tmp_path, best, ke
 
 
 def test_flash_attention_2_needs_flash_attn_else_one_line_pointing_at_varlen(tmp_path):
-    from glmkit.config import flash_attn_importable
+    from glmkit.config.schema import flash_attn_importable
 
     if flash_attn_importable():
         pytest.skip("flash-attn imports here: flash_attention_2 is allowed")

@@ -511,7 +511,7 @@ def test_a_number_of_thousands_of_digits_is_a_400(run, query):
 
 
 def test_checkpoint_names_are_the_trainers(tmp_path):
-    from glmkit.checkpoint_names import checkpoint_path, parse_checkpoint_name
+    from glmkit.run.checkpoint_names import checkpoint_path, parse_checkpoint_name
 
     assert parse_checkpoint_name(os.path.basename(checkpoint_path("out", 120))) == (120, False)
     assert parse_checkpoint_name(os.path.basename(checkpoint_path("out", 7, final=True))) == (7, True)
@@ -526,7 +526,7 @@ def test_checkpoint_names_are_the_trainers(tmp_path):
 
 
 def test_the_dashboard_never_imports_torch():
-    code = ("import sys, glmkit.dashboard.cli, glmkit.checkpoint_names, glmkit.logs; "
+    code = ("import sys, glmkit.dashboard.cli, glmkit.run.checkpoint_names, glmkit.run.logs; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = run_cli(["-c", code])
     assert result.returncode == 0, result.stderr[-2000:]

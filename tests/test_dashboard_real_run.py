@@ -13,7 +13,7 @@ import urllib.request
 
 from conftest import ROOT, run_cli, wait_for_plots
 
-from glmkit.logs import LOG_FILES, latest_per_step, read_jsonl
+from glmkit.run.logs import LOG_FILES, latest_per_step, read_jsonl
 
 SETTINGS = {"training.max_steps": 16, "logging.eval_interval": 4, "logging.checkpoint_interval": 8,
             "logging.expert_stats_interval": 4, "logging.keep_top_k": 1}

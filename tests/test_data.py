@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import write_demo_corpus_in_fresh_process
 
-from glmkit.config import load_config
-from glmkit.data import IGNORE_INDEX, Collator, DataError, block_causal_mask, pack_rows  # noqa: F401
-from glmkit.prepare import load_tokenizer, prepare_data
-from glmkit.sources import parse_line, utf8
+from glmkit.config.schema import load_config
+from glmkit.data.prepare import load_tokenizer, prepare_data
+from glmkit.data.rows import IGNORE_INDEX, Collator, DataError, block_causal_mask, pack_rows  # noqa: F401
+from glmkit.data.sources import parse_line, utf8
 
 
 def write_lines(path, lines):
@@ -100,7 +100,7 @@ def test_packed_row_loss_equals_per_document_losses(tiny_model_dir, make_config)
     """With the block mask, one packed row scores exactly like its documents run one at a time."""
     from transformers import AutoModelForCausalLM
 
-    from glmkit.step import loss_sum, target_tokens
+    from glmkit.train.step import loss_sum, target_tokens
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -20,8 +20,8 @@ import pytest
 from conftest import ROOT, free_port, run_cli
 from fake_hub import FakeHub
 
-from glmkit import hub as hubmod
-from glmkit import model_files
+from glmkit.hub import download as hubmod
+from glmkit.hub import verify as model_files
 
 REPO_ID = "glmkit-test/GLM-4.5-Air-tiny"
 SCRIPT = os.path.join(ROOT, "download_model.py")
@@ -518,7 +518,7 @@ def test_tiny_writes_with_the_generator_then_verifies(tmp_path, monkeypatch, rep
         calls.append((model_dir, seed))
         write_repo(__import__("pathlib").Path(model_dir), repo_files)
 
-    monkeypatch.setitem(sys.modules, "glmkit.tiny", types.SimpleNamespace(write_tiny_checkpoint=write_tiny_checkpoint))
+    monkeypatch.setitem(sys.modules, "glmkit.demo.tiny", types.SimpleNamespace(write_tiny_checkpoint=write_tiny_checkpoint))
     model_dir = tmp_path / "tiny"
     config = write_config(tmp_path, model_dir)
 
@@ -532,7 +532,7 @@ def test_tiny_writes_with_the_generator_then_verifies(tmp_path, monkeypatch, rep
 
 
 def test_tiny_with_the_real_generator(tmp_path):
-    pytest.importorskip("glmkit.tiny")
+    pytest.importorskip("glmkit.demo.tiny")
     result = run_download(tmp_path, "--tiny", endpoint=f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verified:" in result.stdout

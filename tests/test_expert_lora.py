@@ -10,7 +10,7 @@ from conftest import run_cli, write_tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from glmkit.logs import latest_per_step, read_jsonl
+from glmkit.run.logs import latest_per_step, read_jsonl
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 # The tiny model: 2 MoE layers of 8 experts, hidden 128, moe_intermediate 64; attention r 8, experts r 4.
@@ -60,8 +60,8 @@ def expert_run(tmp_path_factory, tiny_model_dir, demo_corpus):
 # ---------------------------------------------------------------------------
 
 def _kit_model(make_config, overrides):
-    from glmkit.config import load_config
-    from glmkit.model import load_model, prepare_for_training
+    from glmkit.config.schema import load_config
+    from glmkit.model.load import load_model, prepare_for_training
 
     cfg = load_config(make_config({"lora.dropout": 0.0, "lora.target_modules": ["q_proj"],
                                    "lora.target_parameters": EXPERTS, **overrides}))
@@ -289,7 +289,7 @@ def test_merge_refuses_a_model_that_does_not_fit_the_adapter(expert_run, tiny_mo
 def test_merge_refuses_adapter_options_it_cannot_fold(expert_run, tiny_model_dir, tmp_path):
     import shutil
 
-    from glmkit.adapter import MergeError, merge
+    from glmkit.model.adapter import MergeError, merge
 
     adapter = tmp_path / "dora"
     shutil.copytree(expert_run["best"], adapter)
@@ -305,8 +305,8 @@ def test_merge_refuses_adapter_options_it_cannot_fold(expert_run, tiny_model_dir
 # ---------------------------------------------------------------------------
 
 def test_plan_prices_the_expert_lora_the_trainer_builds(make_config, expert_run):
-    from glmkit.config import load_config
-    from glmkit.plan import build_plan
+    from glmkit.config.schema import load_config
+    from glmkit.plan.fit import build_plan
 
     plan = build_plan(load_config(expert_run["config"]), gpu_memory_bytes=int(141e9), num_processes=1)
     start = read_jsonl(os.path.join(expert_run["out"], "logs", "events_log.jsonl"))[0]
@@ -321,8 +321,8 @@ def test_plan_prices_the_expert_lora_the_trainer_builds(make_config, expert_run)
 
 def test_plan_for_glm45_air_expert_lora(tmp_path):
     """45 MoE layers x 128 experts x r x (2 hidden + 3 moe_intermediate), in fp32 with grads and both moments."""
-    from glmkit.config import load_config
-    from glmkit.plan import build_plan, format_plan
+    from glmkit.config.schema import load_config
+    from glmkit.plan.fit import build_plan, format_plan
 
     path = tmp_path / "air.yaml"
     path.write_text(f"paths:\n  model_dir: {tmp_path / 'none'}\nlora:\n  dropout: 0\n  expert_r: 8\n"

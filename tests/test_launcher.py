@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import free_port
 
-from glmkit.config import load_config
-from glmkit.launch_env import format_lines, launch_values
+from glmkit.config.schema import load_config
+from glmkit.launch.env import format_lines, launch_values
 
 KIT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(KIT_ROOT, "launch_training.sh")
@@ -94,7 +94,7 @@ def make_checkpoint(output_dir: str, name: str, complete: bool) -> str:
 
 def test_launch_env_values_survive_eval(kit):
     odd = os.path.join(str(kit["root"]), "it's \"odd\" $HOME")
-    script = 'eval "$("$0" -m glmkit.launch_env --config "$1" --set "$2")"; ' \
+    script = 'eval "$("$0" -m glmkit.launch.env --config "$1" --set "$2")"; ' \
              'printf "%s\\n" "$KIT_OUTPUT_DIR" "$KIT_LOGS_DIR" "$KIT_MODEL_DIR" "$KIT_DATA_PATH" ' \
              '"$KIT_SCRATCH_DIR" "$KIT_NUM_PROCESSES" "$KIT_STRATEGY" "$KIT_ACCELERATE_CONFIG" "$KIT_LATEST_CHECKPOINT"'
     out = subprocess.run(["bash", "-c", script, sys.executable, kit["config"], f"paths.output_dir={odd}"],
@@ -121,7 +121,7 @@ def test_shipped_accelerate_configs_load(name, kind):
 
 
 def test_launch_env_rejects_a_bad_config(kit):
-    result = subprocess.run([sys.executable, "-m", "glmkit.launch_env", "--config", kit["config"],
+    result = subprocess.run([sys.executable, "-m", "glmkit.launch.env", "--config", kit["config"],
                              "--set", "distributed.num_processes=0"], capture_output=True, text=True, cwd=KIT_ROOT)
     assert result.returncode == 2
     assert "distributed.num_processes" in result.stderr and result.stdout == ""
@@ -310,7 +310,7 @@ def test_cpu_path_two_processes_over_gloo(kit):
                           env=launcher_env(HF_HOME="/preset/hf"))
     assert result.returncode == 0, result.stderr
     cmd = command_line(result)
-    assert cmd[1:3] == ["-m", "glmkit.accelerate_launch"]
+    assert cmd[1:3] == ["-m", "glmkit.launch.accelerate"]
     assert option(cmd, "--num_processes") == "2" and "--multi_gpu" in cmd and "--cpu" not in cmd
     assert "ACCELERATE_USE_CPU=true" in result.stdout
     assert "HF_HOME=/preset/hf" in result.stdout  # the environment wins
@@ -386,7 +386,7 @@ def test_shellcheck_clean(script):
 def _trainer_ready() -> bool:
     if not os.path.isfile(os.path.join(KIT_ROOT, "train_qlora.py")):
         return False
-    return all(importlib.util.find_spec(m) is not None for m in ("glmkit.tiny", "glmkit.demo_data", "glmkit.model"))
+    return all(importlib.util.find_spec(m) is not None for m in ("glmkit.demo.tiny", "glmkit.demo.corpus", "glmkit.model.load"))
 
 
 def _tiny_settings(tmp_path, model_dir, corpus, **extra) -> list[str]:
@@ -399,7 +399,7 @@ def _tiny_settings(tmp_path, model_dir, corpus, **extra) -> list[str]:
 
 
 @pytest.mark.skipif(not NO_GPU, reason="the CPU path (gloo) is what this test exercises")
-@pytest.mark.skipif(not _trainer_ready(), reason="train_qlora.py / glmkit.tiny not written yet")
+@pytest.mark.skipif(not _trainer_ready(), reason="train_qlora.py / glmkit.demo.tiny not written yet")
 @pytest.mark.parametrize("processes", [1, 2])
 def test_trainer_refusal_comes_back_without_a_launcher_traceback(tmp_path, tiny_model_dir, demo_corpus, processes):
     """accelerate used to wrap the trainer's one-line exit 2 in a CalledProcessError / ChildFailedError traceback."""
@@ -423,10 +423,10 @@ def _events(output_dir: str) -> list[dict]:
 
 
 @pytest.mark.skipif(not NO_GPU, reason="the CPU path (gloo) is what this test exercises")
-@pytest.mark.skipif(not _trainer_ready(), reason="train_qlora.py / glmkit.tiny not written yet")
+@pytest.mark.skipif(not _trainer_ready(), reason="train_qlora.py / glmkit.demo.tiny not written yet")
 def test_two_process_cpu_run_resumes_by_itself(tmp_path):
-    from glmkit.demo_data import write_demo_corpus
-    from glmkit.tiny import write_tiny_checkpoint
+    from glmkit.demo.corpus import write_demo_corpus
+    from glmkit.demo.tiny import write_tiny_checkpoint
 
     write_tiny_checkpoint(str(tmp_path / "model"), seed=0)
     write_demo_corpus(str(tmp_path / "demo.jsonl"))

@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from glmkit.data import IGNORE_INDEX, Collator, pack_rows
-from glmkit.loss import (
+from glmkit.data.rows import IGNORE_INDEX, Collator, pack_rows
+from glmkit.train.loss import (
     ChunkedLinearCrossEntropy,
     causal_lm_loss_sum,
     linear_cross_entropy_sum,
@@ -133,8 +133,8 @@ def test_function_is_a_plain_sum_over_rows():
 
 @pytest.fixture(scope="module")
 def lora_model(tmp_path_factory, tiny_model_dir, demo_corpus):
-    from glmkit import model as modeling
-    from glmkit.config import load_config
+    from glmkit.config.schema import load_config
+    from glmkit.model import load as modeling
 
     folder = tmp_path_factory.mktemp("loss")
     cfg = load_config(write_tiny_config(folder, tiny_model_dir, demo_corpus))
@@ -149,7 +149,7 @@ def lora_model(tmp_path_factory, tiny_model_dir, demo_corpus):
 
 def old_loss_sum(model, batch):
     """The trainer's loss before this change, verbatim: full logits from the model's own lm_head."""
-    from glmkit.data import model_inputs
+    from glmkit.data.rows import model_inputs
 
     logits = model(**model_inputs(batch), use_cache=False).logits
     targets = batch["labels"][:, 1:]

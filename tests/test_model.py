@@ -7,8 +7,8 @@ import os
 import torch
 from conftest import write_tiny_model_in_fresh_process
 
-from glmkit.config import load_config
-from glmkit.model import audit_model, check_audit, load_model, prepare_for_training
+from glmkit.config.schema import load_config
+from glmkit.model.load import audit_model, check_audit, load_model, prepare_for_training
 
 
 def test_tiny_checkpoint_has_the_real_layout(tiny_model_dir):
@@ -69,7 +69,7 @@ def test_audit_shows_every_expert_and_linear_in_4bit(make_config):
 def test_audit_fails_when_experts_escape_4bit(make_config):
     import pytest
 
-    from glmkit.model import ModelLoadError
+    from glmkit.model.errors import ModelLoadError
 
     cfg = load_config(make_config({"quantization.quantize_experts": False}))
     audit = audit_model(load_model(cfg))

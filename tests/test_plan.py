@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from glmkit import plan as planmod
-from glmkit.config import load_config
-from glmkit.model import BASE_GROUPS
-from glmkit.plan_weights import nf4_bytes
+from glmkit.config.schema import load_config
+from glmkit.model.load import BASE_GROUPS
+from glmkit.plan import fit as planmod
+from glmkit.plan.weights import nf4_bytes
 
 GB = 1e9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,11 +257,11 @@ def _importable(name: str) -> bool:
         return False
 
 
-@pytest.mark.skipif(not (_importable("glmkit.model") and _importable("glmkit.tiny") and os.path.isfile(TINY_CONFIG)),
-                    reason="glmkit.model / glmkit.tiny / configs/tiny.yaml not written yet")
+@pytest.mark.skipif(not (_importable("glmkit.model.load") and _importable("glmkit.demo.tiny") and os.path.isfile(TINY_CONFIG)),
+                    reason="glmkit.model.load / glmkit.demo.tiny / configs/tiny.yaml not written yet")
 def test_plan_agrees_with_audit_of_loaded_tiny_model(tmp_path):
-    from glmkit.model import audit_model, load_model, prepare_for_training
-    from glmkit.tiny import write_tiny_checkpoint
+    from glmkit.demo.tiny import write_tiny_checkpoint
+    from glmkit.model.load import audit_model, load_model, prepare_for_training
 
     model_dir = tmp_path / "tiny"
     write_tiny_checkpoint(str(model_dir), seed=0)

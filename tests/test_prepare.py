@@ -10,10 +10,10 @@ import pytest
 import yaml
 from conftest import jsonl_bytes, run_cli, write_shard, write_tiny_config
 
-from glmkit.config import ConfigError, load_config
-from glmkit.data import DataError
-from glmkit.logs import read_jsonl
-from glmkit.prepare import prepare_data
+from glmkit.config.schema import ConfigError, load_config
+from glmkit.data.prepare import prepare_data
+from glmkit.data.rows import DataError
+from glmkit.run.logs import read_jsonl
 
 
 def demo_texts(demo_corpus) -> list[str]:
@@ -33,7 +33,7 @@ def config_for(tmp_path, tiny_model_dir):
 
 
 def prepared(config_path):
-    from glmkit.prepare import load_tokenizer
+    from glmkit.data.prepare import load_tokenizer
 
     cfg = load_config(config_path)
     return prepare_data(cfg, load_tokenizer(cfg), show_progress=False)

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import ROOT, run_cli, write_demo_corpus_in_fresh_process, write_shard, write_tiny_config
 
-from glmkit.logs import latest_per_step, read_jsonl
+from glmkit.run.logs import latest_per_step, read_jsonl
 
 # expert_stats_interval 3 does not divide checkpoint_interval 10: the open interval must survive a resume.
 SETTINGS = {"training.max_steps": 24, "logging.eval_interval": 5, "logging.checkpoint_interval": 10,
@@ -106,7 +106,7 @@ def test_failed_save_reports_path_and_cause_and_keeps_earlier_checkpoints(make_c
 
 
 def test_free_space_is_checked_before_writing(tmp_path):
-    from glmkit.checkpoint import CheckpointError, check_free_space
+    from glmkit.train.checkpoint import CheckpointError, check_free_space
 
     check_free_space(str(tmp_path), 1)
     with pytest.raises(CheckpointError, match=r"not enough disk space in .*: .* GiB free, a checkpoint needs about"):
@@ -354,7 +354,7 @@ def test_sharded_weighted_corpus_resumes_to_the_bit(tmp_path_factory, tiny_model
 
 
 def test_resume_over_changed_data_is_refused_unless_allowed(tmp_path, tiny_model_dir, demo_corpus):
-    from glmkit.checkpoint import read_meta
+    from glmkit.train.checkpoint import read_meta
 
     data = write_sharded_corpus(tmp_path / "data", demo_corpus)
     config = write_tiny_config(tmp_path, tiny_model_dir, data, {"training.max_steps": 3, "logging.eval_interval": 3,

@@ -1,4 +1,4 @@
-"""glmkit.shards: what a safetensors header alone proves; and the trainer turning a damaged shard into one line."""
+"""glmkit.hub.shards: what a safetensors header alone proves; and the trainer turning a damaged shard into one line."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, run_cli, write_tiny_config
 from safetensors.torch import save_file
 
-from glmkit import shards
+from glmkit.hub import shards
 
 INDEX = "model.safetensors.index.json"
 
@@ -125,8 +125,9 @@ def test_trainer_names_a_damaged_shard_in_one_line(tmp_path, tiny_model_dir, dem
 
 def test_loader_itself_names_a_shard_it_cannot_read(tmp_path, tiny_model_dir, demo_corpus):
     """load_model without the up-front check (as bench scripts call it): still one ModelLoadError naming the file."""
-    from glmkit.config import load_config
-    from glmkit.model import ModelLoadError, load_model
+    from glmkit.config.schema import load_config
+    from glmkit.model.errors import ModelLoadError
+    from glmkit.model.load import load_model
 
     model_dir, shard = damaged_copy(tiny_model_dir, tmp_path, "truncated")
     cfg = load_config(write_tiny_config(tmp_path, model_dir, demo_corpus))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli
 
-from glmkit.logs import latest_per_step, read_jsonl
-from glmkit.trackers import metrics
+from glmkit.run.logs import latest_per_step, read_jsonl
+from glmkit.run.trackers import metrics
 
 ALL = ["tensorboard", "wandb", "mlflow", "trackio"]
 SHORT = {"training.max_steps": 2, "logging.eval_interval": 2, "logging.checkpoint_interval": 2,
@@ -252,9 +252,9 @@ def test_a_failing_tracker_costs_one_warning_and_the_others_go_on(make_config, t
     TensorBoard keeps receiving every record. A tracker that cannot start at all is left out the same way."""
     import mlflow
 
-    from glmkit.config import load_config
-    from glmkit.logs import RunLogs
-    from glmkit.trackers import start_trackers
+    from glmkit.config.schema import load_config
+    from glmkit.run.logs import RunLogs
+    from glmkit.run.trackers import start_trackers
 
     for key, value in offline_env(tmp_path).items():
         monkeypatch.setenv(key, value)
@@ -328,7 +328,7 @@ runpy.run_path(sys.argv[0], run_name="__main__") if sys.argv[0].endswith(".py") 
 """
 
 
-@pytest.mark.parametrize("entry", ["train_qlora.py", "glmkit.launch_env"])
+@pytest.mark.parametrize("entry", ["train_qlora.py", "glmkit.launch.env"])
 def test_missing_tracker_package_is_one_config_line_with_the_pip_line(make_config, entry):
     config = make_config({"logging.report_to": ["tensorboard", "wandb"]})
     result = run_cli(["-c", WITHOUT_WANDB, entry, "--config", config])
@@ -340,7 +340,7 @@ def test_missing_tracker_package_is_one_config_line_with_the_pip_line(make_confi
 
 
 def test_requirements_pin_every_tracker_the_readme_quotes_them_and_make_test_installs_them():
-    from glmkit.trackers import TRACKERS, pip_line
+    from glmkit.run.trackers import TRACKERS, pip_line
 
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     for name in TRACKERS:

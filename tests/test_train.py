@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, run_cli, write_tiny_config
 
-from glmkit.logs import read_jsonl
+from glmkit.run.logs import read_jsonl
 
 TRAIN_KEYS = {"step", "time", "loss", "lr", "grad_norm", "epoch", "tokens", "tokens_per_sec", "steps_per_sec",
               "elapsed_seconds", "eta_seconds", "aux_loss", "total_steps"}
@@ -230,8 +230,8 @@ class GpuAccelerator:
 
 
 def test_trainer_refuses_a_run_the_plan_says_will_not_fit(make_config):
-    from glmkit.config import load_config
-    from glmkit.plan import DoesNotFit, memory_gate
+    from glmkit.config.schema import load_config
+    from glmkit.plan.fit import DoesNotFit, memory_gate
 
     roomy = memory_gate(load_config(make_config()), GpuAccelerator(), force=False)
     assert roomy["planned_memory"]["fits"] is True

@@ -1,7 +1,7 @@
 """Checkpoints on disk, joined with what the events say about them.
 
 Only direct children of the output folder whose names the trainer writes
-(``checkpoint-<step>``, ``final-checkpoint-<step>``: glmkit.checkpoint_names)
+(``checkpoint-<step>``, ``final-checkpoint-<step>``: glmkit.run.checkpoint_names)
 are looked at, never through a symlink, so nothing outside the output folder
 is ever read.  Temporary folders that are still being written
 (``.tmp-checkpoint-*``) do not match.  A folder that vanishes mid-scan (the
@@ -14,7 +14,7 @@ import json
 import os
 import stat
 
-from glmkit.checkpoint_names import COMPLETE, META, parse_checkpoint_name
+from glmkit.run.checkpoint_names import COMPLETE, META, parse_checkpoint_name
 
 MAX_META_BYTES = 1 << 20
 

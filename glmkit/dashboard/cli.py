@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dirs_from_config(path: str, overrides: list[str]) -> tuple[str, str]:
-    from glmkit.config import ConfigError, load_config  # only the CLI depends on the config
+    from glmkit.config.schema import ConfigError, load_config  # only the CLI depends on the config
 
     try:
         cfg = load_config(path, overrides)

@@ -1,6 +1,6 @@
 """The dashboard's view of one run: the five log files and what they hold.
 
-The files and their kinds are the trainer's own (glmkit.logs.LOG_FILES); each
+The files and their kinds are the trainer's own (glmkit.run.logs.LOG_FILES); each
 kind has a sink here under the same name (`run.train`, `run.eval`, ...).
 """
 
@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from glmkit.logs import LOG_FILES
+from glmkit.run.logs import LOG_FILES
 
 from .experts import ExpertSink
 from .logreader import JsonlTail, RecordSink, TableSink

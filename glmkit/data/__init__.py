@@ -1,0 +1,1 @@
+"""The corpus: input sources, token stores, packed rows, the data fingerprint, and preparation."""

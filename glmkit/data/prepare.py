@@ -1,0 +1,332 @@
+"""Preparing the corpus once: token stores for every input file, then this run's rows, cached on disk.
+
+    python train_qlora.py --config C --prepare-data    # tokenize + lay out rows, print a summary, exit
+
+The cache lives under `<paths.scratch_dir>/tokenized/`:
+
+    files/<key>/   one token store per input file (glmkit/data/token_store.py), keyed by the file's
+                   path, size and mtime, the tokenizer and the text field
+    rows/<key>/    the run's rows (glmkit/data/rows.py's layout: pieces of the stores, not copies of
+                   tokens) for train and val, and summary.json; keyed by the stores plus every
+                   setting that shapes rows (sources and weights, seed, val_fraction,
+                   max_seq_length, packing)
+
+No key is ever computed from the text itself, so a warm start only lists and stats the files.
+
+Which documents go where:
+- validation: a document is held out when a hash of its content, salted with training.seed,
+  falls below training.val_fraction. Adding a shard never moves an earlier validation document
+  into training, and duplicate documents always land on the same side;
+- training: each source contributes floor(weight) passes over its training documents plus,
+  for a fractional weight, the documents whose (seeded) content hash falls below the fraction;
+  the result is shuffled with training.seed and packed. Row order per epoch is the data
+  loader's, a function of the seed and the epoch only.
+
+One process prepares; every other process of the run (or of the node, when scratch_dir is
+node-local) waits on a file lock and then memory-maps what it wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from glmkit.run.checkpoint_names import read_meta
+from glmkit.data import fingerprint as data_fingerprint
+from glmkit.data import sources
+from glmkit.data import token_store
+from glmkit.data.rows import Rows, load_layout, pack_layout, save_layout
+from glmkit.data.sources import DataError
+
+ROWS_VERSION = 1
+SHOWN_BAD_LINES = 20
+
+
+@dataclass
+class PreparedData:
+    train_rows: Rows
+    val_rows: Rows
+    summary: dict
+    cache_dir: str
+    prepared_here: bool  # this process tokenized or laid out rows (the others only mapped them)
+
+    @property
+    def bad_line_count(self) -> int:
+        return sum(f["bad_lines"] for f in self.summary["files"])
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.summary["fingerprint"]
+
+
+def tokenizer_workers(cfg) -> int:
+    """performance.tokenizer_workers, or every core this process may run on."""
+    if cfg.performance.tokenizer_workers:
+        return cfg.performance.tokenizer_workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cache_root(cfg) -> str:
+    return os.path.join(cfg.paths.scratch_dir, "tokenized")
+
+
+def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
+    """The run's train and val rows, tokenizing and laying out only what the cache lacks."""
+    t = cfg.training
+    root = cache_root(cfg)
+    configured = sources.resolve_sources(cfg.paths.data_path, t.text_field)
+    identity = token_store.tokenizer_identity(tokenizer)
+    files = list({f.path: f for source in configured for f in source.files}.values())  # unique, in order
+    store_dirs = {f.path: os.path.join(root, "files", token_store.store_key(f, identity, t.text_field)) for f in files}
+    rows_key = json.dumps([ROWS_VERSION, [os.path.basename(store_dirs[f.path]) for f in files],
+                           [([f.path for f in s.files], s.weight) for s in configured],
+                           t.seed, t.val_fraction, t.max_seq_length, t.packing])
+    rows_dir = os.path.join(root, "rows", hashlib.sha256(rows_key.encode()).hexdigest()[:24])
+    prepared_here = False
+    with _preparer_lock(root):
+        ready = os.path.isfile(os.path.join(rows_dir, "summary.json")) and all(map(os.path.isdir, store_dirs.values()))
+        if not ready:
+            _remove_stale_temporaries(root)
+            missing = [(f, store_dirs[f.path]) for f in files if not os.path.isdir(store_dirs[f.path])]
+            _tokenize(missing, tokenizer, cfg, show_progress)
+            stores = [token_store.Store.open(store_dirs[f.path]) for f in files]
+            check_bad_lines([s.meta for s in stores], t.skip_bad_lines)
+            _write_rows(rows_dir, configured, files, stores, cfg)
+            prepared_here = True
+    with open(os.path.join(rows_dir, "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    check_bad_lines(summary["files"], t.skip_bad_lines)
+    tokens = [token_store.Store.open(store_dirs[f.path]).tokens() for f in files]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = {name: Rows(tokens, load_layout(rows_dir, name), t.max_seq_length, pad, t.packing)
+            for name in ("train", "val")}
+    return PreparedData(rows["train"], rows["val"], summary, rows_dir, prepared_here)
+
+
+@contextlib.contextmanager
+def _preparer_lock(root: str):
+    """One preparer at a time per cache folder; the OS releases the lock if its holder dies."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".prepare.lock"), "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            print(f"data: waiting for {holder} to prepare the data in {root}", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+        fh.flush()
+        yield
+
+
+def _remove_stale_temporaries(root: str) -> None:
+    """Folders a killed preparer left half-written (only ours: `<key>.tmp-<host>-<pid>`); we hold the lock."""
+    for kind in ("files", "rows"):
+        folder = os.path.join(root, kind)
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if ".tmp-" in name:
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def _tokenize(missing, tokenizer, cfg, show_progress: bool) -> None:
+    if not missing:
+        return
+    from tqdm.auto import tqdm
+
+    workers = tokenizer_workers(cfg)
+    total = sum(f.size for f, _ in missing)
+    started = time.time()
+    with tqdm(total=total, unit="B", unit_scale=True, dynamic_ncols=True, disable=not show_progress,
+              desc=f"tokenizing {len(missing)} file(s), {workers} worker(s)") as bar:
+        token_store.build_stores(missing, tokenizer, cfg.training.text_field, workers, bar)
+    print(f"data: tokenized {len(missing)} file(s), {total / 2**20:.1f} MiB, with {workers} worker(s) in "
+          f"{time.time() - started:.1f} s (process {os.getpid()})", file=sys.stderr, flush=True)
+
+
+def check_bad_lines(file_metas: list[dict], skip: bool) -> None:
+    bad = [m for m in file_metas if m["bad_lines"]]
+    if not bad or skip:
+        return
+    total = sum(m["bad_lines"] for m in bad)
+    shown = [line for m in bad for line in m["bad_examples"]][:SHOWN_BAD_LINES]
+    more = f"\n... and {total - len(shown)} more" if total > len(shown) else ""
+    per_file = ", ".join(f"{m['path']}: {m['bad_lines']}" for m in bad[:10]) + (", ..." if len(bad) > 10 else "")
+    raise DataError(f"{total} bad line(s) in {len(bad)} file(s) ({per_file}); fix them or set "
+                    f"training.skip_bad_lines: true\n" + "\n".join(shown) + more)
+
+
+# ---------------------------------------------------------------------------
+# Which documents go where, and the rows
+# ---------------------------------------------------------------------------
+
+def _salt(purpose: str, seed: int) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b(f"{purpose}:{seed}".encode(), digest_size=8).digest(), "little"))
+
+
+def _unit_interval(words: np.ndarray, salt: np.uint64) -> np.ndarray:
+    """A uniform number in [0, 1) per 64-bit content hash, different for each salt (splitmix64's finaliser)."""
+    with np.errstate(over="ignore"):
+        z = words ^ salt
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
+    t = cfg.training
+    lengths = np.concatenate([s.lengths() for s in stores] or [np.zeros(0, np.uint32)]).astype(np.int64)
+    digests = np.concatenate([s.digests() for s in stores] or [np.zeros((0, 16), np.uint8)])
+    doc_base = np.concatenate([[0], np.cumsum([s.meta["docs"] for s in stores])]).astype(np.int64)
+    # The stores, end to end, are one token space: a document starts where the previous one ended.
+    starts = np.cumsum(lengths) - lengths
+    words = np.ascontiguousarray(digests).view(np.uint64)  # two little-endian words per document
+    is_val = _unit_interval(words[:, 0].copy(), _salt("validation", t.seed)) < t.val_fraction
+    subset_u = _unit_interval(words[:, 1].copy(), _salt("weight-subset", t.seed))
+    file_index = {f.path: i for i, f in enumerate(files)}
+
+    train_parts, source_rows = [], []
+    for source in configured:
+        ids = np.concatenate([np.arange(doc_base[file_index[f.path]], doc_base[file_index[f.path] + 1])
+                              for f in source.files] or [np.zeros(0, np.int64)])
+        train_ids = ids[~is_val[ids]]
+        passes, fraction = int(math.floor(source.weight)), source.weight - math.floor(source.weight)
+        chosen = [train_ids] * passes + [train_ids[subset_u[train_ids] < fraction]]
+        epoch_ids = np.concatenate(chosen)
+        train_parts.append(epoch_ids)
+        source_rows.append({"path": source.spec, "weight": source.weight, "files": len(source.files),
+                            "docs": int(len(ids)), "tokens": int(lengths[ids].sum()),
+                            "train_docs": int(len(train_ids)), "val_docs": int(is_val[ids].sum()),
+                            "train_docs_per_epoch": int(len(epoch_ids)),
+                            "train_tokens_per_epoch": int(lengths[epoch_ids].sum())})
+    train_ids = np.concatenate(train_parts)
+    train_ids = train_ids[np.random.default_rng(t.seed).permutation(len(train_ids))]
+    val_ids = np.flatnonzero(is_val)
+    describe = sources.describe(cfg.paths.data_path)
+    if len(train_ids) == 0:
+        raise DataError(f"{describe}: no training documents ({len(lengths)} usable in all; each line needs a "
+                        f"non-empty {t.text_field!r}); add documents or lower training.val_fraction")
+    if t.val_fraction > 0 and len(val_ids) == 0:
+        raise DataError(f"{describe}: no document fell into the validation split ({len(lengths)} documents, "
+                        f"training.val_fraction {t.val_fraction}); add documents, raise training.val_fraction, "
+                        f"or set it to 0 to train without validation")
+
+    tmp = f"{rows_dir}.tmp-{os.uname().nodename}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    split_rows = {}
+    for name, ids in (("train", train_ids), ("val", val_ids)):
+        layout = pack_layout(starts[ids], lengths[ids], t.max_seq_length, t.packing)
+        save_layout(tmp, name, layout)
+        n_rows, real = len(layout[0]) - 1, int(layout[2].sum(dtype=np.int64))
+        capacity = n_rows * t.max_seq_length if t.packing else real
+        split_rows[name] = {"rows": n_rows, "docs": int(len(ids)), "tokens": real,
+                            "real_token_share": real / capacity if capacity else 1.0}
+    val_digests = np.sort(np.ascontiguousarray(digests[val_ids]).view("V16").ravel())
+    summary = {
+        "version": ROWS_VERSION,
+        "files": [{**{k: s.meta[k] for k in ("path", "format", "size", "mtime_ns", "lines", "docs", "tokens",
+                                               "bad_lines", "bad_examples")},
+                   "val_docs": int(is_val[doc_base[i]:doc_base[i + 1]].sum()), "store": s.path}
+                  for i, s in enumerate(stores)],
+        "sources": source_rows,
+        "train": split_rows["train"], "val": split_rows["val"],
+        "settings": {"seed": t.seed, "val_fraction": t.val_fraction, "max_seq_length": t.max_seq_length,
+                     "packing": t.packing, "text_field": t.text_field},
+        "fingerprint": data_fingerprint.fingerprint(configured, len(val_ids), val_digests.tobytes()),
+        "prepared_by": {"host": os.uname().nodename, "pid": os.getpid(), "time": time.time()},
+    }
+    with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=1)
+    os.makedirs(os.path.dirname(rows_dir), exist_ok=True)
+    if os.path.isdir(rows_dir):  # the same rows, kept while their token stores were rebuilt
+        shutil.rmtree(tmp)
+    else:
+        os.rename(tmp, rows_dir)
+
+
+# ---------------------------------------------------------------------------
+# The summary and the --prepare-data command
+# ---------------------------------------------------------------------------
+
+def cache_bytes(prepared: PreparedData) -> int:
+    stores = sum(token_store.Store(f["store"], {}).nbytes() for f in prepared.summary["files"])
+    rows = sum(os.path.getsize(os.path.join(prepared.cache_dir, n)) for n in os.listdir(prepared.cache_dir))
+    return stores + rows
+
+
+def format_summary(prepared: PreparedData, elapsed: float) -> str:
+    s = prepared.summary
+    files = s["files"]
+    lines = [f"files: {len(files)} ({sum(f['size'] for f in files) / 2**20:,.1f} MiB on disk)"]
+    for source in s["sources"]:
+        lines.append(f"source {source['path']} (weight {source['weight']:g}): {source['files']} file(s), "
+                     f"{source['docs']:,} documents, {source['tokens']:,} tokens; per epoch "
+                     f"{source['train_docs_per_epoch']:,} training documents, {source['train_tokens_per_epoch']:,} "
+                     f"tokens; {source['val_docs']:,} validation documents")
+    bad = [f for f in files if f["bad_lines"]]
+    lines.append(f"bad lines: {sum(f['bad_lines'] for f in files):,}" + (" (skipped)" if bad else ""))
+    lines += [f"  {f['path']}: {f['bad_lines']:,}" for f in bad[:20]]
+    if len(bad) > 20:
+        lines.append(f"  ... and {len(bad) - 20} more file(s)")
+    for name in ("train", "val"):
+        split = s[name]
+        lines.append(f"{name}: {split['rows']:,} rows from {split['docs']:,} documents, {split['tokens']:,} tokens, "
+                     f"{100 * split['real_token_share']:.1f}% real tokens")
+    size = cache_bytes(prepared)
+    tokens = sum(f["tokens"] for f in files)
+    lines.append(f"cache: {prepared.cache_dir} and {len(files)} token store(s), {size / 2**20:,.1f} MiB "
+                 f"({size / max(tokens, 1):.2f} bytes per token)")
+    lines.append(f"elapsed: {elapsed:.1f} s" + ("" if prepared.prepared_here else " (the cache was warm)"))
+    return "\n".join(lines)
+
+
+def load_tokenizer(cfg):
+    """The model's tokenizer, without its weights."""
+    model_dir = cfg.paths.model_dir
+    if not any(os.path.isfile(os.path.join(model_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+        raise DataError(f"{model_dir} has no tokenizer (paths.model_dir); run `python download_model.py` "
+                        f"(CPU demo: --tiny) first: preparing data needs only the tokenizer files")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def run_prepare_cli(cfg) -> int:
+    """--prepare-data: tokenize and lay out rows with no model weights loaded, print the summary, exit."""
+    started = time.time()
+    try:
+        prepared = prepare_data(cfg, load_tokenizer(cfg))
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(prepared, time.time() - started))
+    return 0
+
+
+def prepare_for_run(cfg, tokenizer, accelerator, logs, resume_path: str | None, allow_data_change: bool) -> PreparedData:
+    """The trainer's data: prepared (or mapped) on every process, summarised once, checked against the resumed checkpoint."""
+    started = time.time()
+    prepared = prepare_data(cfg, tokenizer)
+    accelerator.print(format_summary(prepared, time.time() - started))
+    if resume_path:
+        meta = read_meta(resume_path)
+        changes = data_fingerprint.check_resume(resume_path, meta.get("data_fingerprint"), prepared.fingerprint,
+                                                allow_data_change, accelerator.print)
+        if changes:
+            logs.event("data_changed", meta.get("step", 0), checkpoint=resume_path, changes=changes,
+                       allowed_by=data_fingerprint.OPT_IN_FLAG)
+    return prepared

@@ -1,0 +1,304 @@
+"""Training inputs: what `paths.data_path` names, and streaming readers over those files.
+
+`paths.data_path` is a file, a folder (the supported files inside, recursively, in sorted
+order), a glob, or a list of sources with weights. Supported formats are `.jsonl`,
+`.jsonl.gz`, `.jsonl.zst` (one JSON object per line) and `.parquet`, each with the
+`training.text_field` column. Files are read as a stream of chunks of raw lines (or column
+values), never whole; line numbers count lines of the decompressed text, so a bad line is
+named `file:line` inside a compressed file too. Anything wrong with a file as a whole
+(nothing matched, an unknown extension, compressed data under a `.jsonl` name, a corrupt or
+truncated archive, a parquet file without the column) is a DataError naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "gzip", ".jsonl.zst": "zstd", ".parquet": "parquet"}
+SUPPORTED = ", ".join(FORMATS)
+GZIP_MAGIC, ZSTD_MAGIC, PARQUET_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1"
+CHUNK_BYTES = 2 * 2**20  # raw text per chunk handed to a tokenizer worker
+
+
+class DataError(ValueError):
+    """The corpus can't be used; the message names the file (and line) and the fix."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    size: int
+    mtime_ns: int
+    format: str  # jsonl | gzip | zstd | parquet
+
+    def identity(self) -> list:
+        return [self.path, self.size, self.mtime_ns]
+
+
+@dataclass
+class Source:
+    spec: str           # the path, folder or glob as configured (resolved against the config's folder)
+    weight: float       # passes per epoch; a fraction takes a deterministic subset of the documents
+    files: list[InputFile]
+
+
+@dataclass
+class Chunk:
+    """Consecutive records of one file: raw lines (JSONL) or column values (parquet)."""
+    first_line: int      # 1-based line (or row) number of records[0]
+    records: list        # bytes lines, or str/None values
+    consumed_bytes: int  # bytes of the file on disk read so far (for the progress bar)
+
+
+def configured_sources(data_path) -> list[tuple[str, float]]:
+    """[(path or glob, weight)] from paths.data_path, a string or a list of DataSource."""
+    if isinstance(data_path, str):
+        return [(data_path, 1.0)]
+    return [(source.path, source.weight) for source in data_path]
+
+
+def describe(data_path) -> str:
+    """paths.data_path in one line, for messages and the launcher."""
+    return ", ".join(path if weight == 1.0 else f"{path} (x{weight:g})" for path, weight in configured_sources(data_path))
+
+
+def file_format(path: str) -> str | None:
+    name = path.lower()
+    for suffix, kind in FORMATS.items():
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+def resolve_sources(data_path, text_field: str) -> list[Source]:
+    """Every configured source with its files, checked as far as possible without reading them through."""
+    sources = []
+    for spec, weight in configured_sources(data_path):
+        if not weight > 0:  # the config refuses it at load; a caller building sources by hand gets the same rule
+            raise DataError(f"{spec}: source weight {weight} must be > 0 (paths.data_path)")
+        files = [_input_file(path) for path in _matching_paths(spec)]
+        for item in files:
+            check_file(item, text_field)
+        sources.append(Source(spec, weight, files))
+    return sources
+
+
+def _matching_paths(spec: str) -> list[str]:
+    if glob.has_magic(spec):
+        matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise DataError(f"{spec}: the glob matches no file; fix paths.data_path (supported: {SUPPORTED})")
+        for path in matches:
+            _require_supported(path)
+        return matches
+    if os.path.isdir(spec):
+        found = []
+        for root, dirs, names in os.walk(spec):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.join(root, n) for n in names if not n.startswith(".") and file_format(n)]
+        if not found:
+            raise DataError(f"{spec}: the folder holds no {SUPPORTED} file; fix paths.data_path")
+        return sorted(found)
+    if os.path.isfile(spec):
+        _require_supported(spec)
+        return [spec]
+    what = "exists but is not a regular file" if os.path.exists(spec) else "no such file or folder"
+    raise DataError(f"{spec}: {what}; set paths.data_path to a file, folder or glob of {SUPPORTED} "
+                    f"(python -m glmkit.demo.corpus writes a demo corpus)")
+
+
+def _require_supported(path: str) -> None:
+    if file_format(path) is None:
+        raise DataError(f"{path}: unsupported extension; rename or convert it to one of {SUPPORTED}, "
+                        f"or leave it out of paths.data_path")
+
+
+def _input_file(path: str) -> InputFile:
+    stat = os.stat(path)
+    return InputFile(os.path.abspath(path), stat.st_size, stat.st_mtime_ns, file_format(path))
+
+
+def check_file(item: InputFile, text_field: str) -> None:
+    """The file's leading bytes match its name, and a parquet file has the text column."""
+    with open(item.path, "rb") as fh:
+        head = fh.read(4)
+    if item.format == "jsonl":
+        for magic, kind, suffix in ((GZIP_MAGIC, "gzip", ".gz"), (ZSTD_MAGIC, "zstd", ".zst")):
+            if head.startswith(magic):
+                raise DataError(f"{item.path}: this file is {kind}-compressed but named .jsonl; rename it to "
+                                f"{os.path.basename(item.path)}{suffix} so it is decompressed")
+        return
+    expected = {"gzip": GZIP_MAGIC, "zstd": ZSTD_MAGIC, "parquet": PARQUET_MAGIC}[item.format]
+    if item.size and not head.startswith(expected):
+        hint = "rename it to .jsonl" if head[:1] in (b"{", b"[", b" ", b"\n") else "re-create or re-download it"
+        raise DataError(f"{item.path}: not {item.format} data despite its name; {hint}")
+    if item.format == "parquet":
+        _check_parquet_column(item.path, text_field)
+
+
+def _check_parquet_column(path: str, text_field: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: unreadable parquet file ({exc}); re-create or re-download it") from None
+    if text_field not in schema.names:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); set "
+                        f"training.text_field or write the text into a {text_field!r} column")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise DataError(f"{path}: column {text_field!r} holds {kind}, not text; store the documents as strings")
+
+
+# ---------------------------------------------------------------------------
+# Streaming readers
+# ---------------------------------------------------------------------------
+
+def read_chunks(item: InputFile, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """The file as a stream of chunks of about chunk_bytes of text; a damaged archive is a DataError."""
+    if item.format == "parquet":
+        yield from _parquet_chunks(item, text_field, chunk_bytes)
+        return
+    with open(item.path, "rb") as raw:
+        stream = _decompressed(raw, item.format)
+        line_number, records, size = 1, [], 0
+        try:
+            for line in stream:
+                records.append(line)
+                size += len(line)
+                if size >= chunk_bytes:
+                    yield Chunk(line_number, records, raw.tell())
+                    line_number, records, size = line_number + len(records), [], 0
+        except (EOFError, OSError, zlib.error) as exc:
+            raise _damaged(item, line_number + len(records), exc) from None
+        except Exception as exc:  # zstandard.ZstdError derives from Exception only
+            if type(exc).__name__ != "ZstdError":
+                raise
+            raise _damaged(item, line_number + len(records), exc) from None
+        if records:
+            yield Chunk(line_number, records, raw.tell())
+
+
+def _decompressed(raw, kind: str):
+    if kind == "gzip":
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)
+    if kind == "zstd":
+        return io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
+    return raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file (one frame or several, as pzstd writes) as a raw stream of its decompressed bytes.
+
+    zstandard's own stream reader returns a truncated file's first part without complaint; here a
+    file that ends inside a frame raises EOFError, as gzip does.
+    """
+
+    def __init__(self, raw):
+        import zstandard
+
+        self.raw, self.zstandard = raw, zstandard
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+        self.fed = False  # bytes of the current frame were fed
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            compressed = self.raw.read(1 << 20)
+            if not compressed:
+                if self.fed and not self.frame.eof:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self.pending = self._feed(compressed)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def _feed(self, compressed: bytes) -> bytes:
+        out = []
+        while compressed:
+            if self.frame.eof:  # the next frame starts in what is left
+                self.frame, self.fed = self.zstandard.ZstdDecompressor().decompressobj(), False
+            out.append(self.frame.decompress(compressed))
+            self.fed = True
+            compressed = self.frame.unused_data if self.frame.eof else b""
+        return b"".join(out)
+
+
+def _damaged(item: InputFile, line: int, exc: BaseException) -> DataError:
+    kind = {"gzip": "gzip", "zstd": "zstd"}.get(item.format, item.format)
+    return DataError(f"{item.path}: corrupt or truncated {kind} data near line {line} ({exc}); "
+                     f"re-download or re-compress the file")
+
+
+def _parquet_chunks(item: InputFile, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(item.path)
+        groups = parquet.metadata.num_row_groups
+        row, records, size = 1, [], 0
+        for group in range(groups):
+            # One row group at a time; its compressed size, pro rata, drives the progress bar.
+            table = parquet.read_row_group(group, columns=[text_field])
+            for value in table.column(text_field).to_pylist():
+                records.append(value)
+                size += len(value) if value else 0
+                if size >= chunk_bytes:
+                    yield Chunk(row, records, item.size * (group + 1) // groups)
+                    row, records, size = row + len(records), [], 0
+            del table
+        if records:
+            yield Chunk(row, records, item.size)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{item.path}: corrupt parquet data near row {row} ({exc}); re-create or re-download it") from None
+
+
+# ---------------------------------------------------------------------------
+# One record -> a document, or the reason it is a bad line
+# ---------------------------------------------------------------------------
+
+def parse_line(line: bytes, text_field: str) -> tuple[str | None, str | None]:
+    """(document, None), (None, reason), or (None, None) for a blank line."""
+    if not line.strip():
+        return None, None
+    try:
+        record = json.loads(line.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON ({exc.msg})"
+    if not isinstance(record, dict) or text_field not in record:
+        return None, f"missing field {text_field!r}"
+    return check_text(record[text_field], text_field)
+
+
+def check_text(text, text_field: str) -> tuple[str | None, str | None]:
+    if text is None:
+        return None, f"field {text_field!r} is null"
+    if not isinstance(text, str):
+        return None, f"field {text_field!r} is not a string"
+    if not text.strip():
+        return None, f"field {text_field!r} is empty"
+    return text, None
+
+
+def utf8(text: str, text_field: str) -> tuple[bytes | None, str | None]:
+    """The document's UTF-8 bytes, or why it has none: a lone surrogate from a \\ud800-style escape."""
+    try:
+        return text.encode("utf-8"), None
+    except UnicodeEncodeError as exc:
+        return None, (f"field {text_field!r} holds an unpaired surrogate {text[exc.start]!r} at character "
+                      f"{exc.start} (a lone \\ud800-\\udfff escape is not valid Unicode)")

@@ -1,0 +1,236 @@
+"""Token stores: each input file tokenized once, in worker processes, into compact files on disk.
+
+A store is a folder `<scratch>/tokenized/files/<key>/` keyed by the file's path, size and
+mtime, the tokenizer and the text field, so adding a shard tokenizes only that shard. It holds
+
+    tokens.u32    every document's ids followed by EOS, end to end (uint32: 4 bytes a token)
+    lengths.u32   tokens per document
+    digests.b16   16-byte BLAKE2b of each document's UTF-8 text (the validation split and the
+                  data fingerprint are functions of these, not of positions in the corpus)
+    meta.json     the file's identity, counts, and its bad lines (count + the first few as file:line)
+
+The reading process streams chunks of raw lines to a pool of workers (one core each) and
+writes their results in order; at most a few chunks are in flight, so memory does not grow
+with the corpus. A store is written into a temporary folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import types
+from dataclasses import dataclass
+
+import numpy as np
+
+from glmkit.data import sources
+
+STORE_VERSION = 1
+BAD_EXAMPLES = 20  # bad lines kept verbatim per file; all are counted
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What about the tokenizer shapes its ids: its full definition (hashed), EOS, and its size."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return {"sha256": hashlib.sha256(definition.encode()).hexdigest(), "eos": tokenizer.eos_token_id,
+            "size": len(tokenizer)}
+
+
+def store_key(item: sources.InputFile, tokenizer_id: dict, text_field: str) -> str:
+    key = json.dumps([STORE_VERSION, item.identity(), tokenizer_id, text_field])
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+@dataclass
+class Store:
+    """A finished store, memory-mapped: nothing is read until it is indexed."""
+    path: str
+    meta: dict
+
+    @classmethod
+    def open(cls, path: str) -> Store:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as fh:
+            return cls(path, json.load(fh))
+
+    def array(self, name: str, dtype, shape_tail=()) -> np.ndarray:
+        path = os.path.join(self.path, name)
+        if os.path.getsize(path) == 0:  # np.memmap refuses an empty file
+            return np.zeros((0, *shape_tail), dtype=dtype)
+        data = np.memmap(path, dtype=dtype, mode="r")
+        return data.reshape(-1, *shape_tail) if shape_tail else data
+
+    def tokens(self) -> np.ndarray:
+        return self.array("tokens.u32", np.uint32)
+
+    def lengths(self) -> np.ndarray:
+        return self.array("lengths.u32", np.uint32)
+
+    def digests(self) -> np.ndarray:
+        return self.array("digests.b16", np.uint8, (16,))
+
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.path, n)) for n in os.listdir(self.path))
+
+
+# ---------------------------------------------------------------------------
+# Workers: each tokenizes chunks of raw lines with one core
+# ---------------------------------------------------------------------------
+
+_worker = {}
+
+
+def _init_worker(tokenizer_spec: tuple[str, str], eos: int, text_field: str) -> None:
+    # One core per worker: the pool is the parallelism (the Rust tokenizer would otherwise spawn threads).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    kind, value = tokenizer_spec
+    if kind == "json":
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(value)
+        encode = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]  # noqa: E731
+    else:  # a tokenizer without a Rust backend: load it as the trainer does
+        from transformers import AutoTokenizer
+
+        slow = AutoTokenizer.from_pretrained(value)
+        encode = lambda texts: slow(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    _worker.update(encode=encode, eos=eos, text_field=text_field)
+
+
+def tokenize_chunk(first_line: int, records: list, parquet: bool):
+    """(ids with EOS after each document, lengths, digests, [(line, reason)]) for one chunk."""
+    text_field, texts, digests, bad = _worker["text_field"], [], [], []
+    for number, record in enumerate(records, start=first_line):
+        text, reason = sources.check_text(record, text_field) if parquet else sources.parse_line(record, text_field)
+        if text is not None:
+            data, reason = sources.utf8(text, text_field)
+            if data is not None:
+                texts.append(text)
+                digests.append(hashlib.blake2b(data, digest_size=16).digest())
+        if reason is not None:
+            bad.append((number, reason))
+    ids = _worker["encode"](texts) if texts else []
+    eos = _worker["eos"]
+    lengths = np.fromiter((len(row) + 1 for row in ids), dtype=np.uint32, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(row, (eos,)) for row in ids),
+                       dtype=np.uint32, count=int(lengths.sum()))
+    return flat, lengths, b"".join(digests), bad
+
+
+def _start_pool(workers: int, tokenizer, eos: int, text_field: str):
+    """A pool of fresh interpreters that import only this module, its sources and tokenizers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = ("json", backend.to_str()) if backend is not None else ("path", tokenizer.name_or_path)
+    context = multiprocessing.get_context("spawn")
+    # A spawned worker re-runs the parent's __main__ (train_qlora.py imports torch) unless it has no file;
+    # workers need none of it, so they start from an empty __main__.
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        return context.Pool(workers, initializer=_init_worker, initargs=(spec, eos, text_field))
+    finally:
+        sys.modules["__main__"] = main
+
+
+# ---------------------------------------------------------------------------
+# Writing stores
+# ---------------------------------------------------------------------------
+
+class _StoreWriter:
+    def __init__(self, final_path: str, item: sources.InputFile, text_field: str):
+        self.final_path, self.item = final_path, item
+        self.tmp = f"{final_path}.tmp-{os.uname().nodename}-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        self.files = {name: open(os.path.join(self.tmp, name), "wb")
+                      for name in ("tokens.u32", "lengths.u32", "digests.b16")}
+        self.docs = self.tokens = self.bad_count = self.lines = 0
+        self.bad_examples: list[str] = []
+        self.text_field = text_field
+
+    def add(self, result, first_line: int, n_records: int) -> None:
+        flat, lengths, digests, bad = result
+        self.files["tokens.u32"].write(flat.tobytes())
+        self.files["lengths.u32"].write(lengths.tobytes())
+        self.files["digests.b16"].write(digests)
+        self.docs += len(lengths)
+        self.tokens += len(flat)
+        self.lines = first_line + n_records - 1
+        self.bad_count += len(bad)
+        for number, reason in bad[: max(0, BAD_EXAMPLES - len(self.bad_examples))]:
+            self.bad_examples.append(f"{self.item.path}:{number}: {reason}")
+
+    def finish(self) -> Store:
+        for fh in self.files.values():
+            fh.close()
+        meta = {"version": STORE_VERSION, "path": self.item.path, "size": self.item.size,
+                "mtime_ns": self.item.mtime_ns, "format": self.item.format, "text_field": self.text_field,
+                "lines": self.lines, "docs": self.docs, "tokens": self.tokens, "bad_lines": self.bad_count,
+                "bad_examples": self.bad_examples}
+        with open(os.path.join(self.tmp, "meta.json"), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh)
+        if os.path.exists(self.final_path):  # written meanwhile by a preparer that did not share our lock
+            shutil.rmtree(self.tmp)
+        else:
+            os.rename(self.tmp, self.final_path)
+        return Store.open(self.final_path)
+
+    def abandon(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def build_stores(missing: list[tuple[sources.InputFile, str]], tokenizer, text_field: str, workers: int,
+                 progress=None) -> None:
+    """Tokenize each (file, store path) into its store, `workers` processes at once, results in order.
+
+    Chunks of the next file are dispatched while the last ones of the previous file are still being
+    tokenized, so many small shards keep every worker busy too.
+    """
+    if not missing:
+        return
+    pool = _start_pool(workers, tokenizer, tokenizer.eos_token_id, text_field)
+    in_flight = collections.deque()  # (job or None = the file is complete, writer, first line, records)
+    window = 2 * workers + 1
+    open_writers: list[_StoreWriter] = []
+    try:
+        for item, path in missing:
+            writer = _StoreWriter(path, item, text_field)
+            open_writers.append(writer)
+            done_bytes = 0
+            for chunk in sources.read_chunks(item, text_field):
+                job = pool.apply_async(tokenize_chunk, (chunk.first_line, chunk.records, item.format == "parquet"))
+                in_flight.append((job, writer, chunk.first_line, len(chunk.records)))
+                if progress is not None:
+                    progress.update(chunk.consumed_bytes - done_bytes)
+                    done_bytes = chunk.consumed_bytes
+                while len(in_flight) >= window:
+                    _collect(in_flight, open_writers)
+            in_flight.append((None, writer, 0, 0))
+            if progress is not None:
+                progress.update(item.size - done_bytes)
+        while in_flight:
+            _collect(in_flight, open_writers)
+        pool.close()
+        pool.join()
+    finally:
+        for writer in open_writers:
+            writer.abandon()
+        pool.terminate()
+
+
+def _collect(in_flight, open_writers: list[_StoreWriter]) -> None:
+    job, writer, first_line, n_records = in_flight.popleft()
+    if job is None:
+        writer.finish()
+        open_writers.remove(writer)
+    else:
+        writer.add(job.get(), first_line, n_records)

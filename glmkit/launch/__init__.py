@@ -1,0 +1,1 @@
+"""What launch_training.sh asks of Python: shell values from the YAML, and accelerate's exit status."""

@@ -1,0 +1,1 @@
+"""The model: streaming 4-bit load, attention kernels, LoRA (experts included), and using an adapter."""

@@ -1,0 +1,128 @@
+"""LoRA: what it adapts (every configured name checked against the model), the peft config, the wrap.
+
+peft matches `target_modules` / `target_parameters` by full name or dotted suffix and skips a
+name that matches nothing with a warning at most, so a typo trains a different adapter than
+asked for. The kit resolves every listed name itself, on the meta-device skeleton before a
+weight is read (glmkit.model.load.check_model_dir) and again on the loaded model, and refuses the
+run naming the key and what the model has instead.
+
+Attention (and other Linear) targets go to peft as listed. Routed-expert targets go to peft as
+full parameter names, which is how it finds a 4-bit parametrized tensor, with their own rank
+and alpha (`lora.expert_r` / `lora.expert_alpha`) as a `rank_pattern` / `alpha_pattern` a plain
+`PeftModel.from_pretrained` honours too; glmkit.model.expert_lora supplies their forward.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from glmkit.model.errors import LoraTargetError
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraTargets:
+    modules: list[str]        # full names of the Linear modules to adapt
+    expert_params: list[str]  # full names of the fused 3-D routed-expert parameters to adapt
+
+
+def matches(name: str, targets) -> bool:
+    """peft's rule for a list of names: the full name, or its last dotted components."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def linear_modules(model) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def expert_parameters(model) -> dict[str, tuple]:
+    """{full name: logical shape} of every fused 3-D routed-expert parameter, 4-bit or not."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if ".mlp.experts" not in f".{module_name}" or not module_name.endswith("experts"):
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                found[f"{module_name}.{attr}"] = tuple(param.shape)
+        for attr, plist in getattr(module, "parametrizations", {}).items():
+            states = [p.quant_state for p in plist if getattr(p, "quant_state", None) is not None]
+            shape = tuple(states[0].shape) if states else tuple(plist.original.shape)
+            if len(shape) == 3:
+                found[f"{module_name}.{attr}"] = shape
+    return found
+
+
+def _suffixes(names, depth: int) -> str:
+    return ", ".join(sorted({".".join(n.split(".")[-depth:]) for n in names}))
+
+
+def resolve_targets(model, lora) -> LoraTargets:
+    """Every name in lora.target_modules / lora.target_parameters must match; raise naming the key."""
+    linears = linear_modules(model)
+    experts = expert_parameters(model)
+    problems = []
+    wanted = list(lora.target_modules)
+    modules = []
+    if ALL_LINEAR in wanted:
+        modules = [n for n in linears if not n.endswith("lm_head")]
+    for target in (t for t in wanted if t != ALL_LINEAR):
+        hits = [n for n in linears if matches(n, [target])]
+        if not hits:
+            problems.append(f"lora.target_modules: {target!r} matches no Linear layer of the model; "
+                            f"it has {_suffixes(linears, 1)}")
+        modules += [n for n in hits if n not in modules]
+    params = []
+    for target in lora.target_parameters:
+        hits = [n for n in experts if matches(n, [target])]
+        if not hits:
+            have = _suffixes(experts, 3) or "none (no fused routed experts)"
+            problems.append(f"lora.target_parameters: {target!r} matches no fused routed-expert parameter of the "
+                            f"model; it has {have}")
+        params += [n for n in hits if n not in params]
+    if problems:
+        raise LoraTargetError("; ".join(problems))
+    return LoraTargets(modules=[n for n in linears if n in modules], expert_params=sorted(params))
+
+
+def expert_rank(lora) -> tuple[int, int]:
+    """(rank, alpha) of the routed-expert adapters: their own when set, else the attention ones."""
+    return lora.expert_r or lora.r, lora.expert_alpha or lora.alpha
+
+
+def peft_config(lora, targets: LoraTargets):
+    """The LoraConfig for peft: the listed modules, the experts by full name with their own rank."""
+    from peft import LoraConfig
+
+    r, alpha = expert_rank(lora)
+    # get_pattern_key matches `(.*\.)?(KEY)$`: escaped full names touch these parameters and nothing else.
+    rank_pattern = {re.escape(n): r for n in targets.expert_params} if r != lora.r else {}
+    alpha_pattern = {re.escape(n): alpha for n in targets.expert_params} if alpha != lora.alpha else {}
+    # "all-linear" is peft's shorthand only as the whole value: with other names beside it, pass what it resolved to
+    modules = targets.modules if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=modules or [], target_parameters=list(targets.expert_params) or None,
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, bias="none", task_type="CAUSAL_LM")
+    return config
+
+
+def apply_lora(model, lora):
+    """Wrap `model` with peft LoRA on the resolved targets; the adapter loads into a plain model too."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from glmkit.model.expert_lora import use_factored_experts
+
+    targets = resolve_targets(model, lora)
+    config = peft_config(lora, targets)
+    with warnings.catch_warnings():
+        # peft checks the patterns against module names only and warns that the parameter patterns "did not
+        # match any targeted module and were ignored"; they are applied (the expert shapes show the rank).
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        model = get_peft_model(model, config)
+    use_factored_experts(model)
+    return model

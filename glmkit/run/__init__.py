@@ -1,0 +1,1 @@
+"""A run folder's layout: checkpoint names, the JSON-lines logs, the trainer lock, experiment trackers."""

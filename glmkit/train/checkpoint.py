@@ -1,0 +1,358 @@
+"""Checkpoints: the folder format, atomic save, retention, the best adapter, and resume.
+
+A checkpoint is written into `.tmp-checkpoint-<step>/` and renamed to `checkpoint-<step>/`
+only after everything (Accelerate state, adapter, tokenizer, resolved config, meta) is on
+disk and a `COMPLETE` marker listing every file's size and sha256 has been written. A folder
+without the marker is never resumed from and is cleaned up; a folder whose files no longer
+match their marker is skipped by `--resume` (with a warning) in favour of the newest one that
+verifies. Only the LoRA adapter is saved, never the 4-bit base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+import yaml
+
+from glmkit.config.schema import critical_keys, flatten, keys_checked_otherwise
+from glmkit.run.checkpoint_names import (
+    COMPLETE,
+    META,
+    checkpoint_path,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    parse_checkpoint_name,
+    read_meta,
+)
+from glmkit.train.faults import maybe_fail_write, maybe_kill
+from glmkit.train.loop_state import LoopState
+
+RESOLVED_CONFIG = "training_config.resolved.yaml"
+# Written into the best-adapter folder: only a folder carrying it (or an empty one) is ever replaced.
+BEST_ADAPTER_MARKER = "best.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Cleaning and sizing (naming and finding: glmkit/run/checkpoint_names.py)
+# ---------------------------------------------------------------------------
+
+def clean_incomplete(output_dir: str) -> list[str]:
+    """Remove temp folders and checkpoint folders without their marker (a killed write)."""
+    removed = []
+    if not os.path.isdir(output_dir):
+        return removed
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        partial = name.startswith(".tmp-") or (parse_checkpoint_name(name) and not is_complete(path))
+        if partial and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def folder_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def check_free_space(directory: str, needed_bytes: int) -> None:
+    os.makedirs(directory, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise CheckpointError(f"not enough disk space in {directory}: {free / 2**30:.2f} GiB free, "
+                              f"a checkpoint needs about {needed_bytes / 2**30:.2f} GiB; free space or move "
+                              f"paths.output_dir (earlier checkpoints are intact)")
+
+
+# ---------------------------------------------------------------------------
+# The completion marker: every file's size and sha256, verified before a resume loads anything
+# ---------------------------------------------------------------------------
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _manifest(folder: str) -> dict[str, dict]:
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(root, name)
+            with open(full, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[os.path.relpath(full, folder)] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+    return files
+
+
+def verify(path: str) -> str | None:
+    """None if the checkpoint is whole; otherwise what is wrong with it, in a few words."""
+    try:
+        with open(os.path.join(path, COMPLETE), encoding="utf-8") as fh:
+            marker = json.load(fh)
+    except (OSError, ValueError):
+        return f"its {COMPLETE} marker is missing or unreadable"
+    listed = marker.get("files", {}) if isinstance(marker, dict) else {}  # markers before 2026-12 list no files
+    for name, expected in listed.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != expected["size"]:
+            return f"{name} has {os.path.getsize(full)} bytes, {expected['size']} were written"
+        if _sha256(full) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    try:
+        read_meta(path)
+        with open(os.path.join(path, RESOLVED_CONFIG), encoding="utf-8") as fh:
+            if not isinstance(yaml.safe_load(fh), dict):
+                raise ValueError
+    except (OSError, ValueError, yaml.YAMLError):
+        return f"{META} or {RESOLVED_CONFIG} is missing or unreadable"
+    return None
+
+
+def finalize(tmp_dir: str, final_dir: str, meta: dict, config_dict: dict) -> None:
+    """Write the meta, resolved config and marker into tmp_dir, then rename it into place."""
+    with open(os.path.join(tmp_dir, META), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2)
+    with open(os.path.join(tmp_dir, RESOLVED_CONFIG), "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config_dict, fh, sort_keys=False)
+    marker = {"time": time.time(), "files": _manifest(tmp_dir)}
+    with open(os.path.join(tmp_dir, COMPLETE), "w", encoding="utf-8") as fh:
+        json.dump(marker, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if os.path.exists(final_dir):  # a rerun that reaches the same step replaces it whole
+        shutil.rmtree(final_dir)
+    os.rename(tmp_dir, final_dir)
+
+
+def swap_in(tmp_dir: str, target_dir: str) -> None:
+    """Replace target_dir with tmp_dir so that a reader sees the old or the new folder, whole."""
+    old = f"{target_dir}.old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(target_dir):
+        os.rename(target_dir, old)
+    os.rename(tmp_dir, target_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def retention_victims(checkpoints: list[tuple[int, str, float | None]], keep_top_k: int) -> list[str]:
+    """Paths to delete: all but the keep_top_k best by val loss, always keeping the latest."""
+    regular = [c for c in checkpoints if not os.path.basename(c[1]).startswith("final-")]
+    if not regular:
+        return []
+    latest = max(regular, key=lambda c: c[0])
+    ranked = sorted(regular, key=lambda c: (c[2] is None or not math.isfinite(c[2]), c[2] or 0.0, -c[0]))
+    keep = {c[1] for c in ranked[:keep_top_k]} | {latest[1]}
+    return [c[1] for c in regular if c[1] not in keep]
+
+
+def check_best_adapter_dir(target: str) -> None:
+    """Refuse to replace a folder the kit did not write: it must be absent, empty, or a previous best adapter."""
+    if not os.path.exists(target):
+        return
+    if not os.path.isdir(target) or (os.listdir(target) and not os.path.isfile(os.path.join(target, BEST_ADAPTER_MARKER))):
+        raise CheckpointError(f"paths.best_adapter_dir {target} holds files the kit did not write (no "
+                              f"{BEST_ADAPTER_MARKER}); empty it or point paths.best_adapter_dir at a new folder")
+
+
+# ---------------------------------------------------------------------------
+# Saving during training: atomic on every process, retention, the best adapter
+# ---------------------------------------------------------------------------
+
+class Checkpointer:
+    def __init__(self, accelerator, model, tokenizer, cfg, logs, stats, total_steps: int,
+                 data_fingerprint: dict | None = None):
+        self.accelerator, self.model, self.tokenizer, self.cfg, self.logs = accelerator, model, tokenizer, cfg, logs
+        self.stats, self.total_steps = stats, total_steps
+        self.data_fingerprint = data_fingerprint  # recorded in every meta; a resume compares it (glmkit/data/fingerprint.py)
+        self.output_dir = cfg.paths.output_dir
+        self.val_losses: dict[str, float | None] = {}
+        for _, path in list_checkpoints(self.output_dir):
+            self.val_losses[path] = read_meta(path).get("val_loss") if os.path.isfile(os.path.join(path, META)) else None
+        # Only LoRA weights go into a checkpoint; the 4-bit base is reloaded from model_dir.
+        accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
+        accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
+
+    def save(self, state: LoopState, final: bool = False) -> str:
+        """Write the checkpoint atomically on every process; on any failure remove the partial folder and raise."""
+        acc = self.accelerator
+        target = checkpoint_path(self.output_dir, state.step, final)
+        tmp = os.path.join(self.output_dir, f".tmp-{os.path.basename(target)}")
+        if self.stats is not None:  # the open expert-usage interval is training state too
+            self.stats.fold_onto_main(lambda x: acc.reduce(x, "sum"))
+        meta = {**state.to_meta(), "val_loss": state.val_loss_now(), "world_size": acc.num_processes, "final": final,
+                "data_fingerprint": self.data_fingerprint}
+        self._all_or_none(target, tmp, self._prepare_folder, tmp)
+        self._all_or_none(target, tmp, acc.save_state, tmp)
+        self._all_or_none(target, tmp, self._finish, state.step, meta, tmp, target)
+        return target
+
+    def _prepare_folder(self, tmp: str) -> None:
+        if self.accelerator.is_main_process:
+            check_free_space(self.output_dir, self._estimate_bytes())
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _finish(self, step: int, meta: dict, tmp: str, target: str) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        maybe_kill("checkpoint_write", step)
+        maybe_fail_write("checkpoint_write", step, tmp)
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        finalize(tmp, target, meta, self.cfg.to_dict())
+        self.val_losses[target] = meta["val_loss"]
+        self.logs.event("checkpoint_saved", step, path=target, val_loss=meta["val_loss"], size_bytes=folder_bytes(target))
+        self._apply_retention(step)
+
+    def _all_or_none(self, target: str, tmp: str, work, *args) -> None:
+        """Run one phase of a save on every process; if it failed anywhere, every process raises.
+
+        The flag is reduced across processes (which is also the barrier between phases), so a
+        full disk on one node stops the whole job with one message instead of a hang.
+        """
+        error = None
+        try:
+            work(*args)
+        except (OSError, CheckpointError) as exc:
+            error = exc
+        failed = torch.tensor([0 if error is None else 1], device=self.accelerator.device)
+        if not self.accelerator.reduce(failed, "max").item():
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, CheckpointError):  # the free-space check's own message says it all
+            raise error
+        latest = latest_checkpoint(self.output_dir)
+        intact = f"the latest complete checkpoint, {latest}, is intact" if latest else "no earlier checkpoint exists"
+        cause = error if error is not None else "another process failed to write its part"
+        raise CheckpointError(f"could not write checkpoint {target}: {cause}; {intact}; free disk space or "
+                              f"fix permissions on {self.output_dir}, then resume with --resume")
+
+    def _estimate_bytes(self) -> int:
+        trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        return 4 * trainable + 64 * 2**20  # adapter + 2 Adam moments + slack for tokenizer and state
+
+    def _apply_retention(self, step: int) -> None:
+        entries = [(s, p, self.val_losses.get(p)) for s, p in list_checkpoints(self.output_dir)]
+        for path in retention_victims(entries, self.cfg.logging.keep_top_k):
+            shutil.rmtree(path, ignore_errors=True)
+            self.val_losses.pop(path, None)
+            self.logs.event("checkpoint_deleted", step, path=path,
+                            reason=f"not among the {self.cfg.logging.keep_top_k} best by val loss nor the latest")
+
+    def checkpoint_at(self, step: int) -> str | None:
+        """The checkpoint this step will be saved as, if any (the final one when both are written)."""
+        if step == self.total_steps:
+            return checkpoint_path(self.output_dir, step, final=True)
+        if step % self.cfg.logging.checkpoint_interval == 0:
+            return checkpoint_path(self.output_dir, step)
+        return None
+
+    def save_best_adapter(self, step: int, val_loss: float, previous: float | None) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        target = self.cfg.paths.best_adapter_dir
+        check_best_adapter_dir(target)
+        tmp = f"{target}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, BEST_ADAPTER_MARKER), "w", encoding="utf-8") as fh:
+            json.dump({"step": step, "val_loss": val_loss, "time": time.time(), "written_by": "glmkit"}, fh)
+            fh.write("\n")
+        swap_in(tmp, target)
+        self.logs.event("best_updated", step, path=target, val_loss=val_loss, previous=previous,
+                        checkpoint=self.checkpoint_at(step))
+
+
+# ---------------------------------------------------------------------------
+# Resume: choose a checkpoint that verifies, check it fits this config, load it
+# ---------------------------------------------------------------------------
+
+def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(critical keys that differ, harmless keys that differ) between two flat config dicts."""
+    critical_set = set(critical_keys()) | {"world_size"}
+    elsewhere = set(keys_checked_otherwise())  # paths.data_path: by the data fingerprint, after the data is read
+    changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and k not in elsewhere]
+    return [k for k in changed if k in critical_set], [k for k in changed if k not in critical_set]
+
+
+def _newest_that_verifies(output_dir: str, print_fn) -> str | None:
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        print_fn(f"warning: skipping damaged checkpoint {path}: {problem}")
+    return None
+
+
+def resume_checkpoint(cfg, args, accelerator) -> str | None:
+    """The checkpoint to continue from (None: a fresh run), after checking it fits this config."""
+    output_dir = cfg.paths.output_dir
+    if accelerator.is_main_process:
+        for path in clean_incomplete(output_dir):
+            print(f"removed incomplete checkpoint {path} (its write was interrupted)")
+    accelerator.wait_for_everyone()
+    path = args.resume_from
+    if path:
+        if not os.path.isdir(path) or not is_complete(path):
+            raise ResumeError(f"--resume_from {path}: not a complete checkpoint (no {COMPLETE} marker)")
+        problem = verify(path)
+        if problem:
+            raise ResumeError(f"--resume_from {path}: the checkpoint is damaged ({problem}); pick another "
+                              f"checkpoint-N folder in {output_dir}, or use --resume for the newest that verifies")
+    if args.resume and not path:
+        path = _newest_that_verifies(output_dir, accelerator.print)
+        if path is None:
+            accelerator.print(f"--resume: no complete checkpoint in {output_dir}; starting from step 0")
+    if not path:
+        if list_checkpoints(output_dir):
+            raise ResumeError(f"{output_dir} already holds checkpoints of a run; pass --resume to continue it, "
+                              f"or set paths.output_dir to a new folder")
+        return None
+    with open(os.path.join(path, RESOLVED_CONFIG), encoding="utf-8") as fh:
+        saved = flatten(yaml.safe_load(fh), read_meta(path).get("world_size"))
+    current = flatten(cfg.to_dict(), accelerator.num_processes)
+    critical, harmless = compare_configs(saved, current)
+    if critical:
+        details = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in critical)
+        raise ResumeError(f"cannot resume {path}: the checkpoint depends on keys that changed: {details}; "
+                          f"restore them or start a new run in another paths.output_dir")
+    if harmless:
+        accelerator.print(f"resuming {path} with changed settings (allowed): {', '.join(harmless)}")
+    accelerator.print(f"resuming from {path}")
+    return path
+
+
+def checkpoint_state(path: str) -> LoopState:
+    """The loop state a checkpoint was taken at."""
+    return LoopState.from_meta(read_meta(path))
+
+
+def load_checkpoint(accelerator, model, path: str) -> None:
+    """Optimizer, scheduler, RNG and data-loader position via Accelerate; the LoRA weights via peft."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    accelerator.load_state(path)
+    weights = load_file(os.path.join(path, "adapter_model.safetensors"))  # copied onto the model's device
+    set_peft_model_state_dict(accelerator.unwrap_model(model), weights)

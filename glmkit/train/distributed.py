@@ -1,0 +1,68 @@
+"""The Accelerator a run uses, and the checks a multi-process run needs before it trains."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from glmkit.train.checkpoint import ResumeError
+from glmkit.train.faults import unshared_view
+
+
+def make_accelerator(cfg):
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import GradientAccumulationPlugin
+
+    if cfg.performance.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # cpu=True on a machine without CUDA: otherwise `accelerate launch --num_processes 2`
+    # silently runs each process alone instead of over gloo.
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        # Groups of exactly grad_accum micro-batches, so the sync counter never drifts.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.optimization.grad_accum_steps,
+                                                                sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True, use_seedable_sampler=True,
+                                                  data_seed=cfg.training.seed),
+    )
+
+
+def check_shared_output_dir(accelerator, output_dir: str) -> None:
+    """Every process must see the same paths.output_dir, or checkpoints can't be resumed.
+
+    Each process writes its own RNG state into the checkpoint, and only the main process
+    finalises the folder: on node-local disks the other nodes' parts would be lost. The main
+    process writes a token; every process reads it back through its own view of the folder.
+    """
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    marker = os.path.join(output_dir, ".shared-storage-check")
+    token = [f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"]
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(marker, "w", encoding="utf-8") as fh:
+            fh.write(token[0])
+    broadcast_object_list(token)
+    seen = None
+    view = unshared_view(marker, accelerator.process_index)
+    if os.path.isfile(view):
+        with open(view, encoding="utf-8") as fh:
+            seen = fh.read()
+    blind = int(accelerator.reduce(torch.tensor([int(seen != token[0])], device=accelerator.device), "sum").item())
+    if accelerator.is_main_process:
+        os.remove(marker)
+    if blind:
+        raise ResumeError(f"paths.output_dir {output_dir} is not the same folder for every process: {blind} "
+                          f"of {accelerator.num_processes} cannot see what the main process writes there. Put it on "
+                          f"storage all nodes share (NFS, Lustre, ...); checkpoints hold every process's state")
+
+
+def agree(accelerator, failed: bool) -> bool:
+    """True on every process if `failed` is true on any of them (a barrier too)."""
+    flag = torch.tensor([1 if failed else 0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "max").item())

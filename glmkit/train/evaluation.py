@@ -1,0 +1,46 @@
+"""Validation: the token-weighted loss over the whole held-out split, every process a shard of it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from glmkit.train.step import loss_sum, target_tokens
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    val_loss: float
+    perplexity: float
+    val_tokens: int
+
+
+@torch.no_grad()
+def evaluate(model, val_rows, collator, accelerator, micro_batch: int) -> EvalResult:
+    # The unwrapped model: DDP's forward syncs buffers, and the shards may differ by a batch.
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    shard = range(accelerator.process_index, len(val_rows), accelerator.num_processes)
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for start in range(0, len(shard), micro_batch):
+        batch = collator([val_rows[i] for i in shard[start:start + micro_batch]])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        total[0] += loss_sum(model, batch).double()
+        total[1] += target_tokens(batch)
+    total = accelerator.reduce(total, "sum")
+    model.train(was_training)
+    tokens = int(total[1].item())
+    val_loss = float(total[0].item()) / tokens if tokens else float("nan")
+    perplexity = math.exp(val_loss) if val_loss < 700 else float("inf")
+    return EvalResult(val_loss=val_loss, perplexity=perplexity, val_tokens=tokens)
+
+
+def improves(val_loss: float, best: float | None) -> bool:
+    return math.isfinite(val_loss) and (best is None or val_loss < best)
+
+
+def adapter_is_finite(model) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,37 @@
+"""The training loop's state: what a checkpoint restores and what the loop advances, step by step.
+
+Frozen on purpose: helpers return a new state (`dataclasses.replace`) instead of changing one
+behind the reader's back, so every change of it is visible in train_qlora.py's loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LoopState:
+    step: int = 0                        # optimizer steps done
+    epoch: int = 0                       # epoch of the last step's micro-batches
+    tokens_seen: int = 0                 # non-pad input tokens trained on, all processes, across resumes
+    nan_skips: int = 0                   # consecutive steps skipped for a non-finite loss or grad norm
+    elapsed_seconds: float = 0.0         # wall time of the run so far, across resumes
+    best_val_loss: float | None = None   # the best adapter's val loss
+    best_step: int | None = None
+    last_val_loss: float | None = None   # the latest eval's, and the step it ran at
+    last_eval_step: int | None = None
+    tracker_runs: dict = field(default_factory=dict)  # glmkit.run.trackers: the run each tracker continues on resume
+
+    def to_meta(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "LoopState":
+        """The state in a checkpoint's meta; keys an older checkpoint lacks keep their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in meta.items() if k in names})
+
+    def val_loss_now(self) -> float | None:
+        """The val loss of this very step, if an eval ran at it (checkpoints are ranked by it)."""
+        return self.last_val_loss if self.last_eval_step == self.step else None

@@ -1,0 +1,108 @@
+"""One optimizer step: draw the micro-batches, token-weighted forward/backward, clip, update.
+
+`train_step` is the loop's step and the overhead benchmark's, so the benchmark measures what
+training runs. The loss is summed over target tokens and divided by the step's target tokens
+over every micro-batch and process, so a step's loss is token-weighted (a mean of means would
+overweight short batches).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+
+from glmkit.data.rows import IGNORE_INDEX
+from glmkit.train.faults import injected_nan, maybe_kill
+from glmkit.train.loss import causal_lm_loss_sum
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float            # token-weighted over the step's micro-batches and processes
+    grad_norm: float       # before clipping
+    lr: float              # the learning rate this step used
+    input_tokens: int      # non-pad input tokens, all processes
+    applied: bool          # False: a non-finite loss or grad norm, so the update was skipped
+
+
+def loss_sum(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy summed over the batch's target tokens; lm_head and the loss in chunks of tokens,
+    never the full-vocabulary logits (glmkit/train/loss.py)."""
+    return causal_lm_loss_sum(model, batch)
+
+
+def target_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def count_tokens(group: list[dict], accelerator) -> tuple[torch.Tensor, int]:
+    """(target tokens, non-pad input tokens) of a step's micro-batches, summed over processes in one reduce."""
+    counts = torch.tensor([[target_tokens(b), int(b["token_mask"].sum())] for b in group], device=accelerator.device)
+    totals = accelerator.reduce(counts.sum(dim=0), "sum")
+    return totals[0], int(totals[1].item())
+
+
+def step_groups(loader, grad_accum: int, epoch: int):
+    """Yield (epoch, [micro-batches]) forever; an epoch's incomplete last group is dropped."""
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        batches = iter(loader)
+        while len(group := list(islice(batches, grad_accum))) == grad_accum:
+            yield epoch, group
+        epoch += 1
+
+
+def next_group(groups):
+    """The next step's micro-batches, drawn without touching the global torch RNG.
+
+    Loading draws random numbers (iterator seeds, Accelerate's RNG sync) at moments that
+    differ between a fresh and a resumed run; kept apart, the stream LoRA dropout uses is a
+    function of the step alone, and a resumed run matches an uninterrupted one to the bit.
+    """
+    rng = torch.get_rng_state()
+    try:
+        return next(groups)
+    finally:
+        torch.set_rng_state(rng)
+
+
+def train_step(model, group: list[dict], *, accelerator, optimizer, scheduler, stats, max_grad_norm: float,
+               step: int) -> StepResult:
+    """Forward/backward over `group`, then one AdamW update unless the loss or grad norm is non-finite.
+
+    `step` is the number of the step being taken (1-based); `stats` may be None.
+    """
+    world, accum = accelerator.num_processes, len(group)
+    step_tokens, input_tokens = count_tokens(group, accelerator)
+    loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for batch in group:
+        with accelerator.accumulate(model):
+            if stats is not None:
+                stats.begin_microbatch(batch["token_mask"])
+            loss = loss_sum(model, batch)
+            # Undo Accelerate's 1/accum and DDP's 1/world: the step's loss is sum / all target tokens.
+            accelerator.backward(loss * (world * accum) / step_tokens.clamp(min=1))
+            if stats is not None:
+                stats.commit_microbatch()
+            loss_total += loss.detach().double()
+            maybe_kill("mid_step", step)
+    step_loss = (accelerator.reduce(loss_total, "sum") / step_tokens.clamp(min=1)).item()
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+    lr = scheduler.get_last_lr()[0]
+    step_loss = injected_nan(step, step_loss)
+    applied = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=step_loss, grad_norm=grad_norm, lr=lr, input_tokens=input_tokens, applied=applied)
+
+
+def check_nan_budget(consecutive: int, limit: int) -> None:
+    if consecutive >= limit:
+        raise FloatingPointError(f"{consecutive} consecutive steps had a non-finite loss or grad norm "
+                                 f"(training.max_nan_skips={limit}); lower optimization.learning_rate or check the data")
