@@ -33,7 +33,8 @@ demo: tiny-model demo-data
 
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	# two workers: the suite is mostly training subprocesses, and conftest.py builds shared artifacts once
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 clean-demo:
 	rm -rf models/tiny-glm4-moe data/demo.jsonl runs/tiny runs/tiny-best-adapter scratch

@@ -1,12 +1,19 @@
-"""Shared fixtures and helpers: the tiny GLM-4.5-Air checkpoint and the demo corpus (built once per session),
-configs, running the kit's commands (`run_cli`), free ports, and the dashboard served for real and driven by
-headless Chromium. Fakes (a fake run's logs) are in fakes.py, the fake Hub in fake_hub.py."""
+"""Shared fixtures and helpers: the tiny GLM-4.5-Air checkpoint and the demo corpus (built once per session,
+however many pytest-xdist workers run), configs, running the kit's commands (`run_cli`), free ports, and the
+dashboard served for real and driven by headless Chromium. Fakes (a fake run's logs) are in fakes.py, the fake
+Hub in fake_hub.py.
+
+`make test` runs the suite in two xdist workers. Expensive artifacts that many tests read (the tiny model, the
+corpus, a finished training run) are built once for the whole session with `shared_folder`: the first worker
+to ask builds it under a file lock, the others wait for it and read the same folder."""
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -20,6 +27,31 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
+
+# Two workers on two cores: one math thread each (the tests' subprocesses inherit it), or they fight over cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def shared_folder(tmp_path_factory, name: str, build) -> pathlib.Path:
+    """A folder that `build(folder)` fills once per test session, shared by every xdist worker.
+
+    The first caller builds it while holding a lock; callers in other workers block on the lock, then find
+    it built. A build that fails leaves no `.built` marker, so the next caller tries again (and fails the
+    same way, in its own test). Readers must not change what is inside: copy it first.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder = base / f"shared-{name}"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 # Both are built in a fresh process, as `download_model.py --tiny` and `python -m glmkit.demo.corpus` do:
@@ -39,16 +71,42 @@ def write_demo_corpus_in_fresh_process(path: str, max_docs: int, env: dict | Non
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny-model"))
-    write_tiny_model_in_fresh_process(path)
-    return path
+    return str(shared_folder(tmp_path_factory, "tiny-model", lambda folder: write_tiny_model_in_fresh_process(str(folder))))
 
 
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data") / "demo.jsonl")
-    write_demo_corpus_in_fresh_process(path, max_docs=400)
-    return path
+    folder = shared_folder(tmp_path_factory, "data",
+                           lambda folder: write_demo_corpus_in_fresh_process(str(folder / "demo.jsonl"), max_docs=400))
+    return str(folder / "demo.jsonl")
+
+
+@dataclass
+class FinishedRun:
+    """A training run that ended with exit 0: its config, folders and console output."""
+    config: str
+    out: str
+    best: str
+    stdout: str
+    folder: pathlib.Path
+
+    def __getitem__(self, key):  # the tests read runs as dicts
+        return getattr(self, key)
+
+
+def shared_training_run(tmp_path_factory, name: str, model_dir: str, data_path, overrides: dict,
+                        launch: tuple[str, ...] = (), env: dict | None = None) -> FinishedRun:
+    """`train_qlora.py` on a tiny config with `overrides`, run once per session and read by many tests."""
+
+    def train(folder):
+        config = write_tiny_config(folder, model_dir, data_path, overrides)
+        result = run_cli([*launch, "train_qlora.py", "--config", config], env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (folder / "stdout.txt").write_text(result.stdout)
+
+    folder = shared_folder(tmp_path_factory, name, train)
+    return FinishedRun(str(folder / "config.yaml"), str(folder / "run"), str(folder / "best"),
+                       (folder / "stdout.txt").read_text(), folder)
 
 
 def write_tiny_config(folder, model_dir: str, data_path: str, overrides: dict | None = None,

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from conftest import run_cli, write_tiny_config
+from conftest import run_cli, shared_folder, shared_training_run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -45,14 +45,9 @@ def one_line_error(result) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def expert_run(tmp_path_factory, tiny_model_dir, demo_corpus):
-    tmp = tmp_path_factory.mktemp("experts")
-    config = write_tiny_config(tmp, tiny_model_dir, demo_corpus, SETTINGS)
-    result = run_cli(["train_qlora.py", "--config", config])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {"config": config, "out": str(tmp / "run"), "best": str(tmp / "best"), "stdout": result.stdout,
-            "tmp": tmp}
+    return shared_training_run(tmp_path_factory, "expert-lora", tiny_model_dir, demo_corpus, SETTINGS)
 
 
 # ---------------------------------------------------------------------------
@@ -200,12 +195,14 @@ def test_dropout_with_expert_lora_is_a_config_error(make_config):
 # The streaming merge
 # ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def merged(expert_run):
-    out = expert_run["tmp"] / "merged"
-    result = run_cli(["use_adapter.py", "--config", expert_run["config"], "--merge", str(out), "--dtype", "float32"])
-    assert result.returncode == 0, result.stderr[-2000:]
-    return str(out)
+@pytest.fixture(scope="session")
+def merged(tmp_path_factory, expert_run):
+    def merge(folder):
+        result = run_cli(["use_adapter.py", "--config", expert_run["config"], "--merge", str(folder / "merged"),
+                          "--dtype", "float32"])
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    return str(shared_folder(tmp_path_factory, "expert-merged", merge) / "merged")
 
 
 def test_merged_logits_equal_base_plus_adapter(expert_run, merged, tiny_model_dir):

@@ -2,13 +2,21 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, run_cli, write_demo_corpus_in_fresh_process, write_shard, write_tiny_config
+from conftest import (
+    ROOT,
+    run_cli,
+    shared_training_run,
+    write_demo_corpus_in_fresh_process,
+    write_shard,
+    write_tiny_config,
+)
 
 from glmkit.run.logs import latest_per_step, read_jsonl
 
@@ -46,9 +54,24 @@ def run_baseline(tmp, tiny_model_dir, demo_corpus, launch=()):
     return curves(str(tmp / "run"))
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, tiny_model_dir, demo_corpus):
-    return run_baseline(tmp_path_factory.mktemp("baseline"), tiny_model_dir, demo_corpus)
+@pytest.fixture(scope="session")
+def baseline_run(tmp_path_factory, tiny_model_dir, demo_corpus):
+    """The uninterrupted 24-step run every resumed run is compared with, trained once per session."""
+    return shared_training_run(tmp_path_factory, "resume-baseline", tiny_model_dir, demo_corpus, SETTINGS)
+
+
+@pytest.fixture
+def baseline(baseline_run):
+    return curves(baseline_run.out)
+
+
+def copy_of_finished_run(run, tmp_path, make_config) -> str:
+    """The baseline run's folders copied into tmp_path (the run, its best adapter, its data cache) and a
+    config naming the copies: a finished run of this test's own, without training it again."""
+    for name in ("run", "best", "scratch"):
+        if os.path.isdir(run.folder / name):
+            shutil.copytree(run.folder / name, tmp_path / name, symlinks=True)
+    return make_config(SETTINGS)
 
 
 @pytest.mark.parametrize("kill_at", ["mid_step:13", "after_eval:15", "checkpoint_write:20"])
@@ -141,9 +164,8 @@ def test_fresh_start_over_an_existing_run_is_refused(make_config):
     assert again.returncode == 2 and "pass --resume" in again.stderr
 
 
-def test_resume_from_a_given_checkpoint(make_config, tmp_path, baseline):
-    config = make_config(SETTINGS)
-    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+def test_resume_from_a_given_checkpoint(make_config, tmp_path, baseline, baseline_run):
+    config = copy_of_finished_run(baseline_run, tmp_path, make_config)
     out = tmp_path / "run"
     again = run_cli(["train_qlora.py", "--config", config, "--resume_from", str(out / "checkpoint-10")])
     assert again.returncode == 0, again.stderr[-2000:]
@@ -224,7 +246,7 @@ def test_output_dir_not_shared_by_every_process_is_refused(make_config, tmp_path
 
 
 def test_changed_hyperparameters_take_effect_from_the_first_resumed_step(make_config, tmp_path, tiny_model_dir,
-                                                                         demo_corpus):
+                                                                         demo_corpus, baseline_run):
     """An allowed change is applied, not just listed: the resumed LR equals a fresh run's at the same steps."""
     import torch
 
@@ -232,9 +254,9 @@ def test_changed_hyperparameters_take_effect_from_the_first_resumed_step(make_co
     fresh_cfg = write_tiny_config(tmp_path / "fresh", tiny_model_dir, demo_corpus,
                                   {**SETTINGS, "optimization.learning_rate": 1e-3, "optimization.weight_decay": 0.01})
     assert run_cli(["train_qlora.py", "--config", fresh_cfg]).returncode == 0
-    config = make_config(SETTINGS)
-    killed = run_cli(["train_qlora.py", "--config", config], env={"GLMKIT_FAULT_KILL_AT": "mid_step:13"})
-    assert killed.returncode == -signal.SIGKILL
+    config = copy_of_finished_run(baseline_run, tmp_path, make_config)
+    for later in ("checkpoint-20", "final-checkpoint-24"):  # as if killed after checkpoint-10
+        shutil.rmtree(tmp_path / "run" / later)
     resumed = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "optimization.learning_rate=1e-3",
                        "--set", "optimization.weight_decay=0.01"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -279,9 +301,8 @@ def _damage(path, how: str) -> None:
             fh.write("model: [unclosed\n")
 
 
-def test_resume_skips_damaged_checkpoints_and_says_which(make_config, tmp_path):
-    config = make_config(SETTINGS)
-    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+def test_resume_skips_damaged_checkpoints_and_says_which(make_config, tmp_path, baseline_run):
+    config = copy_of_finished_run(baseline_run, tmp_path, make_config)
     out = tmp_path / "run"
     _damage(out / "final-checkpoint-24" / "adapter_model.safetensors", "truncate")
     _damage(out / "checkpoint-20" / "trainer_meta.json", "delete")

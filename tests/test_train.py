@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, write_tiny_config
+from conftest import ROOT, run_cli, shared_training_run
 
 from glmkit.run.logs import read_jsonl
 
@@ -15,15 +15,11 @@ TRAIN_KEYS = {"step", "time", "loss", "lr", "grad_norm", "epoch", "tokens", "tok
               "elapsed_seconds", "eta_seconds", "aux_loss", "total_steps"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, tiny_model_dir, demo_corpus):
-    tmp = tmp_path_factory.mktemp("train")
-    config = write_tiny_config(tmp, tiny_model_dir, demo_corpus, {
+    return shared_training_run(tmp_path_factory, "train-30", tiny_model_dir, demo_corpus, {
         "training.max_steps": 30, "logging.eval_interval": 5, "logging.checkpoint_interval": 10,
         "logging.keep_top_k": 1, "logging.expert_stats_interval": 5})
-    result = run_cli(["train_qlora.py", "--config", str(config)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {"config": str(config), "out": str(tmp / "run"), "best": str(tmp / "best"), "stdout": result.stdout}
 
 
 def logs(run, name):
