@@ -47,6 +47,7 @@ else
 fi
 WORK=${WORK:-scratch/gpu-smoke}
 KEEP=${KEEP:-0}
+DATA=${DATA:-}  # the corpus the whole steps train on; empty: configs/tiny.yaml's (the full demo corpus)
 
 abspath() {  # the kit resolves relative paths against the config file's folder, so pass absolute ones
   case $1 in
@@ -120,6 +121,9 @@ common=(--set training.max_steps="$STEPS"
         --set optimization.grad_accum_steps=1)
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   common+=(--set quantization.compute_dtype=bfloat16)
+fi
+if [[ -n "$DATA" ]]; then
+  common+=(--set paths.data_path="$(abspath "$DATA")")
 fi
 
 for attn in varlen sdpa; do

@@ -37,20 +37,20 @@ def shared_folder(tmp_path_factory, name: str, build) -> pathlib.Path:
     """A folder that `build(folder)` fills once per test session, shared by every xdist worker.
 
     The first caller builds it while holding a lock; callers in other workers block on the lock, then find
-    it built. A build that fails leaves no `.built` marker, so the next caller tries again (and fails the
+    it built. A build that fails leaves no `shared-<name>.built` marker, so the next caller tries again (and fails the
     same way, in its own test). Readers must not change what is inside: copy it first.
     """
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # the session's folder, above each worker's own
-    folder = base / f"shared-{name}"
+    folder, built = base / f"shared-{name}", base / f"shared-{name}.built"  # the marker outside: tests list the folder
     with open(base / f"shared-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / ".built").exists():
+        if not built.exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
             build(folder)
-            (folder / ".built").touch()
+            built.touch()
     return folder
 
 
