@@ -272,3 +272,11 @@ def test_refuses_other_fused_parameters_and_a_folder_in_use(expert_run, tiny_mod
     with pytest.raises(ServingExportError, match=r"is not empty; choose a new or empty folder"):
         export_for_serving(tiny_model_dir, expert_run["best"], str(busy))
     assert os.listdir(busy) == ["notes.txt"] and not os.path.exists(tmp_path / "out")
+
+
+def test_vllm_max_lora_rank_is_one_vllm_accepts():
+    from glmkit.model.serving_export import ServingExportError, vllm_max_lora_rank
+
+    assert [vllm_max_lora_rank(r) for r in (1, 4, 8, 12, 16, 300, 512)] == [1, 8, 8, 16, 16, 320, 512]
+    with pytest.raises(ServingExportError, match=r"rank 600 is above vLLM's largest --max-lora-rank \(512\)"):
+        vllm_max_lora_rank(600)

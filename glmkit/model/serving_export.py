@@ -47,12 +47,14 @@ _FUSED_TO_HUB = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_p
 _UNEXPRESSIBLE = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "fan_in_fan_out": "fan_in_fan_out",
                   "modules_to_save": "modules_to_save", "trainable_token_indices": "trainable tokens",
                   "layer_replication": "layer replication"}
+# vLLM takes --max-lora-rank from this list only (vllm/config/lora.py, MaxLoRARanks); SGLang takes any rank.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SERVING_README = """\
 # {name}: LoRA adapter for serving (exported by glmkit's `use_adapter.py --export-serving`)
 
-Base model: {model_dir}. Layout: {layout}. Rank {rank} (start the server with a max LoRA rank of at least {rank}).
+Base model: {model_dir}. Layout: {layout}. Rank {rank} (a server's max LoRA rank must be at least that).
 
-    vllm serve {model_dir} --enable-lora --max-lora-rank {rank} --lora-modules {name}={path}
+    vllm serve {model_dir} --enable-lora --max-lora-rank {vllm_rank} --lora-modules {name}={path}
     python -m sglang.launch_server --model-path {model_dir} --enable-lora --max-lora-rank {rank} --lora-paths {name}={path}
 
 Then ask for model "{name}" (vLLM) or pass "lora_path": "{name}" (SGLang).
@@ -89,6 +91,7 @@ def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str) -> dict:
         ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
         summary = {"layout": "plain peft adapter (no routed-expert LoRA)", "rank": max(ranks), "tensors": None,
                    "expert_layers": 0}
+    vllm_rank = vllm_max_lora_rank(summary["rank"])
     partial = _prepare_output(out_dir, model_dir, adapter_dir)  # only once the adapter is known to be expressible
     if tensors is None:  # no expert LoRA: the peft adapter is what the servers read; its two files unchanged
         for name in ADAPTER_FILES:
@@ -102,10 +105,20 @@ def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str) -> dict:
     name = os.path.basename(os.path.abspath(out_dir).rstrip(os.sep))
     with open(os.path.join(partial, "README.md"), "w", encoding="utf-8") as fh:
         fh.write(SERVING_README.format(name=name, model_dir=model_dir, rank=summary["rank"],
-                                       path=os.path.abspath(out_dir), layout=summary["layout"]))
+                                       vllm_rank=vllm_rank, path=os.path.abspath(out_dir),
+                                       layout=summary["layout"]))
     os.remove(os.path.join(partial, PARTIAL_MARKER))
     os.replace(partial, out_dir)  # an empty out_dir is replaced; a non-empty one was refused
     return {**summary, "out_dir": out_dir}
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds `rank`."""
+    fits = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ServingExportError(f"the adapter's rank {rank} is above vLLM's largest --max-lora-rank "
+                                 f"({VLLM_MAX_LORA_RANKS[-1]})")
+    return fits[0]
 
 
 def per_expert_adapter(model_dir: str, adapter_dir: str, config: dict) -> tuple[dict, dict, dict]:
