@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="--merge: dtype of the merged weights (fp32 tensors of the base stay fp32); "
-                             "--sample: dtype the base is loaded in")
+                             "--sample: dtype the base is loaded in; --export-serving keeps the adapter's dtype")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
 

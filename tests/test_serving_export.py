@@ -266,6 +266,10 @@ def test_refuses_other_fused_parameters_and_a_folder_in_use(expert_run, tiny_mod
                                                  r"layout has per-expert keys for experts\.gate_up_proj and "
                                                  r"experts\.down_proj only"):
         export_for_serving(tiny_model_dir, adapter, str(tmp_path / "out"))
+    unlisted = _adapter_variant(expert_run["best"], tmp_path / "unlisted", lambda k: True,
+                                {"target_parameters": None, "rank_pattern": {}, "alpha_pattern": {}})
+    with pytest.raises(ServingExportError, match=r"does not list it in target_parameters"):  # never copied as is
+        export_for_serving(tiny_model_dir, unlisted, str(tmp_path / "out"))
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")

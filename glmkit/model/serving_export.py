@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -41,6 +42,7 @@ from glmkit.model.adapter import ADAPTER_PREFIX, Delta, MergeError, _adapter_con
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PARTIAL_MARKER = ".glmkit-export-partial"
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_FUSED_KEY = re.compile(r"\.mlp\.experts\.(base_layer\.)*lora_[AB]\.weight$")
 # Fused routed-expert parameters the per-expert layout can express, and the Hub projections each becomes.
 _FUSED_TO_HUB = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 # peft options with an effect beyond scale * B @ A on a weight: no per-expert LoRA key carries them.
@@ -84,7 +86,7 @@ def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str) -> dict:
     """Write adapter_dir's LoRA to out_dir in the layout vLLM / SGLang load; return a summary of what was written."""
     config = _adapter_config(adapter_dir)
     check_expressible(config, adapter_dir)
-    if config.get("target_parameters"):
+    if config.get("target_parameters") or _has_fused_expert_factors(adapter_dir):
         tensors, serving_config, summary = per_expert_adapter(model_dir, adapter_dir, config)
     else:
         tensors, serving_config = None, None
@@ -110,6 +112,14 @@ def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str) -> dict:
     os.remove(os.path.join(partial, PARTIAL_MARKER))
     os.replace(partial, out_dir)  # an empty out_dir is replaced; a non-empty one was refused
     return {**summary, "out_dir": out_dir}
+
+
+def _has_fused_expert_factors(adapter_dir: str) -> bool:
+    """Whether the adapter file holds peft's fused expert factors, whatever its config says."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as fh:
+        return any(_FUSED_KEY.search(key) for key in fh.keys())
 
 
 def vllm_max_lora_rank(rank: int) -> int:
