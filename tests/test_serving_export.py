@@ -253,7 +253,8 @@ def test_refuses_an_adapter_it_cannot_express(expert_run, tmp_path):
                       "--export-serving", str(tmp_path / "out")])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {adapter} uses DoRA, which per-expert LoRA keys cannot express; use --merge instead")
+        f"error: {adapter} uses DoRA, which per-expert LoRA keys cannot express (vLLM and SGLang serve plain LoRA: "
+        f"scale * B @ A on a weight)")
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / ".out.export-partial")
 
 

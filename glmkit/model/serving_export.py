@@ -74,8 +74,8 @@ def check_expressible(config: dict, adapter_dir: str) -> None:
                                  f"LoRA adapters only")
     used = [label for key, label in _UNEXPRESSIBLE.items() if config.get(key)]
     if used:
-        raise ServingExportError(f"{adapter_dir} uses {', '.join(used)}, which per-expert LoRA keys cannot express; "
-                                 f"use --merge instead")
+        raise ServingExportError(f"{adapter_dir} uses {', '.join(used)}, which per-expert LoRA keys cannot express "
+                                 f"(vLLM and SGLang serve plain LoRA: scale * B @ A on a weight)")
     for name in config.get("target_parameters") or []:
         if name.rsplit(".", 1)[-1] not in _FUSED_TO_HUB:
             raise ServingExportError(f"{adapter_dir} adapts the parameter {name}; the serving layout has per-expert "
