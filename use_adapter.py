@@ -3,6 +3,8 @@
 
     python use_adapter.py --config training_config.yaml --merge merged-model/       # base + LoRA -> one checkpoint, shard by shard
     python use_adapter.py --config training_config.yaml --sample "The quick brown"   # greedy continuation
+    python use_adapter.py --config training_config.yaml --export-serving serve-adapter/
+        # the adapter as vLLM / SGLang load it: routed-expert LoRA per expert (gate/up/down), no merge
 
 --adapter defaults to paths.best_adapter_dir; any checkpoint-<step>/ folder works too.
 """
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from glmkit.config.schema import add_config_arguments, config_from_args
@@ -22,10 +25,12 @@ def main(argv=None) -> int:
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--merge", metavar="OUT_DIR", help="write base + adapter merged, as a transformers checkpoint")
     action.add_argument("--sample", metavar="TEXT", help="generate a continuation of TEXT")
+    action.add_argument("--export-serving", metavar="OUT_DIR",
+                        help="write the adapter in the per-expert LoRA layout vLLM and SGLang serve (no merge)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="--merge: dtype of the merged weights (fp32 tensors of the base stay fp32); "
-                             "--sample: dtype the base is loaded in")
+                             "--sample: dtype the base is loaded in; --export-serving keeps the adapter's dtype")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
 
@@ -33,6 +38,7 @@ def main(argv=None) -> int:
 
     from glmkit.model import adapter
     from glmkit.model.errors import ModelLoadError
+    from glmkit.model.serving_export import ServingExportError, export_for_serving
 
     adapter_dir = args.adapter or cfg.paths.best_adapter_dir
     dtype = getattr(torch, args.dtype)
@@ -43,9 +49,13 @@ def main(argv=None) -> int:
 
             out = adapter.merge(cfg.paths.model_dir, adapter_dir, args.merge, dtype, progress=progress)
             print(f"merged {adapter_dir} into {cfg.paths.model_dir}: {out}")
+        elif args.export_serving:
+            done = export_for_serving(cfg.paths.model_dir, adapter_dir, args.export_serving)
+            print(f"exported {adapter_dir} for serving: {done['out_dir']} ({done['layout']}, rank {done['rank']}); "
+                  f"{os.path.join(done['out_dir'], 'README.md')} has the vLLM and SGLang commands")
         else:
             print(adapter.sample(cfg.paths.model_dir, adapter_dir, args.sample, args.max_new_tokens, dtype))
-    except (adapter.MergeError, ModelLoadError, FileNotFoundError, OSError) as exc:
+    except (adapter.MergeError, ServingExportError, ModelLoadError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -109,6 +109,22 @@ def shared_training_run(tmp_path_factory, name: str, model_dir: str, data_path, 
                        (folder / "stdout.txt").read_text(), folder)
 
 
+# One short expert-LoRA training run (attention r 8 and routed experts r 4 on the tiny model), shared by the
+# expert-LoRA, merge and serving-export tests of a session.
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+EXPERT_R = 4
+EXPERT_LORA_SETTINGS = {"lora.dropout": 0.0, "lora.target_parameters": EXPERTS, "lora.expert_r": EXPERT_R,
+                        "lora.expert_alpha": 8, "training.max_steps": 8, "logging.eval_interval": 2,
+                        "logging.checkpoint_interval": 4, "logging.keep_top_k": 1,
+                        "logging.expert_stats_interval": 3}
+
+
+@pytest.fixture(scope="session")
+def expert_run(tmp_path_factory, tiny_model_dir, demo_corpus):
+    """`train_qlora.py` with EXPERT_LORA_SETTINGS, run once per session (the expert-LoRA, merge and export tests)."""
+    return shared_training_run(tmp_path_factory, "expert-lora", tiny_model_dir, demo_corpus, EXPERT_LORA_SETTINGS)
+
+
 def write_tiny_config(folder, model_dir: str, data_path: str, overrides: dict | None = None,
                       name: str = "config.yaml") -> str:
     """configs/tiny.yaml with paths inside `folder` and {"section.key": value} overrides; return its path."""

@@ -6,19 +6,15 @@ import signal
 
 import pytest
 import torch
-from conftest import run_cli, shared_folder, shared_training_run
+from conftest import EXPERT_LORA_SETTINGS as SETTINGS
+from conftest import EXPERT_R, EXPERTS, run_cli, shared_folder
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from glmkit.run.logs import latest_per_step, read_jsonl
 
-EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 # The tiny model: 2 MoE layers of 8 experts, hidden 128, moe_intermediate 64; attention r 8, experts r 4.
-EXPERT_R = 4
 TINY_EXPERT_LORA = 2 * 8 * EXPERT_R * ((128 + 2 * 64) + (64 + 128))
-SETTINGS = {"lora.dropout": 0.0, "lora.target_parameters": EXPERTS, "lora.expert_r": EXPERT_R,
-            "lora.expert_alpha": 8, "training.max_steps": 8, "logging.eval_interval": 2,
-            "logging.checkpoint_interval": 4, "logging.keep_top_k": 1, "logging.expert_stats_interval": 3}
 DETERMINISTIC = {"training_log.jsonl": ("loss", "lr", "grad_norm", "tokens"),
                  "eval_log.jsonl": ("val_loss", "val_tokens"),
                  "expert_usage_log.jsonl": ("interval_tokens", "layers")}
@@ -43,11 +39,6 @@ def one_line_error(result) -> str:
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     return result.stderr.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="session")
-def expert_run(tmp_path_factory, tiny_model_dir, demo_corpus):
-    return shared_training_run(tmp_path_factory, "expert-lora", tiny_model_dir, demo_corpus, SETTINGS)
 
 
 # ---------------------------------------------------------------------------

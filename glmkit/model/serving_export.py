@@ -1,0 +1,232 @@
+"""Serve a trained adapter without merging: the adapter rewritten in the per-expert layout vLLM and SGLang load.
+
+peft's `target_parameters` saves a layer's routed-expert LoRA fused, one A/B pair per 3-D
+parameter (`mlp.experts.base_layer.lora_A.weight` [E*r, hidden] for gate_up_proj,
+`mlp.experts.lora_A.weight` for down_proj). vLLM's and SGLang's Glm4MoeForCausalLM read
+expert LoRA the way they read the Hub checkpoint, per expert and per projection:
+
+    base_model.model.model.layers.N.mlp.experts.E.{gate_proj,up_proj,down_proj}.lora_{A,B}.weight
+
+vLLM reads the fused layout only behind a flag it does not check, and a layout mistake there
+gives wrong output, not an error. So the export writes the per-expert layout:
+
+- gate_up_proj's factors are split: gate and up share the expert's A (one input, H) and
+  take the first and second half of its B rows ([gate; up], the order the Hub loader fuses).
+- down_proj's factors are the expert's slice, as they are.
+- Every MoE layer that has expert LoRA gets all three projections for every expert (vLLM
+  stacks gate, up and down per expert and requires each): a projection the adapter did not
+  train is written as zero factors, which adds nothing.
+- The servers apply one scale, lora_alpha / r, and one rank to a whole adapter, while the
+  kit's adapter has its own rank and alpha for the experts (`lora.expert_r`, `expert_alpha`).
+  So each module's scale is folded into its B, every factor is zero-padded to the largest
+  rank, and adapter_config.json says r = lora_alpha = that rank: scale 1 everywhere. The
+  padding adds nothing to the output; vLLM allocates max_lora_rank slots per expert anyway.
+
+An adapter without expert LoRA (attention only) is already what the servers load: the export
+is a copy of the peft adapter. Options the per-expert layout cannot express (DoRA, LoRA bias,
+modules_to_save, trainable tokens, ...) are refused in one line before anything is written.
+The factors keep the adapter's stored dtype (peft saves fp32); the folding is done in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from glmkit.model.adapter import ADAPTER_PREFIX, Delta, MergeError, _adapter_config, _meta_skeleton, plan_deltas
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PARTIAL_MARKER = ".glmkit-export-partial"
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_FUSED_KEY = re.compile(r"\.mlp\.experts\.(base_layer\.)*lora_[AB]\.weight$")
+# Fused routed-expert parameters the per-expert layout can express, and the Hub projections each becomes.
+_FUSED_TO_HUB = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+# peft options with an effect beyond scale * B @ A on a weight: no per-expert LoRA key carries them.
+_UNEXPRESSIBLE = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "fan_in_fan_out": "fan_in_fan_out",
+                  "modules_to_save": "modules_to_save", "trainable_token_indices": "trainable tokens",
+                  "layer_replication": "layer replication"}
+# vLLM takes --max-lora-rank from this list only (vllm/config/lora.py, MaxLoRARanks); SGLang takes any rank.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+SERVING_README = """\
+# {name}: LoRA adapter for serving (exported by glmkit's `use_adapter.py --export-serving`)
+
+Base model: {model_dir}. Layout: {layout}. Rank {rank} (a server's max LoRA rank must be at least that).
+
+    vllm serve {model_dir} --enable-lora --max-lora-rank {vllm_rank} --lora-modules {name}={path}
+    python -m sglang.launch_server --model-path {model_dir} --enable-lora --max-lora-rank {rank} --lora-paths {name}={path}
+
+Then ask for model "{name}" (vLLM) or pass "lora_path": "{name}" (SGLang).
+"""
+
+
+class ServingExportError(ValueError):
+    """The adapter can't be written in the serving layout, or the output folder can't take it; one line says why."""
+
+
+def check_expressible(config: dict, adapter_dir: str) -> None:
+    """Refuse peft options and fused parameters that per-expert LoRA keys cannot carry."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ServingExportError(f"{adapter_dir} is a {config.get('peft_type')} adapter; the serving export writes "
+                                 f"LoRA adapters only")
+    used = [label for key, label in _UNEXPRESSIBLE.items() if config.get(key)]
+    if used:
+        raise ServingExportError(f"{adapter_dir} uses {', '.join(used)}, which per-expert LoRA keys cannot express "
+                                 f"(vLLM and SGLang serve plain LoRA: scale * B @ A on a weight)")
+    for name in config.get("target_parameters") or []:
+        if name.rsplit(".", 1)[-1] not in _FUSED_TO_HUB:
+            raise ServingExportError(f"{adapter_dir} adapts the parameter {name}; the serving layout has per-expert "
+                                     f"keys for experts.gate_up_proj and experts.down_proj only")
+
+
+def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str) -> dict:
+    """Write adapter_dir's LoRA to out_dir in the layout vLLM / SGLang load; return a summary of what was written."""
+    config = _adapter_config(adapter_dir)
+    check_expressible(config, adapter_dir)
+    if config.get("target_parameters") or _has_fused_expert_factors(adapter_dir):
+        tensors, serving_config, summary = per_expert_adapter(model_dir, adapter_dir, config)
+    else:
+        tensors, serving_config = None, None
+        ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
+        summary = {"layout": "plain peft adapter (no routed-expert LoRA)", "rank": max(ranks), "tensors": None,
+                   "expert_layers": 0}
+    vllm_rank = vllm_max_lora_rank(summary["rank"])
+    partial = _prepare_output(out_dir, model_dir, adapter_dir)  # only once the adapter is known to be expressible
+    if tensors is None:  # no expert LoRA: the peft adapter is what the servers read; its two files unchanged
+        for name in ADAPTER_FILES:
+            shutil.copyfile(os.path.join(adapter_dir, name), os.path.join(partial, name))
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, os.path.join(partial, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(partial, "adapter_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(serving_config, fh, indent=2)
+    name = os.path.basename(os.path.abspath(out_dir).rstrip(os.sep))
+    with open(os.path.join(partial, "README.md"), "w", encoding="utf-8") as fh:
+        fh.write(SERVING_README.format(name=name, model_dir=model_dir, rank=summary["rank"],
+                                       vllm_rank=vllm_rank, path=os.path.abspath(out_dir),
+                                       layout=summary["layout"]))
+    os.remove(os.path.join(partial, PARTIAL_MARKER))
+    os.replace(partial, out_dir)  # an empty out_dir is replaced; a non-empty one was refused
+    return {**summary, "out_dir": out_dir}
+
+
+def _has_fused_expert_factors(adapter_dir: str) -> bool:
+    """Whether the adapter file holds peft's fused expert factors, whatever its config says."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as fh:
+        return any(_FUSED_KEY.search(key) for key in fh.keys())
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds `rank`."""
+    fits = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ServingExportError(f"the adapter's rank {rank} is above vLLM's largest --max-lora-rank "
+                                 f"({VLLM_MAX_LORA_RANKS[-1]})")
+    return fits[0]
+
+
+def per_expert_adapter(model_dir: str, adapter_dir: str, config: dict) -> tuple[dict, dict, dict]:
+    """(tensors, adapter_config, summary) of the per-expert export, in memory; nothing is written."""
+    from safetensors import safe_open
+
+    from glmkit.model.load import load_model_config
+
+    skeleton = _meta_skeleton(load_model_config(model_dir))
+    try:
+        deltas = plan_deltas(adapter_dir, skeleton, model_dir)
+    except MergeError as exc:
+        raise ServingExportError(str(exc)) from None
+    rank = max(d.rank for d in deltas)
+    tensors: dict[str, torch.Tensor] = {}
+    modules: list[str] = []
+    by_layer: dict[str, dict[str, Delta]] = {}
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as fh:
+        stored = fh.get_slice(deltas[0].a_key).get_dtype()
+        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+        for d in deltas:
+            if d.experts:
+                experts_module, _, fused = d.target.rpartition(".")
+                by_layer.setdefault(experts_module, {})[fused] = d
+                continue
+            _put(tensors, d.target, fh.get_tensor(d.a_key).float(), d.scaling * fh.get_tensor(d.b_key).float(),
+                 rank, dtype)
+            modules.append(d.target)
+        for experts_module, fused in sorted(by_layer.items()):
+            shapes = _expert_shapes(skeleton, experts_module)
+            per_expert = {hub: _expert_factors(fh, d, hub) for name, d in fused.items() for hub in _FUSED_TO_HUB[name]}
+            for e in range(next(iter(fused.values())).experts):
+                for proj in PROJECTIONS:
+                    module = f"{experts_module}.{e}.{proj}"
+                    if proj in per_expert:
+                        a, b = per_expert[proj]
+                        _put(tensors, module, a[e], b[e], rank, dtype)
+                    else:  # not trained: zero factors, so the server's gate/up/down stack is complete
+                        out_features, in_features = shapes[proj]
+                        _put(tensors, module, torch.zeros(rank, in_features), torch.zeros(out_features, rank),
+                             rank, dtype)
+                    modules.append(module)
+    serving_config = {**config, "r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {},
+                      "alpha_pattern": {}, "target_modules": modules, "target_parameters": None}
+    summary = {"layout": "per-expert (experts.E.gate_proj / up_proj / down_proj)", "rank": rank,
+               "tensors": len(tensors), "expert_layers": len(by_layer)}
+    return tensors, serving_config, summary
+
+
+def _expert_factors(fh, d: Delta, hub: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [E, r, in], scale * B [E, out, r]) of one Hub projection from peft's fused factors.
+
+    peft stores lora_A as [E*r, in] with expert-major rows and lora_B as [out, r*E] with
+    rank-major columns; gate_up_proj's out rows are [gate; up].
+    """
+    a = fh.get_tensor(d.a_key).float().reshape(d.experts, d.rank, -1)
+    b = fh.get_tensor(d.b_key).float()
+    b = b.reshape(b.shape[0], d.rank, d.experts).permute(2, 0, 1) * d.scaling
+    if hub in ("gate_proj", "up_proj"):
+        half = b.shape[1] // 2
+        b = b[:, :half] if hub == "gate_proj" else b[:, half:]
+    return a, b
+
+
+def _expert_shapes(skeleton, experts_module: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of one expert's gate, up and down projection, from the fused parameters' shapes."""
+    experts = skeleton.get_submodule(experts_module)
+    _, two_inter, hidden = experts.gate_up_proj.shape
+    return {"gate_proj": (two_inter // 2, hidden), "up_proj": (two_inter // 2, hidden),
+            "down_proj": tuple(experts.down_proj.shape[1:])}
+
+
+def _put(tensors: dict, module: str, a: torch.Tensor, b: torch.Tensor, rank: int, dtype: torch.dtype) -> None:
+    """A [r, in] and B [out, r], zero-padded to `rank`, under peft's key names."""
+    r = a.shape[0]
+    if r < rank:
+        a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
+    tensors[f"{ADAPTER_PREFIX}{module}.lora_A.weight"] = a.to(dtype).contiguous()
+    tensors[f"{ADAPTER_PREFIX}{module}.lora_B.weight"] = b.to(dtype).contiguous()
+
+
+def _prepare_output(out_dir: str, model_dir: str, adapter_dir: str) -> str:
+    """Refuse a folder that holds anything; make and return the partial folder the export is written in."""
+    out_dir = os.path.abspath(out_dir)
+    for other, what in ((adapter_dir, "the adapter folder"), (model_dir, "the base model folder")):
+        if os.path.realpath(out_dir) == os.path.realpath(other):
+            raise ServingExportError(f"--export-serving {out_dir} is {what}; choose a new folder")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ServingExportError(f"--export-serving {out_dir} is a file; choose a new folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ServingExportError(f"--export-serving {out_dir} is not empty; choose a new or empty folder "
+                                 f"(nothing is overwritten)")
+    partial = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.export-partial")
+    if os.path.exists(partial):
+        if not os.path.isfile(os.path.join(partial, PARTIAL_MARKER)):
+            raise ServingExportError(f"{partial} exists and was not written by an export; move it away")
+        shutil.rmtree(partial)  # an interrupted export's leftovers: ours to remove
+    os.makedirs(partial)
+    open(os.path.join(partial, PARTIAL_MARKER), "w").close()
+    return partial
