@@ -186,6 +186,30 @@ def _unit_interval(words: np.ndarray, salt: np.uint64) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+# Bytes of memory per training document of an epoch while its rows are laid out: the shuffled ids, their
+# starts and lengths, and the pieces (int64 start + uint32 length, twice while they are joined).
+LAYOUT_BYTES_PER_DOC = 48
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _check_layout_fits(epoch_docs: int, described: str) -> None:
+    """Refuse, before allocating, an epoch whose source weights make the row layout outgrow memory."""
+    needed, available = epoch_docs * LAYOUT_BYTES_PER_DOC, _available_memory()
+    if available is not None and needed > available:
+        raise DataError(f"{described}: the source weights make an epoch of {epoch_docs:,} training documents, "
+                        f"whose row layout needs about {needed / 2**30:.1f} GiB of memory while "
+                        f"{available / 2**30:.1f} GiB are available; lower the weights in paths.data_path "
+                        f"(training.epochs or training.max_steps repeat the data instead)")
+
+
 def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
     t = cfg.training
     lengths = np.concatenate([s.lengths() for s in stores] or [np.zeros(0, np.uint32)]).astype(np.int64)
@@ -198,22 +222,31 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
     subset_u = _unit_interval(words[:, 1].copy(), _salt("weight-subset", t.seed))
     file_index = {f.path: i for i, f in enumerate(files)}
 
-    train_parts, source_rows = [], []
+    # Per source: its documents (memory grows with the corpus), and how often each pass repeats them.
+    plans, source_rows = [], []
     for source in configured:
         ids = np.concatenate([np.arange(doc_base[file_index[f.path]], doc_base[file_index[f.path] + 1])
                               for f in source.files] or [np.zeros(0, np.int64)])
         train_ids = ids[~is_val[ids]]
         passes, fraction = int(math.floor(source.weight)), source.weight - math.floor(source.weight)
-        chosen = [train_ids] * passes + [train_ids[subset_u[train_ids] < fraction]]
-        epoch_ids = np.concatenate(chosen)
-        train_parts.append(epoch_ids)
+        subset = train_ids[subset_u[train_ids] < fraction]
+        plans.append((train_ids, passes, subset))
         source_rows.append({"path": source.spec, "weight": source.weight, "files": len(source.files),
                             "docs": int(len(ids)), "tokens": int(lengths[ids].sum()),
                             "train_docs": int(len(train_ids)), "val_docs": int(is_val[ids].sum()),
-                            "train_docs_per_epoch": int(len(epoch_ids)),
-                            "train_tokens_per_epoch": int(lengths[epoch_ids].sum())})
-    train_ids = np.concatenate(train_parts)
-    train_ids = train_ids[np.random.default_rng(t.seed).permutation(len(train_ids))]
+                            "train_docs_per_epoch": passes * len(train_ids) + len(subset),
+                            "train_tokens_per_epoch": passes * int(lengths[train_ids].sum())
+                            + int(lengths[subset].sum())})
+    epoch_docs = sum(row["train_docs_per_epoch"] for row in source_rows)
+    _check_layout_fits(epoch_docs, sources.describe(cfg.paths.data_path))
+    # The epoch's documents in one array, filled pass by pass (no list of copies to concatenate), then
+    # shuffled in place: the same order as indexing with rng.permutation, without a second array.
+    train_ids, filled = np.empty(epoch_docs, dtype=np.int64), 0
+    for ids, passes, subset in plans:
+        for part in [ids] * passes + [subset]:
+            train_ids[filled:filled + len(part)] = part
+            filled += len(part)
+    np.random.default_rng(t.seed).shuffle(train_ids)
     val_ids = np.flatnonzero(is_val)
     describe = sources.describe(cfg.paths.data_path)
     if len(train_ids) == 0:

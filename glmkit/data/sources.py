@@ -80,14 +80,29 @@ def file_format(path: str) -> str | None:
 def resolve_sources(data_path, text_field: str) -> list[Source]:
     """Every configured source with its files, checked as far as possible without reading them through."""
     sources = []
-    for spec, weight in configured_sources(data_path):
+    claimed: dict[str, int] = {}  # real path of each file -> the index of the source that lists it
+    for index, (spec, weight) in enumerate(configured_sources(data_path)):
         if not weight > 0:  # the config refuses it at load; a caller building sources by hand gets the same rule
             raise DataError(f"{spec}: source weight {weight} must be > 0 (paths.data_path)")
         files = [_input_file(path) for path in _matching_paths(spec)]
         for item in files:
             check_file(item, text_field)
+            first = claimed.setdefault(os.path.realpath(item.path), index)
+            if first != index:
+                raise _listed_twice(item.path, (sources[first].spec, sources[first].weight), (spec, weight),
+                                    first, index)
         sources.append(Source(spec, weight, files))
     return sources
+
+
+def _listed_twice(path: str, first: tuple[str, float], second: tuple[str, float], i: int, j: int) -> DataError:
+    """Two sources that share a file (the same path twice, or a folder and a file inside it) would read it
+    with the sum of their weights, which is rarely what was meant: refuse, stating that sum."""
+    (spec_i, weight_i), (spec_j, weight_j) = first, second
+    relation = "is the same source as" if spec_i == spec_j else "overlaps"
+    return DataError(f"paths.data_path[{j}] ({spec_j}) {relation} paths.data_path[{i}] ({spec_i}): both take "
+                     f"{path}, which would count {weight_i:g} + {weight_j:g} = {weight_i + weight_j:g} passes per "
+                     f"epoch; list each file in one source and give that source the weight you mean")
 
 
 def _matching_paths(spec: str) -> list[str]:
