@@ -205,10 +205,10 @@ def test_bad_input_is_one_line_naming_the_file_exit_2(case, tmp_path, config_for
 
 
 def test_source_weight_of_zero_or_less_is_a_config_error(tmp_path, config_for, demo_corpus):
-    config = config_for([{"path": demo_corpus, "weight": 1}, {"path": demo_corpus, "weight": -1}])
+    config = config_for([{"path": demo_corpus, "weight": 1}, {"path": demo_corpus + ".gz", "weight": -1}])
     result = run_cli(["train_qlora.py", "--config", config, "--prepare-data"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (f"config error: paths.data_path[1].weight: must be > 0 (passes over {demo_corpus} "
+    assert result.stderr.strip() == (f"config error: paths.data_path[1].weight: must be > 0 (passes over {demo_corpus}.gz "
                                      f"per epoch; remove the source to leave it out), got -1.0")
 
 
@@ -247,3 +247,74 @@ def test_config_shapes_of_data_path(tmp_path):
     cfg = load_config(tmp_path / "c.yaml")
     assert [(s.path, s.weight) for s in cfg.paths.data_path] == [(str(tmp_path / "a/*.jsonl.zst"), 2.5),
                                                                   (str(tmp_path / "b"), 1.0)]
+
+
+# ---------------------------------------------------------------------------
+# The cache verifies itself, and forgets what can never be reused (issue 25)
+# ---------------------------------------------------------------------------
+
+def test_damaged_cache_is_rebuilt_and_stores_of_changed_files_are_removed(tmp_path, config_for, demo_corpus, capfd):
+    """A truncated tokens.u32 used to be "warm": --prepare-data exit 0, then an IndexError mid-run."""
+    texts = demo_texts(demo_corpus)
+    kept = write_shard(tmp_path / "other" / "kept.jsonl", texts[:40])
+    prepared(config_for(kept, name="other.yaml"))  # another run's store over a file that stays as it is
+    shard = write_shard(tmp_path / "corpus" / "a.jsonl", texts[40:160])
+    config = config_for(shard)
+    first = prepared(config)
+    reference = (all_rows(first.train_rows), all_rows(first.val_rows))
+    store = first.summary["files"][0]["store"]
+    capfd.readouterr()
+
+    def damaged_then_rebuilt(damage, words, tokenized=True):
+        damage()
+        again = prepared(config)
+        err = capfd.readouterr().err
+        assert words in err and ("data: tokenized 1 file(s)" in err) == tokenized, err
+        assert again.prepared_here and (all_rows(again.train_rows), all_rows(again.val_rows)) == reference
+
+    tokens = os.path.join(store, "tokens.u32")
+    damaged_then_rebuilt(lambda: os.truncate(tokens, os.path.getsize(tokens) - 4),
+                         f"data: token store {store} is damaged (tokens.u32 holds ")
+    digests = os.path.join(store, "digests.b16")
+
+    def flip_a_byte():
+        with open(digests, "r+b") as fh:
+            fh.seek(100)
+            byte = fh.read(1)
+            fh.seek(100)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+
+    damaged_then_rebuilt(flip_a_byte, "(digests.b16 does not match its checksum); rebuilding it")
+    piece_len = os.path.join(first.cache_dir, "train.piece_len.npy")
+    damaged_then_rebuilt(lambda: os.truncate(piece_len, os.path.getsize(piece_len) - 8),
+                         f"data: rows folder {first.cache_dir} is damaged (unreadable: ValueError", tokenized=False)
+    assert not prepared(config).prepared_here  # verified and warm again
+
+    # The corpus changes: its old store and rows can never be hit again, so they go; the other run's stay.
+    write_shard(shard, texts[40:170])
+    changed = prepared(config)
+    err = capfd.readouterr().err
+    assert "data: removed 1 token store(s) of input files that changed or are gone (" in err
+    files_dir = tmp_path / "scratch" / "tokenized" / "files"
+    stores = {json.load(open(files_dir / name / "meta.json"))["path"] for name in os.listdir(files_dir)}
+    assert stores == {kept, shard} and not os.path.exists(store) and not os.path.exists(first.cache_dir)
+    assert len(os.listdir(tmp_path / "scratch" / "tokenized" / "rows")) == 2 and changed.cache_dir != first.cache_dir
+
+
+@pytest.mark.parametrize("layout", ["same path twice", "a folder and a file inside it", "a glob and a file"])
+def test_overlapping_sources_are_refused_with_their_effective_weight(tmp_path, layout):
+    from glmkit.data.sources import resolve_sources
+
+    a = write_shard(tmp_path / "corpus" / "a.jsonl", ["one", "two"])
+    write_shard(tmp_path / "corpus" / "b.jsonl", ["three"])
+    first, second = {"same path twice": (a, a), "a folder and a file inside it": (str(tmp_path / "corpus"), a),
+                     "a glob and a file": (str(tmp_path / "corpus" / "*.jsonl"), a)}[layout]
+    cfg_sources = [{"path": first, "weight": 1}, {"path": second, "weight": 3}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"paths": {"data_path": cfg_sources}}))
+    cfg = load_config(tmp_path / "c.yaml")
+    with pytest.raises(DataError) as info:
+        resolve_sources(cfg.paths.data_path, "text")
+    relation = "is the same source as" if first == second else "overlaps"
+    assert str(info.value) == (f"paths.data_path[1] ({second}) {relation} paths.data_path[0] ({first}): both take "
+                               f"{a}, which would count 1 + 3 = 4 passes per epoch; list each file in one source "
+                               f"and give that source the weight you mean")

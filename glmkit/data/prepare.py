@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from glmkit.run.checkpoint_names import read_meta
+from glmkit.data import cache
 from glmkit.data import fingerprint as data_fingerprint
 from glmkit.data import sources
 from glmkit.data import token_store
@@ -94,6 +95,7 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
     rows_dir = os.path.join(root, "rows", hashlib.sha256(rows_key.encode()).hexdigest()[:24])
     prepared_here = False
     with _preparer_lock(root):
+        _discard_damaged(store_dirs, rows_dir)
         ready = os.path.isfile(os.path.join(rows_dir, "summary.json")) and all(map(os.path.isdir, store_dirs.values()))
         if not ready:
             _remove_stale_temporaries(root)
@@ -103,6 +105,10 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
             check_bad_lines([s.meta for s in stores], t.skip_bad_lines)
             _write_rows(rows_dir, configured, files, stores, cfg)
             prepared_here = True
+            count, freed = cache.remove_unreachable(root, set(store_dirs.values()))
+            if count:
+                print(f"data: removed {count} token store(s) of input files that changed or are gone "
+                      f"({freed / 2**20:,.1f} MiB freed)", file=sys.stderr, flush=True)
     with open(os.path.join(rows_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
     check_bad_lines(summary["files"], t.skip_bad_lines)
@@ -111,6 +117,20 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
     rows = {name: Rows(tokens, load_layout(rows_dir, name), t.max_seq_length, pad, t.packing)
             for name in ("train", "val")}
     return PreparedData(rows["train"], rows["val"], summary, rows_dir, prepared_here)
+
+
+def _discard_damaged(store_dirs: dict[str, str], rows_dir: str) -> None:
+    """Remove (to rebuild) each of this run's stores that fails its checks, and its rows if they do."""
+    for path in store_dirs.values():
+        if os.path.isdir(path):
+            reason = token_store.damage(path)
+            if reason:
+                cache.discard(path, "token store", reason)
+    if os.path.isfile(os.path.join(rows_dir, "summary.json")) and all(map(os.path.isdir, store_dirs.values())):
+        tokens = [token_store.Store.open(path).meta["tokens"] for path in store_dirs.values()]
+        reason = cache.rows_damage(rows_dir, tokens)
+        if reason:
+            cache.discard(rows_dir, "rows folder", reason)
 
 
 @contextlib.contextmanager
