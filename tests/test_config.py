@@ -1,6 +1,7 @@
 """The YAML contract: every shipped file validates; every problem in a bad one is reported at once."""
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -316,3 +317,47 @@ def test_source_weight_has_an_upper_bound(tmp_path):
     assert time.perf_counter() - started < 1.0
     assert info.value.problems == [f"paths.data_path[0].weight: must be <= 1000 (passes over {tmp_path / 'a.jsonl'} "
                                    f"per epoch), got 1e+06; lower it, or the weights of the other sources instead"]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real read-only folder: a read-only tmpfs when running as root (as CI does), else a folder without
+    write permission; skipped, saying so, where neither can be made."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_unwritable_folders_are_one_line_each_before_anything_starts(tmp_path, read_only_folder):
+    """An unwritable output/log folder used to be a PermissionError (or EROFS) traceback."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    os.symlink(tmp_path / "loop-b", tmp_path / "loop-a")
+    os.symlink(tmp_path / "loop-a", tmp_path / "loop-b")
+    paths = {"model_dir": str(model), "output_dir": str(read_only_folder / "run"),
+             "best_adapter_dir": str(tmp_path / "a-file" / "best"), "scratch_dir": str(tmp_path / "loop-a" / "s")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"paths": paths}))
+    result = run_cli(["train_qlora.py", "--config", str(tmp_path / "c.yaml")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    why = "is on a read-only filesystem" if os.geteuid() == 0 else "is not writable by this user"
+    assert result.stderr.strip().splitlines() == [
+        f"error: paths.output_dir: cannot write in {read_only_folder / 'run'}: {read_only_folder} {why}; fix the "
+        f"permissions or set paths.output_dir to a folder you can write",
+        f"error: paths.best_adapter_dir: cannot write in {tmp_path / 'a-file' / 'best'}: {tmp_path / 'a-file'} is "
+        f"a file, not a folder; fix the permissions or set paths.best_adapter_dir to a folder you can write",
+        f"error: paths.scratch_dir: cannot write in {tmp_path / 'loop-a' / 's'}: {tmp_path / 'loop-a' / 's'} is a "
+        f"symlink loop (a link that leads back to itself); fix the permissions or set paths.scratch_dir to a folder "
+        f"you can write"]
+    assert os.listdir(read_only_folder) == [] and not os.path.exists(tmp_path / "run")

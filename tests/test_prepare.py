@@ -5,10 +5,13 @@ warm cache, and one preparer among several processes."""
 import gzip
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
-from conftest import jsonl_bytes, run_cli, write_shard, write_tiny_config
+from conftest import ROOT, jsonl_bytes, run_cli, write_shard, write_tiny_config
 
 from glmkit.config.schema import ConfigError, load_config
 from glmkit.data.prepare import prepare_data
@@ -318,3 +321,63 @@ def test_overlapping_sources_are_refused_with_their_effective_weight(tmp_path, l
     assert str(info.value) == (f"paths.data_path[1] ({second}) {relation} paths.data_path[0] ({first}): both take "
                                f"{a}, which would count 1 + 3 = 4 passes per epoch; list each file in one source "
                                f"and give that source the weight you mean")
+
+
+def test_symlink_loops_and_unreadable_files_are_one_line(tmp_path):
+    """A looping link or an unreadable file among the inputs used to be an OSError traceback."""
+    from glmkit.data.sources import resolve_sources
+
+    corpus = tmp_path / "corpus"
+    write_shard(corpus / "a.jsonl", ["one", "two"])
+    os.symlink(corpus / "b.jsonl", corpus / "c.jsonl")
+    os.symlink(corpus / "c.jsonl", corpus / "b.jsonl")
+    with pytest.raises(DataError) as info:
+        resolve_sources(str(corpus), "text")
+    assert str(info.value) == (f"{corpus / 'b.jsonl'}: a symlink loop (a link that leads back to itself); fix it "
+                               f"(permissions, the link) or leave it out of paths.data_path")
+    with pytest.raises(DataError, match=r"c.jsonl: a symlink loop \(a link that leads back to itself\); set "):
+        resolve_sources(str(corpus / "c.jsonl"), "text")
+    # Unreadable: root reads any file, so as root the check runs without the capabilities that let it.
+    secret = write_shard(tmp_path / "shared" / "secret.jsonl", ["hidden"])
+    os.chmod(secret, 0)
+    code = ("from glmkit.data.sources import resolve_sources, DataError\n"
+            f"try: resolve_sources({str(tmp_path / 'shared')!r}, 'text')\nexcept DataError as e: print(e)")
+    command = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv (util-linux): root reads any file, so none is unreadable")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.stdout.strip() == (f"{secret}: cannot be read (Permission denied); fix it (permissions, the link) "
+                                     f"or leave it out of paths.data_path"), result.stderr[-2000:]
+
+
+def test_truncated_gzip_is_located_near_the_break_and_dictionary_strings_are_text(tmp_path, config_for):
+    """A truncated .gz said "near line 1" when the break was ~line 1,446; a dictionary-encoded parquet column
+    (what pandas writes for a categorical) was refused as "not text"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from glmkit.data.sources import read_chunks, resolve_sources
+
+    shard = write_shard(tmp_path / "t.jsonl.gz", [f"word {i} " * 40 for i in range(3000)])
+    _truncate(shard)
+    with pytest.raises(DataError) as info:
+        list(read_chunks(resolve_sources(shard, "text")[0].files[0], "text"))
+    line = int(str(info.value).split("near line ")[1].split()[0])
+    with gzip.open(shard, "rb") as fh:  # how far the archive really reads
+        readable = 0
+        with pytest.raises(EOFError):
+            for _ in fh:
+                readable += 1
+    assert readable > 1000 and line == readable + 1, (line, readable)  # the first line it could not read
+    texts = [f"document {i % 7} about parquet" for i in range(60)]
+    table = pa.table({"text": pa.array(texts).dictionary_encode()})
+    assert pa.types.is_dictionary(table.schema.field("text").type)
+    pq.write_table(table, tmp_path / "dict.parquet")
+    plain = write_shard(tmp_path / "plain" / "plain.parquet", texts)
+    dictionary = prepared(config_for(str(tmp_path / "dict.parquet"), {"training.val_fraction": 0}))
+    reference = prepared(config_for(plain, {"training.val_fraction": 0}, name="plain.yaml"))
+    assert dictionary.summary["files"][0]["docs"] == 60
+    assert all_rows(dictionary.train_rows) == all_rows(reference.train_rows)
