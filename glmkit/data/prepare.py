@@ -11,7 +11,9 @@ The cache lives under `<paths.scratch_dir>/tokenized/`:
                    setting that shapes rows (sources and weights, seed, val_fraction,
                    max_seq_length, packing)
 
-No key is ever computed from the text itself, so a warm start only lists and stats the files.
+No key is ever computed from the text itself, so a warm start only lists and stats the files, and
+verifies the stores and rows it reuses (glmkit/data/cache.py: damaged ones are rebuilt); after a
+preparation, stores of input files that changed or are gone are removed.
 
 Which documents go where:
 - validation: a document is held out when a hash of its content, salted with training.seed,

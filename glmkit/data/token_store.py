@@ -7,7 +7,9 @@ mtime, the tokenizer and the text field, so adding a shard tokenizes only that s
     lengths.u32   tokens per document
     digests.b16   16-byte BLAKE2b of each document's UTF-8 text (the validation split and the
                   data fingerprint are functions of these, not of positions in the corpus)
-    meta.json     the file's identity, counts, and its bad lines (count + the first few as file:line)
+    meta.json     the file's identity, counts, its bad lines (count + the first few as file:line), and
+                  BLAKE2b checksums of lengths.u32 and digests.b16 (`damage` checks them, and every
+                  file's size against the counts, before a store is reused)
 
 The reading process streams chunks of raw lines to a pool of workers (one core each) and
 writes their results in order; at most a few chunks are in flight, so memory does not grow
