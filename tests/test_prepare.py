@@ -381,3 +381,21 @@ def test_truncated_gzip_is_located_near_the_break_and_dictionary_strings_are_tex
     reference = prepared(config_for(plain, {"training.val_fraction": 0}, name="plain.yaml"))
     assert dictionary.summary["files"][0]["docs"] == 60
     assert all_rows(dictionary.train_rows) == all_rows(reference.train_rows)
+
+
+def test_an_epoch_whose_layout_outgrows_memory_is_refused_before_allocating():
+    """Weights within bounds can still ask for more than the machine has (a huge corpus x 1000): the layout's
+    size is known from the counts alone, so it is compared with this machine's MemAvailable first."""
+    from glmkit.data.prepare import _available_memory, _check_layout_fits, layout_bytes
+
+    available = _available_memory()
+    if available is None:
+        pytest.skip("no /proc/meminfo here: the check is skipped where the available memory is unknown")
+    docs = available // 40  # more than fits: at least 48 bytes a document
+    needed = layout_bytes(docs, docs * 100, 4096, packing=True)
+    assert needed > available
+    with pytest.raises(DataError, match=rf"^data/a.jsonl \(x1000\): the source weights make an epoch of {docs:,} "
+                                        r"training documents, whose row layout needs about [\d.]+ GiB of memory "
+                                        r"while [\d.]+ GiB are available; lower the weights in paths.data_path"):
+        _check_layout_fits(needed, docs, "data/a.jsonl (x1000)")
+    _check_layout_fits(layout_bytes(400_000, 236_000_000, 256, packing=True), 400_000, "fits")  # 55 MB

@@ -208,11 +208,6 @@ def _unit_interval(words: np.ndarray, salt: np.uint64) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-# Bytes of memory per training document of an epoch while its rows are laid out: the shuffled ids, their
-# starts and lengths, and the pieces (int64 start + uint32 length, twice while they are joined).
-LAYOUT_BYTES_PER_DOC = 48
-
-
 def _available_memory() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
@@ -222,9 +217,17 @@ def _available_memory() -> int | None:
         return None
 
 
-def _check_layout_fits(epoch_docs: int, described: str) -> None:
+def layout_bytes(epoch_docs: int, epoch_tokens: int, max_seq_length: int, packing: bool) -> int:
+    """Memory the epoch's row layout takes while it is built: per document its id, start and length (8 bytes
+    each); per piece (at most one per document plus one per row) an int64 start and a uint32 length, twice
+    while the blocks are joined; per row its pointer and count (8 bytes each)."""
+    rows = -(-epoch_tokens // max_seq_length) if packing else epoch_docs
+    return 24 * epoch_docs + 24 * (epoch_docs + rows) + 16 * rows
+
+
+def _check_layout_fits(needed: int, epoch_docs: int, described: str) -> None:
     """Refuse, before allocating, an epoch whose source weights make the row layout outgrow memory."""
-    needed, available = epoch_docs * LAYOUT_BYTES_PER_DOC, _available_memory()
+    available = _available_memory()
     if available is not None and needed > available:
         raise DataError(f"{described}: the source weights make an epoch of {epoch_docs:,} training documents, "
                         f"whose row layout needs about {needed / 2**30:.1f} GiB of memory while "
@@ -260,7 +263,9 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
                             "train_tokens_per_epoch": passes * int(lengths[train_ids].sum())
                             + int(lengths[subset].sum())})
     epoch_docs = sum(row["train_docs_per_epoch"] for row in source_rows)
-    _check_layout_fits(epoch_docs, sources.describe(cfg.paths.data_path))
+    epoch_tokens = sum(row["train_tokens_per_epoch"] for row in source_rows)
+    _check_layout_fits(layout_bytes(epoch_docs, epoch_tokens, t.max_seq_length, t.packing), epoch_docs,
+                       sources.describe(cfg.paths.data_path))
     # The epoch's documents in one array, filled pass by pass (no list of copies to concatenate), then
     # shuffled in place: the same order as indexing with rng.permutation, without a second array.
     train_ids, filled = np.empty(epoch_docs, dtype=np.int64), 0
