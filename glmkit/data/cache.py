@@ -25,6 +25,8 @@ from glmkit.data import token_store
 from glmkit.data.rows import load_layout
 from glmkit.data.sources import DataError
 
+CHECK_BLOCK = 1 << 22  # pieces checked at once (48 MiB of temporaries)
+
 
 def rows_damage(rows_dir: str, store_tokens: list[int]) -> str | None:
     """Why the rows folder can't be trusted (None: its layouts agree with summary.json and the stores).
@@ -44,9 +46,10 @@ def rows_damage(rows_dir: str, store_tokens: list[int]) -> str | None:
                 return f"the {name} layout does not match the row count in summary.json"
             if int(piece_len.sum(dtype=np.int64)) != summary[name]["tokens"]:
                 return f"the {name} layout does not add up to the token count in summary.json"
-            if len(piece_start) and (int(piece_start.min()) < 0
-                                     or int((piece_start + piece_len).max()) > total):
-                return f"the {name} layout points outside the token stores"
+            for lo in range(0, len(piece_start), CHECK_BLOCK):  # blockwise: the layouts may be large
+                starts = piece_start[lo:lo + CHECK_BLOCK]
+                if int(starts.min()) < 0 or int((starts + piece_len[lo:lo + CHECK_BLOCK]).max()) > total:
+                    return f"the {name} layout points outside the token stores"
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         return f"unreadable: {exc.__class__.__name__}: {str(exc)[:80]}"
     return None
