@@ -361,3 +361,17 @@ def test_unwritable_folders_are_one_line_each_before_anything_starts(tmp_path, r
         f"symlink loop (a link that leads back to itself); fix the permissions or set paths.scratch_dir to a folder "
         f"you can write"]
     assert os.listdir(read_only_folder) == [] and not os.path.exists(tmp_path / "run")
+
+
+def test_a_run_folder_whose_logs_folder_is_unwritable_is_refused(tmp_path):
+    from glmkit.config.folders import unwritable_problems
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "logs").write_text("a file where the logs folder belongs")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"paths": {"output_dir": "run"}}))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert unwritable_problems(cfg, ("output_dir",)) == [
+        f"paths.output_dir: cannot write in {tmp_path / 'run' / 'logs'}: {tmp_path / 'run' / 'logs'} is a file, not a "
+        f"folder; fix the permissions or set paths.output_dir to a folder you can write"]
+    (tmp_path / "run" / "logs").unlink()
+    assert unwritable_problems(cfg, ("output_dir", "scratch_dir", "best_adapter_dir")) == []

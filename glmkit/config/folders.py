@@ -57,7 +57,11 @@ def unwritable_problems(cfg, keys: tuple[str, ...]) -> list[str]:
         if key == "best_adapter_dir":  # replaced by renames beside it: its parent must be writable too
             folder = os.path.dirname(folder)
         reason = why_unwritable(folder) if folder else None
+        if reason is None and key == "output_dir" and os.path.lexists(cfg.logs_dir):
+            folder = cfg.logs_dir  # a run folder of one's own can still hold another user's logs/
+            reason = why_unwritable(folder)
         if reason:
-            problems.append(f"paths.{key}: cannot write in {getattr(cfg.paths, key)}: {reason}; fix the "
+            where = folder if folder == cfg.logs_dir else getattr(cfg.paths, key)
+            problems.append(f"paths.{key}: cannot write in {where}: {reason}; fix the "
                             f"permissions or set paths.{key} to a folder you can write")
     return problems
