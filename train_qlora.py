@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import torch
 
+from glmkit.config.folders import unwritable_problems
 from glmkit.config.schema import add_config_arguments, config_from_args
 from glmkit.data.rows import DataError
 from glmkit.model.errors import ModelLoadError
@@ -207,6 +208,12 @@ def main(argv=None) -> int:
         from glmkit.plan.fit import run_plan_cli
 
         return run_plan_cli(cfg, args.json)
+    # Every folder this command writes, checked before anything starts (each process checks the same).
+    problems = unwritable_problems(cfg, ("scratch_dir",) if args.prepare_data else
+                                   ("output_dir", "best_adapter_dir", "scratch_dir"))
+    if problems:
+        print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr)
+        return 2
     if args.prepare_data:
         from glmkit.data.prepare import run_prepare_cli
 

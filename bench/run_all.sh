@@ -6,12 +6,12 @@
 #
 #   bench/run_all.sh            # all of them
 #   bench/run_all.sh loading    # only those named (data_efficiency vs_trainer memory_plan loading overheads
-#                               #   expert_lora packed_attention loss_memory data_prep)
+#                               #   expert_lora packed_attention loss_memory data_prep cache_verify)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-ALL=(memory_plan data_efficiency vs_trainer overheads loading expert_lora packed_attention loss_memory data_prep)
+ALL=(memory_plan data_efficiency vs_trainer overheads loading expert_lora packed_attention loss_memory data_prep cache_verify)
 
 if [[ $# -gt 0 ]]; then
   selected=("$@")

@@ -1,6 +1,8 @@
 """The YAML contract: every shipped file validates; every problem in a bad one is reported at once."""
 
 import os
+import subprocess
+import time
 
 import pytest
 import yaml
@@ -220,3 +222,156 @@ def test_flash_attention_2_needs_flash_attn_else_one_line_pointing_at_varlen(tmp
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"config error: {info.value.problems[0]}"]
     assert load_config(tmp_path / "fa2.yaml", ["model.attn_implementation=varlen"]).model.attn_implementation == "varlen"
+
+
+# ---------------------------------------------------------------------------
+# Hostile files: duplicate keys, alias bombs, huge files, long values (issue 25)
+# ---------------------------------------------------------------------------
+
+def test_duplicate_keys_are_refused_naming_the_key_and_both_lines(tmp_path):
+    """A second `training:` section used to reset the first one's keys to their defaults (seed 1234 -> 42)."""
+    (tmp_path / "c.yaml").write_text("training:\n  seed: 1234\n  max_seq_length: 256\noptimization:\n"
+                                     "  learning_rate: 2.0e-4\ntraining:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml")
+    assert info.value.problems == [
+        f"config: {tmp_path / 'c.yaml'}: key 'training' appears twice, at lines 1 and 6 (the second would "
+        f"silently replace the first); keep one and merge their settings"]
+    (tmp_path / "c.yaml").write_text("training:\n  seed: 1234\n  epochs: 1\n  seed: 7\n")
+    with pytest.raises(ConfigError, match=r"key 'training.seed' appears twice, at lines 2 and 4"):
+        load_config(tmp_path / "c.yaml")
+    # A merge key overrides on purpose: `<<: *base` followed by the key is not a duplicate.
+    (tmp_path / "c.yaml").write_text("training: &t\n  seed: 3\noptimization:\n  <<: {learning_rate: 1.0e-3}\n"
+                                     "  learning_rate: 2.0e-4\n")
+    assert load_config(tmp_path / "c.yaml").optimization.learning_rate == 2e-4
+
+
+def billion_laughs(levels: int = 9) -> str:
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        previous, name = chr(ord("a") + level - 1), chr(ord("a") + level)
+        lines.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    return "\n".join(lines) + f"\ntraining:\n  epochs: *{chr(ord('a') + levels - 1)}\n"
+
+
+def test_alias_bomb_and_huge_file_fail_fast_in_one_line(tmp_path):
+    (tmp_path / "bomb.yaml").write_text(billion_laughs())
+    (tmp_path / "self.yaml").write_text("training: &t\n  epochs: [*t]\n")
+    (tmp_path / "huge.yaml").write_text("training:\n  epochs: 1\n" + "# padding\n" * 120_000)  # 1.2 MB of comments
+    for name, words in (("bomb", "its anchors and aliases expand to more than 100,000 values (near line 6)"),
+                        ("self", "an alias refers to the value that contains it (near line 1)"),
+                        ("huge", "the file is larger than 1 MiB")):
+        started = time.perf_counter()
+        with pytest.raises(ConfigError) as info:
+            load_config(tmp_path / f"{name}.yaml")
+        assert time.perf_counter() - started < 1.0
+        assert len(info.value.problems) == 1 and words in info.value.problems[0], info.value.problems
+    # A few shared anchors stay fine: a real config may reuse a value.
+    (tmp_path / "ok.yaml").write_text("lora:\n  target_modules: &m [q_proj, v_proj]\nmemory: {}\n")
+    assert load_config(tmp_path / "ok.yaml").lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_quoted_values_are_truncated_in_messages(tmp_path):
+    """A small bomb under the expansion limit, or a long string, is quoted in a few dozen characters."""
+    (tmp_path / "c.yaml").write_text(billion_laughs(levels=4) + f"lora:\n  r: '{'x' * 5000}'\n")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml")
+    assert time.perf_counter() - started < 1.0
+    epochs, rank = [p for p in info.value.problems if p.startswith(("training.epochs", "lora.r"))]
+    assert epochs.startswith("training.epochs: expected an integer, got [[[[") and len(epochs) < 140
+    assert rank.startswith("lora.r: expected an integer, got 'xxx") and "..." in rank and len(rank) < 140
+
+
+def test_config_file_symlink_loop_is_one_line(tmp_path):
+    os.symlink(tmp_path / "b.yaml", tmp_path / "a.yaml")
+    os.symlink(tmp_path / "a.yaml", tmp_path / "b.yaml")
+    result = run_cli(["train_qlora.py", "--config", str(tmp_path / "a.yaml"), "--plan"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"config error: config: {tmp_path / 'a.yaml'} is a symlink loop (a link that "
+                                     f"leads back to itself); pass --config PATH to a YAML file such as "
+                                     f"training_config.yaml")
+
+
+@pytest.mark.parametrize("output_dir, message", [
+    ("{model}", "paths.output_dir: {model} is paths.model_dir ({model}); checkpoints and logs would mix"),
+    ("{model}/run", "paths.output_dir: {model}/run lies inside paths.model_dir ({model}); checkpoints and logs"),
+    ("/", "paths.output_dir: is the filesystem root /; the kit writes (and replaces) files there"),
+])
+def test_output_dir_inside_the_model_or_at_a_root_is_refused(tmp_path, output_dir, message):
+    model = str(tmp_path / "models" / "m")
+    paths = {"model_dir": model, "output_dir": output_dir.format(model=model),
+             "best_adapter_dir": str(tmp_path / "best"), "scratch_dir": str(tmp_path / "scratch")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"paths": paths}))
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml")
+    assert info.value.problems[0].startswith(message.format(model=model)), info.value.problems
+
+
+def test_source_weight_has_an_upper_bound(tmp_path):
+    """A weight of 1e6 used to lay out a million copies of the corpus: 9.7 GB, then a MemoryError."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"paths": {"data_path": [{"path": "a.jsonl", "weight": 1e6}]}}))
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml")
+    assert time.perf_counter() - started < 1.0
+    assert info.value.problems == [f"paths.data_path[0].weight: must be <= 1000 (passes over {tmp_path / 'a.jsonl'} "
+                                   f"per epoch), got 1e+06; lower it, or the weights of the other sources instead"]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real read-only folder: a read-only tmpfs when running as root (as CI does), else a folder without
+    write permission; skipped, saying so, where neither can be made."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_unwritable_folders_are_one_line_each_before_anything_starts(tmp_path, read_only_folder):
+    """An unwritable output/log folder used to be a PermissionError (or EROFS) traceback."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    os.symlink(tmp_path / "loop-b", tmp_path / "loop-a")
+    os.symlink(tmp_path / "loop-a", tmp_path / "loop-b")
+    paths = {"model_dir": str(model), "output_dir": str(read_only_folder / "run"),
+             "best_adapter_dir": str(tmp_path / "a-file" / "best"), "scratch_dir": str(tmp_path / "loop-a" / "s")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"paths": paths}))
+    result = run_cli(["train_qlora.py", "--config", str(tmp_path / "c.yaml")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    why = "is on a read-only filesystem" if os.geteuid() == 0 else "is not writable by this user"
+    assert result.stderr.strip().splitlines() == [
+        f"error: paths.output_dir: cannot write in {read_only_folder / 'run'}: {read_only_folder} {why}; fix the "
+        f"permissions or set paths.output_dir to a folder you can write",
+        f"error: paths.best_adapter_dir: cannot write in {tmp_path / 'a-file' / 'best'}: {tmp_path / 'a-file'} is "
+        f"a file, not a folder; fix the permissions or set paths.best_adapter_dir to a folder you can write",
+        f"error: paths.scratch_dir: cannot write in {tmp_path / 'loop-a' / 's'}: {tmp_path / 'loop-a' / 's'} is a "
+        f"symlink loop (a link that leads back to itself); fix the permissions or set paths.scratch_dir to a folder "
+        f"you can write"]
+    assert os.listdir(read_only_folder) == [] and not os.path.exists(tmp_path / "run")
+
+
+def test_a_run_folder_whose_logs_folder_is_unwritable_is_refused(tmp_path):
+    from glmkit.config.folders import unwritable_problems
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "logs").write_text("a file where the logs folder belongs")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"paths": {"output_dir": "run"}}))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert unwritable_problems(cfg, ("output_dir",)) == [
+        f"paths.output_dir: cannot write in {tmp_path / 'run' / 'logs'}: {tmp_path / 'run' / 'logs'} is a file, not a "
+        f"folder; fix the permissions or set paths.output_dir to a folder you can write"]
+    (tmp_path / "run" / "logs").unlink()
+    assert unwritable_problems(cfg, ("output_dir", "scratch_dir", "best_adapter_dir")) == []

@@ -266,6 +266,10 @@ def test_merge_refuses_a_model_that_does_not_fit_the_adapter(expert_run, tiny_mo
     assert line.startswith(f"error: the adapter does not fit {other}: model.layers.1.mlp.experts.down_proj is "
                            f"[8, 128, 32] there")
     assert not os.path.exists(tmp_path / "out")
+    # --sample refuses the same mismatch in the same line (it used to be a peft size-mismatch traceback).
+    sampled = one_line_error(run_cli(["use_adapter.py", "--config", expert_run["config"], "--set",
+                                      f"paths.model_dir={other}", "--sample", "The module"]))
+    assert sampled == line
     llama = tmp_path / "llama"
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                 vocab_size=128).save_pretrained(llama)

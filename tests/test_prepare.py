@@ -5,10 +5,13 @@ warm cache, and one preparer among several processes."""
 import gzip
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
-from conftest import jsonl_bytes, run_cli, write_shard, write_tiny_config
+from conftest import ROOT, jsonl_bytes, run_cli, write_shard, write_tiny_config
 
 from glmkit.config.schema import ConfigError, load_config
 from glmkit.data.prepare import prepare_data
@@ -205,10 +208,10 @@ def test_bad_input_is_one_line_naming_the_file_exit_2(case, tmp_path, config_for
 
 
 def test_source_weight_of_zero_or_less_is_a_config_error(tmp_path, config_for, demo_corpus):
-    config = config_for([{"path": demo_corpus, "weight": 1}, {"path": demo_corpus, "weight": -1}])
+    config = config_for([{"path": demo_corpus, "weight": 1}, {"path": demo_corpus + ".gz", "weight": -1}])
     result = run_cli(["train_qlora.py", "--config", config, "--prepare-data"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (f"config error: paths.data_path[1].weight: must be > 0 (passes over {demo_corpus} "
+    assert result.stderr.strip() == (f"config error: paths.data_path[1].weight: must be > 0 (passes over {demo_corpus}.gz "
                                      f"per epoch; remove the source to leave it out), got -1.0")
 
 
@@ -247,3 +250,152 @@ def test_config_shapes_of_data_path(tmp_path):
     cfg = load_config(tmp_path / "c.yaml")
     assert [(s.path, s.weight) for s in cfg.paths.data_path] == [(str(tmp_path / "a/*.jsonl.zst"), 2.5),
                                                                   (str(tmp_path / "b"), 1.0)]
+
+
+# ---------------------------------------------------------------------------
+# The cache verifies itself, and forgets what can never be reused (issue 25)
+# ---------------------------------------------------------------------------
+
+def test_damaged_cache_is_rebuilt_and_stores_of_changed_files_are_removed(tmp_path, config_for, demo_corpus, capfd):
+    """A truncated tokens.u32 used to be "warm": --prepare-data exit 0, then an IndexError mid-run."""
+    texts = demo_texts(demo_corpus)
+    kept = write_shard(tmp_path / "other" / "kept.jsonl", texts[:40])
+    prepared(config_for(kept, name="other.yaml"))  # another run's store over a file that stays as it is
+    shard = write_shard(tmp_path / "corpus" / "a.jsonl", texts[40:160])
+    config = config_for(shard)
+    first = prepared(config)
+    reference = (all_rows(first.train_rows), all_rows(first.val_rows))
+    store = first.summary["files"][0]["store"]
+    capfd.readouterr()
+
+    def damaged_then_rebuilt(damage, words, tokenized=True):
+        damage()
+        again = prepared(config)
+        err = capfd.readouterr().err
+        assert words in err and ("data: tokenized 1 file(s)" in err) == tokenized, err
+        assert again.prepared_here and (all_rows(again.train_rows), all_rows(again.val_rows)) == reference
+
+    tokens = os.path.join(store, "tokens.u32")
+    damaged_then_rebuilt(lambda: os.truncate(tokens, os.path.getsize(tokens) - 4),
+                         f"data: token store {store} is damaged (tokens.u32 holds ")
+    digests = os.path.join(store, "digests.b16")
+
+    def flip_a_byte():
+        with open(digests, "r+b") as fh:
+            fh.seek(100)
+            byte = fh.read(1)
+            fh.seek(100)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+
+    damaged_then_rebuilt(flip_a_byte, "(digests.b16 does not match its checksum); rebuilding it")
+    piece_len = os.path.join(first.cache_dir, "train.piece_len.npy")
+    damaged_then_rebuilt(lambda: os.truncate(piece_len, os.path.getsize(piece_len) - 8),
+                         f"data: rows folder {first.cache_dir} is damaged (unreadable: ValueError", tokenized=False)
+    assert not prepared(config).prepared_here  # verified and warm again
+
+    # The corpus changes: its old store and rows can never be hit again, so they go; the other run's stay.
+    write_shard(shard, texts[40:170])
+    changed = prepared(config)
+    err = capfd.readouterr().err
+    assert "data: removed 1 token store(s) of input files that changed or are gone (" in err
+    files_dir = tmp_path / "scratch" / "tokenized" / "files"
+    stores = {json.load(open(files_dir / name / "meta.json"))["path"] for name in os.listdir(files_dir)}
+    assert stores == {kept, shard} and not os.path.exists(store) and not os.path.exists(first.cache_dir)
+    assert len(os.listdir(tmp_path / "scratch" / "tokenized" / "rows")) == 2 and changed.cache_dir != first.cache_dir
+
+
+@pytest.mark.parametrize("layout", ["same path twice", "a folder and a file inside it", "a glob and a file"])
+def test_overlapping_sources_are_refused_with_their_effective_weight(tmp_path, layout):
+    from glmkit.data.sources import resolve_sources
+
+    a = write_shard(tmp_path / "corpus" / "a.jsonl", ["one", "two"])
+    write_shard(tmp_path / "corpus" / "b.jsonl", ["three"])
+    first, second = {"same path twice": (a, a), "a folder and a file inside it": (str(tmp_path / "corpus"), a),
+                     "a glob and a file": (str(tmp_path / "corpus" / "*.jsonl"), a)}[layout]
+    cfg_sources = [{"path": first, "weight": 1}, {"path": second, "weight": 3}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"paths": {"data_path": cfg_sources}}))
+    cfg = load_config(tmp_path / "c.yaml")
+    with pytest.raises(DataError) as info:
+        resolve_sources(cfg.paths.data_path, "text")
+    relation = "is the same source as" if first == second else "overlaps"
+    assert str(info.value) == (f"paths.data_path[1] ({second}) {relation} paths.data_path[0] ({first}): both take "
+                               f"{a}, which would count 1 + 3 = 4 passes per epoch; list each file in one source "
+                               f"and give that source the weight you mean")
+
+
+def test_symlink_loops_and_unreadable_files_are_one_line(tmp_path):
+    """A looping link or an unreadable file among the inputs used to be an OSError traceback."""
+    from glmkit.data.sources import resolve_sources
+
+    corpus = tmp_path / "corpus"
+    write_shard(corpus / "a.jsonl", ["one", "two"])
+    os.symlink(corpus / "b.jsonl", corpus / "c.jsonl")
+    os.symlink(corpus / "c.jsonl", corpus / "b.jsonl")
+    with pytest.raises(DataError) as info:
+        resolve_sources(str(corpus), "text")
+    assert str(info.value) == (f"{corpus / 'b.jsonl'}: a symlink loop (a link that leads back to itself); fix it "
+                               f"(permissions, the link) or leave it out of paths.data_path")
+    with pytest.raises(DataError, match=r"c.jsonl: a symlink loop \(a link that leads back to itself\); set "):
+        resolve_sources(str(corpus / "c.jsonl"), "text")
+    # Unreadable: root reads any file, so as root the check runs without the capabilities that let it.
+    secret = write_shard(tmp_path / "shared" / "secret.jsonl", ["hidden"])
+    os.chmod(secret, 0)
+    code = ("from glmkit.data.sources import resolve_sources, DataError\n"
+            f"try: resolve_sources({str(tmp_path / 'shared')!r}, 'text')\nexcept DataError as e: print(e)")
+    command = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv (util-linux): root reads any file, so none is unreadable")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.stdout.strip() == (f"{secret}: cannot be read (Permission denied); fix it (permissions, the link) "
+                                     f"or leave it out of paths.data_path"), result.stderr[-2000:]
+
+
+def test_truncated_gzip_is_located_near_the_break_and_dictionary_strings_are_text(tmp_path, config_for):
+    """A truncated .gz said "near line 1" when the break was ~line 1,446; a dictionary-encoded parquet column
+    (what pandas writes for a categorical) was refused as "not text"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from glmkit.data.sources import read_chunks, resolve_sources
+
+    shard = write_shard(tmp_path / "t.jsonl.gz", [f"word {i} " * 40 for i in range(3000)])
+    _truncate(shard)
+    with pytest.raises(DataError) as info:
+        list(read_chunks(resolve_sources(shard, "text")[0].files[0], "text"))
+    line = int(str(info.value).split("near line ")[1].split()[0])
+    with gzip.open(shard, "rb") as fh:  # how far the archive really reads
+        readable = 0
+        with pytest.raises(EOFError):
+            for _ in fh:
+                readable += 1
+    assert readable > 1000 and line == readable + 1, (line, readable)  # the first line it could not read
+    texts = [f"document {i % 7} about parquet" for i in range(60)]
+    table = pa.table({"text": pa.array(texts).dictionary_encode()})
+    assert pa.types.is_dictionary(table.schema.field("text").type)
+    pq.write_table(table, tmp_path / "dict.parquet")
+    plain = write_shard(tmp_path / "plain" / "plain.parquet", texts)
+    dictionary = prepared(config_for(str(tmp_path / "dict.parquet"), {"training.val_fraction": 0}))
+    reference = prepared(config_for(plain, {"training.val_fraction": 0}, name="plain.yaml"))
+    assert dictionary.summary["files"][0]["docs"] == 60
+    assert all_rows(dictionary.train_rows) == all_rows(reference.train_rows)
+
+
+def test_an_epoch_whose_layout_outgrows_memory_is_refused_before_allocating():
+    """Weights within bounds can still ask for more than the machine has (a huge corpus x 1000): the layout's
+    size is known from the counts alone, so it is compared with this machine's MemAvailable first."""
+    from glmkit.data.prepare import _available_memory, _check_layout_fits, layout_bytes
+
+    available = _available_memory()
+    if available is None:
+        pytest.skip("no /proc/meminfo here: the check is skipped where the available memory is unknown")
+    docs = available // 40  # more than fits: at least 48 bytes a document
+    needed = layout_bytes(docs, docs * 100, 4096, packing=True)
+    assert needed > available
+    with pytest.raises(DataError, match=rf"^data/a.jsonl \(x1000\): the source weights make an epoch of {docs:,} "
+                                        r"training documents, whose row layout needs about [\d.]+ GiB of memory "
+                                        r"while [\d.]+ GiB are available; lower the weights in paths.data_path"):
+        _check_layout_fits(needed, docs, "data/a.jsonl (x1000)")
+    _check_layout_fits(layout_bytes(400_000, 236_000_000, 256, packing=True), 400_000, "fits")  # 55 MB

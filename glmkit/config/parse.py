@@ -17,6 +17,8 @@ from typing import Literal
 
 import yaml
 
+from glmkit.config.yaml_file import shown
+
 _MISSING = dataclasses.MISSING
 
 
@@ -79,14 +81,14 @@ def coerce(value, tp, key: str, problems: list[str]):
         return coerce(value, inner, key, problems)
     if origin is Literal:
         if value not in typing.get_args(tp) or isinstance(value, bool):
-            problems.append(f"{key}: {value!r} is not allowed; use one of {type_name(tp)}")
+            problems.append(f"{key}: {shown(value)} is not allowed; use one of {type_name(tp)}")
             return None
         return value
     if origin is list:
         if isinstance(value, str):  # a single name is a list of one
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            problems.append(f"{key}: expected {type_name(tp)}, got {value!r}")
+            problems.append(f"{key}: expected {type_name(tp)}, got {shown(value)}")
             return None
         return list(value)
     ok = True
@@ -98,14 +100,14 @@ def coerce(value, tp, key: str, problems: list[str]):
         number = _as_float(value)
         if number is None:
             finite = isinstance(value, float) and not math.isfinite(value)
-            problems.append(f"{key}: expected a finite number, got {value!r}" if finite
-                            else f"{key}: expected {type_name(tp)}, got {value!r}")
+            problems.append(f"{key}: expected a finite number, got {shown(value)}" if finite
+                            else f"{key}: expected {type_name(tp)}, got {shown(value)}")
             return None
         return number
     elif tp is str:
         ok = isinstance(value, str) and value != ""
     if not ok:
-        problems.append(f"{key}: expected {type_name(tp)}, got {value!r}")
+        problems.append(f"{key}: expected {type_name(tp)}, got {shown(value)}")
         return None
     return value
 
@@ -152,7 +154,7 @@ def build_section(cls, raw, prefix: str, problems: list[str]):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        problems.append(f"{prefix}: expected a mapping of keys, got {raw!r}")
+        problems.append(f"{prefix}: expected a mapping of keys, got {shown(raw)}")
         return cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     known = list(fields)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import os
+import stat
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from typing import Literal, Optional
 import yaml
 
 from glmkit.config.parse import apply_override, bound_problems, bounds_text, build_section, field_default, setting
+from glmkit.config.yaml_file import YamlFileError, load_yaml_file, shown
 
 
 class ConfigError(ValueError):
@@ -41,12 +44,17 @@ class ModelSection:
         "(debugging)")
 
 
+# Passes per epoch one source may ask for (paths.data_path[i].weight): a pass repeats the source's
+# documents in the epoch's row layout, so the layout grows with weight x documents.
+MAX_SOURCE_WEIGHT = 1000
+
+
 @dataclass
 class DataSource:
     """One entry of a list-valued `paths.data_path`: a file, folder or glob, and its passes per epoch."""
     path: str = setting(help="a .jsonl / .jsonl.gz / .jsonl.zst / .parquet file, a folder of them, or a glob")
     weight: float = setting(1.0, "passes over this source per epoch; a fraction takes a deterministic subset "
-                                 "of its documents", gt=0)
+                                 "of its documents", gt=0, le=MAX_SOURCE_WEIGHT)
 
 
 def _parse_data_path(value, key: str, problems: list[str]):
@@ -55,7 +63,7 @@ def _parse_data_path(value, key: str, problems: list[str]):
         return value
     if not isinstance(value, list) or not value:
         problems.append(f"{key}: expected a path, a glob, or a list of sources like [{{path: data/a/, weight: 1}}], "
-                        f"got {value!r}")
+                        f"got {shown(value)}")
         return None
     sources = []
     for index, item in enumerate(value):
@@ -72,7 +80,7 @@ def _parse_data_path(value, key: str, problems: list[str]):
             if len(problems) == before:
                 sources.append(source)
         else:
-            problems.append(f"{where}: expected a path or {{path: ..., weight: N}}, got {item!r}")
+            problems.append(f"{where}: expected a path or {{path: ..., weight: N}}, got {shown(item)}")
     return sources if len(sources) == len(value) else None
 
 
@@ -249,14 +257,18 @@ KIT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 def load_config(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> Config:
     """Load, override, resolve and validate; raise ConfigError listing every problem."""
     path = os.path.abspath(os.fspath(path))
-    if not os.path.isfile(path):
-        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
-        raise ConfigError([f"config: {path} {what}; pass --config PATH to a YAML file such as training_config.yaml"])
+    problem = _unreadable(path)
+    if problem:
+        raise ConfigError([f"config: {path} {problem}; pass --config PATH to a YAML file such as training_config.yaml"])
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        data = load_yaml_file(path)
+    except OSError as exc:
+        raise ConfigError([f"config: {path} cannot be read ({exc.strerror or exc}); fix its permissions or pass "
+                           f"--config another file"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"config: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"]) from None
+    except YamlFileError as exc:
+        raise ConfigError([f"config: {path}: {exc}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -269,6 +281,20 @@ def load_config(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -
     for override in overrides:
         apply_override(data, override, problems)
     return config_from_dict(data, base_dir=os.path.dirname(path), source_path=path, problems=problems)
+
+
+def _unreadable(path: str) -> Optional[str]:
+    """Why the config file at `path` can't be opened, in a few words (None: it is a regular file)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop (a link that leads back to itself)"
+        if exc.errno == errno.ENOENT:
+            return "does not exist" if not os.path.islink(path) else "is a symlink to nothing"
+        return f"cannot be read ({exc.strerror})"
+    return "is a directory, not a file" if stat.S_ISDIR(info.st_mode) else None if stat.S_ISREG(info.st_mode) \
+        else "is not a regular file"
 
 
 def config_from_dict(data: dict, base_dir: str, source_path: Optional[str] = None,
@@ -350,6 +376,21 @@ def validate(cfg: Config) -> list[str]:
             need(source.weight > 0, f"paths.data_path[{index}].weight",
                  f"must be > 0 (passes over {source.path} per epoch; remove the source to leave it out), "
                  f"got {source.weight}")
+            # Each pass is a copy of the source's documents in the epoch's row layout: bound it.
+            need(not source.weight > MAX_SOURCE_WEIGHT, f"paths.data_path[{index}].weight",
+                 f"must be <= {MAX_SOURCE_WEIGHT} (passes over {source.path} per epoch), got {source.weight:g}; "
+                 f"lower it, or the weights of the other sources instead")
+    # Folders the kit writes into: never a filesystem root, and the run never inside the downloaded model.
+    for key in ("output_dir", "best_adapter_dir", "scratch_dir"):
+        folder = getattr(cfg.paths, key)
+        need(os.path.dirname(folder) != folder, f"paths.{key}",
+             f"is the filesystem root {folder}; the kit writes (and replaces) files there: name a folder of its own, "
+             f"e.g. runs/my-run")
+    out, model = cfg.paths.output_dir, cfg.paths.model_dir
+    if os.path.dirname(out) != out and _contains(model, out):
+        where = "is" if os.path.realpath(out) == os.path.realpath(model) else "lies inside"
+        problems.append(f"paths.output_dir: {out} {where} paths.model_dir ({model}); checkpoints and logs would mix "
+                        f"with the base model's files: put the run in a folder of its own, e.g. runs/my-run")
     # The best adapter folder is replaced on every improvement: it must not overlap anything else.
     best = cfg.paths.best_adapter_dir
     data_paths = [s.path for s in cfg.paths.data_path] if isinstance(cfg.paths.data_path, list) else []

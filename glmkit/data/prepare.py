@@ -11,7 +11,9 @@ The cache lives under `<paths.scratch_dir>/tokenized/`:
                    setting that shapes rows (sources and weights, seed, val_fraction,
                    max_seq_length, packing)
 
-No key is ever computed from the text itself, so a warm start only lists and stats the files.
+No key is ever computed from the text itself, so a warm start only lists and stats the files, and
+verifies the stores and rows it reuses (glmkit/data/cache.py: damaged ones are rebuilt); after a
+preparation, stores of input files that changed or are gone are removed.
 
 Which documents go where:
 - validation: a document is held out when a hash of its content, salted with training.seed,
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from glmkit.run.checkpoint_names import read_meta
+from glmkit.data import cache
 from glmkit.data import fingerprint as data_fingerprint
 from glmkit.data import sources
 from glmkit.data import token_store
@@ -94,6 +97,7 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
     rows_dir = os.path.join(root, "rows", hashlib.sha256(rows_key.encode()).hexdigest()[:24])
     prepared_here = False
     with _preparer_lock(root):
+        _discard_damaged(store_dirs, rows_dir)
         ready = os.path.isfile(os.path.join(rows_dir, "summary.json")) and all(map(os.path.isdir, store_dirs.values()))
         if not ready:
             _remove_stale_temporaries(root)
@@ -103,6 +107,10 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
             check_bad_lines([s.meta for s in stores], t.skip_bad_lines)
             _write_rows(rows_dir, configured, files, stores, cfg)
             prepared_here = True
+            count, freed = cache.remove_unreachable(root, set(store_dirs.values()))
+            if count:
+                print(f"data: removed {count} token store(s) of input files that changed or are gone "
+                      f"({freed / 2**20:,.1f} MiB freed)", file=sys.stderr, flush=True)
     with open(os.path.join(rows_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
     check_bad_lines(summary["files"], t.skip_bad_lines)
@@ -111,6 +119,20 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
     rows = {name: Rows(tokens, load_layout(rows_dir, name), t.max_seq_length, pad, t.packing)
             for name in ("train", "val")}
     return PreparedData(rows["train"], rows["val"], summary, rows_dir, prepared_here)
+
+
+def _discard_damaged(store_dirs: dict[str, str], rows_dir: str) -> None:
+    """Remove (to rebuild) each of this run's stores that fails its checks, and its rows if they do."""
+    for path in store_dirs.values():
+        if os.path.isdir(path):
+            reason = token_store.damage(path)
+            if reason:
+                cache.discard(path, "token store", reason)
+    if os.path.isfile(os.path.join(rows_dir, "summary.json")) and all(map(os.path.isdir, store_dirs.values())):
+        tokens = [token_store.Store.open(path).meta["tokens"] for path in store_dirs.values()]
+        reason = cache.rows_damage(rows_dir, tokens)
+        if reason:
+            cache.discard(rows_dir, "rows folder", reason)
 
 
 @contextlib.contextmanager
@@ -186,6 +208,33 @@ def _unit_interval(words: np.ndarray, salt: np.uint64) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def layout_bytes(epoch_docs: int, epoch_tokens: int, max_seq_length: int, packing: bool) -> int:
+    """Memory the epoch's row layout takes while it is built: per document its id, start and length (8 bytes
+    each); per piece (at most one per document plus one per row) an int64 start and a uint32 length, twice
+    while the blocks are joined; per row its pointer and count (8 bytes each)."""
+    rows = -(-epoch_tokens // max_seq_length) if packing else epoch_docs
+    return 24 * epoch_docs + 24 * (epoch_docs + rows) + 16 * rows
+
+
+def _check_layout_fits(needed: int, epoch_docs: int, described: str) -> None:
+    """Refuse, before allocating, an epoch whose source weights make the row layout outgrow memory."""
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise DataError(f"{described}: the source weights make an epoch of {epoch_docs:,} training documents, "
+                        f"whose row layout needs about {needed / 2**30:.1f} GiB of memory while "
+                        f"{available / 2**30:.1f} GiB are available; lower the weights in paths.data_path "
+                        f"(training.epochs or training.max_steps repeat the data instead)")
+
+
 def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
     t = cfg.training
     lengths = np.concatenate([s.lengths() for s in stores] or [np.zeros(0, np.uint32)]).astype(np.int64)
@@ -198,22 +247,33 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
     subset_u = _unit_interval(words[:, 1].copy(), _salt("weight-subset", t.seed))
     file_index = {f.path: i for i, f in enumerate(files)}
 
-    train_parts, source_rows = [], []
+    # Per source: its documents (memory grows with the corpus), and how often each pass repeats them.
+    plans, source_rows = [], []
     for source in configured:
         ids = np.concatenate([np.arange(doc_base[file_index[f.path]], doc_base[file_index[f.path] + 1])
                               for f in source.files] or [np.zeros(0, np.int64)])
         train_ids = ids[~is_val[ids]]
         passes, fraction = int(math.floor(source.weight)), source.weight - math.floor(source.weight)
-        chosen = [train_ids] * passes + [train_ids[subset_u[train_ids] < fraction]]
-        epoch_ids = np.concatenate(chosen)
-        train_parts.append(epoch_ids)
+        subset = train_ids[subset_u[train_ids] < fraction]
+        plans.append((train_ids, passes, subset))
         source_rows.append({"path": source.spec, "weight": source.weight, "files": len(source.files),
                             "docs": int(len(ids)), "tokens": int(lengths[ids].sum()),
                             "train_docs": int(len(train_ids)), "val_docs": int(is_val[ids].sum()),
-                            "train_docs_per_epoch": int(len(epoch_ids)),
-                            "train_tokens_per_epoch": int(lengths[epoch_ids].sum())})
-    train_ids = np.concatenate(train_parts)
-    train_ids = train_ids[np.random.default_rng(t.seed).permutation(len(train_ids))]
+                            "train_docs_per_epoch": passes * len(train_ids) + len(subset),
+                            "train_tokens_per_epoch": passes * int(lengths[train_ids].sum())
+                            + int(lengths[subset].sum())})
+    epoch_docs = sum(row["train_docs_per_epoch"] for row in source_rows)
+    epoch_tokens = sum(row["train_tokens_per_epoch"] for row in source_rows)
+    _check_layout_fits(layout_bytes(epoch_docs, epoch_tokens, t.max_seq_length, t.packing), epoch_docs,
+                       sources.describe(cfg.paths.data_path))
+    # The epoch's documents in one array, filled pass by pass (no list of copies to concatenate), then
+    # shuffled in place: the same order as indexing with rng.permutation, without a second array.
+    train_ids, filled = np.empty(epoch_docs, dtype=np.int64), 0
+    for ids, passes, subset in plans:
+        for part in [ids] * passes + [subset]:
+            train_ids[filled:filled + len(part)] = part
+            filled += len(part)
+    np.random.default_rng(t.seed).shuffle(train_ids)
     val_ids = np.flatnonzero(is_val)
     describe = sources.describe(cfg.paths.data_path)
     if len(train_ids) == 0:

@@ -12,6 +12,7 @@ truncated archive, a parquet file without the column) is a DataError naming the 
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import io
@@ -80,14 +81,29 @@ def file_format(path: str) -> str | None:
 def resolve_sources(data_path, text_field: str) -> list[Source]:
     """Every configured source with its files, checked as far as possible without reading them through."""
     sources = []
-    for spec, weight in configured_sources(data_path):
+    claimed: dict[str, int] = {}  # real path of each file -> the index of the source that lists it
+    for index, (spec, weight) in enumerate(configured_sources(data_path)):
         if not weight > 0:  # the config refuses it at load; a caller building sources by hand gets the same rule
             raise DataError(f"{spec}: source weight {weight} must be > 0 (paths.data_path)")
         files = [_input_file(path) for path in _matching_paths(spec)]
         for item in files:
             check_file(item, text_field)
+            first = claimed.setdefault(os.path.realpath(item.path), index)
+            if first != index:
+                raise _listed_twice(item.path, (sources[first].spec, sources[first].weight), (spec, weight),
+                                    first, index)
         sources.append(Source(spec, weight, files))
     return sources
+
+
+def _listed_twice(path: str, first: tuple[str, float], second: tuple[str, float], i: int, j: int) -> DataError:
+    """Two sources that share a file (the same path twice, or a folder and a file inside it) would read it
+    with the sum of their weights, which is rarely what was meant: refuse, stating that sum."""
+    (spec_i, weight_i), (spec_j, weight_j) = first, second
+    relation = "is the same source as" if spec_i == spec_j else "overlaps"
+    return DataError(f"paths.data_path[{j}] ({spec_j}) {relation} paths.data_path[{i}] ({spec_i}): both take "
+                     f"{path}, which would count {weight_i:g} + {weight_j:g} = {weight_i + weight_j:g} passes per "
+                     f"epoch; list each file in one source and give that source the weight you mean")
 
 
 def _matching_paths(spec: str) -> list[str]:
@@ -100,7 +116,12 @@ def _matching_paths(spec: str) -> list[str]:
         return matches
     if os.path.isdir(spec):
         found = []
-        for root, dirs, names in os.walk(spec):
+
+        def unreadable(exc: OSError):
+            raise DataError(f"{exc.filename}: the folder cannot be read ({exc.strerror}); fix its permissions "
+                            f"or leave it out of paths.data_path")
+
+        for root, dirs, names in os.walk(spec, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             found += [os.path.join(root, n) for n in names if not n.startswith(".") and file_format(n)]
         if not found:
@@ -109,7 +130,7 @@ def _matching_paths(spec: str) -> list[str]:
     if os.path.isfile(spec):
         _require_supported(spec)
         return [spec]
-    what = "exists but is not a regular file" if os.path.exists(spec) else "no such file or folder"
+    what = "exists but is not a regular file" if os.path.exists(spec) else _missing_reason(spec)
     raise DataError(f"{spec}: {what}; set paths.data_path to a file, folder or glob of {SUPPORTED} "
                     f"(python -m glmkit.demo.corpus writes a demo corpus)")
 
@@ -120,15 +141,40 @@ def _require_supported(path: str) -> None:
                         f"or leave it out of paths.data_path")
 
 
+def _missing_reason(path: str) -> str:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symlink loop (a link that leads back to itself)"
+        if os.path.islink(path):
+            return "a symlink to nothing"
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"cannot be read ({exc.strerror})"
+    return "no such file or folder"
+
+
+def _unreadable(path: str, exc: OSError) -> DataError:
+    reason = (_missing_reason(path) if exc.errno in (errno.ELOOP, errno.ENOENT)
+              else f"cannot be read ({exc.strerror})")
+    return DataError(f"{path}: {reason}; fix it (permissions, the link) or leave it out of paths.data_path")
+
+
 def _input_file(path: str) -> InputFile:
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     return InputFile(os.path.abspath(path), stat.st_size, stat.st_mtime_ns, file_format(path))
 
 
 def check_file(item: InputFile, text_field: str) -> None:
     """The file's leading bytes match its name, and a parquet file has the text column."""
-    with open(item.path, "rb") as fh:
-        head = fh.read(4)
+    try:
+        with open(item.path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise _unreadable(item.path, exc) from None
     if item.format == "jsonl":
         for magic, kind, suffix in ((GZIP_MAGIC, "gzip", ".gz"), (ZSTD_MAGIC, "zstd", ".zst")):
             if head.startswith(magic):
@@ -155,7 +201,9 @@ def _check_parquet_column(path: str, text_field: str) -> None:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); set "
                         f"training.text_field or write the text into a {text_field!r} column")
     kind = schema.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+    # Dictionary-encoded strings (pandas categoricals, `dictionary_encode()`) read back as str values too.
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_string_view(values)):
         raise DataError(f"{path}: column {text_field!r} holds {kind}, not text; store the documents as strings")
 
 
@@ -190,10 +238,31 @@ def read_chunks(item: InputFile, text_field: str, chunk_bytes: int = CHUNK_BYTES
 
 def _decompressed(raw, kind: str):
     if kind == "gzip":
-        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)
+        return io.BufferedReader(_Read1(gzip.GzipFile(fileobj=raw, mode="rb")), buffer_size=1 << 20)
     if kind == "zstd":
         return io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
     return raw
+
+
+class _Read1(io.RawIOBase):
+    """A buffered stream as a raw one that hands over what one read1 returns.
+
+    Wrapping GzipFile directly, a 1 MiB buffer fill is a `read(1 MiB)`, which loops until the MiB is
+    full: a truncated archive then raised before any of the lines decoded in that MiB were seen, and
+    the break was reported "near line 1". With read1 each fill returns what was decoded so far, so
+    every line before the break is delivered and the break is located to within one fill.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read1(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 class _ZstdFrames(io.RawIOBase):

@@ -7,7 +7,9 @@ mtime, the tokenizer and the text field, so adding a shard tokenizes only that s
     lengths.u32   tokens per document
     digests.b16   16-byte BLAKE2b of each document's UTF-8 text (the validation split and the
                   data fingerprint are functions of these, not of positions in the corpus)
-    meta.json     the file's identity, counts, and its bad lines (count + the first few as file:line)
+    meta.json     the file's identity, counts, its bad lines (count + the first few as file:line), and
+                  BLAKE2b checksums of lengths.u32 and digests.b16 (`damage` checks them, and every
+                  file's size against the counts, before a store is reused)
 
 The reading process streams chunks of raw lines to a pool of workers (one core each) and
 writes their results in order; at most a few chunks are in flight, so memory does not grow
@@ -77,6 +79,37 @@ class Store:
 
     def nbytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.path, n)) for n in os.listdir(self.path))
+
+
+def damage(path: str) -> str | None:
+    """Why the store at `path` can't be trusted, in a few words (None: it verifies).
+
+    Every file's size must match the counts in meta.json (tokens.u32: 4 bytes a token, lengths.u32: 4 a
+    document, digests.b16: 16 a document), the lengths must add up to the tokens, and lengths.u32 and
+    digests.b16 must match the BLAKE2b checksums written with them. tokens.u32, the bulk of the store,
+    is checked by size only: hashing it at every open would cost as much as reading the corpus.
+    """
+    try:
+        store = Store.open(path)
+        meta = store.meta
+        expected = {"tokens.u32": 4 * int(meta["tokens"]), "lengths.u32": 4 * int(meta["docs"]),
+                    "digests.b16": 16 * int(meta["docs"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"meta.json unreadable: {exc.__class__.__name__}"
+    for name, size in expected.items():
+        try:
+            actual = os.path.getsize(os.path.join(path, name))
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} holds {actual:,} bytes, its meta.json says {size:,}"
+    if int(store.lengths().sum(dtype=np.int64)) != int(meta["tokens"]):
+        return "lengths.u32 does not add up to the token count in meta.json"
+    for name, want in meta.get("checksums", {}).items():  # stores written before checksums have none
+        with open(os.path.join(path, name), "rb") as fh:
+            if hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest() != want:
+                return f"{name} does not match its checksum"
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -151,6 +184,8 @@ class _StoreWriter:
         os.makedirs(self.tmp)
         self.files = {name: open(os.path.join(self.tmp, name), "wb")
                       for name in ("tokens.u32", "lengths.u32", "digests.b16")}
+        # Over lengths.u32 then digests.b16, as written: cheap (20 bytes a document) and checked at every open.
+        self.lengths_hash, self.digests_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
         self.docs = self.tokens = self.bad_count = self.lines = 0
         self.bad_examples: list[str] = []
         self.text_field = text_field
@@ -160,6 +195,8 @@ class _StoreWriter:
         self.files["tokens.u32"].write(flat.tobytes())
         self.files["lengths.u32"].write(lengths.tobytes())
         self.files["digests.b16"].write(digests)
+        self.lengths_hash.update(lengths.tobytes())
+        self.digests_hash.update(digests)
         self.docs += len(lengths)
         self.tokens += len(flat)
         self.lines = first_line + n_records - 1
@@ -173,7 +210,8 @@ class _StoreWriter:
         meta = {"version": STORE_VERSION, "path": self.item.path, "size": self.item.size,
                 "mtime_ns": self.item.mtime_ns, "format": self.item.format, "text_field": self.text_field,
                 "lines": self.lines, "docs": self.docs, "tokens": self.tokens, "bad_lines": self.bad_count,
-                "bad_examples": self.bad_examples}
+                "bad_examples": self.bad_examples,
+                "checksums": {"lengths.u32": self.lengths_hash.hexdigest(), "digests.b16": self.digests_hash.hexdigest()}}
         with open(os.path.join(self.tmp, "meta.json"), "w", encoding="utf-8") as fh:
             json.dump(meta, fh)
         if os.path.exists(self.final_path):  # written meanwhile by a preparer that did not share our lock

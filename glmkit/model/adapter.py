@@ -39,7 +39,7 @@ def load_base_with_adapter(model_dir: str, adapter_dir: str, dtype=torch.bfloat1
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    _adapter_config(adapter_dir)
+    check_fits(model_dir, adapter_dir, merging=False)  # a mismatch is one line, as for --merge, not a peft traceback
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     return PeftModel.from_pretrained(base, adapter_dir), _tokenizer(model_dir, adapter_dir)
 
@@ -89,7 +89,15 @@ def _experts_order(skeleton, experts_module: str) -> list[str]:
     return registration_order(skeleton.get_submodule(experts_module))
 
 
-def plan_deltas(adapter_dir: str, skeleton, model_dir: str) -> list[Delta]:
+def check_fits(model_dir: str, adapter_dir: str, merging: bool) -> list[Delta]:
+    """The adapter's deltas against the model's shapes (a meta skeleton: no weights are read); MergeError or
+    ModelLoadError in one line when they do not fit. `merging` also refuses options a merge cannot fold."""
+    from glmkit.model.load import load_model_config
+
+    return plan_deltas(adapter_dir, _meta_skeleton(load_model_config(model_dir)), model_dir, merging)
+
+
+def plan_deltas(adapter_dir: str, skeleton, model_dir: str, merging: bool = True) -> list[Delta]:
     """Map every adapter tensor to the base weight it changes; MergeError on anything that doesn't fit."""
     from safetensors import safe_open
 
@@ -99,7 +107,7 @@ def plan_deltas(adapter_dir: str, skeleton, model_dir: str) -> list[Delta]:
     if config.get("peft_type", "LORA") != "LORA":
         raise MergeError(f"{adapter_dir} is a {config.get('peft_type')} adapter; the merge folds LoRA adapters")
     used = [label for key, label in _UNSUPPORTED.items() if config.get(key)]
-    if used:
+    if used and merging:
         raise MergeError(f"{adapter_dir} uses {', '.join(used)}, which the merge cannot fold into plain weights")
     with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as fh:
         shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
@@ -231,11 +239,7 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | N
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from glmkit.model.load import load_model_config
-
-    config = load_model_config(model_dir)
-    skeleton = _meta_skeleton(config)
-    deltas = plan_deltas(adapter_dir, skeleton, model_dir)
+    deltas = check_fits(model_dir, adapter_dir, merging=True)
     weight_map = checkpoint_weight_map(model_dir)
     finder = _DeltaFinder(deltas, _Factors(os.path.join(adapter_dir, "adapter_model.safetensors")))
     _check_base_has_targets(finder, weight_map, model_dir)
