@@ -241,10 +241,12 @@ def main(argv=None) -> int:
     require_installed(cfg)
     exit_with_parent()
     accelerator = make_accelerator(cfg)
-    logs = RunLogs(cfg.logs_dir, enabled=accelerator.is_main_process)
+    # Nothing goes into the logs folder before this run holds its lock: they may be a running run's logs.
+    logs = RunLogs(cfg.logs_dir, enabled=False)
     lock = RunLock(cfg.paths.output_dir)
     try:
         lock = lock_output_dir(cfg, accelerator)
+        logs = RunLogs(cfg.logs_dir, enabled=accelerator.is_main_process)
         check_launched_strategy(cfg, accelerator)
         status = train(cfg, args, accelerator, logs)
         # Tear down the process group while Python is still whole: left to interpreter exit, gloo's

@@ -33,6 +33,7 @@ def main(argv=None) -> int:
 
     from glmkit.model import adapter
     from glmkit.model.errors import ModelLoadError
+    from glmkit.run.writes import WriteFailed
 
     adapter_dir = args.adapter or cfg.paths.best_adapter_dir
     dtype = getattr(torch, args.dtype)
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
             print(f"merged {adapter_dir} into {cfg.paths.model_dir}: {out}")
         else:
             print(adapter.sample(cfg.paths.model_dir, adapter_dir, args.sample, args.max_new_tokens, dtype))
-    except (adapter.MergeError, ModelLoadError, FileNotFoundError, OSError) as exc:
+    except (adapter.MergeError, ModelLoadError, WriteFailed, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

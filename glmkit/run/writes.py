@@ -90,16 +90,18 @@ def describe_failure(what: str, path: str, cause: str, intact: str, fix: str) ->
 
 
 @contextlib.contextmanager
-def guarded_write(what: str, path: str, *, partial: str | None = None, intact="", fix: str = ""):
+def guarded_write(what: str, path: str, *, partial: str | None = None, intact="", fix: str = "",
+                  passes: tuple[type[BaseException], ...] = ()):
     """Run the body (a write of `what` to `path`); on any failure remove `partial` and raise WriteFailed.
 
     `intact` says what the failure did not touch; it may be a callable, evaluated after the partial
     folder is gone (e.g. "the latest complete checkpoint, X, is intact"). KeyboardInterrupt and
-    SystemExit pass through untouched.
+    SystemExit pass through untouched, and so do the `passes` types (the writer's own one-line errors,
+    such as "no training documents"), after the partial folder is removed.
     """
     try:
         yield
-    except WriteFailed:
+    except (WriteFailed, *passes):
         remove_partial(partial)
         raise
     except Exception as exc:
