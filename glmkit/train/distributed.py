@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import time
@@ -10,6 +9,7 @@ import time
 import torch
 
 from glmkit.config.schema import strategy
+from glmkit.run.parent_death import signal_on_parent_death
 from glmkit.train.checkpoint import ResumeError
 from glmkit.train.faults import unshared_view
 
@@ -18,11 +18,8 @@ class LaunchMismatch(RuntimeError):
     """The processes were started for another strategy than distributed.accelerate_config names."""
 
 
-_PR_SET_PDEATHSIG = 1
-
-
 def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
-    """Have the kernel send `sig` to this process when its parent (the launcher) dies; False if unsupported.
+    """Have the kernel send `sig` to this process when its parent (the launcher) dies; False if not asked.
 
     torch elastic starts every rank in a session of its own, so a SIGKILLed `accelerate launch` would
     leave the ranks training unsupervised (and holding the run's lock). SIGTERM is the preemption signal
@@ -31,15 +28,7 @@ def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
     """
     if "LOCAL_RANK" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:  # set by both launchers
         return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):  # not Linux
-        return False
-    if os.getppid() == 1:  # the launcher died before the request took effect
-        os.kill(os.getpid(), sig)
-    return True
+    return signal_on_parent_death(sig)
 
 
 def launched_strategy(accelerator) -> str:
