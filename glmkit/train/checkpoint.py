@@ -260,7 +260,7 @@ class Checkpointer:
         error = None
         try:
             # The partial folder is removed below, by the main process, once every process has stopped.
-            with guarded_write("checkpoint", target, intact=self._intact,
+            with guarded_write("checkpoint", target, intact=self._intact, passes=(CheckpointError,),
                                fix=f"resume with --resume (or fix permissions on {self.output_dir})"):
                 work(*args)
         except (WriteFailed, CheckpointError) as exc:
@@ -325,7 +325,7 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         before = (f"the previous best adapter in {target} is intact" if best_adapter_is_whole(target)
                   else "no best adapter was written before")
-        with guarded_write("the best adapter", target, partial=tmp,
+        with guarded_write("the best adapter", target, partial=tmp, passes=(CheckpointError,),
                            intact=lambda: f"{before}; {self._intact()}", fix="resume with --resume"):
             self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
