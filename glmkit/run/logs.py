@@ -46,9 +46,11 @@ class RunLogs:
         # glued to the next; the trainer stops every process at the next step boundary (train_qlora.py).
         self.failed: WriteFailed | None = None
         if enabled:
-            os.makedirs(logs_dir, exist_ok=True)
-            for kind, name in LOG_FILES.items():
-                self._files[kind] = open(os.path.join(logs_dir, name), "a", encoding="utf-8")
+            with guarded_write("the run logs", logs_dir, intact="nothing was trained yet",
+                               fix="point paths.output_dir at a folder this user can write"):
+                os.makedirs(logs_dir, exist_ok=True)
+                for kind, name in LOG_FILES.items():
+                    self._files[kind] = open(os.path.join(logs_dir, name), "a", encoding="utf-8")
 
     def write(self, kind: str, step: int, **fields) -> None:
         if not self.enabled or self.failed is not None:
