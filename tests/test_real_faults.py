@@ -21,6 +21,18 @@ from conftest import ROOT, run_cli, write_tiny_config
 from glmkit.run.logs import read_jsonl
 
 NICE = ["nice", "-n", "15"]  # the kit runs behind the filler, so the filler wins the race to the disk
+
+
+def paused_at_mkdir(path: str) -> list[str]:
+    """A command prefix that holds the kit 2 s right after it creates the folder `path` (strace, if present).
+
+    The filler sees the new folder and fills the disk while the writer is held, so the write that follows
+    meets a full disk however loaded the machine is; without strace, `nice` alone makes the race likely.
+    """
+    if shutil.which("strace") is None:
+        return NICE
+    return [*NICE, "strace", "-f", "--seccomp-bpf", "-o", os.devnull, "-P", path, "-e", "trace=mkdir,mkdirat",
+            "-e", "inject=mkdir,mkdirat:delay_exit=2000000"]
 KIT_LAUNCH = ("-m", "glmkit.launch.accelerate", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no")
 CPU_ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -125,7 +137,8 @@ def disk_run(small_disk, tmp_path_factory, tiny_model_dir, demo_corpus):
         fh.write(text)
     small_disk.fill_when("run/.tmp-checkpoint-1")
     started = time.monotonic()
-    result = subprocess.run([*NICE, sys.executable, *KIT_LAUNCH, "train_qlora.py", "--config", config], cwd=ROOT,
+    result = subprocess.run([*paused_at_mkdir(os.path.join(small_disk.path, "run", ".tmp-checkpoint-1")),
+                             sys.executable, *KIT_LAUNCH, "train_qlora.py", "--config", config], cwd=ROOT,
                             env={**os.environ, **CPU_ENV, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
                             capture_output=True, text=True, timeout=600)
     return {"result": result, "seconds": time.monotonic() - started, "config": config,
@@ -137,7 +150,6 @@ def test_full_disk_during_a_checkpoint_stops_every_rank_with_one_line(disk_run, 
     assert small_disk.filled(), "the filler never saw the checkpoint being written"
     assert_one_line_failure(result)
     line = last_line(result)
-    print(result.stderr[-4000:])
     assert line.startswith(f"error: could not write checkpoint {out}/checkpoint-1: no space left on device; "), line
     assert "no earlier checkpoint exists" in line and "resume with --resume" in line
     assert not [n for n in os.listdir(out) if "checkpoint" in n]  # the partial folder is gone
@@ -154,7 +166,8 @@ def test_full_disk_writing_the_best_adapter_keeps_the_previous_one(disk_run, sma
         before = fh.read()
     shutil.rmtree(disk_run["out"])  # a fresh run, so that step 1 improves on nothing and writes a new best
     small_disk.fill_when("best.tmp")
-    result = subprocess.run([*NICE, sys.executable, "train_qlora.py", "--config", disk_run["config"]], cwd=ROOT,
+    result = subprocess.run([*paused_at_mkdir(f"{best}.tmp"), sys.executable, "train_qlora.py", "--config",
+                             disk_run["config"]], cwd=ROOT,
                             env={**os.environ, **CPU_ENV, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
                             capture_output=True, text=True, timeout=600)
     assert small_disk.filled()
