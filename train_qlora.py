@@ -27,15 +27,23 @@ from glmkit.plan.fit import DoesNotFit
 from glmkit.run.lock import RunLock, RunLocked
 from glmkit.run.logs import RunLogs
 from glmkit.run.trackers import require_installed
+from glmkit.run.writes import WriteFailed
 from glmkit.train import checkpoint as ckpt
-from glmkit.train.distributed import agree, check_shared_output_dir, make_accelerator
+from glmkit.train.distributed import (
+    LaunchMismatch,
+    agree,
+    check_launched_strategy,
+    check_shared_output_dir,
+    exit_with_parent,
+    make_accelerator,
+)
 from glmkit.train.faults import maybe_kill
 from glmkit.train.loop_state import LoopState
 from glmkit.train.progress import close_progress_bars
 
 # Errors that a user fixes by changing input: one clear line and exit 2, no traceback.
 USER_ERRORS = (ckpt.ResumeError, ckpt.CheckpointError, DataError, ModelLoadError, FloatingPointError, DoesNotFit,
-               RunLocked)
+               RunLocked, WriteFailed, LaunchMismatch)
 
 
 def parse_args(argv=None):
@@ -67,6 +75,18 @@ def lock_output_dir(cfg, accelerator) -> RunLock:
     return lock
 
 
+def all_or_none(accelerator, work, *args):
+    """work(*args) on every process; if it failed with a user error anywhere, every process raises one."""
+    result, error = None, None
+    try:
+        result = work(*args)
+    except USER_ERRORS as exc:
+        error = exc
+    if agree(accelerator, error is not None):
+        raise error or WriteFailed("another process could not prepare the data (its message says why)")
+    return result
+
+
 def train(cfg, args, accelerator, logs) -> int:
     from transformers import AutoTokenizer
 
@@ -88,11 +108,14 @@ def train(cfg, args, accelerator, logs) -> int:
     torch.manual_seed(t.seed)
     check_shared_output_dir(accelerator, cfg.paths.output_dir)
     resume_path = ckpt.resume_checkpoint(cfg, args, accelerator)
+    if accelerator.is_main_process and (restored := ckpt.recover_best_adapter(cfg.paths.best_adapter_dir)):
+        accelerator.print(f"restored {cfg.paths.best_adapter_dir} from {restored} (a kill interrupted its swap)")
     ckpt.check_best_adapter_dir(cfg.paths.best_adapter_dir)
     modeling.check_model_dir(cfg)
     planned_memory = memory_gate(cfg, accelerator, args.force)
     tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
-    corpus = prepare.prepare_for_run(cfg, tokenizer, accelerator, logs, resume_path, args.allow_data_change)
+    corpus = all_or_none(accelerator, prepare.prepare_for_run, cfg, tokenizer, accelerator, logs, resume_path,
+                         args.allow_data_change)
     train_rows, val_rows = corpus.train_rows, corpus.val_rows
     collator = data.make_collator(tokenizer, cfg)
     train_loader = torch.utils.data.DataLoader(train_rows, batch_size=o.micro_batch_per_gpu, shuffle=True,
@@ -180,6 +203,10 @@ def train(cfg, args, accelerator, logs) -> int:
                 checkpointer.save_best_adapter(step, ev.val_loss, state.best_val_loss)
                 state = replace(state, best_val_loss=ev.val_loss, best_step=step)
 
+        # -- a log the main process could not write (a full disk) stops every process here, together
+        if agree(accelerator, logs.failed is not None):
+            raise logs.failed or WriteFailed("the main process could not write the run logs (its message says why)")
+
         # -- checkpoint, and preemption
         preempted = preemption.requested(accelerator)
         if step % lg.checkpoint_interval == 0 or preempted:
@@ -219,11 +246,15 @@ def main(argv=None) -> int:
 
         return run_prepare_cli(cfg)
     require_installed(cfg)
+    exit_with_parent()
     accelerator = make_accelerator(cfg)
-    logs = RunLogs(cfg.logs_dir, enabled=accelerator.is_main_process)
+    # Nothing goes into the logs folder before this run holds its lock: they may be a running run's logs.
+    logs = RunLogs(cfg.logs_dir, enabled=False)
     lock = RunLock(cfg.paths.output_dir)
     try:
         lock = lock_output_dir(cfg, accelerator)
+        logs = RunLogs(cfg.logs_dir, enabled=accelerator.is_main_process)
+        check_launched_strategy(cfg, accelerator)
         status = train(cfg, args, accelerator, logs)
         # Tear down the process group while Python is still whole: left to interpreter exit, gloo's
         # threads can abort a clean run (pytorch/pytorch#179291). Only on success: after an error
@@ -232,7 +263,8 @@ def main(argv=None) -> int:
         return status
     except USER_ERRORS as exc:
         close_progress_bars()
-        logs.error(exc, None, accelerator.process_index)
+        if not isinstance(exc, RunLocked):  # the logs belong to the run that holds the lock: leave them alone
+            logs.error(exc, None, accelerator.process_index)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BaseException as exc:

@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     from glmkit.model import adapter
     from glmkit.model.errors import ModelLoadError
     from glmkit.model.serving_export import ServingExportError, export_for_serving
+    from glmkit.run.writes import WriteFailed
 
     adapter_dir = args.adapter or cfg.paths.best_adapter_dir
     dtype = getattr(torch, args.dtype)
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
                   f"{os.path.join(done['out_dir'], 'README.md')} has the vLLM and SGLang commands")
         else:
             print(adapter.sample(cfg.paths.model_dir, adapter_dir, args.sample, args.max_new_tokens, dtype))
-    except (adapter.MergeError, ServingExportError, ModelLoadError, FileNotFoundError, OSError) as exc:
+    except (adapter.MergeError, ServingExportError, ModelLoadError, WriteFailed, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

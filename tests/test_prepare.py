@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -361,7 +362,7 @@ def test_truncated_gzip_is_located_near_the_break_and_dictionary_strings_are_tex
 
     from glmkit.data.sources import read_chunks, resolve_sources
 
-    shard = write_shard(tmp_path / "t.jsonl.gz", [f"word {i} " * 40 for i in range(3000)])
+    shard = write_shard(tmp_path / "t.jsonl.gz", [f"word {i} " * 40 for i in range(800)])
     _truncate(shard)
     with pytest.raises(DataError) as info:
         list(read_chunks(resolve_sources(shard, "text")[0].files[0], "text"))
@@ -399,3 +400,31 @@ def test_an_epoch_whose_layout_outgrows_memory_is_refused_before_allocating():
                                         r"while [\d.]+ GiB are available; lower the weights in paths.data_path"):
         _check_layout_fits(needed, docs, "data/a.jsonl (x1000)")
     _check_layout_fits(layout_bytes(400_000, 236_000_000, 256, packing=True), 400_000, "fits")  # 55 MB
+
+
+def test_tokenizer_workers_of_a_killed_preparation_exit_quietly(tmp_path, config_for):
+    """SIGKILL the preparer while its pool tokenizes: every worker is gone within seconds, printing nothing."""
+    import psutil
+
+    corpus = tmp_path / "big.jsonl"
+    write_shard(corpus, [f"document {i}: " + "words that take the tokenizer a while " * 400 for i in range(800)])
+    config = config_for(str(corpus), {"performance.tokenizer_workers": 2})
+    log = tmp_path / "prepare.log"
+    with open(log, "wb") as out:
+        preparer = subprocess.Popen([sys.executable, "train_qlora.py", "--config", config, "--prepare-data"],
+                                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        workers = []
+        while time.monotonic() < deadline and len(workers) < 2 and preparer.poll() is None:
+            workers = [c for c in psutil.Process(preparer.pid).children() if "multiprocessing" in " ".join(c.cmdline())
+                       and "resource_tracker" not in " ".join(c.cmdline())]
+            time.sleep(0.2)
+        assert len(workers) == 2, f"the pool did not start: {log.read_text()[-2000:]}"
+        time.sleep(1.0)  # the workers are tokenizing
+    finally:
+        preparer.kill()
+        preparer.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers outlived their killed preparer: {[p.pid for p in alive]}"
+    assert "Traceback" not in log.read_text()

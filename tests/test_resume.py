@@ -112,17 +112,18 @@ def test_two_process_sigkill_then_resume_matches_uninterrupted_run(tmp_path_fact
 
 
 def test_failed_save_reports_path_and_cause_and_keeps_earlier_checkpoints(make_config, tmp_path, baseline):
+    """The injected fault, for the resume afterwards; a real full disk is in tests/test_real_faults.py."""
     config = make_config(SETTINGS)
     failed = run_cli(["train_qlora.py", "--config", config], env={"GLMKIT_FAULT_DISK_FULL_AT": "checkpoint_write:20"})
     out = tmp_path / "run"
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     message = failed.stderr.strip().splitlines()[-1]
-    assert message.startswith(f"error: could not write checkpoint {out / 'checkpoint-20'}: [Errno 28] No space left")
+    assert message.startswith(f"error: could not write checkpoint {out / 'checkpoint-20'}: no space left on device;")
     assert f"the latest complete checkpoint, {out / 'checkpoint-10'}, is intact" in message
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-10"]  # no half-written folder
     assert os.path.isfile(out / "checkpoint-10" / "COMPLETE")
     errors = read_jsonl(str(out / "logs" / "error_log.jsonl"))
-    assert errors[-1]["type"] == "CheckpointError" and errors[-1]["step"] == 20
+    assert errors[-1]["type"] == "WriteFailed" and errors[-1]["step"] == 20
     resumed = run_cli(["train_qlora.py", "--config", config, "--resume"])  # space freed: carry on from step 10
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(str(out), baseline)

@@ -45,6 +45,7 @@ import numpy as np
 
 from glmkit.run.checkpoint_names import read_meta
 from glmkit.data import cache
+from glmkit.run.writes import WriteFailed, guarded_write
 from glmkit.data import fingerprint as data_fingerprint
 from glmkit.data import sources
 from glmkit.data import token_store
@@ -102,10 +103,13 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
         if not ready:
             _remove_stale_temporaries(root)
             missing = [(f, store_dirs[f.path]) for f in files if not os.path.isdir(store_dirs[f.path])]
-            _tokenize(missing, tokenizer, cfg, show_progress)
+            # A failed store write removes its own temp folder (token_store._StoreWriter.abandon).
+            with _cache_write(os.path.join(root, "files")):
+                _tokenize(missing, tokenizer, cfg, show_progress)
             stores = [token_store.Store.open(store_dirs[f.path]) for f in files]
             check_bad_lines([s.meta for s in stores], t.skip_bad_lines)
-            _write_rows(rows_dir, configured, files, stores, cfg)
+            with _cache_write(rows_dir, partial=_rows_tmp(rows_dir)):
+                _write_rows(rows_dir, configured, files, stores, cfg)
             prepared_here = True
             count, freed = cache.remove_unreachable(root, set(store_dirs.values()))
             if count:
@@ -135,6 +139,16 @@ def _discard_damaged(store_dirs: dict[str, str], rows_dir: str) -> None:
             cache.discard(rows_dir, "rows folder", reason)
 
 
+def _cache_write(path: str, partial: str | None = None):
+    return guarded_write("the data cache", path, partial=partial, passes=(DataError,),
+                         intact="the input data and the token stores finished earlier are intact",
+                         fix="rerun (finished stores are reused), or move paths.scratch_dir to a bigger disk")
+
+
+def _rows_tmp(rows_dir: str) -> str:
+    return f"{rows_dir}.tmp-{os.uname().nodename}-{os.getpid()}"
+
+
 @contextlib.contextmanager
 def _preparer_lock(root: str):
     """One preparer at a time per cache folder; the OS releases the lock if its holder dies."""
@@ -147,10 +161,9 @@ def _preparer_lock(root: str):
             holder = fh.read().strip() or "another process"
             print(f"data: waiting for {holder} to prepare the data in {root}", file=sys.stderr, flush=True)
             fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"process {os.getpid()} on {os.uname().nodename}\n")
-        fh.flush()
+        with contextlib.suppress(OSError):  # who holds it is only for the waiting message: a full disk may refuse
+            os.ftruncate(fh.fileno(), 0)
+            os.pwrite(fh.fileno(), f"process {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
         yield
 
 
@@ -284,7 +297,7 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
                         f"training.val_fraction {t.val_fraction}); add documents, raise training.val_fraction, "
                         f"or set it to 0 to train without validation")
 
-    tmp = f"{rows_dir}.tmp-{os.uname().nodename}-{os.getpid()}"
+    tmp = _rows_tmp(rows_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     split_rows = {}
@@ -370,7 +383,7 @@ def run_prepare_cli(cfg) -> int:
     started = time.time()
     try:
         prepared = prepare_data(cfg, load_tokenizer(cfg))
-    except DataError as exc:
+    except (DataError, WriteFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(prepared, time.time() - started))

@@ -24,6 +24,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import shutil
 import sys
 import types
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from glmkit.data import sources
+from glmkit.run.parent_death import signal_on_parent_death
 
 STORE_VERSION = 1
 BAD_EXAMPLES = 20  # bad lines kept verbatim per file; all are counted
@@ -120,6 +122,9 @@ _worker = {}
 
 
 def _init_worker(tokenizer_spec: tuple[str, str], eos: int, text_field: str) -> None:
+    # A worker whose preparer was killed would otherwise live on, blocked on its pipe, and print a
+    # BrokenPipeError traceback when it notices: the kernel ends it quietly with its parent instead.
+    signal_on_parent_death(signal.SIGKILL)
     # One core per worker: the pool is the parallelism (the Rust tokenizer would otherwise spawn threads).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"

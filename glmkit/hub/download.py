@@ -18,7 +18,8 @@ Every request gives up after `timeout` seconds without an answer (`bounded_reque
 shared httpx client has no timeout, and several calls (`model_info`, `list_repo_tree`) pass `timeout=None`
 explicitly, so neither HF_HUB_ETAG_TIMEOUT nor HF_HUB_DOWNLOAD_TIMEOUT covers them; a request hook on the
 client does. huggingface_hub's own retries stay (at most 5 per file, 1 s apart), so a Hub that accepts
-connections and never answers ends the command after about `timeout` (our listing is not retried), and one
+connections and never answers ends the command after about `timeout` (our listing is not retried, and the
+user-agent telemetry request that would wait first is switched off), and one
 that stops sending a file gives up on it after about 6 x `timeout`.
 
 Every failure the user can act on becomes a `HubError` holding one line: what happened and what to do.
@@ -92,6 +93,10 @@ def bounded_requests(timeout: float) -> None:
 
     # The documented knobs, for the calls that read them (the hook above has the last word anyway).
     constants.HF_HUB_ETAG_TIMEOUT = constants.HF_HUB_DOWNLOAD_TIMEOUT = max(1, round(timeout))
+    # Building the user agent, huggingface_hub 2.4 first fetches `<endpoint>/api/agent-harnesses` (telemetry,
+    # its own request): a silent Hub then made the command wait twice `timeout` while the message says once.
+    # HF_HUB_DISABLE_TELEMETRY is the documented switch for it; nothing the kit needs goes through it.
+    constants.HF_HUB_DISABLE_TELEMETRY = True
     set_client_factory(client_factory)
 
 

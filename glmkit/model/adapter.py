@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from glmkit.run.writes import guarded_write
+
 ADAPTER_PREFIX = "base_model.model."
 INDEX = "model.safetensors.index.json"
 PARTIAL_MARKER = ".glmkit-merge-partial"
@@ -244,8 +246,15 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | N
     finder = _DeltaFinder(deltas, _Factors(os.path.join(adapter_dir, "adapter_model.safetensors")))
     _check_base_has_targets(finder, weight_map, model_dir)
     partial = _check_output(out_dir, model_dir)
-    os.makedirs(partial)
-    open(os.path.join(partial, PARTIAL_MARKER), "w").close()
+
+    def writing():  # every write of the merge: one line on failure, the partial folder removed
+        return guarded_write("the merged model", os.path.abspath(out_dir), partial=partial,
+                             intact=f"the base model in {model_dir} and the adapter {adapter_dir} are untouched",
+                             fix="rerun --merge")
+
+    with writing():
+        os.makedirs(partial)
+        open(os.path.join(partial, PARTIAL_MARKER), "w").close()
 
     touched: set[str] = set()
     total_bytes = 0
@@ -264,20 +273,22 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | N
                     touched.add(target)
                 merged[key] = tensor.to(_out_dtype(stored, dtype)).contiguous()
                 total_bytes += merged[key].numel() * merged[key].element_size()
-        save_file(merged, os.path.join(partial, shard), metadata={**metadata, "format": "pt"})
+        with writing():
+            save_file(merged, os.path.join(partial, shard), metadata={**metadata, "format": "pt"})
         del merged
         if progress:
             progress(number, len(shards), shard)
     missing = {d.target for d in deltas} - touched
     if missing:  # cannot happen after _check_base_has_targets; a guard against writing a half-merged model
         raise MergeError(f"{len(missing)} adapted weights were not found in {model_dir} (first: {sorted(missing)[0]})")
-    with open(os.path.join(partial, INDEX), "w", encoding="utf-8") as fh:
-        json.dump({"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}, fh,
-                  indent=2)
-    _write_config_and_tokenizer(model_dir, adapter_dir, partial, dtype)
-    os.remove(os.path.join(partial, PARTIAL_MARKER))
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    os.replace(partial, out_dir)  # an empty out_dir is replaced; a non-empty one was refused above
+    with writing():
+        with open(os.path.join(partial, INDEX), "w", encoding="utf-8") as fh:
+            json.dump({"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}, fh,
+                      indent=2)
+        _write_config_and_tokenizer(model_dir, adapter_dir, partial, dtype)
+        os.remove(os.path.join(partial, PARTIAL_MARKER))
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        os.replace(partial, out_dir)  # an empty out_dir is replaced; a non-empty one was refused above
     return out_dir
 
 

@@ -41,10 +41,12 @@ class RunLock:
             raise RunLocked(f"paths.output_dir {os.path.dirname(self.path)} is in use by another trainer (pid "
                             f"{holder.get('pid', '?')} on {holder.get('host', '?')}); wait for it to finish, stop "
                             f"it, or set paths.output_dir to another folder") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n")
-        fh.flush()
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n"
+        try:  # who holds it is only for the refusal message: a full disk must not stop the run here
+            os.ftruncate(fh.fileno(), 0)
+            os.pwrite(fh.fileno(), holder.encode(), 0)
+        except OSError:
+            pass
         self._fh = fh
 
     def release(self) -> None:

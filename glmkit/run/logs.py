@@ -13,6 +13,8 @@ import os
 import time
 import traceback
 
+from glmkit.run.writes import WriteFailed, cause_of, guarded_write, note_on_stderr
+
 LOG_FILES = {
     "train": "training_log.jsonl",
     "eval": "eval_log.jsonl",
@@ -40,19 +42,30 @@ class RunLogs:
         self._files = {}
         self.last_step = None  # the step of the latest record, for an error that has no step of its own
         self.trackers = None  # glmkit.run.trackers.Trackers on the main process when logging.report_to is set
+        # The first failed write (a full disk): nothing more is appended, so no record is ever half a line
+        # glued to the next; the trainer stops every process at the next step boundary (train_qlora.py).
+        self.failed: WriteFailed | None = None
         if enabled:
-            os.makedirs(logs_dir, exist_ok=True)
-            for kind, name in LOG_FILES.items():
-                self._files[kind] = open(os.path.join(logs_dir, name), "a", encoding="utf-8")
+            with guarded_write("the run logs", logs_dir, intact="nothing was trained yet",
+                               fix="point paths.output_dir at a folder this user can write"):
+                os.makedirs(logs_dir, exist_ok=True)
+                for kind, name in LOG_FILES.items():
+                    self._files[kind] = open(os.path.join(logs_dir, name), "a", encoding="utf-8")
 
     def write(self, kind: str, step: int, **fields) -> None:
-        if not self.enabled:
+        if not self.enabled or self.failed is not None:
             return
         self.last_step = step
         record = {"step": step, "time": time.time(), **_clean(fields)}
         fh = self._files[kind]
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
+        try:
+            with guarded_write("the run log", fh.name, intact="checkpoints already written are intact",
+                               fix="resume with --resume"):
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+        except WriteFailed as exc:
+            self.failed = exc
+            return
         if self.trackers is not None:
             self.trackers.forward(kind, record)
 
@@ -63,16 +76,24 @@ class RunLogs:
         """Log a fatal error; every rank may call this, since a crash can start anywhere."""
         record = {"step": self.last_step if step is None else step, "time": time.time(), "rank": rank, "type": type(exc).__name__,
                   "message": str(exc), "traceback": "".join(traceback.format_exception(exc))}
-        os.makedirs(self.logs_dir, exist_ok=True)
-        with open(os.path.join(self.logs_dir, LOG_FILES["errors"]), "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        path = os.path.join(self.logs_dir, LOG_FILES["errors"])
+        try:
+            os.makedirs(self.logs_dir, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except Exception as write_exc:  # the error itself is printed by the caller; say why it is not logged
+            note_on_stderr(f"note: the error record could not be written to {path} "
+                           f"({cause_of(write_exc, path)}); the dashboard will not show this error")
 
     def close(self) -> None:
         if self.trackers is not None:
             self.trackers, trackers = None, self.trackers
             trackers.finish()
         for fh in self._files.values():
-            fh.close()
+            try:
+                fh.close()
+            except OSError:  # what a full disk left in the buffer; the failure was reported when it happened
+                pass
         self._files = {}
 
 

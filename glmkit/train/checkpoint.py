@@ -31,12 +31,16 @@ from glmkit.run.checkpoint_names import (
     parse_checkpoint_name,
     read_meta,
 )
+from glmkit.run.swap import recover, swap_in
+from glmkit.run.writes import WriteFailed, guarded_write
 from glmkit.train.faults import maybe_fail_write, maybe_kill
 from glmkit.train.loop_state import LoopState
 
 RESOLVED_CONFIG = "training_config.resolved.yaml"
 # Written into the best-adapter folder: only a folder carrying it (or an empty one) is ever replaced.
 BEST_ADAPTER_MARKER = "best.json"
+# Beside paths.output_dir's checkpoint-N while it is rewritten (glmkit/run/swap.py): the new one, the old one.
+TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"
 
 
 class CheckpointError(RuntimeError):
@@ -51,6 +55,28 @@ class ResumeError(RuntimeError):
 # Cleaning and sizing (naming and finding: glmkit/run/checkpoint_names.py)
 # ---------------------------------------------------------------------------
 
+def recover_interrupted_swaps(output_dir: str) -> list[tuple[str, str]]:
+    """A kill while checkpoint-N was being replaced: put the whole new (else old) copy back at checkpoint-N.
+
+    Returns [(promoted folder, checkpoint)]. A temp folder is promoted only if its marker verifies, so a
+    half-written one is never mistaken for a checkpoint; clean_incomplete removes the rest afterwards.
+    """
+    promoted = []
+    if not os.path.isdir(output_dir):
+        return promoted
+    names = set(os.listdir(output_dir))
+    finals = {name[len(prefix):] for name in names for prefix in (TMP_PREFIX, OLD_PREFIX)
+              if name.startswith(prefix) and parse_checkpoint_name(name[len(prefix):])}
+    for final in sorted(finals):
+        target = os.path.join(output_dir, final)
+        came_from = recover(target, os.path.join(output_dir, TMP_PREFIX + final),
+                            os.path.join(output_dir, OLD_PREFIX + final),
+                            lambda path: is_complete(path) and verify(path) is None)
+        if came_from:
+            promoted.append((came_from, target))
+    return promoted
+
+
 def clean_incomplete(output_dir: str) -> list[str]:
     """Remove temp folders and checkpoint folders without their marker (a killed write)."""
     removed = []
@@ -58,7 +84,9 @@ def clean_incomplete(output_dir: str) -> list[str]:
         return removed
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        partial = name.startswith(".tmp-") or (parse_checkpoint_name(name) and not is_complete(path))
+        leftover = name.startswith(TMP_PREFIX) or (name.startswith(OLD_PREFIX)
+                                                   and parse_checkpoint_name(name[len(OLD_PREFIX):]))
+        partial = leftover or (parse_checkpoint_name(name) and not is_complete(path))
         if partial and os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -138,20 +166,10 @@ def finalize(tmp_dir: str, final_dir: str, meta: dict, config_dict: dict) -> Non
         json.dump(marker, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
-    if os.path.exists(final_dir):  # a rerun that reaches the same step replaces it whole
-        shutil.rmtree(final_dir)
-    os.rename(tmp_dir, final_dir)
-
-
-def swap_in(tmp_dir: str, target_dir: str) -> None:
-    """Replace target_dir with tmp_dir so that a reader sees the old or the new folder, whole."""
-    old = f"{target_dir}.old"
-    if os.path.exists(old):
-        shutil.rmtree(old)
-    if os.path.exists(target_dir):
-        os.rename(target_dir, old)
-    os.rename(tmp_dir, target_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    # A rerun that reaches the same step (--resume_from an earlier checkpoint) replaces it whole; a kill
+    # at any instant leaves the old or the new copy, and recover_interrupted_swaps restores a missing one.
+    parent, name = os.path.split(final_dir)
+    swap_in(tmp_dir, final_dir, old=os.path.join(parent, OLD_PREFIX + name))
 
 
 def retention_victims(checkpoints: list[tuple[int, str, float | None]], keep_top_k: int) -> list[str]:
@@ -163,6 +181,16 @@ def retention_victims(checkpoints: list[tuple[int, str, float | None]], keep_top
     ranked = sorted(regular, key=lambda c: (c[2] is None or not math.isfinite(c[2]), c[2] or 0.0, -c[0]))
     keep = {c[1] for c in ranked[:keep_top_k]} | {latest[1]}
     return [c[1] for c in regular if c[1] not in keep]
+
+
+def best_adapter_is_whole(path: str) -> bool:
+    """Its marker is written last, so a folder carrying it holds a complete adapter."""
+    return os.path.isfile(os.path.join(path, BEST_ADAPTER_MARKER))
+
+
+def recover_best_adapter(target: str) -> str | None:
+    """A kill inside the best adapter's swap left no paths.best_adapter_dir: restore it from .tmp or .old."""
+    return recover(target, f"{target}.tmp", f"{target}.old", best_adapter_is_whole)
 
 
 def check_best_adapter_dir(target: str) -> None:
@@ -231,21 +259,29 @@ class Checkpointer:
         """
         error = None
         try:
-            work(*args)
-        except (OSError, CheckpointError) as exc:
+            # The partial folder is removed below, by the main process, once every process has stopped.
+            with guarded_write("checkpoint", target, intact=self._intact, passes=(CheckpointError,),
+                               fix=f"resume with --resume (or fix permissions on {self.output_dir})"):
+                work(*args)
+        except (WriteFailed, CheckpointError) as exc:
             error = exc
-        failed = torch.tensor([0 if error is None else 1], device=self.accelerator.device)
-        if not self.accelerator.reduce(failed, "max").item():
+        if not self._agree(error is not None):
             return
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, CheckpointError):  # the free-space check's own message says it all
+        if error is not None:
             raise error
+        raise WriteFailed(f"could not write checkpoint {target}: another process failed to write its part (its "
+                          f"message says why); {self._intact()}; resume with --resume once that is fixed")
+
+    def _agree(self, failed: bool) -> bool:
+        """True on every process if `failed` is true on any (also the barrier between phases of a save)."""
+        flag = torch.tensor([1 if failed else 0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "max").item())
+
+    def _intact(self) -> str:
         latest = latest_checkpoint(self.output_dir)
-        intact = f"the latest complete checkpoint, {latest}, is intact" if latest else "no earlier checkpoint exists"
-        cause = error if error is not None else "another process failed to write its part"
-        raise CheckpointError(f"could not write checkpoint {target}: {cause}; {intact}; free disk space or "
-                              f"fix permissions on {self.output_dir}, then resume with --resume")
+        return f"the latest complete checkpoint, {latest}, is intact" if latest else "no earlier checkpoint exists"
 
     def _estimate_bytes(self) -> int:
         trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
@@ -268,20 +304,35 @@ class Checkpointer:
         return None
 
     def save_best_adapter(self, step: int, val_loss: float, previous: float | None) -> None:
-        if not self.accelerator.is_main_process:
-            return
+        """Write the adapter on the main process and swap it in whole; every process stops if that failed."""
         target = self.cfg.paths.best_adapter_dir
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                self._write_best_adapter(target, step, val_loss)
+            except (WriteFailed, CheckpointError) as exc:
+                error = exc
+        if self._agree(error is not None):
+            raise error or WriteFailed(f"could not write the best adapter {target}: the main process failed (its "
+                                       f"message says why); {self._intact()}; resume with --resume")
+        if self.accelerator.is_main_process:
+            self.logs.event("best_updated", step, path=target, val_loss=val_loss, previous=previous,
+                            checkpoint=self.checkpoint_at(step))
+
+    def _write_best_adapter(self, target: str, step: int, val_loss: float) -> None:
         check_best_adapter_dir(target)
         tmp = f"{target}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, BEST_ADAPTER_MARKER), "w", encoding="utf-8") as fh:
-            json.dump({"step": step, "val_loss": val_loss, "time": time.time(), "written_by": "glmkit"}, fh)
-            fh.write("\n")
-        swap_in(tmp, target)
-        self.logs.event("best_updated", step, path=target, val_loss=val_loss, previous=previous,
-                        checkpoint=self.checkpoint_at(step))
+        before = (f"the previous best adapter in {target} is intact" if best_adapter_is_whole(target)
+                  else "no best adapter was written before")
+        with guarded_write("the best adapter", target, partial=tmp, passes=(CheckpointError,),
+                           intact=lambda: f"{before}; {self._intact()}", fix="resume with --resume"):
+            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, BEST_ADAPTER_MARKER), "w", encoding="utf-8") as fh:
+                json.dump({"step": step, "val_loss": val_loss, "time": time.time(), "written_by": "glmkit"}, fh)
+                fh.write("\n")
+            swap_in(tmp, target)
 
 
 # ---------------------------------------------------------------------------
@@ -309,6 +360,8 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
     """The checkpoint to continue from (None: a fresh run), after checking it fits this config."""
     output_dir = cfg.paths.output_dir
     if accelerator.is_main_process:
+        for came_from, path in recover_interrupted_swaps(output_dir):
+            print(f"restored {path} from {came_from} (a kill interrupted its rewrite)")
         for path in clean_incomplete(output_dir):
             print(f"removed incomplete checkpoint {path} (its write was interrupted)")
     accelerator.wait_for_everyone()

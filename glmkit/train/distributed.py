@@ -3,12 +3,54 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
 
+from glmkit.config.schema import strategy
+from glmkit.run.parent_death import signal_on_parent_death
 from glmkit.train.checkpoint import ResumeError
 from glmkit.train.faults import unshared_view
+
+
+class LaunchMismatch(RuntimeError):
+    """The processes were started for another strategy than distributed.accelerate_config names."""
+
+
+def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Have the kernel send `sig` to this process when its parent (the launcher) dies; False if not asked.
+
+    torch elastic starts every rank in a session of its own, so a SIGKILLed `accelerate launch` would
+    leave the ranks training unsupervised (and holding the run's lock). SIGTERM is the preemption signal
+    (glmkit/train/preemption.py): once training runs, the ranks save a checkpoint together and exit.
+    Only for processes a launcher started: a `python train_qlora.py` from a shell keeps its own life.
+    """
+    if "LOCAL_RANK" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:  # set by both launchers
+        return False
+    return signal_on_parent_death(sig)
+
+
+def launched_strategy(accelerator) -> str:
+    """ddp | fsdp | deepspeed_zero3: what the launcher actually set up, in distributed.accelerate_config's terms."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed_zero3"
+    return "ddp"
+
+
+def check_launched_strategy(cfg, accelerator) -> None:
+    """Refuse a run whose launch does not match the config: an fsdp config under a plain launch trains DDP."""
+    wanted, launched = strategy(cfg), launched_strategy(accelerator)
+    if wanted != launched:
+        raise LaunchMismatch(f"distributed.accelerate_config asks for {wanted} but this run was launched as "
+                             f"{launched} ({accelerator.distributed_type.name}, {accelerator.num_processes} "
+                             f"process(es)); start it with ./launch_training.sh, which passes the matching "
+                             f"--config_file to accelerate, or set distributed.accelerate_config to {launched}")
 
 
 def make_accelerator(cfg):

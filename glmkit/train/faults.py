@@ -1,7 +1,8 @@
 """Fault injection for the crash tests.
 
 GLMKIT_FAULT_KILL_AT=<point>:<step> SIGKILLs this process there; GLMKIT_FAULT_DISK_FULL_AT=
-checkpoint_write:<step> makes that checkpoint's write fail with ENOSPC, as a full disk would;
+checkpoint_write:<step> makes that checkpoint's write fail with ENOSPC (kept for the resume-after-failure
+test on machines where no tmpfs can be mounted; tests/test_real_faults.py fills a real disk instead);
 GLMKIT_FAULT_UNSHARED_OUTPUT=1 shows every process but the main one a private output folder,
 as node-local disks on a multi-node job would.
 

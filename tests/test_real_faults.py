@@ -1,0 +1,372 @@
+"""Real faults, not injected ones (issue 25): a small disk that another process fills at the moment the kit
+writes, real SIGKILLs inside a folder swap (renames slowed with strace), a launcher killed under its ranks,
+and a second trainer refused by a running one.
+
+The full-disk tests mount a tmpfs, which needs root (CI runs as root); elsewhere they are skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, run_cli, write_tiny_config
+
+from glmkit.run.logs import read_jsonl
+
+NICE = ["nice", "-n", "15"]  # the kit runs behind the filler, so the filler wins the race to the disk
+
+
+def paused_at_mkdir(path: str) -> list[str]:
+    """A command prefix that holds the kit 2 s right after it creates the folder `path` (strace, if present).
+
+    The filler sees the new folder and fills the disk while the writer is held, so the write that follows
+    meets a full disk however loaded the machine is; without strace, `nice` alone makes the race likely.
+    """
+    if shutil.which("strace") is None:
+        return NICE
+    return [*NICE, "strace", "-f", "--seccomp-bpf", "-o", os.devnull, "-P", path, "-e", "trace=mkdir,mkdirat",
+            "-e", "inject=mkdir,mkdirat:delay_exit=2000000"]
+KIT_LAUNCH = ("-m", "glmkit.launch.accelerate", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no")
+CPU_ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+# The shortest run that evaluates (so the best adapter is written) and checkpoints at step 1.
+SHORT_RUN = {"training.max_steps": 1, "training.max_seq_length": 64, "logging.eval_interval": 1,
+             "logging.checkpoint_interval": 1, "logging.expert_stats_interval": 1}
+
+# Another process: wait for a path matching the pattern to appear under the disk, then take every free
+# byte (4 MiB, then 64 KiB, then 4 KiB at a time) and say so in <mount>/.filled.
+FILLER = r"""
+import glob, os, sys, time
+mount, pattern = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 600
+while not glob.glob(os.path.join(mount, pattern)):
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.001)
+fd = os.open(os.path.join(mount, ".ballast"), os.O_WRONLY | os.O_CREAT, 0o600)
+size = os.fstat(fd).st_size
+for chunk in (4 << 20, 64 << 10, 4 << 10):
+    while True:
+        try:
+            os.posix_fallocate(fd, size, chunk)
+        except OSError:
+            break
+        size += chunk
+os.close(fd)
+open(os.path.join(mount, ".filled"), "w").close()
+"""
+
+
+class SmallDisk:
+    def __init__(self, path):
+        self.path = str(path)
+        self.filler = None
+
+    def fill_when(self, pattern: str) -> None:
+        """Start the filler: it takes the whole disk once `pattern` (a glob under the disk) exists."""
+        self.free()
+        self.filler = subprocess.Popen([sys.executable, "-c", FILLER, self.path, pattern])
+
+    def filled(self) -> bool:
+        return os.path.exists(os.path.join(self.path, ".filled"))
+
+    def free(self) -> None:
+        if self.filler is not None and self.filler.poll() is None:
+            self.filler.kill()
+        if self.filler is not None:
+            self.filler.wait()
+        self.filler = None
+        for name in (".ballast", ".filled"):
+            if os.path.exists(os.path.join(self.path, name)):
+                os.remove(os.path.join(self.path, name))
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs a tmpfs mount, which needs root (CI runs as root); not root here")
+    mount = tmp_path_factory.mktemp("small-disk")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): the full-disk tests need one")
+    disk = SmallDisk(mount)
+    yield disk
+    disk.free()
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def last_line(result) -> str:
+    """The kit's last `error:` line (torch elastic adds its own log lines after a rank's exit)."""
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
+    return lines[-1] if lines else ""
+
+
+def assert_one_line_failure(result):
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def error_reported(result, logs_dir) -> bool:
+    """The error record was written, or (the log's disk being full) a note on stderr says it could not be."""
+    records = read_jsonl(os.path.join(logs_dir, "error_log.jsonl"))
+    return any(r["type"] == "WriteFailed" for r in records) or "the error record could not be written" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# A full disk during training: two processes, the checkpoint; then the best adapter; then a merge shard
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def disk_run(small_disk, tmp_path_factory, tiny_model_dir, demo_corpus):
+    """Two processes train on the small disk; it fills when step 1's checkpoint starts being written."""
+    tmp = tmp_path_factory.mktemp("disk-run")
+    config = write_tiny_config(tmp, tiny_model_dir, demo_corpus, SHORT_RUN)
+    with open(config, encoding="utf-8") as fh:
+        text = fh.read()
+    text = text.replace(str(tmp / "run"), os.path.join(small_disk.path, "run"))
+    text = text.replace(str(tmp / "best"), os.path.join(small_disk.path, "best"))
+    with open(config, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    small_disk.fill_when("run/.tmp-checkpoint-1")
+    started = time.monotonic()
+    result = subprocess.run([*paused_at_mkdir(os.path.join(small_disk.path, "run", ".tmp-checkpoint-1")),
+                             sys.executable, *KIT_LAUNCH, "train_qlora.py", "--config", config], cwd=ROOT,
+                            env={**os.environ, **CPU_ENV, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+                            capture_output=True, text=True, timeout=600)
+    return {"result": result, "seconds": time.monotonic() - started, "config": config,
+            "out": os.path.join(small_disk.path, "run"), "best": os.path.join(small_disk.path, "best")}
+
+
+def test_full_disk_during_a_checkpoint_stops_every_rank_with_one_line(disk_run, small_disk):
+    result, out = disk_run["result"], disk_run["out"]
+    assert small_disk.filled(), "the filler never saw the checkpoint being written"
+    assert_one_line_failure(result)
+    line = last_line(result)
+    assert line.startswith(f"error: could not write checkpoint {out}/checkpoint-1: no space left on device; "), line
+    assert "no earlier checkpoint exists" in line and "resume with --resume" in line
+    assert not [n for n in os.listdir(out) if "checkpoint" in n]  # the partial folder is gone
+    assert error_reported(result, os.path.join(out, "logs"))
+    # Both ranks stopped at once; a rank left in the reduce would wait out gloo's 30-minute timeout.
+    assert result.stderr.count("error: could not write checkpoint") == 2
+    assert disk_run["seconds"] < 400
+    assert os.path.isfile(os.path.join(disk_run["best"], "best.json"))  # written at step 1, before the checkpoint
+
+
+def test_full_disk_writing_the_best_adapter_keeps_the_previous_one(disk_run, small_disk):
+    best = disk_run["best"]
+    with open(os.path.join(best, "best.json"), encoding="utf-8") as fh:
+        before = fh.read()
+    shutil.rmtree(disk_run["out"])  # a fresh run, so that step 1 improves on nothing and writes a new best
+    small_disk.fill_when("best.tmp")
+    result = subprocess.run([*paused_at_mkdir(f"{best}.tmp"), sys.executable, "train_qlora.py", "--config",
+                             disk_run["config"]], cwd=ROOT,
+                            env={**os.environ, **CPU_ENV, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+                            capture_output=True, text=True, timeout=600)
+    assert small_disk.filled()
+    assert_one_line_failure(result)
+    line = last_line(result)
+    assert line.startswith(f"error: could not write the best adapter {best}: no space left on device; "), line
+    assert f"the previous best adapter in {best} is intact" in line
+    assert not os.path.exists(f"{best}.tmp")
+    with open(os.path.join(best, "best.json"), encoding="utf-8") as fh:
+        assert fh.read() == before
+    assert error_reported(result, os.path.join(disk_run["out"], "logs"))
+
+
+def test_full_disk_writing_a_merge_shard(disk_run, small_disk, tiny_model_dir, capsys):
+    import use_adapter
+
+    small_disk.fill_when(".merged.merge-partial/model-*")
+    out = os.path.join(small_disk.path, "merged")
+    status = use_adapter.main(["--config", disk_run["config"], "--adapter", disk_run["best"], "--merge", out])
+    err = capsys.readouterr().err
+    assert small_disk.filled()
+    assert status == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: could not write the merged model {out}: no space left on device; "), line
+    assert f"the base model in {tiny_model_dir}" in line and "rerun --merge" in line
+    assert not os.path.exists(out) and not os.path.exists(os.path.join(small_disk.path, ".merged.merge-partial"))
+
+
+def test_full_disk_writing_a_token_store(small_disk, tmp_path, tiny_model_dir, demo_corpus, capsys):
+    from glmkit.config.schema import load_config
+    from glmkit.data.prepare import run_prepare_cli
+
+    scratch = os.path.join(small_disk.path, "scratch")
+    config = write_tiny_config(tmp_path, tiny_model_dir, demo_corpus, {"performance.tokenizer_workers": 1})
+    cfg = load_config(config, [f"paths.scratch_dir={scratch}"])
+    small_disk.fill_when("scratch/tokenized/files/*.tmp-*/tokens.u32")
+    status = run_prepare_cli(cfg)
+    err = capsys.readouterr().err
+    assert small_disk.filled()
+    assert status == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: could not write the data cache {scratch}/tokenized/files: no space left on "
+                           f"device; "), line
+    leftovers = [name for _, dirs, _ in os.walk(scratch) for name in dirs if ".tmp-" in name]
+    assert not leftovers
+
+
+# ---------------------------------------------------------------------------
+# Atomic swaps: a real SIGKILL inside the (slowed) renames never leaves the folder missing
+# ---------------------------------------------------------------------------
+
+SWAP = r"""
+import sys
+from glmkit.run.swap import swap_in
+print("swapping", flush=True)
+swap_in(sys.argv[1], sys.argv[2])
+print("swapped", flush=True)
+"""
+
+
+def write_folder(path, content: str) -> None:
+    os.makedirs(path)
+    with open(os.path.join(path, "best.json"), "w", encoding="utf-8") as fh:
+        fh.write(content)
+
+
+def content_of(path) -> str | None:
+    try:
+        with open(os.path.join(path, "best.json"), encoding="utf-8") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("kill_after", [0.5, 1.5])
+def test_sigkill_inside_the_swap_leaves_the_old_or_the_new_folder(tmp_path, kill_after):
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed: the renames cannot be slowed enough to kill between them")
+    target, new = str(tmp_path / "best"), str(tmp_path / "best.tmp")
+    write_folder(target, "old")
+    write_folder(new, "new")
+    # Every rename waits 1 s before it happens: the window between two renames is then 1 s wide.
+    process = subprocess.Popen(["strace", "-f", "-o", os.devnull, "-e",
+                                "inject=rename,renameat,renameat2:delay_enter=1000000",
+                                sys.executable, "-c", SWAP, new, target], cwd=ROOT, stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert process.stdout.readline().strip() == "swapping"
+    started, missing_seen = time.monotonic(), 0
+    while time.monotonic() - started < kill_after:
+        missing_seen += content_of(target) is None  # what a reader (use_adapter.py) would find
+        time.sleep(0.001)
+    process.kill()
+    process.wait()
+    assert missing_seen == 0
+    assert content_of(target) in ("old", "new")
+
+
+def test_recovery_puts_back_a_folder_a_kill_left_missing(tmp_path):
+    from glmkit.train import checkpoint as ckpt
+
+    # The two-rename fallback killed between its renames: no target, both copies whole.
+    best = str(tmp_path / "best")
+    write_folder(f"{best}.old", "old")
+    write_folder(f"{best}.tmp", "new")
+    assert ckpt.recover_best_adapter(best) == f"{best}.tmp"
+    assert content_of(best) == "new"
+    # A rewritten checkpoint-N killed after the old copy went: its complete temp folder is promoted,
+    # a half-written one (no marker) and a damaged one are not.
+    out = tmp_path / "run"
+    for step in (2, 3, 4):
+        os.makedirs(out / f".tmp-checkpoint-{step}")
+        (out / f".tmp-checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
+        ckpt.finalize(str(out / f".tmp-checkpoint-{step}"), str(out / f"checkpoint-{step}"), {"step": step},
+                      {"training": {"seed": 1}})
+        os.rename(out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}")
+    os.remove(out / ".tmp-checkpoint-3" / "COMPLETE")
+    (out / ".tmp-checkpoint-4" / "adapter_model.safetensors").write_bytes(b"weights 5")
+    promoted = ckpt.recover_interrupted_swaps(str(out))
+    assert promoted == [(str(out / ".tmp-checkpoint-2"), str(out / "checkpoint-2"))]
+    assert ckpt.verify(str(out / "checkpoint-2")) is None
+    ckpt.clean_incomplete(str(out))
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]
+
+
+# ---------------------------------------------------------------------------
+# Process hygiene
+# ---------------------------------------------------------------------------
+
+def test_refused_trainer_writes_nothing_into_the_running_runs_logs(make_config, tmp_path):
+    from glmkit.run.lock import RunLock
+
+    config = make_config(SHORT_RUN)
+    logs = tmp_path / "run" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "error_log.jsonl").write_text("")
+    (logs / "events_log.jsonl").write_text(json.dumps({"step": 0, "time": 0, "event": "run_start"}) + "\n")
+    before = {name: (logs / name).read_bytes() for name in os.listdir(logs)}
+    lock = RunLock(str(tmp_path / "run"))
+    lock.acquire()  # a running trainer, as far as the kernel is concerned: the same flock
+    try:
+        result = run_cli(["train_qlora.py", "--config", config, "--resume"])
+    finally:
+        lock.release()
+    assert_one_line_failure(result)
+    assert "is in use by another trainer" in last_line(result)
+    assert {name: (logs / name).read_bytes() for name in os.listdir(logs)} == before
+
+
+def test_trainer_refuses_a_launch_that_is_not_the_configured_strategy(make_config):
+    config = make_config(SHORT_RUN)
+    result = run_cli(["train_qlora.py", "--config", config, "--set", "distributed.accelerate_config=fsdp"])
+    assert_one_line_failure(result)
+    assert last_line(result).startswith("error: distributed.accelerate_config asks for fsdp but this run was "
+                                        "launched as ddp"), result.stderr[-2000:]
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for task in os.listdir(f"/proc/{parent}/task") if os.path.isdir(f"/proc/{parent}/task") else []:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children", encoding="ascii") as fh:
+                    children = [int(c) for c in fh.read().split()]
+            except OSError:
+                continue
+            todo += [c for c in children if c not in found]
+            found.update(children)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ranks_exit_when_their_launcher_is_killed(make_config, tmp_path):
+    config = make_config({**SHORT_RUN, "training.max_steps": 40})
+    with open(tmp_path / "launch.log", "w") as log:
+        launcher = subprocess.Popen([sys.executable, *KIT_LAUNCH, "train_qlora.py", "--config", config], cwd=ROOT,
+                                    env={**os.environ, **CPU_ENV, "TOKENIZERS_PARALLELISM": "false"},
+                                    stdout=log, stderr=subprocess.STDOUT)
+        lock_file = tmp_path / "run" / ".trainer.lock"
+        deadline = time.monotonic() + 300
+        # The lock is taken once both ranks are up (the accelerator joined them), past the parent-death request.
+        while not (lock_file.exists() and lock_file.read_text().strip()) and time.monotonic() < deadline:
+            assert launcher.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = [pid for pid in descendants(launcher.pid) if alive(pid)]
+        assert len(ranks) >= 2, ranks
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 120
+        while any(map(alive, ranks)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in ranks if alive(pid)]
+        for pid in left:  # do not leave them training on a failure
+            os.kill(pid, signal.SIGKILL)
+    assert not left, (tmp_path / "launch.log").read_text()[-3000:]
