@@ -267,7 +267,7 @@ class Checkpointer:
             return checkpoint_path(self.output_dir, step)
         return None
 
-    def save_best_adapter(self, step: int, val_loss: float, previous: float | None) -> None:
+    def save_best_adapter(self, step: int, val_loss: float, previous: float | None, eval_set: str = "val") -> None:
         if not self.accelerator.is_main_process:
             return
         target = self.cfg.paths.best_adapter_dir
@@ -277,11 +277,12 @@ class Checkpointer:
         self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, BEST_ADAPTER_MARKER), "w", encoding="utf-8") as fh:
-            json.dump({"step": step, "val_loss": val_loss, "time": time.time(), "written_by": "glmkit"}, fh)
+            json.dump({"step": step, "val_loss": val_loss, "eval_set": eval_set, "time": time.time(),
+                       "written_by": "glmkit"}, fh)
             fh.write("\n")
         swap_in(tmp, target)
         self.logs.event("best_updated", step, path=target, val_loss=val_loss, previous=previous,
-                        checkpoint=self.checkpoint_at(step))
+                        checkpoint=self.checkpoint_at(step), eval_set=eval_set)
 
 
 # ---------------------------------------------------------------------------
