@@ -99,7 +99,8 @@ class FakeRun:
             record.update({f"{name}/loss": loss, f"{name}/perplexity": math.exp(loss), f"{name}/tokens": 4096})
         record.update(val_loss=losses[select_by], perplexity=math.exp(losses[select_by]), val_tokens=4096)
         self.append("eval", record)
-        self.event("eval", step, val_loss=losses[select_by], perplexity=math.exp(losses[select_by]), losses=losses)
+        self.event("eval", step, val_loss=losses[select_by], perplexity=math.exp(losses[select_by]), losses=losses,
+                   **({"baseline": True} if step == 0 else {}))
 
     def experts(self, step: int, collapsed: bool = False) -> None:
         layers = []

@@ -42,6 +42,9 @@ def test_stats_per_set_change_from_step_0_and_best_after_it(tmp_path):
     assert (general["best_step"], general["best_loss"]) == (10, 2.05) and general["change"] == pytest.approx(0.25)
     assert val["selected"] and not general["selected"]
     assert (s["best_val_loss"], s["best_val_step"]) == (2.4, 20)  # the cards: the selection set, not step 0
+    summaries = [e["summary"] for e in client.get("/api/events").get_json()["events"] if e["event"] == "eval"]
+    assert summaries[:2] == ["Baseline evaluation (base model): val 3.0000, general 2.0000",
+                             "Evaluation: val 2.6000, general 2.0500"]
     png = client.get("/api/plots/eval_sets.png")
     assert png.status_code == 200 and png.data.startswith(PNG_MAGIC)
 
