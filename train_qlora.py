@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from glmkit.config.schema import add_config_arguments, config_from_args
+from glmkit.config.schema import HELD_OUT_SET, add_config_arguments, config_from_args
 from glmkit.data.rows import DataError
 from glmkit.model.errors import ModelLoadError
 from glmkit.plan.fit import DoesNotFit
@@ -93,7 +93,7 @@ def train(cfg, args, accelerator, logs) -> int:
     tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
     corpus = prepare.prepare_for_run(cfg, tokenizer, accelerator, logs, resume_path, args.allow_data_change)
     train_rows, val_rows = corpus.train_rows, corpus.val_rows
-    eval_rows = {name: rows for name, rows in [("val", val_rows)] + [(s.name, s.rows) for s in corpus.eval_sets]
+    eval_rows = {name: rows for name, rows in [(HELD_OUT_SET, val_rows)] + [(s.name, s.rows) for s in corpus.eval_sets]
                  if len(rows)}  # every set an eval measures: the held-out split, then eval.sets
     collator = data.make_collator(tokenizer, cfg)
     train_loader = torch.utils.data.DataLoader(train_rows, batch_size=o.micro_batch_per_gpu, shuffle=True,
