@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from glmkit.config.folders import unwritable_problems
-from glmkit.config.schema import add_config_arguments, config_from_args
+from glmkit.config.schema import HELD_OUT_SET, add_config_arguments, config_from_args
 from glmkit.data.rows import DataError
 from glmkit.model.errors import ModelLoadError
 from glmkit.plan.fit import DoesNotFit
@@ -96,7 +96,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.plan.fit import memory_gate
     from glmkit.run.trackers import start_trackers
     from glmkit.train import ddp
-    from glmkit.train.evaluation import adapter_is_finite, evaluate, improves
+    from glmkit.train.evaluation import adapter_is_finite, eval_record, evaluate_sets, improves
     from glmkit.train.optim import apply_current_hyperparameters, make_optimizer_and_scheduler
     from glmkit.train.preemption import Preemption
     from glmkit.train.progress import StepClock, gpu_memory, progress_bar
@@ -104,7 +104,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.train.step import check_nan_budget, next_group, step_groups, train_step
 
     # ---- setup: checks, data, model, optimizer ---------------------------------------------
-    t, o, lg = cfg.training, cfg.optimization, cfg.logging
+    t, o, lg, ev_cfg = cfg.training, cfg.optimization, cfg.logging, cfg.eval
     torch.manual_seed(t.seed)
     check_shared_output_dir(accelerator, cfg.paths.output_dir)
     resume_path = ckpt.resume_checkpoint(cfg, args, accelerator)
@@ -117,6 +117,8 @@ def train(cfg, args, accelerator, logs) -> int:
     corpus = all_or_none(accelerator, prepare.prepare_for_run, cfg, tokenizer, accelerator, logs, resume_path,
                          args.allow_data_change)
     train_rows, val_rows = corpus.train_rows, corpus.val_rows
+    eval_rows = {name: rows for name, rows in [(HELD_OUT_SET, val_rows)] + [(s.name, s.rows) for s in corpus.eval_sets]
+                 if len(rows)}  # every set an eval measures: the held-out split, then eval.sets
     collator = data.make_collator(tokenizer, cfg)
     train_loader = torch.utils.data.DataLoader(train_rows, batch_size=o.micro_batch_per_gpu, shuffle=True,
                                                collate_fn=collator, num_workers=cfg.performance.num_workers,
@@ -139,7 +141,7 @@ def train(cfg, args, accelerator, logs) -> int:
     stats = RouterStats(model, accelerator.is_main_process)
     accelerator.register_for_checkpointing(scheduler, stats)
     checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps, corpus.fingerprint)
-    state = ckpt.checkpoint_state(resume_path) if resume_path else LoopState()
+    state = (ckpt.checkpoint_state(resume_path) if resume_path else LoopState()).selecting_by(ev_cfg.select_by)
     if state.step >= total_steps:
         accelerator.print(f"{resume_path} is at step {state.step} of {total_steps}: the run has already "
                           f"finished. Raise training.max_steps to train further.")
@@ -155,12 +157,21 @@ def train(cfg, args, accelerator, logs) -> int:
     logs.event("run_start", state.step, config=cfg.to_dict(), world_size=world, total_steps=total_steps,
                effective_batch=rows_per_step, tokens_per_step=rows_per_step * t.max_seq_length, model_audit=audit,
                bad_lines=corpus.bad_line_count, train_rows=len(train_rows), val_rows=len(val_rows),
+               eval_sets={name: len(rows) for name, rows in eval_rows.items()},
                resumed_from=resume_path, device=str(accelerator.device), ddp_sync=ddp.sync_report(model),
                **planned_memory)
     if resume_path:  # last of all, so nothing draws from the random streams it restores
         ckpt.load_checkpoint(accelerator, model, resume_path)
         apply_current_hyperparameters(optimizer, scheduler, cfg)
         logs.event("resume", state.step, from_step=state.step, checkpoint=resume_path)
+
+    # ---- the baseline: every eval set before the first update (the base model: LoRA B starts at 0)
+    if ev_cfg.at_start and state.step == 0 and eval_rows:
+        ev = evaluate_sets(model, eval_rows, collator, accelerator, o.micro_batch_per_gpu)
+        record = eval_record(ev, ev_cfg.select_by)
+        logs.write("eval", 0, **record)
+        logs.event("eval", 0, val_loss=record["val_loss"], perplexity=record["perplexity"],
+                   losses={name: r.val_loss for name, r in ev.items()}, baseline=True)
 
     # ---- the loop -----------------------------------------------------------------------------
     preemption = Preemption()
@@ -192,16 +203,19 @@ def train(cfg, args, accelerator, logs) -> int:
             counts, routed = stats.take(reduce=lambda x: accelerator.reduce(x, "sum"))
             logs.write("experts", step, **stats.record(counts, routed))
 
-        # -- eval, and the best adapter
-        if (step % lg.eval_interval == 0 or step == total_steps) and len(val_rows):
-            ev = evaluate(model, val_rows, collator, accelerator, o.micro_batch_per_gpu)
-            logs.write("eval", step, val_loss=ev.val_loss, perplexity=ev.perplexity, val_tokens=ev.val_tokens)
-            logs.event("eval", step, val_loss=ev.val_loss, perplexity=ev.perplexity)
-            state = replace(state, last_val_loss=ev.val_loss, last_eval_step=step)
+        # -- eval of every set; the selection set's loss picks the best adapter and ranks checkpoints
+        if (step % lg.eval_interval == 0 or step == total_steps) and eval_rows:
+            ev = evaluate_sets(model, eval_rows, collator, accelerator, o.micro_batch_per_gpu)
+            record = eval_record(ev, ev_cfg.select_by)
+            logs.write("eval", step, **record)
+            logs.event("eval", step, val_loss=record["val_loss"], perplexity=record["perplexity"],
+                       losses={name: r.val_loss for name, r in ev.items()})
+            selected = record["val_loss"]
+            state = replace(state, last_val_loss=selected, last_eval_step=step)
             maybe_kill("after_eval", step)
-            if improves(ev.val_loss, state.best_val_loss) and adapter_is_finite(model):
-                checkpointer.save_best_adapter(step, ev.val_loss, state.best_val_loss)
-                state = replace(state, best_val_loss=ev.val_loss, best_step=step)
+            if improves(selected, state.best_val_loss) and adapter_is_finite(model):
+                checkpointer.save_best_adapter(step, selected, state.best_val_loss, ev_cfg.select_by)
+                state = replace(state, best_val_loss=selected, best_step=step)
 
         # -- a log the main process could not write (a full disk) stops every process here, together
         if agree(accelerator, logs.failed is not None):

@@ -174,9 +174,9 @@ def test_every_tracker_holds_the_jsonl_and_a_resumed_run_continues_the_same_runs
 
     want = expected(str(out))
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens_seen",
-            "eval/val_loss", "eval/perplexity", "experts/layer_01/max_over_mean", "experts/layer_01/dead_experts",
+            "eval/val_loss", "eval/perplexity", "eval/val/loss", "eval/val/tokens", "experts/layer_01/max_over_mean", "experts/layer_01/dead_experts",
             "expert_load/layer_01/expert_000"} <= set(want)
-    assert sorted(want["train/tokens_seen"]) == [1, 2, 3, 4] and sorted(want["eval/val_loss"]) == [2, 4]
+    assert sorted(want["train/tokens_seen"]) == [1, 2, 3, 4] and sorted(want["eval/val_loss"]) == [0, 2, 4]
     trackers = out / "trackers"
 
     # TensorBoard: one folder for the run, both attempts' event files in it

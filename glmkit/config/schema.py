@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import errno
 import os
+import re
 import stat
 import sys
 import typing
@@ -121,6 +122,50 @@ class TrainingSection:
     max_nan_skips: int = setting(10, "consecutive non-finite steps skipped before the run aborts", ge=1)
 
 
+HELD_OUT_SET = "val"  # the eval set drawn from the training data by training.val_fraction
+EVAL_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass
+class EvalSetSource:
+    """One named eval set: documents evaluated on, never trained on (e.g. general text, to see forgetting)."""
+    name: str = setting(help="its name in eval_log.jsonl, the trackers (`eval/<name>/loss`) and the dashboard")
+    path: str = setting(help="a .jsonl / .jsonl.gz / .jsonl.zst / .parquet file, a folder of them, or a glob")
+
+
+def _parse_eval_sets(value, key: str, problems: list[str]):
+    """A list of {name, path} mappings."""
+    if value is None or value == []:
+        return []
+    if not isinstance(value, list):
+        problems.append(f"{key}: expected a list like [{{name: general, path: data/general.jsonl}}], got {value!r}")
+        return None
+    sets = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item.get(k) for k in ("name", "path")):
+            problems.append(f"{where}: expected {{name: NAME, path: FILE|FOLDER|GLOB}}, got {item!r}")
+            continue
+        before = len(problems)
+        entry = build_section(EvalSetSource, item, where, problems)
+        if len(problems) == before:
+            sets.append(entry)
+    return sets if len(sets) == len(value) else None
+
+
+@dataclass
+class EvalSection:
+    """What each evaluation measures, when the first one runs, and which set picks the best adapter."""
+    sets: list[EvalSetSource] = setting(
+        help="named eval sets besides the held-out split `val`: `[{name, path}]`, each tokenized and cached like "
+             "the training data and refused if it shares documents with it; more sets = a longer eval",
+        factory=list, parse=_parse_eval_sets)
+    at_start: bool = setting(True, "evaluate every set at step 0, before the first update: the base model's "
+                                   "loss, each curve's baseline; false saves one eval's time")
+    select_by: str = setting(HELD_OUT_SET, "the eval set whose loss picks the best adapter and the top-K "
+                                           "checkpoints: `val` (the held-out split) or a name in `eval.sets`")
+
+
 @dataclass
 class OptimizationSection:
     """Batch geometry, AdamW and the learning-rate schedule."""
@@ -130,9 +175,18 @@ class OptimizationSection:
     grad_accum_steps: int = setting(4, "micro-batches per optimizer step (4 × 4 = the 16 rows per GPU of a 1 × 16 "
                                     "recipe)", critical=True, ge=1)
     learning_rate: float = setting(1e-4, "peak LR (LoRA)", gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = setting("cosine", "`cosine` · `linear` · `constant`, after warmup")
+    lr_scheduler: Literal["cosine", "linear", "constant", "wsd"] = setting(
+        "cosine", "`cosine` · `linear` · `constant` after warmup · `wsd` (warmup, a stable phase at the peak, "
+        "then a decay over the final steps: a run can be extended from its last stable checkpoint)")
     warmup_steps: int = setting(50, "linear warmup from 0", ge=0)
     min_lr_ratio: float = setting(0.1, "decay floor as a share of the peak", ge=0, le=1)
+    decay_fraction: float = setting(0.1, "wsd: the share of all steps spent decaying (used when `decay_steps` is "
+                                         "null); longer decays cost stable-phase steps", gt=0, le=1)
+    decay_steps: Optional[int] = setting(None, "wsd: the number of final steps spent decaying; null = "
+                                               "`decay_fraction` of the run", ge=1)
+    decay_shape: Literal["linear", "cosine", "sqrt"] = setting(
+        "linear", "wsd decay from the peak to the floor: `linear` · `cosine` · `sqrt` (1 - sqrt: drops fast, "
+        "then flattens)")
     weight_decay: float = setting(0.0, "AdamW decay on the LoRA weights", ge=0)
     adam_beta1: float = setting(0.9, "AdamW first-moment decay", ge=0, lt=1)
     adam_beta2: float = setting(0.999, "AdamW second-moment decay", ge=0, lt=1)
@@ -216,6 +270,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     paths: PathsSection = field(default_factory=PathsSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     optimization: OptimizationSection = field(default_factory=OptimizationSection)
     lora: LoraSection = field(default_factory=LoraSection)
     quantization: QuantizationSection = field(default_factory=QuantizationSection)
@@ -326,6 +381,8 @@ def _resolve_paths(cfg: Config, base_dir: str) -> None:
     if isinstance(cfg.paths.data_path, list):  # glob characters pass through unchanged
         for source in cfg.paths.data_path:
             source.path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(source.path)))
+    for entry in cfg.eval.sets:
+        entry.path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(entry.path)))
     acc = cfg.distributed.accelerate_config
     if acc and acc not in ACCELERATE_CONFIGS:
         cfg.distributed.accelerate_config = os.path.normpath(os.path.join(base_dir, os.path.expanduser(acc)))
@@ -367,6 +424,12 @@ def validate(cfg: Config) -> list[str]:
     need(lg.eval_interval < 1 or lg.checkpoint_interval % lg.eval_interval == 0, "logging.checkpoint_interval",
          f"must be a multiple of logging.eval_interval ({lg.eval_interval}) so every checkpoint has a "
          f"val loss to rank it by, got {lg.checkpoint_interval}")
+    problems.extend(eval_problems(cfg))
+    o = cfg.optimization
+    if o.lr_scheduler == "wsd" and o.decay_steps and cfg.training.max_steps:
+        need(o.warmup_steps + o.decay_steps <= cfg.training.max_steps, "optimization.decay_steps",
+             f"warmup ({o.warmup_steps}) plus decay ({o.decay_steps}) exceeds training.max_steps "
+             f"({cfg.training.max_steps}); shorten the decay or the warmup")
     d = cfg.distributed
     if d.accelerate_config and d.accelerate_config not in ACCELERATE_CONFIGS:
         need(os.path.isfile(d.accelerate_config), "distributed.accelerate_config",
@@ -401,6 +464,37 @@ def validate(cfg: Config) -> list[str]:
             problems.append(f"paths.best_adapter_dir: {best} {where} paths.{key} ({other}); the best adapter "
                             f"folder is replaced on each improvement, so give it a folder of its own")
     return problems
+
+
+def eval_problems(cfg: Config) -> list[str]:
+    """Eval set names (unique, usable as tracker keys) and the selection set."""
+    problems, names = [], []
+    for index, entry in enumerate(cfg.eval.sets):
+        key = f"eval.sets[{index}].name"
+        if entry.name == HELD_OUT_SET:
+            problems.append(f"{key}: {HELD_OUT_SET!r} is the held-out split's name; give this set another name")
+        elif not EVAL_SET_NAME.fullmatch(entry.name):
+            problems.append(f"{key}: {entry.name!r} must be letters, digits, '_', '.' or '-' (up to 64), "
+                            f"starting with a letter or digit: it becomes the tracker key eval/<name>/loss")
+        elif entry.name in names:
+            problems.append(f"{key}: {entry.name!r} names two eval sets; give each set its own name")
+        names.append(entry.name)
+    choices = ([HELD_OUT_SET] if cfg.training.val_fraction > 0 else []) + names
+    select = cfg.eval.select_by
+    if select == HELD_OUT_SET and cfg.training.val_fraction == 0 and names:
+        problems.append(f"eval.select_by: the held-out split {HELD_OUT_SET!r} is empty with training.val_fraction "
+                        f"0; select one of {', '.join(names)} or raise training.val_fraction")
+    elif select != HELD_OUT_SET and select not in names:
+        guess = difflib.get_close_matches(select, choices, n=1)
+        hint = f"did you mean {guess[0]}? " if guess else ""
+        problems.append(f"eval.select_by: {select!r} is not an eval set; {hint}use "
+                        f"{' or '.join(choices) or HELD_OUT_SET + ' (with training.val_fraction > 0)'}")
+    return problems
+
+
+def eval_set_names(cfg: Config) -> list[str]:
+    """Every set an eval measures, in order: the held-out split (when there is one), then eval.sets."""
+    return ([HELD_OUT_SET] if cfg.training.val_fraction > 0 else []) + [s.name for s in cfg.eval.sets]
 
 
 def tracker_name_problems(names: list[str]) -> list[str]:

@@ -32,6 +32,10 @@ def describe(e: dict) -> str:
         return (f"Run started: {e.get('total_steps', '?')} steps, world size {e.get('world_size', '?')}, "
                 f"effective batch {e.get('effective_batch', '?')}")
     if kind == "eval":
+        losses = e.get("losses")
+        if isinstance(losses, dict) and losses:  # a trainer with eval sets: every set's loss
+            what = "Baseline evaluation (base model)" if e.get("baseline") else "Evaluation"
+            return f"{what}: " + ", ".join(f"{name} {_fmt(loss)}" for name, loss in losses.items())
         return f"Evaluation: val loss {_fmt(e.get('val_loss'))}, perplexity {_fmt(e.get('perplexity'), '.2f')}"
     if kind == "checkpoint_saved":
         return f"Saved {_name(e.get('path'))} (val loss {_fmt(e.get('val_loss'))}{_size(e.get('size_bytes'))})"

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 from glmkit.run.logs import LOG_FILES
 
+from .evalsets import EvalSink
 from .experts import ExpertSink
 from .logreader import JsonlTail, RecordSink, TableSink
 
@@ -27,7 +28,6 @@ MAX_BACKLOG = {"experts": 32 << 20}
 TRAINING_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_sec", "tokens")
 # Parsed on first use (all but `step`): /api/stats needs only their last values.
 LAZY_TRAINING_FIELDS = ("time", *TRAINING_FIELDS)
-EVAL_FIELDS = ("val_loss", "perplexity")
 
 
 class RunMonitor:
@@ -41,7 +41,7 @@ class RunMonitor:
         self.logs_dir = os.path.abspath(logs_dir)
         self.min_interval = min_interval
         self.train = TableSink(TRAINING_FIELDS, lazy=LAZY_TRAINING_FIELDS)
-        self.eval = TableSink(EVAL_FIELDS)
+        self.eval = EvalSink()  # the selection set's columns, and a table per eval set
         self.experts = ExpertSink()
         self.events = RecordSink()
         self.errors = RecordSink()
@@ -80,8 +80,8 @@ class RunMonitor:
                 continue
             from_step, when = event.get("from_step"), event.get("time")
             if isinstance(from_step, int) and isinstance(when, (int, float)):
-                for sink in (self.train, self.eval, self.experts):
-                    sink.table.supersede(from_step, when)
+                for table in (self.train.table, *self.eval.tables(), self.experts.table):
+                    table.supersede(from_step, when)
 
     # -- facts derived from the files themselves ---------------------------
 

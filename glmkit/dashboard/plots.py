@@ -20,14 +20,17 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from .evalsets import collect as collect_eval_sets  # noqa: E402
 from .monitor import RunMonitor  # noqa: E402
 from .series import SmoothingCache, downsample_indices, ema  # noqa: E402
 
 PLOT_POINTS = 1200
 # Inches at 130 dpi; the page lays plots out two, three and one to a row.
-FIGURE_SIZE = {"lr": (4.3, 3.0), "grad_norm": (4.3, 3.0), "throughput": (4.3, 3.0), "experts": (12.8, 3.6)}
+FIGURE_SIZE = {"lr": (4.3, 3.0), "grad_norm": (4.3, 3.0), "throughput": (4.3, 3.0), "experts": (12.8, 3.6),
+               "eval_sets": (12.8, 3.2)}
 INK, MUTED, GRID = "#1f2937", "#6b7280", "#e5e7eb"
 BLUE, ORANGE, GREEN, PURPLE, RED = "#2563eb", "#ea580c", "#059669", "#7c3aed", "#dc2626"
+SET_COLORS = (ORANGE, BLUE, PURPLE, RED, "#0891b2", "#ca8a04", "#db2777", "#4b5563")  # eval sets, in page order
 
 # name -> the monitor data it depends on (for the cache key).  Also the
 # allow-list for /api/plots/<name>.png.
@@ -37,6 +40,7 @@ PLOTS = {
     "grad_norm": ("train",),
     "throughput": ("train",),
     "validation": ("eval", "events"),
+    "eval_sets": ("eval",),
     "experts": ("experts",),
 }
 
@@ -72,6 +76,8 @@ def collect(run: RunMonitor, name: str, smoothing: float, smoother: SmoothingCac
         return _xy(train, "tokens_per_sec", smoothing, smoother)
     if name == "validation":
         return {"val": _xy(evals, "val_loss"), "ppl": _xy(evals, "perplexity")}
+    if name == "eval_sets":
+        return collect_eval_sets(run.eval)
     return {"record": run.experts.current()}
 
 
@@ -178,6 +184,48 @@ def _draw_validation(ax, d: dict) -> None:
     _legend(ax, *([twin] if twin else []))
 
 
+def _style(ax) -> None:
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    for side in ("left", "bottom"):
+        ax.spines[side].set_color(GRID)
+    ax.tick_params(colors=MUTED, labelsize=8, length=0, pad=4)
+    ax.grid(True, color=GRID, linewidth=0.7)
+    ax.set_axisbelow(True)
+
+
+def _draw_eval_sets(fig: Figure, ax, sets: dict) -> None:
+    """Left: each set's loss, a star at its best step. Right: its change from step 0 (above 0: worse than the base)."""
+    fig.delaxes(ax)
+    ax, delta = fig.subplots(1, 2)
+    for each in (ax, delta):
+        each.set_facecolor("white")
+        _style(each)
+    _title(ax, "Eval loss per set")
+    if not sets:
+        _empty(delta, "")
+        return _empty(ax, "No evaluation yet")
+    _title(delta, "Change from step 0 (above 0: worse than the base model)")
+    any_baseline = False
+    for (name, d), color in zip(sets.items(), SET_COLORS * (len(sets) // len(SET_COLORS) + 1)):
+        label = f"{name} (selects best)" if d["selected"] else name
+        ax.plot(d["x"], d["y"], "o-", color=color, markersize=3, linewidth=1.4, label=label)
+        if d["best_step"] is not None:
+            i = int(np.flatnonzero(d["x"] == d["best_step"])[0])
+            ax.plot(d["x"][i], d["y"][i], "*", color=color, markersize=11, markeredgecolor="white", zorder=3)
+        if d["baseline"] is not None:
+            any_baseline = True
+            delta.plot(d["x"], d["y"] - d["baseline"], "o-", color=color, markersize=3, linewidth=1.4, label=name)
+    ax.set_xlabel("step", fontsize=8, color=MUTED)
+    ax.set_ylabel("loss", fontsize=8, color=MUTED)
+    _legend(ax)
+    if not any_baseline:
+        return _empty(delta, "No step-0 eval in this log (eval.at_start)")
+    delta.axhline(0, color=MUTED, linewidth=1, linestyle="--")
+    delta.set_xlabel("step", fontsize=8, color=MUTED)
+    delta.set_ylabel("loss − loss at step 0", fontsize=8, color=MUTED)  # colours as on the left
+
+
 def _draw_experts(fig: Figure, ax, d: dict) -> None:
     record = d["record"]
     layers = [layer for layer in (record or {}).get("layers", [])
@@ -213,6 +261,8 @@ def render(name: str, data: dict) -> bytes:
         _draw_line(ax, data, "Throughput", GREEN, "tokens / s", formatter=_compact)
     elif name == "validation":
         _draw_validation(ax, data)
+    elif name == "eval_sets":
+        _draw_eval_sets(fig, ax, data)
     else:
         _draw_experts(fig, ax, data)
     fig.tight_layout(pad=0.6)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from .evalsets import eval_sets_stats
 from .monitor import RunMonitor
 from .series import ema_last, ema_memory
 
@@ -162,13 +163,14 @@ def validation_stats(run: RunMonitor) -> dict:
     if finite.size == 0:
         return {"evals": 0, "best_val_loss": None, "best_val_step": None, "val_loss": None,
                 "val_step": None, "perplexity": None, "val_trend": None}
-    best = finite[np.argmin(losses[finite])]
+    trained = finite[steps[finite] > 0]  # step 0 is the base model's baseline, never the best adapter
+    best = trained[np.argmin(losses[trained])] if trained.size else None
     last = finite[-1]
     trend = float(losses[last] - losses[finite[-2]]) if finite.size > 1 else None
     return {
         "evals": int(finite.size),
-        "best_val_loss": float(losses[best]),
-        "best_val_step": int(steps[best]),
+        "best_val_loss": float(losses[best]) if best is not None else None,
+        "best_val_step": int(steps[best]) if best is not None else None,
         "val_loss": float(losses[last]),
         "val_step": int(steps[last]),
         "perplexity": _finite(ppl[last]) or _finite(math.exp(min(losses[last], 700.0))),
@@ -185,6 +187,7 @@ def compute_stats(run: RunMonitor, now: float, smoothing: float, stall_seconds: 
         **progress_stats(run, status, tokens_estimate or TokensSeenEstimate()),
         **training_stats(run, smoothing),
         **validation_stats(run),
+        **eval_sets_stats(run.eval),
         "status": status,
         "last_write_time": written,
         "seconds_since_write": (now - written) if written is not None else None,

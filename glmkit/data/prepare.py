@@ -39,12 +39,12 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from glmkit.run.checkpoint_names import read_meta
-from glmkit.data import cache
+from glmkit.data import cache, eval_sets
 from glmkit.run.writes import WriteFailed, guarded_write
 from glmkit.data import fingerprint as data_fingerprint
 from glmkit.data import sources
@@ -63,6 +63,7 @@ class PreparedData:
     summary: dict
     cache_dir: str
     prepared_here: bool  # this process tokenized or laid out rows (the others only mapped them)
+    eval_sets: list[eval_sets.EvalSetData] = field(default_factory=list)  # eval.sets, in config order
 
     @property
     def bad_line_count(self) -> int:
@@ -85,31 +86,48 @@ def cache_root(cfg) -> str:
 
 
 def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
-    """The run's train and val rows, tokenizing and laying out only what the cache lacks."""
+    """The run's train and val rows and its eval sets, tokenizing and laying out only what the cache lacks."""
     t = cfg.training
     root = cache_root(cfg)
     configured = sources.resolve_sources(cfg.paths.data_path, t.text_field)
+    eval_configured = [eval_sets.resolve(i, e.name, e.path, t.text_field) for i, e in enumerate(cfg.eval.sets)]
     identity = token_store.tokenizer_identity(tokenizer)
-    files = list({f.path: f for source in configured for f in source.files}.values())  # unique, in order
-    store_dirs = {f.path: os.path.join(root, "files", token_store.store_key(f, identity, t.text_field)) for f in files}
+    files = _unique([f for source in configured for f in source.files])
+    all_files = _unique(files + [f for source in eval_configured for f in source.files])
+    store_dirs = {f.path: os.path.join(root, "files", token_store.store_key(f, identity, t.text_field))
+                  for f in all_files}
     rows_key = json.dumps([ROWS_VERSION, [os.path.basename(store_dirs[f.path]) for f in files],
                            [([f.path for f in s.files], s.weight) for s in configured],
                            t.seed, t.val_fraction, t.max_seq_length, t.packing])
     rows_dir = os.path.join(root, "rows", hashlib.sha256(rows_key.encode()).hexdigest()[:24])
+    eval_dirs = [os.path.join(root, "rows", eval_sets.rows_key(e.name, [store_dirs[f.path] for f in src.files],
+                                                               rows_dir, t.max_seq_length, t.packing))
+                 for e, src in zip(cfg.eval.sets, eval_configured, strict=True)]
+    has_summary = lambda folder: os.path.isfile(os.path.join(folder, "summary.json"))  # noqa: E731
     prepared_here = False
     with _preparer_lock(root):
-        _discard_damaged(store_dirs, rows_dir)
-        ready = os.path.isfile(os.path.join(rows_dir, "summary.json")) and all(map(os.path.isdir, store_dirs.values()))
+        train_store_dirs = [store_dirs[f.path] for f in files]
+        _discard_damaged(store_dirs, train_store_dirs, rows_dir)
+        ready = all(map(has_summary, [rows_dir, *eval_dirs])) and all(map(os.path.isdir, store_dirs.values()))
         if not ready:
             _remove_stale_temporaries(root)
-            missing = [(f, store_dirs[f.path]) for f in files if not os.path.isdir(store_dirs[f.path])]
+            missing = [(f, store_dirs[f.path]) for f in all_files if not os.path.isdir(store_dirs[f.path])]
             # A failed store write removes its own temp folder (token_store._StoreWriter.abandon).
             with _cache_write(os.path.join(root, "files")):
                 _tokenize(missing, tokenizer, cfg, show_progress)
-            stores = [token_store.Store.open(store_dirs[f.path]) for f in files]
-            check_bad_lines([s.meta for s in stores], t.skip_bad_lines)
-            with _cache_write(rows_dir, partial=_rows_tmp(rows_dir)):
-                _write_rows(rows_dir, configured, files, stores, cfg)
+            stores = {f.path: token_store.Store.open(store_dirs[f.path]) for f in all_files}
+            check_bad_lines([s.meta for s in stores.values()], t.skip_bad_lines)
+            train_stores = [stores[f.path] for f in files]
+            if not has_summary(rows_dir):
+                with _cache_write(rows_dir, partial=_rows_tmp(rows_dir)):
+                    _write_rows(rows_dir, configured, files, train_stores, cfg)
+            if not all(map(has_summary, eval_dirs)):
+                trained_on = training_digests(train_stores, t)
+                for e, src, folder in zip(cfg.eval.sets, eval_configured, eval_dirs, strict=True):
+                    if not has_summary(folder):
+                        with _cache_write(folder):
+                            eval_sets.write_rows(folder, e.path, [stores[f.path] for f in src.files], trained_on,
+                                                 t.max_seq_length, t.packing)
             prepared_here = True
             count, freed = cache.remove_unreachable(root, set(store_dirs.values()))
             if count:
@@ -118,22 +136,34 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
     with open(os.path.join(rows_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
     check_bad_lines(summary["files"], t.skip_bad_lines)
-    tokens = [token_store.Store.open(store_dirs[f.path]).tokens() for f in files]
+    tokens = {f.path: token_store.Store.open(store_dirs[f.path]).tokens() for f in all_files}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = {name: Rows(tokens, load_layout(rows_dir, name), t.max_seq_length, pad, t.packing)
+    rows = {name: Rows([tokens[f.path] for f in files], load_layout(rows_dir, name), t.max_seq_length, pad,
+                       t.packing)
             for name in ("train", "val")}
-    return PreparedData(rows["train"], rows["val"], summary, rows_dir, prepared_here)
+    named = [eval_sets.load(e.name, e.path, folder, [tokens[f.path] for f in src.files], t.max_seq_length, pad,
+                            t.packing, i)
+             for i, (e, src, folder) in enumerate(zip(cfg.eval.sets, eval_configured, eval_dirs, strict=True))]
+    for eval_set in named:
+        check_bad_lines(eval_set.summary["files"], t.skip_bad_lines)
+    return PreparedData(rows["train"], rows["val"], summary, rows_dir, prepared_here, named)
 
 
-def _discard_damaged(store_dirs: dict[str, str], rows_dir: str) -> None:
-    """Remove (to rebuild) each of this run's stores that fails its checks, and its rows if they do."""
+def _unique(files: list) -> list:
+    """Input files without repeats, in order (a file listed by two sources is one token store)."""
+    return list({f.path: f for f in files}.values())
+
+
+def _discard_damaged(store_dirs: dict[str, str], train_store_dirs: list[str], rows_dir: str) -> None:
+    """Remove (to rebuild) each of this run's stores (training and eval files) that fails its checks, and the
+    training rows if they do (the rows index the training stores, in order)."""
     for path in store_dirs.values():
         if os.path.isdir(path):
             reason = token_store.damage(path)
             if reason:
                 cache.discard(path, "token store", reason)
-    if os.path.isfile(os.path.join(rows_dir, "summary.json")) and all(map(os.path.isdir, store_dirs.values())):
-        tokens = [token_store.Store.open(path).meta["tokens"] for path in store_dirs.values()]
+    if os.path.isfile(os.path.join(rows_dir, "summary.json")) and all(map(os.path.isdir, train_store_dirs)):
+        tokens = [token_store.Store.open(path).meta["tokens"] for path in train_store_dirs]
         reason = cache.rows_damage(rows_dir, tokens)
         if reason:
             cache.discard(rows_dir, "rows folder", reason)
@@ -248,6 +278,19 @@ def _check_layout_fits(needed: int, epoch_docs: int, described: str) -> None:
                         f"(training.epochs or training.max_steps repeat the data instead)")
 
 
+def _held_out(digests: np.ndarray, t) -> np.ndarray:
+    """Which documents (by 16-byte content hash) fall into the validation split."""
+    words = np.ascontiguousarray(digests).view(np.uint64)  # two little-endian words per document
+    return _unit_interval(words[:, 0].copy(), _salt("validation", t.seed)) < t.val_fraction
+
+
+def training_digests(stores, t) -> np.ndarray:
+    """The content hashes of the training sources' documents outside the validation split: what eval sets
+    must not share."""
+    digests = np.concatenate([s.digests() for s in stores] or [np.zeros((0, 16), np.uint8)])
+    return digests[~_held_out(digests, t)]
+
+
 def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
     t = cfg.training
     lengths = np.concatenate([s.lengths() for s in stores] or [np.zeros(0, np.uint32)]).astype(np.int64)
@@ -256,7 +299,7 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
     # The stores, end to end, are one token space: a document starts where the previous one ended.
     starts = np.cumsum(lengths) - lengths
     words = np.ascontiguousarray(digests).view(np.uint64)  # two little-endian words per document
-    is_val = _unit_interval(words[:, 0].copy(), _salt("validation", t.seed)) < t.val_fraction
+    is_val = _held_out(digests, t)
     subset_u = _unit_interval(words[:, 1].copy(), _salt("weight-subset", t.seed))
     file_index = {f.path: i for i, f in enumerate(files)}
 
@@ -359,6 +402,10 @@ def format_summary(prepared: PreparedData, elapsed: float) -> str:
         split = s[name]
         lines.append(f"{name}: {split['rows']:,} rows from {split['docs']:,} documents, {split['tokens']:,} tokens, "
                      f"{100 * split['real_token_share']:.1f}% real tokens")
+    for eval_set in prepared.eval_sets:
+        e = eval_set.summary
+        lines.append(f"eval set {eval_set.name} ({eval_set.spec}): {e['rows']:,} rows from {e['docs']:,} documents, "
+                     f"{e['tokens']:,} tokens")
     size = cache_bytes(prepared)
     tokens = sum(f["tokens"] for f in files)
     lines.append(f"cache: {prepared.cache_dir} and {len(files)} token store(s), {size / 2**20:,.1f} MiB "

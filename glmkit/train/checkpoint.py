@@ -303,13 +303,13 @@ class Checkpointer:
             return checkpoint_path(self.output_dir, step)
         return None
 
-    def save_best_adapter(self, step: int, val_loss: float, previous: float | None) -> None:
+    def save_best_adapter(self, step: int, val_loss: float, previous: float | None, eval_set: str = "val") -> None:
         """Write the adapter on the main process and swap it in whole; every process stops if that failed."""
         target = self.cfg.paths.best_adapter_dir
         error = None
         if self.accelerator.is_main_process:
             try:
-                self._write_best_adapter(target, step, val_loss)
+                self._write_best_adapter(target, step, val_loss, eval_set)
             except (WriteFailed, CheckpointError) as exc:
                 error = exc
         if self._agree(error is not None):
@@ -317,9 +317,9 @@ class Checkpointer:
                                        f"message says why); {self._intact()}; resume with --resume")
         if self.accelerator.is_main_process:
             self.logs.event("best_updated", step, path=target, val_loss=val_loss, previous=previous,
-                            checkpoint=self.checkpoint_at(step))
+                            checkpoint=self.checkpoint_at(step), eval_set=eval_set)
 
-    def _write_best_adapter(self, target: str, step: int, val_loss: float) -> None:
+    def _write_best_adapter(self, target: str, step: int, val_loss: float, eval_set: str) -> None:
         check_best_adapter_dir(target)
         tmp = f"{target}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -330,7 +330,8 @@ class Checkpointer:
             self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, BEST_ADAPTER_MARKER), "w", encoding="utf-8") as fh:
-                json.dump({"step": step, "val_loss": val_loss, "time": time.time(), "written_by": "glmkit"}, fh)
+                json.dump({"step": step, "val_loss": val_loss, "eval_set": eval_set, "time": time.time(),
+                           "written_by": "glmkit"}, fh)
                 fh.write("\n")
             swap_in(tmp, target)
 

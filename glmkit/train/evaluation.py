@@ -1,4 +1,12 @@
-"""Validation: the token-weighted loss over the whole held-out split, every process a shard of it."""
+"""Evaluation: the token-weighted loss over every eval set, every process a shard of each.
+
+The sets are the held-out split of the training data (`val`) and the named `eval.sets`
+(glmkit/data/eval_sets.py). One eval measures all of them; `eval.select_by` names the one whose
+loss picks the best adapter and ranks checkpoints. An eval record carries each set's numbers as
+`<set>/loss`, `<set>/perplexity`, `<set>/tokens` (trackers: `eval/<set>/loss`), plus the
+selection set's as `val_loss`, `perplexity`, `val_tokens`, the fields logs had before eval sets
+existed (the held-out split's, with the default selection).
+"""
 
 from __future__ import annotations
 
@@ -36,6 +44,22 @@ def evaluate(model, val_rows, collator, accelerator, micro_batch: int) -> EvalRe
     val_loss = float(total[0].item()) / tokens if tokens else float("nan")
     perplexity = math.exp(val_loss) if val_loss < 700 else float("inf")
     return EvalResult(val_loss=val_loss, perplexity=perplexity, val_tokens=tokens)
+
+
+def evaluate_sets(model, eval_rows: dict, collator, accelerator, micro_batch: int) -> dict[str, EvalResult]:
+    """{set name: its result}, in the sets' order."""
+    return {name: evaluate(model, rows, collator, accelerator, micro_batch) for name, rows in eval_rows.items()}
+
+
+def eval_record(results: dict[str, EvalResult], select_by: str) -> dict:
+    """An eval_log.jsonl record's fields (step and time added by the log)."""
+    selected = results[select_by]
+    fields = {"val_loss": selected.val_loss, "perplexity": selected.perplexity, "val_tokens": selected.val_tokens,
+              "select_by": select_by, "sets": list(results)}
+    for name, result in results.items():
+        fields.update({f"{name}/loss": result.val_loss, f"{name}/perplexity": result.perplexity,
+                       f"{name}/tokens": result.val_tokens})
+    return fields
 
 
 def improves(val_loss: float, best: float | None) -> bool:

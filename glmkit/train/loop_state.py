@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from glmkit.config.schema import HELD_OUT_SET
+
 
 @dataclass(frozen=True)
 class LoopState:
@@ -17,8 +19,9 @@ class LoopState:
     tokens_seen: int = 0                 # non-pad input tokens trained on, all processes, across resumes
     nan_skips: int = 0                   # consecutive steps skipped for a non-finite loss or grad norm
     elapsed_seconds: float = 0.0         # wall time of the run so far, across resumes
-    best_val_loss: float | None = None   # the best adapter's val loss
+    best_val_loss: float | None = None   # the best adapter's loss on the selection set (eval.select_by)
     best_step: int | None = None
+    best_eval_set: str | None = None     # that set's name (None: no best yet, or a checkpoint from before eval sets)
     last_val_loss: float | None = None   # the latest eval's, and the step it ran at
     last_eval_step: int | None = None
     tracker_runs: dict = field(default_factory=dict)  # glmkit.run.trackers: the run each tracker continues on resume
@@ -31,6 +34,14 @@ class LoopState:
         """The state in a checkpoint's meta; keys an older checkpoint lacks keep their defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in meta.items() if k in names})
+
+    def selecting_by(self, eval_set: str) -> "LoopState":
+        """This state ranking the best adapter by `eval_set`. A best found on another set (eval.select_by
+        changed on resume) is not comparable, so it is forgotten and the next eval sets a new best."""
+        ranked_by = self.best_eval_set or HELD_OUT_SET  # checkpoints from before eval sets ranked by val
+        if self.best_val_loss is None or ranked_by == eval_set:
+            return dataclasses.replace(self, best_eval_set=eval_set)
+        return dataclasses.replace(self, best_eval_set=eval_set, best_val_loss=None, best_step=None)
 
     def val_loss_now(self) -> float | None:
         """The val loss of this very step, if an eval ran at it (checkpoints are ranked by it)."""

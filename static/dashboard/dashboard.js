@@ -141,15 +141,16 @@ function renderCards(s) {
 }
 
 function renderValidation(s, checkpoints) {
-  const has = isNum(s.best_val_loss);
+  const has = isNum(s.val_loss);
   $("val-empty").hidden = has;
   $("val-cards").hidden = !has;
-  setText("val-count", has ? `${s.evals} evaluation${s.evals === 1 ? "" : "s"}` : "");
+  setText("val-count", has ? `${s.evals} evaluation${s.evals === 1 ? "" : "s"} · best by ${s.select_by ?? "val"}` : "");
+  renderEvalSets(s.eval_sets || []);
   if (!has) return;
   const best = checkpoints && checkpoints.best;
   setText("val-best", fmtFixed(s.best_val_loss));
   const bestName = best && best.step === s.best_val_step ? ` · ${best.name}` : "";
-  setText("val-best-step", `step ${fmtInt(s.best_val_step)}${bestName}`);
+  setText("val-best-step", isNum(s.best_val_step) ? `step ${fmtInt(s.best_val_step)}${bestName}` : "after the first update");
   setText("val-latest", fmtFixed(s.val_loss));
   setText("val-latest-step", `step ${fmtInt(s.val_step)}`);
   setText("val-ppl", fmtFixed(s.perplexity, 2));
@@ -164,6 +165,30 @@ function renderValidation(s, checkpoints) {
     trend.className = "value mono";
     setText("val-trend-hint", "needs two evaluations");
   }
+}
+
+// One row per eval set: the base model's loss (step 0), the latest, the change between them
+// (red when worse than the base: forgetting on a general-text set), and the best step.
+function fmtChange(change, pct) {
+  if (!isNum(change)) return dash;
+  const sign = change > 0 ? "+" : change < 0 ? "−" : "±";
+  return `${sign}${Math.abs(change).toFixed(4)}${isNum(pct) ? ` (${sign}${Math.abs(pct).toFixed(1)}%)` : ""}`;
+}
+
+function renderEvalSets(sets) {
+  $("evalsets-table").hidden = sets.length === 0;
+  $("evalsets-rows").replaceChildren(...sets.map((set) => {
+    const row = el("tr", set.selected ? "selected" : "");
+    row.dataset.set = set.name;
+    const name = el("td", "mono", set.name);
+    if (set.selected) name.append(el("span", "tag best", "selects best"));
+    const change = el("td", `num change ${set.change > 0 ? "trend-up" : set.change < 0 ? "trend-down" : ""}`,
+      fmtChange(set.change, set.change_pct));
+    row.append(name, el("td", "num baseline", fmtFixed(set.baseline_loss)),
+      el("td", "num latest", fmtFixed(set.latest_loss)), change, el("td", "num best", fmtFixed(set.best_loss)),
+      el("td", "num best-step", isNum(set.best_step) ? fmtInt(set.best_step) : dash));
+    return row;
+  }));
 }
 
 // Redrawing a plot costs the server ~0.1 s, so plots refresh at most every

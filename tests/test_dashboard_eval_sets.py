@@ -1,0 +1,95 @@
+"""The dashboard's eval sets: a curve per set, the change from step 0 (forgetting at a glance) and the best
+step per set, over the API and in headless Chromium; logs written before eval sets still read as the set `val`."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import wait_for_plots
+from fakes import FakeRun
+
+from glmkit.dashboard import create_app
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The domain set improves, the general set gets worse: forgetting. Evals at 0 (the baseline), 10, 20, 30.
+DOMAIN = {0: 3.0, 10: 2.6, 20: 2.4, 30: 2.5}
+GENERAL = {0: 2.0, 10: 2.05, 20: 2.1, 30: 2.25}
+
+
+def eval_set_run(folder) -> FakeRun:
+    fake = FakeRun(folder, total_steps=30)
+    fake.start()
+    fake.evaluate_sets(0, {"val": DOMAIN[0], "general": GENERAL[0]})
+    for step in range(1, 31):
+        fake.train(step)
+        if step % 10 == 0:
+            fake.evaluate_sets(step, {"val": DOMAIN[step], "general": GENERAL[step]})
+    return fake
+
+
+def stats(run):
+    client = create_app(run.logs_dir, min_poll_interval=0).test_client()
+    return client, client.get("/api/stats").get_json()
+
+
+def test_stats_per_set_change_from_step_0_and_best_after_it(tmp_path):
+    client, s = stats(eval_set_run(tmp_path / "run"))
+    by_name = {row["name"]: row for row in s["eval_sets"]}
+    assert [row["name"] for row in s["eval_sets"]] == ["val", "general"] and s["select_by"] == "val"
+    val, general = by_name["val"], by_name["general"]
+    assert (val["baseline_loss"], val["latest_loss"], val["best_loss"], val["best_step"]) == (3.0, 2.5, 2.4, 20)
+    assert val["change"] == pytest.approx(-0.5) and val["change_pct"] == pytest.approx(-100 / 6)
+    # The general set's best is after step 0 even though step 0 was lower: no adapter exists at step 0.
+    assert (general["best_step"], general["best_loss"]) == (10, 2.05) and general["change"] == pytest.approx(0.25)
+    assert val["selected"] and not general["selected"]
+    assert (s["best_val_loss"], s["best_val_step"]) == (2.4, 20)  # the cards: the selection set, not step 0
+    summaries = [e["summary"] for e in client.get("/api/events").get_json()["events"] if e["event"] == "eval"]
+    assert summaries[:2] == ["Baseline evaluation (base model): val 3.0000, general 2.0000",
+                             "Evaluation: val 2.6000, general 2.0500"]
+    png = client.get("/api/plots/eval_sets.png")
+    assert png.status_code == 200 and png.data.startswith(PNG_MAGIC)
+
+
+def test_a_log_from_before_eval_sets_reads_as_the_set_val(tmp_path):
+    old = FakeRun(tmp_path / "old", total_steps=30)
+    old.start()
+    old.steps(1, 30, eval_every=10)  # val_loss / perplexity / val_tokens only, no step 0
+    client, s = stats(old)
+    assert [row["name"] for row in s["eval_sets"]] == ["val"]
+    row = s["eval_sets"][0]
+    assert row["evals"] == 3 and row["baseline_loss"] is None and row["change"] is None
+    assert (row["best_step"], row["best_loss"]) == (s["best_val_step"], s["best_val_loss"])
+    assert client.get("/api/plots/eval_sets.png").status_code == 200
+
+
+def test_resume_supersedes_each_sets_rows(tmp_path):
+    fake = eval_set_run(tmp_path / "run")
+    fake.event("resume", 20, from_step=20)
+    fake.train(21, when=fake.tick())  # the killed attempt's eval at 30 is superseded until rewritten
+    _, s = stats(fake)
+    assert {row["name"]: row["latest_step"] for row in s["eval_sets"]} == {"val": 20, "general": 20}
+
+
+def test_eval_sets_in_browser(tmp_path, serve_dashboard, chromium):
+    fake = eval_set_run(tmp_path / "run")
+    page = chromium()
+    errors = []
+    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+    page.goto(serve_dashboard(fake.logs_dir).url + "/")
+    page.wait_for_function("() => document.querySelectorAll('#evalsets-rows tr').length === 2")
+    rows = page.locator("#evalsets-rows tr")
+    assert rows.nth(0).get_attribute("data-set") == "val" and "selects best" in rows.nth(0).text_content()
+    general = page.locator('#evalsets-rows tr[data-set="general"]')
+    assert general.locator(".baseline").text_content() == "2.0000"
+    assert general.locator(".latest").text_content() == "2.2500"
+    assert general.locator(".change").text_content() == "+0.2500 (+12.5%)"
+    assert "trend-up" in general.locator(".change").get_attribute("class")  # worse than the base: red
+    assert general.locator(".best-step").text_content() == "10"
+    val = page.locator('#evalsets-rows tr[data-set="val"]')
+    assert val.locator(".change").text_content() == "−0.5000 (−16.7%)"
+    assert val.locator(".best-step").text_content() == "20"
+    assert page.text_content("#val-best-step").strip() == "step 20"
+    wait_for_plots(page)
+    size = page.evaluate("() => { const i = document.querySelector('img[data-plot=eval_sets]'); "
+                         "return [i.naturalWidth, i.naturalHeight]; }")
+    assert size == [1664, 416]
+    assert not errors, errors
