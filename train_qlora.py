@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from glmkit.config.schema import add_config_arguments, config_from_args
+from glmkit.config.schema import add_config_arguments, config_from_args, strategy
 from glmkit.data.rows import DataError
 from glmkit.model.errors import ModelLoadError
 from glmkit.plan.fit import DoesNotFit
@@ -74,7 +74,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.model import load as modeling
     from glmkit.plan.fit import memory_gate
     from glmkit.run.trackers import start_trackers
-    from glmkit.train import ddp
+    from glmkit.train import ddp, fsdp
     from glmkit.train.evaluation import adapter_is_finite, evaluate, improves
     from glmkit.train.optim import apply_current_hyperparameters, make_optimizer_and_scheduler
     from glmkit.train.preemption import Preemption
@@ -107,11 +107,17 @@ def train(cfg, args, accelerator, logs) -> int:
         raise data.DataError(f"{cfg.paths.data_path}: {len(train_rows)} training rows do not fill one optimizer step; "
                              f"add data or lower optimization.grad_accum_steps / micro_batch_per_gpu")
     total_steps = t.max_steps or t.epochs * steps_per_epoch
+    sharded = strategy(cfg) == fsdp.STRATEGY
+    if sharded and world > 1:  # before the optimizer, which then holds AdamW moments for this rank's shards only
+        model = fsdp.shard_model(model, accelerator.device)
     optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, total_steps)
 
     # ---- accelerate.prepare, and resume -----------------------------------------------------
-    ddp.exclude_frozen_from_sync(model)  # every rank loaded the 4-bit base itself: DDP syncs LoRA only
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if sharded:  # the data loader only: the model is sharded already, the checkpointer saves the optimizer (DCP)
+        train_loader = accelerator.prepare(train_loader)
+    else:
+        ddp.exclude_frozen_from_sync(model)  # every rank loaded the 4-bit base itself: DDP syncs LoRA only
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     stats = RouterStats(model, accelerator.is_main_process)
     accelerator.register_for_checkpointing(scheduler, stats)
     checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps, corpus.fingerprint)
@@ -132,6 +138,7 @@ def train(cfg, args, accelerator, logs) -> int:
                effective_batch=rows_per_step, tokens_per_step=rows_per_step * t.max_seq_length, model_audit=audit,
                bad_lines=corpus.bad_line_count, train_rows=len(train_rows), val_rows=len(val_rows),
                resumed_from=resume_path, device=str(accelerator.device), ddp_sync=ddp.sync_report(model),
+               strategy="fsdp" if sharded else "ddp", resident_by_rank=fsdp.resident_bytes_by_rank(model, accelerator),
                **planned_memory)
     if resume_path:  # last of all, so nothing draws from the random streams it restores
         ckpt.load_checkpoint(accelerator, model, resume_path)

@@ -1,0 +1,105 @@
+"""FSDP2 for the 4-bit model: every decoder layer its own `fully_shard` unit, the frozen NF4 data sharded.
+
+torch's `fully_shard` (FSDP2) turns each parameter of a unit into a DTensor sharded on dim 0
+and all-gathers a unit's parameters, of any dtypes, into one flat byte buffer just before its
+forward (and again for backward), freeing them after. That is exactly what the kit's 4-bit
+base needs, with no float-storage trick: the packed NF4 bytes are uint8 parameters
+(bitsandbytes' `Params4bit` for the Linear layers, the `original` of
+`replace_parameter_4bit`'s parametrization for the fused routed experts), so they shard like
+any other parameter, and the LoRA weights in the same unit come along with their gradients
+(reduce-scattered) and AdamW moments (allocated per shard by the optimizer).
+
+What FSDP2 does not see stays replicated: the quantization statistics (absmax and its nested
+state, 1/64th of the weights' elements, a few per cent of the 4-bit bytes with double quant),
+which live beside the parameter, not in it, and the buffers (rotary tables, the router's
+correction bias).
+
+Two details make the 4-bit layers run on gathered parameters:
+- a gathered Linear4bit weight is a plain Parameter, no longer a `Params4bit` with its
+  `quant_state`; bitsandbytes recovers it from the module (`Linear4bit.quant_state`, set
+  when the weight was quantized) at every forward (fix_4bit_weight_quant_state_from_module);
+- the kit's loss takes lm_head's weight after the model's forward (glmkit/train/loss.py). The
+  root unit (embeddings, final norm, lm_head) is FSDP2's root, which it keeps gathered from
+  forward through backward, so the weight is whole when the loss reads it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+STRATEGY = "fsdp"
+
+
+def decoder_layers(model) -> list[nn.Module]:
+    """The decoder layers of a (peft-wrapped) causal LM: the units FSDP gathers one at a time."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(base.model.layers)
+
+
+def _keep_quant_state_on_module(model) -> None:
+    """Every Linear4bit must carry its quant_state itself: FSDP2's gathered weight does not."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None:
+                module.quant_state = state
+
+
+def shard_model(model, device) -> nn.Module:
+    """fully_shard each decoder layer, then the root. Call after LoRA is applied, before the optimizer."""
+    from torch.distributed.fsdp import fully_shard
+
+    _keep_quant_state_on_module(model)
+    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def resident_bytes(model) -> dict:
+    """What this process holds of the base model, measured from the tensors: 4-bit data (local shards
+    under FSDP), the quantization statistics beside it, the other frozen tensors, and LoRA."""
+    from torch.distributed.tensor import DTensor
+
+    from glmkit.model.load import quant_state_bytes
+
+    def local(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    packed = stats = other = lora = 0
+    seen_states = set()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            lora += local(param)
+        elif param.dtype == torch.uint8:
+            packed += local(param)
+        else:
+            other += local(param)
+    for module in model.modules():
+        states = [getattr(module, "quant_state", None)]
+        states += [getattr(p, "quant_state", None) for p in getattr(module, "_parameters", {}).values()]
+        for state in states:
+            if state is not None and id(state) not in seen_states:
+                seen_states.add(id(state))
+                stats += quant_state_bytes(state)
+    return {"packed_4bit_bytes": packed, "quant_state_bytes": stats, "other_frozen_bytes": other, "lora_bytes": lora}
+
+
+def resident_bytes_by_rank(model, accelerator) -> list[dict]:
+    """resident_bytes of every process (one gather), in rank order."""
+    mine = resident_bytes(model)
+    keys = list(mine)
+    gathered = accelerator.gather(torch.tensor([[mine[k] for k in keys]], dtype=torch.int64,
+                                               device=accelerator.device))
+    return [dict(zip(keys, map(int, row))) for row in gathered.tolist()]
