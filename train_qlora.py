@@ -120,7 +120,9 @@ def train(cfg, args, accelerator, logs) -> int:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     stats = RouterStats(model, accelerator.is_main_process)
     accelerator.register_for_checkpointing(scheduler, stats)
-    checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps, corpus.fingerprint)
+    sharded_state = fsdp.ShardedState(model, optimizer) if sharded else None
+    checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps, corpus.fingerprint,
+                                     sharded_state)
     state = ckpt.checkpoint_state(resume_path) if resume_path else LoopState()
     if state.step >= total_steps:
         accelerator.print(f"{resume_path} is at step {state.step} of {total_steps}: the run has already "
@@ -141,7 +143,7 @@ def train(cfg, args, accelerator, logs) -> int:
                strategy="fsdp" if sharded else "ddp", resident_by_rank=fsdp.resident_bytes_by_rank(model, accelerator),
                **planned_memory)
     if resume_path:  # last of all, so nothing draws from the random streams it restores
-        ckpt.load_checkpoint(accelerator, model, resume_path)
+        ckpt.load_checkpoint(accelerator, model, resume_path, sharded_state)
         apply_current_hyperparameters(optimizer, scheduler, cfg)
         logs.event("resume", state.step, from_step=state.step, checkpoint=resume_path)
 

@@ -180,8 +180,11 @@ def check_best_adapter_dir(target: str) -> None:
 
 class Checkpointer:
     def __init__(self, accelerator, model, tokenizer, cfg, logs, stats, total_steps: int,
-                 data_fingerprint: dict | None = None):
+                 data_fingerprint: dict | None = None, sharded=None):
         self.accelerator, self.model, self.tokenizer, self.cfg, self.logs = accelerator, model, tokenizer, cfg, logs
+        # fsdp strategy (glmkit.train.fsdp.ShardedState): the adapter is gathered from every rank, the optimizer
+        # state goes through torch.distributed.checkpoint instead of Accelerate
+        self.sharded = sharded
         self.stats, self.total_steps = stats, total_steps
         self.data_fingerprint = data_fingerprint  # recorded in every meta; a resume compares it (glmkit/data/fingerprint.py)
         self.output_dir = cfg.paths.output_dir
@@ -203,7 +206,10 @@ class Checkpointer:
                 "data_fingerprint": self.data_fingerprint}
         self._all_or_none(target, tmp, self._prepare_folder, tmp)
         self._all_or_none(target, tmp, acc.save_state, tmp)
-        self._all_or_none(target, tmp, self._finish, state.step, meta, tmp, target)
+        if self.sharded is not None:
+            self._all_or_none(target, tmp, self.sharded.save_optimizer, tmp)
+        adapter = self._adapter_state()
+        self._all_or_none(target, tmp, self._finish, state.step, meta, tmp, target, adapter)
         return target
 
     def _prepare_folder(self, tmp: str) -> None:
@@ -211,12 +217,16 @@ class Checkpointer:
             check_free_space(self.output_dir, self._estimate_bytes())
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _finish(self, step: int, meta: dict, tmp: str, target: str) -> None:
+    def _adapter_state(self) -> dict | None:
+        """The LoRA weights whole, for peft's save_pretrained (every process calls it); None: peft reads the model."""
+        return None if self.sharded is None else self.sharded.adapter_state()
+
+    def _finish(self, step: int, meta: dict, tmp: str, target: str, adapter: dict | None = None) -> None:
         if not self.accelerator.is_main_process:
             return
         maybe_kill("checkpoint_write", step)
         maybe_fail_write("checkpoint_write", step, tmp)
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, state_dict=adapter)
         self.tokenizer.save_pretrained(tmp)
         finalize(tmp, target, meta, self.cfg.to_dict())
         self.val_losses[target] = meta["val_loss"]
@@ -268,13 +278,14 @@ class Checkpointer:
         return None
 
     def save_best_adapter(self, step: int, val_loss: float, previous: float | None) -> None:
+        adapter = self._adapter_state()
         if not self.accelerator.is_main_process:
             return
         target = self.cfg.paths.best_adapter_dir
         check_best_adapter_dir(target)
         tmp = f"{target}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, state_dict=adapter)
         self.tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, BEST_ADAPTER_MARKER), "w", encoding="utf-8") as fh:
             json.dump({"step": step, "val_loss": val_loss, "time": time.time(), "written_by": "glmkit"}, fh)
@@ -348,11 +359,15 @@ def checkpoint_state(path: str) -> LoopState:
     return LoopState.from_meta(read_meta(path))
 
 
-def load_checkpoint(accelerator, model, path: str) -> None:
-    """Optimizer, scheduler, RNG and data-loader position via Accelerate; the LoRA weights via peft."""
+def load_checkpoint(accelerator, model, path: str, sharded=None) -> None:
+    """Optimizer, scheduler, RNG and data-loader position via Accelerate; the LoRA weights via peft.
+    With `sharded` (the fsdp strategy) the LoRA weights and the optimizer state come from it instead."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     accelerator.load_state(path)
+    if sharded is not None:
+        sharded.load(path)
+        return
     weights = load_file(os.path.join(path, "adapter_model.safetensors"))  # copied onto the model's device
     set_peft_model_state_dict(accelerator.unwrap_model(model), weights)

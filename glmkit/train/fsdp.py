@@ -25,6 +25,8 @@ Two details make the 4-bit layers run on gathered parameters:
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -79,7 +81,7 @@ def resident_bytes(model) -> dict:
 
     packed = stats = other = lora = 0
     seen_states = set()
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             lora += local(param)
         elif param.dtype == torch.uint8:
@@ -103,3 +105,69 @@ def resident_bytes_by_rank(model, accelerator) -> list[dict]:
     gathered = accelerator.gather(torch.tensor([[mine[k] for k in keys]], dtype=torch.int64,
                                                device=accelerator.device))
     return [dict(zip(keys, map(int, row))) for row in gathered.tolist()]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: the same PEFT adapter a DDP run writes, plus the optimizer saved sharded
+# ---------------------------------------------------------------------------
+
+OPTIMIZER_DIR = "optimizer_sharded"  # torch.distributed.checkpoint: one file per rank plus .metadata
+
+
+def _adapter_key(param_name: str, adapter: str) -> str:
+    """The key peft writes for a LoRA parameter: its name without the adapter segment."""
+    return param_name.replace(f".{adapter}.", ".")
+
+
+class ShardedState:
+    """What a checkpoint holds of a run whose model is sharded (or trained with the fsdp strategy at all).
+
+    The adapter is gathered whole (every rank takes part, the main process writes it with peft,
+    so the file is the one a DDP run writes). The AdamW state is saved and loaded with
+    torch.distributed.checkpoint, keyed by parameter name, each rank writing its own shards:
+    DCP reshards on load, so a checkpoint resumes on another number of processes (a 1-process
+    run holds plain tensors, which DCP fills from the sharded files and vice versa).
+    """
+
+    def __init__(self, model, optimizer, adapter: str = "default"):
+        self.model, self.optimizer, self.adapter = model, optimizer, adapter
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """{model parameter name: full tensor on the CPU} of every LoRA weight; a collective under FSDP."""
+        from torch.distributed.tensor import DTensor
+
+        state = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                full = param.full_tensor() if isinstance(param, DTensor) else param
+                state[name] = full.detach().to("cpu", copy=True)
+        return state
+
+    def save_optimizer(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)},
+                 checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
+
+    def load(self, folder: str) -> None:
+        """The adapter from adapter_model.safetensors, then the optimizer state, resharded onto this run."""
+        import torch.distributed.checkpoint as dcp
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        saved = load_file(os.path.join(folder, "adapter_model.safetensors"))
+        names = [name for name, param in self.model.named_parameters() if param.requires_grad]
+        missing = [name for name in names if _adapter_key(name, self.adapter) not in saved]
+        if missing:
+            raise KeyError(f"{folder}/adapter_model.safetensors lacks {len(missing)} LoRA weights (first: {missing[0]})")
+        full = {name: saved[_adapter_key(name, self.adapter)] for name in names}
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        state = get_optimizer_state_dict(self.model, self.optimizer)
+        dcp.load({"optimizer": state}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
+        set_optimizer_state_dict(self.model, self.optimizer, state)
