@@ -74,7 +74,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.model import load as modeling
     from glmkit.plan.fit import memory_gate
     from glmkit.run.trackers import start_trackers
-    from glmkit.train import ddp, fsdp
+    from glmkit.train import ddp, fsdp, world_size
     from glmkit.train.evaluation import adapter_is_finite, evaluate, improves
     from glmkit.train.optim import apply_current_hyperparameters, make_optimizer_and_scheduler
     from glmkit.train.preemption import Preemption
@@ -86,7 +86,8 @@ def train(cfg, args, accelerator, logs) -> int:
     t, o, lg = cfg.training, cfg.optimization, cfg.logging
     torch.manual_seed(t.seed)
     check_shared_output_dir(accelerator, cfg.paths.output_dir)
-    resume_path = ckpt.resume_checkpoint(cfg, args, accelerator)
+    resume_path = ckpt.resume_checkpoint(cfg, args, accelerator)  # on a new world size: sets grad_accum_steps
+    accelerator.gradient_accumulation_steps = o.grad_accum_steps
     ckpt.check_best_adapter_dir(cfg.paths.best_adapter_dir)
     modeling.check_model_dir(cfg)
     planned_memory = memory_gate(cfg, accelerator, args.force)
@@ -144,6 +145,9 @@ def train(cfg, args, accelerator, logs) -> int:
                **planned_memory)
     if resume_path:  # last of all, so nothing draws from the random streams it restores
         ckpt.load_checkpoint(accelerator, model, resume_path, sharded_state)
+        saved_accum = ckpt.saved_grad_accum(resume_path)
+        if saved_accum != o.grad_accum_steps:  # another world size: the same steps drawn, in micro-batches of it
+            world_size.restore_data_position(train_loader, resume_path, saved_accum, o.grad_accum_steps)
         apply_current_hyperparameters(optimizer, scheduler, cfg)
         logs.event("resume", state.step, from_step=state.step, checkpoint=resume_path)
 

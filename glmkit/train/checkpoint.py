@@ -20,7 +20,7 @@ import time
 import torch
 import yaml
 
-from glmkit.config.schema import critical_keys, flatten, keys_checked_otherwise
+from glmkit.config.schema import critical_keys, flatten, keys_checked_otherwise, strategy
 from glmkit.run.checkpoint_names import (
     COMPLETE,
     META,
@@ -33,6 +33,7 @@ from glmkit.run.checkpoint_names import (
 )
 from glmkit.train.faults import maybe_fail_write, maybe_kill
 from glmkit.train.loop_state import LoopState
+from glmkit.train.world_size import MOVED_KEYS, WorldSizeChange, keep_global_batch
 
 RESOLVED_CONFIG = "training_config.resolved.yaml"
 # Written into the best-adapter folder: only a folder carrying it (or an empty one) is ever replaced.
@@ -203,7 +204,7 @@ class Checkpointer:
         if self.stats is not None:  # the open expert-usage interval is training state too
             self.stats.fold_onto_main(lambda x: acc.reduce(x, "sum"))
         meta = {**state.to_meta(), "val_loss": state.val_loss_now(), "world_size": acc.num_processes, "final": final,
-                "data_fingerprint": self.data_fingerprint}
+                "data_fingerprint": self.data_fingerprint, "strategy": strategy(self.cfg)}
         self._all_or_none(target, tmp, self._prepare_folder, tmp)
         self._all_or_none(target, tmp, acc.save_state, tmp)
         if self.sharded is not None:
@@ -342,7 +343,19 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
         return None
     with open(os.path.join(path, RESOLVED_CONFIG), encoding="utf-8") as fh:
         saved = flatten(yaml.safe_load(fh), read_meta(path).get("world_size"))
+    saved_strategy, current_strategy = read_meta(path).get("strategy", "ddp"), strategy(cfg)
+    if saved_strategy != current_strategy:
+        raise ResumeError(f"cannot resume {path} with distributed.accelerate_config {current_strategy}: it was written "
+                          f"by a {saved_strategy} run, whose optimizer state is saved differently; set it back to "
+                          f"{saved_strategy}, or start a new run in another paths.output_dir")
+    try:
+        moved = keep_global_batch(saved, cfg, accelerator.num_processes)  # may set optimization.grad_accum_steps
+    except WorldSizeChange as exc:
+        raise ResumeError(f"{path}: {exc}") from None
     current = flatten(cfg.to_dict(), accelerator.num_processes)
+    if moved:
+        accelerator.print(moved)
+        current.update({key: saved.get(key) for key in MOVED_KEYS})
     critical, harmless = compare_configs(saved, current)
     if critical:
         details = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in critical)
@@ -352,6 +365,12 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
         accelerator.print(f"resuming {path} with changed settings (allowed): {', '.join(harmless)}")
     accelerator.print(f"resuming from {path}")
     return path
+
+
+def saved_grad_accum(path: str) -> int:
+    """optimization.grad_accum_steps of the run that wrote the checkpoint."""
+    with open(os.path.join(path, RESOLVED_CONFIG), encoding="utf-8") as fh:
+        return int(yaml.safe_load(fh)["optimization"]["grad_accum_steps"])
 
 
 def checkpoint_state(path: str) -> LoopState:
