@@ -220,3 +220,19 @@ def test_flash_attention_2_needs_flash_attn_else_one_line_pointing_at_varlen(tmp
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"config error: {info.value.problems[0]}"]
     assert load_config(tmp_path / "fa2.yaml", ["model.attn_implementation=varlen"]).model.attn_implementation == "varlen"
+
+
+def test_deepspeed_zero3_is_refused_pointing_at_fsdp(tmp_path):
+    (tmp_path / "ds.yaml").write_text("distributed:\n  accelerate_config: deepspeed_zero3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "ds.yaml")
+    assert info.value.problems == ["distributed.accelerate_config: deepspeed_zero3 is no longer offered (ZeRO-3 could "
+                                   "not partition the kit's 4-bit experts, and it was never tested); use fsdp, which "
+                                   "shards every 4-bit layer"]
+    for kind in ("DEEPSPEED", "FSDP"):  # Accelerate's own plugins: the kit shards the 4-bit model itself
+        (tmp_path / "acc.yaml").write_text(f"distributed_type: {kind}\nnum_processes: 2\n")
+        (tmp_path / "own.yaml").write_text("distributed:\n  accelerate_config: acc.yaml\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(tmp_path / "own.yaml")
+        assert len(info.value.problems) == 1 and f"asks Accelerate for {kind}" in info.value.problems[0]
+        assert "set distributed.accelerate_config: fsdp" in info.value.problems[0]
