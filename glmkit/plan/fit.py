@@ -291,7 +291,7 @@ def verdict_line(plan: dict) -> str:
 
 def format_plan(plan: dict) -> str:
     q = plan["quantization"]
-    where = "built-in architecture" if plan["source"] == "builtin" else f"{plan['model_dir']}/config.json"
+    where = f"built-in {plan['model'].split('/')[-1]} architecture" if plan["source"] == "builtin" else f"{plan['model_dir']}/config.json"
     lines = [
         f"Memory plan for {plan['model']} ({where})",
         f"  {plan['strategy']} over {plan['num_processes']} process(es); micro batch "
