@@ -98,7 +98,9 @@ def train(cfg, args, accelerator, logs) -> int:
     train_loader = torch.utils.data.DataLoader(train_rows, batch_size=o.micro_batch_per_gpu, shuffle=True,
                                                collate_fn=collator, num_workers=cfg.performance.num_workers,
                                                pin_memory=cfg.performance.pin_memory)
-    model = modeling.load_model(cfg, accelerator.device)
+    sharded = strategy(cfg) == fsdp.STRATEGY
+    weights_bytes = planned_memory.get("planned_memory", {}).get("weights_bytes")
+    model = modeling.load_model(cfg, fsdp.load_device(accelerator.device, weights_bytes) if sharded else accelerator.device)
     modeling.check_audit(modeling.audit_model(model), cfg)
     model = modeling.prepare_for_training(model, cfg)
     audit = modeling.audit_model(model)
@@ -108,7 +110,6 @@ def train(cfg, args, accelerator, logs) -> int:
         raise data.DataError(f"{cfg.paths.data_path}: {len(train_rows)} training rows do not fill one optimizer step; "
                              f"add data or lower optimization.grad_accum_steps / micro_batch_per_gpu")
     total_steps = t.max_steps or t.epochs * steps_per_epoch
-    sharded = strategy(cfg) == fsdp.STRATEGY
     if sharded and world > 1:  # before the optimizer, which then holds AdamW moments for this rank's shards only
         model = fsdp.shard_model(model, accelerator.device)
     optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, total_steps)

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 STRATEGY = "fsdp"
+# Above this share of one GPU, the whole 4-bit model is loaded into host RAM and only the shards go to the GPU.
+HOST_STAGING_SHARE = 0.6
 
 
 def decoder_layers(model) -> list[nn.Module]:
@@ -50,8 +52,30 @@ def _keep_quant_state_on_module(model) -> None:
                 module.quant_state = state
 
 
+def load_device(device, weights_bytes: int | None):
+    """Where a process loads the model before sharding it: its GPU, or the host when the whole 4-bit model
+    (GLM-4.6 / GLM-4.5: ~184 GB) would not fit on one GPU. fully_shard then moves only this rank's shards."""
+    if device.type != "cuda" or not weights_bytes:
+        return device
+    total = torch.cuda.get_device_properties(device).total_memory
+    return torch.device("cpu") if weights_bytes > HOST_STAGING_SHARE * total else device
+
+
+def _quant_states(model):
+    seen = set()
+    for module in model.modules():
+        for state in [getattr(module, "quant_state", None)] + [getattr(p, "quant_state", None)
+                                                               for p in module._parameters.values()]:
+            if state is not None and id(state) not in seen:
+                seen.add(id(state))
+                yield state
+
+
 def shard_model(model, device) -> nn.Module:
-    """fully_shard each decoder layer, then the root. Call after LoRA is applied, before the optimizer."""
+    """fully_shard each decoder layer, then the root. Call after LoRA is applied, before the optimizer.
+
+    fully_shard moves parameters and buffers onto the mesh's device (a model staged in host RAM included);
+    the 4-bit statistics are neither, so they are moved here."""
     from torch.distributed.fsdp import fully_shard
 
     _keep_quant_state_on_module(model)
@@ -59,6 +83,8 @@ def shard_model(model, device) -> nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    for state in _quant_states(model):
+        state.to(device)  # in place (bitsandbytes QuantState.to)
     return model
 
 
@@ -79,8 +105,7 @@ def resident_bytes(model) -> dict:
         t = t.to_local() if isinstance(t, DTensor) else t
         return t.numel() * t.element_size()
 
-    packed = stats = other = lora = 0
-    seen_states = set()
+    packed = other = lora = 0
     for param in model.parameters():
         if param.requires_grad:
             lora += local(param)
@@ -88,13 +113,7 @@ def resident_bytes(model) -> dict:
             packed += local(param)
         else:
             other += local(param)
-    for module in model.modules():
-        states = [getattr(module, "quant_state", None)]
-        states += [getattr(p, "quant_state", None) for p in getattr(module, "_parameters", {}).values()]
-        for state in states:
-            if state is not None and id(state) not in seen_states:
-                seen_states.add(id(state))
-                stats += quant_state_bytes(state)
+    stats = sum(quant_state_bytes(state) for state in _quant_states(model))
     return {"packed_4bit_bytes": packed, "quant_state_bytes": stats, "other_frozen_bytes": other, "lora_bytes": lora}
 
 
