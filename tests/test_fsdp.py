@@ -8,6 +8,7 @@ world sizes) is shared by every assertion:
   killed   2 processes, FSDP, SIGKILL in step 3, then --resume on 2        == fsdp2 to the bit
   to1      fsdp2's checkpoint-2 resumed on 1 process (accum 2 -> 4), SIGKILL in step 5 after checkpoint-4
   to2      to1's checkpoint-4 resumed on 2 processes (accum 4 -> 2)       to1 and to2 == fsdp2 within fp tolerance
+  ddp_to1  ddp2's checkpoint-2 resumed on 1 process                       == ddp2 within fp tolerance
 """
 
 import json
@@ -20,7 +21,10 @@ from conftest import run_cli, write_tiny_config
 from glmkit.run.logs import latest_per_step, read_jsonl
 
 STEPS = 6
-SETTINGS = {"training.max_steps": STEPS, "training.max_seq_length": 128, "lora.dropout": 0.0,
+# val_fraction 0.09: 193 validation rows, so at micro-batch 2 one rank evaluates 49 batches and the other 48 (FSDP
+# ranks must still run every forward together, glmkit/train/evaluation.py)
+SETTINGS = {"training.max_steps": STEPS, "training.max_seq_length": 128, "training.val_fraction": 0.09,
+            "lora.dropout": 0.0,
             "lora.target_parameters": ["gate_up_proj", "down_proj"], "logging.eval_interval": 2,
             "logging.checkpoint_interval": 2, "logging.keep_top_k": 5, "logging.expert_stats_interval": 2}
 TWO = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -46,11 +50,12 @@ class Chain:
 
     def __init__(self, tmp_path_factory, model_dir, corpus):
         self.factory, self.model_dir, self.corpus, self.done = tmp_path_factory, model_dir, corpus, {}
+        self.scratch = str(tmp_path_factory.mktemp("scratch"))  # one tokenized cache for every run of the chain
 
     def config(self, name, strategy):
         folder = self.factory.mktemp(name)
-        return folder, write_tiny_config(folder, self.model_dir, self.corpus,
-                                         {**SETTINGS, "distributed.accelerate_config": strategy})
+        return folder, write_tiny_config(folder, self.model_dir, self.corpus, {
+            **SETTINGS, "distributed.accelerate_config": strategy, "paths.scratch_dir": self.scratch})
 
     def run(self, name, strategy, launch=TWO, args=(), env=None, ok=True, folder_config=None):
         folder, config = folder_config or self.config(name, strategy)
@@ -87,6 +92,14 @@ class Chain:
                                 env={"GLMKIT_FAULT_KILL_AT": "mid_step:5"}, ok=False, folder_config=(folder, config))
         return folder, config, result
 
+    def _ddp_to1(self):
+        folder, config = self.config("ddp_to1", "ddp")
+        copy = str(folder / "from-2-processes")
+        shutil.copytree(os.path.join(self.get("ddp2"), "checkpoint-2"), copy)
+        _, _, result = self.run("ddp_to1", "ddp", launch=(), args=("--resume_from", copy),
+                                folder_config=(folder, config))
+        return str(folder / "run"), result
+
     def _to2(self):
         folder, config, _ = self.get("to1")
         _, _, result = self.run("to1", "fsdp", args=("--resume",), folder_config=(folder, config))
@@ -101,6 +114,10 @@ def chain(tmp_path_factory, tiny_model_dir, demo_corpus):
 def test_fsdp_losses_equal_ddp_with_attention_and_expert_lora(chain):
     ddp, fsdp = chain.get("ddp2"), chain.get("fsdp2")
     assert_close(losses(fsdp), losses(ddp), range(1, STEPS + 1))
+    evals = [{r["step"]: (r["val_loss"], r["val_tokens"]) for r in read_jsonl(os.path.join(out, "logs", "eval_log.jsonl"))}
+             for out in (ddp, fsdp)]
+    assert sorted(evals[1]) == [2, 4, 6] and {s: v[1] for s, v in evals[1].items()} == {s: v[1] for s, v in evals[0].items()}
+    assert_close({s: v[0] for s, v in evals[1].items()}, {s: v[0] for s, v in evals[0].items()}, [2, 4, 6])
     start = events(fsdp)[0]
     assert start["strategy"] == "fsdp" and start["world_size"] == 2 and start["ddp_sync"] is None
     trainable = start["model_audit"]["trainable_params_by_group"]
@@ -167,6 +184,12 @@ def test_resume_on_one_process_then_on_two_keeps_the_global_batch(chain):
     assert_close(losses(out), reference, range(3, STEPS + 1))
     starts = [e for e in events(out) if e["event"] == "run_start"]
     assert [s["world_size"] for s in starts] == [1, 2] and {s["effective_batch"] for s in starts} == {8}
+
+
+def test_ddp_resumed_on_one_process_keeps_the_global_batch(chain):
+    out, result = chain.get("ddp_to1")
+    assert "optimization.grad_accum_steps 2 -> 4 keeps 8 rows per optimizer step" in result.stdout + result.stderr
+    assert_close(losses(out), losses(chain.get("ddp2")), range(3, STEPS + 1))
 
 
 def test_world_size_change_that_cannot_keep_the_batch_is_refused_naming_what_works():

@@ -30,12 +30,26 @@ def evaluate(model, val_rows, collator, accelerator, micro_batch: int) -> EvalRe
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         total[0] += loss_sum(model, batch).double()
         total[1] += target_tokens(batch)
+    for _ in range(_missing_forwards(model, accelerator, -(-len(shard) // micro_batch))):
+        # FSDP gathers each layer with every rank at once: a rank whose shard ran out joins with an unused batch
+        batch = collator([val_rows[0]])
+        loss_sum(model, {k: v.to(accelerator.device) for k, v in batch.items()})
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
     tokens = int(total[1].item())
     val_loss = float(total[0].item()) / tokens if tokens else float("nan")
     perplexity = math.exp(val_loss) if val_loss < 700 else float("inf")
     return EvalResult(val_loss=val_loss, perplexity=perplexity, val_tokens=tokens)
+
+
+def _missing_forwards(model, accelerator, batches: int) -> int:
+    """How many forwards short of the busiest rank this one is, under FSDP (0 otherwise: DDP's eval is local)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return 0
+    most = accelerator.reduce(torch.tensor(batches, device=accelerator.device), "max")
+    return int(most.item()) - batches
 
 
 def improves(val_loss: float, best: float | None) -> bool:
