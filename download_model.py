@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Download GLM-4.5-Air into paths.model_dir and verify it (or verify / write a tiny test checkpoint).
+"""Download model.name_or_path (GLM-4.5-Air, GLM-4.6, GLM-4.5) into paths.model_dir and verify it (or verify / write a tiny test checkpoint).
 
     python download_model.py                      # download model.name_or_path @ model.revision, then verify
     python download_model.py --verify-only        # re-check an existing paths.model_dir (headers, seconds)
     python download_model.py --verify-only --deep # ... and hash every file against the Hub's sha256
     python download_model.py --tiny --set paths.model_dir=models/tiny   # offline, scaled-down checkpoint
+    python download_model.py --tiny glm4.6 --set paths.model_dir=models/tiny-glm46  # ... GLM-4.6-shaped
 
 Rerunning after an interruption fetches only what is still missing. Every request to the Hub gives up after
 --timeout seconds without an answer. Exit codes: 0 usable checkpoint, 1 download refused/failed or
@@ -21,14 +22,18 @@ from glmkit.config.schema import add_config_arguments, config_from_args
 from glmkit.hub import download as hub
 from glmkit.hub import verify as model_files
 
+# glmkit.demo.tiny.TINY_VARIANTS' names (not imported here: it needs torch, which only --tiny does)
+TINY_VARIANT_NAMES = ("air", "glm4.6")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--verify-only", action="store_true", help="only check the files already in paths.model_dir")
-    mode.add_argument("--tiny", action="store_true",
-                      help="write a scaled-down checkpoint of the same architecture, offline, then verify it")
+    mode.add_argument("--tiny", nargs="?", const="air", choices=TINY_VARIANT_NAMES, metavar="VARIANT",
+                      help="write a scaled-down checkpoint, offline, then verify it: air (GLM-4.5-Air's shape, "
+                           "the default) or glm4.6 (GLM-4.6's / GLM-4.5's: QK-norm, three dense layers)")
     parser.add_argument("--min-free-gb", type=float, default=None, metavar="GB",
                         help="require this much free disk space instead of the computed need (0 skips the check)")
     parser.add_argument("--deep", action="store_true",
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     rerun = "download_model.py --tiny" if args.tiny else "download_model.py"
     try:
         if args.tiny:
-            write_tiny(model_dir)
+            write_tiny(model_dir, args.tiny)
         elif not args.verify_only:
             hub.download(cfg.model.name_or_path, cfg.model.revision, model_dir, min_free_gb=args.min_free_gb,
                          timeout=args.timeout)
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def write_tiny(model_dir: str) -> None:
+def write_tiny(model_dir: str, variant: str = "air") -> None:
     if hub.is_hub_download(model_dir):
         # Mixing a tiny checkpoint into a real download would leave a folder that is neither.
         raise hub.HubError(f"{model_dir} holds a Hub download; point --tiny elsewhere, "
@@ -85,7 +90,7 @@ def write_tiny(model_dir: str) -> None:
                            f"({exc}); update the checkout") from None
     os.makedirs(model_dir, exist_ok=True)
     print(f"writing a tiny {hub.SUPPORTED_ARCHITECTURES[0]} checkpoint into {model_dir}", flush=True)
-    write_tiny_checkpoint(model_dir, seed=0)
+    write_tiny_checkpoint(model_dir, seed=0, variant=variant)
 
 
 def report(model_dir: str, rerun: str, deep_cfg=None, timeout: float = hub.DEFAULT_TIMEOUT) -> int:

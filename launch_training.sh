@@ -144,14 +144,10 @@ if ((KIT_VISIBLE_GPUS > 0)); then
     PER_MACHINE="${KIT_NUM_PROCESSES:-$KIT_VISIBLE_GPUS}"
     ((PER_MACHINE <= KIT_VISIBLE_GPUS)) \
         || die "distributed.num_processes is $PER_MACHINE but only $KIT_VISIBLE_GPUS GPUs are visible"
-    if [[ "$KIT_STRATEGY" == deepspeed_zero3 ]] && ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then
-        die "distributed.accelerate_config is deepspeed_zero3 but deepspeed is not installed; pip install deepspeed"
-    fi
 else
     DEVICE=cpu
     PER_MACHINE="${KIT_NUM_PROCESSES:-1}"
-    [[ "$KIT_STRATEGY" == ddp ]] \
-        || die "no GPU visible: the CPU path runs DDP over gloo only; set distributed.accelerate_config to null or ddp"
+    # ddp and fsdp both run over gloo on the CPU (the trainer shards the model itself under fsdp).
     # Without this, `accelerate launch --multi_gpu` on a CPU-only machine starts N unrelated
     # world-size-1 processes instead of one gloo group.
     export ACCELERATE_USE_CPU=true

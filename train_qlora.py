@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from glmkit.config.folders import unwritable_problems
-from glmkit.config.schema import HELD_OUT_SET, add_config_arguments, config_from_args
+from glmkit.config.schema import HELD_OUT_SET, add_config_arguments, config_from_args, strategy
 from glmkit.data.rows import DataError
 from glmkit.model.errors import ModelLoadError
 from glmkit.plan.fit import DoesNotFit
@@ -95,7 +95,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.model import load as modeling
     from glmkit.plan.fit import memory_gate
     from glmkit.run.trackers import start_trackers
-    from glmkit.train import ddp
+    from glmkit.train import ddp, fsdp, world_size
     from glmkit.train.evaluation import adapter_is_finite, eval_record, evaluate_sets, improves
     from glmkit.train.optim import apply_current_hyperparameters, make_optimizer_and_scheduler
     from glmkit.train.preemption import Preemption
@@ -107,7 +107,8 @@ def train(cfg, args, accelerator, logs) -> int:
     t, o, lg, ev_cfg = cfg.training, cfg.optimization, cfg.logging, cfg.eval
     torch.manual_seed(t.seed)
     check_shared_output_dir(accelerator, cfg.paths.output_dir)
-    resume_path = ckpt.resume_checkpoint(cfg, args, accelerator)
+    resume_path = ckpt.resume_checkpoint(cfg, args, accelerator)  # on a new world size: sets grad_accum_steps
+    accelerator.gradient_accumulation_steps = o.grad_accum_steps
     if accelerator.is_main_process and (restored := ckpt.recover_best_adapter(cfg.paths.best_adapter_dir)):
         accelerator.print(f"restored {cfg.paths.best_adapter_dir} from {restored} (a kill interrupted its swap)")
     ckpt.check_best_adapter_dir(cfg.paths.best_adapter_dir)
@@ -123,7 +124,9 @@ def train(cfg, args, accelerator, logs) -> int:
     train_loader = torch.utils.data.DataLoader(train_rows, batch_size=o.micro_batch_per_gpu, shuffle=True,
                                                collate_fn=collator, num_workers=cfg.performance.num_workers,
                                                pin_memory=cfg.performance.pin_memory)
-    model = modeling.load_model(cfg, accelerator.device)
+    sharded = strategy(cfg) == fsdp.STRATEGY
+    weights_bytes = planned_memory.get("planned_memory", {}).get("weights_bytes")
+    model = modeling.load_model(cfg, fsdp.load_device(accelerator.device, weights_bytes) if sharded else accelerator.device)
     modeling.check_audit(modeling.audit_model(model), cfg)
     model = modeling.prepare_for_training(model, cfg)
     audit = modeling.audit_model(model)
@@ -133,14 +136,21 @@ def train(cfg, args, accelerator, logs) -> int:
         raise data.DataError(f"{cfg.paths.data_path}: {len(train_rows)} training rows do not fill one optimizer step; "
                              f"add data or lower optimization.grad_accum_steps / micro_batch_per_gpu")
     total_steps = t.max_steps or t.epochs * steps_per_epoch
+    if sharded and world > 1:  # before the optimizer, which then holds AdamW moments for this rank's shards only
+        model = fsdp.shard_model(model, accelerator.device)
     optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, total_steps)
 
     # ---- accelerate.prepare, and resume -----------------------------------------------------
-    ddp.exclude_frozen_from_sync(model)  # every rank loaded the 4-bit base itself: DDP syncs LoRA only
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if sharded:  # the data loader only: the model is sharded already, the checkpointer saves the optimizer (DCP)
+        train_loader = accelerator.prepare(train_loader)
+    else:
+        ddp.exclude_frozen_from_sync(model)  # every rank loaded the 4-bit base itself: DDP syncs LoRA only
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     stats = RouterStats(model, accelerator.is_main_process)
     accelerator.register_for_checkpointing(scheduler, stats)
-    checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps, corpus.fingerprint)
+    sharded_state = fsdp.ShardedState(model, optimizer) if sharded else None
+    checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps, corpus.fingerprint,
+                                     sharded_state)
     state = (ckpt.checkpoint_state(resume_path) if resume_path else LoopState()).selecting_by(ev_cfg.select_by)
     if state.step >= total_steps:
         accelerator.print(f"{resume_path} is at step {state.step} of {total_steps}: the run has already "
@@ -159,9 +169,13 @@ def train(cfg, args, accelerator, logs) -> int:
                bad_lines=corpus.bad_line_count, train_rows=len(train_rows), val_rows=len(val_rows),
                eval_sets={name: len(rows) for name, rows in eval_rows.items()},
                resumed_from=resume_path, device=str(accelerator.device), ddp_sync=ddp.sync_report(model),
+               strategy="fsdp" if sharded else "ddp", resident_by_rank=fsdp.resident_bytes_by_rank(model, accelerator),
                **planned_memory)
     if resume_path:  # last of all, so nothing draws from the random streams it restores
-        ckpt.load_checkpoint(accelerator, model, resume_path)
+        ckpt.load_checkpoint(accelerator, model, resume_path, sharded_state)
+        saved_accum = ckpt.saved_grad_accum(resume_path)
+        if saved_accum != o.grad_accum_steps:  # another world size: the same steps drawn, in micro-batches of it
+            world_size.restore_data_position(train_loader, resume_path, saved_accum, o.grad_accum_steps)
         apply_current_hyperparameters(optimizer, scheduler, cfg)
         logs.event("resume", state.step, from_step=state.step, checkpoint=resume_path)
 

@@ -375,3 +375,19 @@ def test_a_run_folder_whose_logs_folder_is_unwritable_is_refused(tmp_path):
         f"folder; fix the permissions or set paths.output_dir to a folder you can write"]
     (tmp_path / "run" / "logs").unlink()
     assert unwritable_problems(cfg, ("output_dir", "scratch_dir", "best_adapter_dir")) == []
+
+
+def test_deepspeed_zero3_is_refused_pointing_at_fsdp(tmp_path):
+    (tmp_path / "ds.yaml").write_text("distributed:\n  accelerate_config: deepspeed_zero3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "ds.yaml")
+    assert info.value.problems == ["distributed.accelerate_config: deepspeed_zero3 is no longer offered (ZeRO-3 could "
+                                   "not partition the kit's 4-bit experts, and it was never tested); use fsdp, which "
+                                   "shards every 4-bit layer"]
+    for kind in ("DEEPSPEED", "FSDP"):  # Accelerate's own plugins: the kit shards the 4-bit model itself
+        (tmp_path / "acc.yaml").write_text(f"distributed_type: {kind}\nnum_processes: 2\n")
+        (tmp_path / "own.yaml").write_text("distributed:\n  accelerate_config: acc.yaml\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(tmp_path / "own.yaml")
+        assert len(info.value.problems) == 1 and f"asks Accelerate for {kind}" in info.value.problems[0]
+        assert "set distributed.accelerate_config: fsdp" in info.value.problems[0]

@@ -516,8 +516,8 @@ def test_tiny_writes_with_the_generator_then_verifies(tmp_path, monkeypatch, rep
 
     calls = []
 
-    def write_tiny_checkpoint(model_dir: str, seed: int = 0) -> None:
-        calls.append((model_dir, seed))
+    def write_tiny_checkpoint(model_dir: str, seed: int = 0, variant: str = "air") -> None:
+        calls.append((model_dir, seed, variant))
         write_repo(__import__("pathlib").Path(model_dir), repo_files)
 
     monkeypatch.setitem(sys.modules, "glmkit.demo.tiny", types.SimpleNamespace(write_tiny_checkpoint=write_tiny_checkpoint))
@@ -525,8 +525,11 @@ def test_tiny_writes_with_the_generator_then_verifies(tmp_path, monkeypatch, rep
     config = write_config(tmp_path, model_dir)
 
     assert download_model.main(["--config", config, "--tiny"]) == 0
-    assert calls == [(str(model_dir), 0)]
+    assert calls == [(str(model_dir), 0, "air")]
     assert "verified:" in capsys.readouterr().out
+    assert download_model.main(["--config", config, "--tiny", "glm4.6"]) == 0  # GLM-4.6's shape
+    assert calls[-1] == (str(model_dir), 0, "glm4.6")
+    capsys.readouterr()
 
     (model_dir / ".cache" / "huggingface").mkdir(parents=True)  # looks like a Hub download now
     assert download_model.main(["--config", config, "--tiny"]) == 1
@@ -538,3 +541,20 @@ def test_tiny_with_the_real_generator(tmp_path):
     result = run_download(tmp_path, "--tiny", endpoint=f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verified:" in result.stdout
+
+
+def test_glm46_is_fetched_when_model_name_or_path_names_it(tmp_path, repo_files):
+    """model.name_or_path: zai-org/GLM-4.6 is the repo the download asks the Hub for, and gets, whole."""
+    with FakeHub("zai-org/GLM-4.6", repo_files) as hub:
+        result = run_download(tmp_path, endpoint=hub.endpoint, repo_id="zai-org/GLM-4.6")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "downloading zai-org/GLM-4.6 @ main" in result.stdout and "verified:" in result.stdout
+        assert {s.file for s in hub.downloads()} == set(repo_files)
+    assert set(repo_files) <= set(os.listdir(tmp_path / "model"))
+
+
+def test_download_model_offers_every_tiny_variant():
+    import download_model
+    from glmkit.demo.tiny import TINY_VARIANTS
+
+    assert download_model.TINY_VARIANT_NAMES == tuple(TINY_VARIANTS)

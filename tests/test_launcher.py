@@ -112,7 +112,8 @@ def test_launch_env_named_accelerate_config(kit):
     assert all(line.count("=") >= 1 for line in format_lines(values).splitlines())
 
 
-@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero3", "DEEPSPEED")])
+# fsdp is MULTI_GPU to Accelerate: it starts the processes, the trainer shards the model (glmkit/train/fsdp.py).
+@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("fsdp", "MULTI_GPU")])
 def test_shipped_accelerate_configs_load(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -327,9 +328,16 @@ def test_cpu_path_single_process(kit):
 
 
 @pytest.mark.skipif(not NO_GPU, reason="checks the CPU path")
-def test_cpu_path_refuses_sharded_strategies(kit):
-    result = run_launcher("--config", kit["config"], "--dry-run", "--set", "distributed.accelerate_config=fsdp")
-    assert result.returncode == 2 and "gloo" in result.stderr
+def test_cpu_path_runs_fsdp_over_gloo_and_refuses_deepspeed(kit):
+    result = run_launcher("--config", kit["config"], "--dry-run", "--set", "distributed.accelerate_config=fsdp",
+                          "--set", "distributed.num_processes=2")
+    assert result.returncode == 0, result.stderr
+    cmd = command_line(result)
+    assert option(cmd, "--num_processes") == "2" and "--multi_gpu" in cmd and "strategy fsdp" in result.stdout
+    result = run_launcher("--config", kit["config"], "--dry-run", "--set", "distributed.accelerate_config=deepspeed_zero3")
+    assert result.returncode == 2
+    assert "distributed.accelerate_config: deepspeed_zero3 is no longer offered" in result.stderr
+    assert "use fsdp" in result.stderr
 
 
 def test_multinode_variables_map_onto_accelerate(kit):

@@ -93,3 +93,42 @@ def test_loaded_model_keeps_no_checkpoint_file_mapped(make_config, tiny_model_di
     with open("/proc/self/maps", encoding="utf-8") as fh:
         mapped = [line.split()[-1] for line in fh if model_dir in line]
     assert mapped == [] and model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_tiny_glm46_variant_loads_4bit_with_qk_norm_and_trains(tmp_path, tiny_model_dir, demo_corpus):
+    """download_model.py --tiny glm4.6: GLM-4.6's shape (3 dense layers, QK-norm, scaling 2.5), every Linear and
+    expert 4-bit after the kit's loader, the checkpoint's q/k norms in place, LoRA on attention and experts learns."""
+    from conftest import run_cli, write_tiny_config
+
+    from glmkit.train.loss import causal_lm_loss_sum
+
+    model_dir = str(tmp_path / "tiny-glm46")
+    code = (f"from glmkit.demo.tiny import write_tiny_checkpoint; "
+            f"write_tiny_checkpoint({model_dir!r}, seed=0, variant='glm4.6', tokenizer_from={tiny_model_dir!r})")
+    assert run_cli(["-c", code]).returncode == 0
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    assert config["first_k_dense_replace"] == 3 and config["use_qk_norm"] is True
+    assert config["num_hidden_layers"] == 5 and config["routed_scaling_factor"] == 2.5
+    cfg = load_config(write_tiny_config(tmp_path, model_dir, demo_corpus, {
+        "lora.dropout": 0.0, "lora.target_parameters": ["gate_up_proj", "down_proj"],
+        "model.attn_implementation": "sdpa"}))
+    model = load_model(cfg)
+    audit = audit_model(model)
+    check_audit(audit, cfg)
+    assert audit["unquantized_expert_params"] == 0 and audit["groups"]["routed_experts"]["quantized_params"] > 0
+    assert [type(m.mlp).__name__ for m in model.model.layers] == ["Glm4MoeMLP"] * 3 + ["Glm4MoeMoE"] * 2
+    from safetensors import safe_open
+
+    index = json.load(open(os.path.join(model_dir, "model.safetensors.index.json")))["weight_map"]
+    key = "model.layers.4.self_attn.k_norm.weight"
+    with safe_open(os.path.join(model_dir, index[key]), framework="pt") as fh:
+        assert torch.equal(model.model.layers[4].self_attn.k_norm.weight, fh.get_tensor(key).float())
+    model = prepare_for_training(model, cfg)
+    assert audit_model(model)["trainable_params_by_group"]["routed_experts"] > 0
+    ids = torch.randint(0, config["vocab_size"] - 2, (1, 32))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
+             "token_mask": torch.ones_like(ids, dtype=torch.bool)}
+    causal_lm_loss_sum(model, batch).backward()
+    # lora_B starts at zero, so it is the factor with a gradient on the first step
+    expert_b = [p for n, p in model.named_parameters() if ".mlp.experts." in n and "lora_B" in n]
+    assert expert_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in expert_b)

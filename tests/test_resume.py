@@ -152,6 +152,11 @@ def test_resume_refuses_critical_changes_and_lists_harmless_ones(make_config, tm
                        "--set", "training.max_seq_length=128"])
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "lora.r (8 -> 4)" in refused.stderr and "training.max_seq_length (256 -> 128)" in refused.stderr
+    other_strategy = run_cli(["train_qlora.py", "--config", config, "--resume", "--set",
+                              "distributed.accelerate_config=fsdp"])
+    assert other_strategy.returncode == 2 and other_strategy.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot resume {tmp_path / 'run' / 'final-checkpoint-3'} with distributed.accelerate_config fsdp: "
+        f"it was written by a ddp run")
     allowed = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "training.max_steps=4",
                        "--set", "logging.log_interval=2"])
     assert allowed.returncode == 0, allowed.stderr[-2000:]

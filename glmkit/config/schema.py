@@ -261,7 +261,8 @@ class PerformanceSection:
 class DistributedSection:
     """Processes, strategy and the memory the plan checks against."""
     num_processes: Optional[int] = setting(None, "processes per machine (null = visible GPUs)", ge=1)
-    accelerate_config: Optional[str] = setting(None, "`ddp` · `fsdp` · `deepspeed_zero3` · a path")
+    accelerate_config: Optional[str] = setting(None, "`ddp` (a 4-bit replica per GPU) · `fsdp` (FSDP2, every "
+                                                     "state sharded; resumable at another world size) · a path")
     gpu_memory_gb: float = setting(141.0, "memory the plan's verdict checks against", gt=0)
 
 
@@ -292,7 +293,9 @@ class Config:
 
 
 # Shipped Accelerate configs that `distributed.accelerate_config` may name by short name.
-ACCELERATE_CONFIGS = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "deepspeed_zero3": "deepspeed_zero3.yaml"}
+ACCELERATE_CONFIGS = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml"}
+# Offered once, never made to work with the 4-bit experts: refused at load, pointing at fsdp.
+REMOVED_STRATEGIES = {"deepspeed_zero3": "DEEPSPEED"}
 # Tracker name -> modules it needs. The pinned pip lines live in requirements-trackers.txt,
 # each marked "# for: <tracker>"; the error for a missing one quotes them.
 TRACKERS = {
@@ -384,7 +387,7 @@ def _resolve_paths(cfg: Config, base_dir: str) -> None:
     for entry in cfg.eval.sets:
         entry.path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(entry.path)))
     acc = cfg.distributed.accelerate_config
-    if acc and acc not in ACCELERATE_CONFIGS:
+    if acc and acc not in ACCELERATE_CONFIGS and acc not in REMOVED_STRATEGIES:
         cfg.distributed.accelerate_config = os.path.normpath(os.path.join(base_dir, os.path.expanduser(acc)))
 
 
@@ -431,9 +434,17 @@ def validate(cfg: Config) -> list[str]:
              f"warmup ({o.warmup_steps}) plus decay ({o.decay_steps}) exceeds training.max_steps "
              f"({cfg.training.max_steps}); shorten the decay or the warmup")
     d = cfg.distributed
-    if d.accelerate_config and d.accelerate_config not in ACCELERATE_CONFIGS:
+    if d.accelerate_config in REMOVED_STRATEGIES:
+        need(False, "distributed.accelerate_config",
+             f"{d.accelerate_config} is no longer offered (ZeRO-3 could not partition the kit's 4-bit experts, and "
+             f"it was never tested); use fsdp, which shards every 4-bit layer")
+    elif d.accelerate_config and d.accelerate_config not in ACCELERATE_CONFIGS:
         need(os.path.isfile(d.accelerate_config), "distributed.accelerate_config",
              f"{d.accelerate_config} does not exist; use one of {', '.join(ACCELERATE_CONFIGS)} or a path")
+        kind = _accelerate_distributed_type(d.accelerate_config)
+        need(kind not in ("DEEPSPEED", "FSDP"), "distributed.accelerate_config",
+             f"{d.accelerate_config} asks Accelerate for {kind}; the kit shards the 4-bit model itself: set "
+             f"distributed.accelerate_config: fsdp (FSDP2 with every 4-bit layer sharded), or give a MULTI_GPU config")
     if isinstance(cfg.paths.data_path, list):
         for index, source in enumerate(cfg.paths.data_path):
             need(source.weight > 0, f"paths.data_path[{index}].weight",
@@ -577,21 +588,20 @@ def accelerate_config_path(cfg: Config) -> Optional[str]:
 
 
 def strategy(cfg: Config) -> str:
-    """ddp | fsdp | deepspeed_zero3, read from the chosen Accelerate config."""
+    """ddp | fsdp: the short name, or ddp for an Accelerate config file (validation refuses FSDP / DeepSpeed ones)."""
     acc = cfg.distributed.accelerate_config
     if acc is None or acc in ACCELERATE_CONFIGS:
         return acc or "ddp"
+    return "ddp"
+
+
+def _accelerate_distributed_type(path: str) -> str:
     try:
-        with open(acc, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError):
-        return "ddp"
-    kind = str(data.get("distributed_type", "")).upper()
-    if kind == "FSDP":
-        return "fsdp"
-    if kind == "DEEPSPEED":
-        return "deepspeed_zero3"
-    return "ddp"
+        return ""
+    return str(data.get("distributed_type", "") if isinstance(data, dict) else "").upper()
 
 
 # ---------------------------------------------------------------------------

@@ -1,10 +1,15 @@
-"""An offline, CPU-sized GLM-4.5-Air: same class, same checkpoint layout, minutes not days.
+"""An offline, CPU-sized GLM-4.5-Air (or GLM-4.6): same class, same checkpoint layout, minutes not days.
 
 The checkpoint is a `Glm4MoeForCausalLM` with a dense first layer, sigmoid-routed experts
 plus a shared expert, partial rotary embeddings and grouped-query attention, saved as
 sharded safetensors with an index exactly like the real one (per-expert tensors, which
 the kit's loader fuses and quantizes). Its tokenizer is a byte-level BPE trained on the
 demo corpus on the spot. The same seed gives the same files.
+
+Variants (`download_model.py --tiny [VARIANT]`): `air`, GLM-4.5-Air's shape (one dense layer, no
+QK-norm); `glm4.6`, GLM-4.6's / GLM-4.5's (the first three layers dense, QK-norm on every
+layer's queries and keys, routed_scaling_factor 2.5), so the kit's loader, LoRA targets, FSDP
+units and memory plan are exercised on that architecture too.
 """
 
 from __future__ import annotations
@@ -16,16 +21,21 @@ import torch
 from glmkit.demo.corpus import iter_documents
 
 TINY_VOCAB_SIZE = 2048
+# variant -> the keys where it differs from GLM-4.5-Air's shape
+TINY_VARIANTS = {
+    "air": {},
+    "glm4.6": {"num_hidden_layers": 5, "first_k_dense_replace": 3, "use_qk_norm": True, "routed_scaling_factor": 2.5},
+}
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 
-def tiny_model_config(vocab_size: int, eos_token_id: int, pad_token_id: int):
+def tiny_model_config(vocab_size: int, eos_token_id: int, pad_token_id: int, variant: str = "air"):
     from transformers import Glm4MoeConfig
 
     # GLM-4.5-Air's structure (first layer dense, 1 shared + routed experts, top-k over
     # sigmoid scores, partial rotary 0.5, GQA, QKV bias) at a size a laptop CPU trains.
-    return Glm4MoeConfig(
+    shape = dict(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
@@ -50,6 +60,7 @@ def tiny_model_config(vocab_size: int, eos_token_id: int, pad_token_id: int):
         pad_token_id=pad_token_id,
         bos_token_id=None,
     )
+    return Glm4MoeConfig(**{**shape, **TINY_VARIANTS[variant]})
 
 
 def train_tokenizer(vocab_size: int = TINY_VOCAB_SIZE):
@@ -71,13 +82,18 @@ def train_tokenizer(vocab_size: int = TINY_VOCAB_SIZE):
                                    model_max_length=8192)
 
 
-def write_tiny_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "200KB") -> None:
-    """Write the tiny model + tokenizer into `model_dir`, laid out like the Hub checkpoint."""
-    from transformers import Glm4MoeForCausalLM
+def write_tiny_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "200KB", variant: str = "air",
+                          tokenizer_from: str | None = None) -> None:
+    """Write the tiny model + tokenizer into `model_dir`, laid out like the Hub checkpoint.
 
+    `tokenizer_from`: a folder holding a tiny checkpoint's tokenizer, reused instead of training one."""
+    from transformers import AutoTokenizer, Glm4MoeForCausalLM
+
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"no tiny variant {variant!r}; there are {', '.join(TINY_VARIANTS)}")
     os.makedirs(model_dir, exist_ok=True)
-    tokenizer = train_tokenizer()
-    config = tiny_model_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from else train_tokenizer()
+    config = tiny_model_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, variant)
     torch.manual_seed(seed)
     model = Glm4MoeForCausalLM(config).to(torch.bfloat16)
     save_with_uneven_routing(model, tokenizer, model_dir, max_shard_size)

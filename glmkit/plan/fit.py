@@ -1,8 +1,8 @@
 """Memory plan: will this QLoRA run fit on the GPUs, before a single weight is read?
 
 The model is built on the meta device (shapes only, no storage) from `paths.model_dir`'s
-config.json, or from GLM-4.5-Air's published architecture built into the kit when the
-weights are not downloaded yet. Every tensor is then priced the way it will be held:
+config.json, or from the published architecture built into the kit (GLM-4.5-Air, GLM-4.5,
+GLM-4.6, chosen by model.name_or_path) when the weights are not downloaded yet. Every tensor is then priced the way it will be held:
 
 - 4-bit tensors exactly as bitsandbytes 0.50 stores them (`functional.quantize_4bit`):
   packed data, one absmax per block, and with double quantization the absmax as uint8
@@ -33,18 +33,20 @@ from glmkit.config.schema import strategy as config_strategy
 from glmkit.model.load import group_of
 from glmkit.plan.activations import activation_plan, arch_of
 from glmkit.plan.weights import (
+    BUILTIN_ARCHITECTURES,
     GB,
-    GLM45_AIR_NAME,
     QLORA_BITS_PER_PARAM,
     LoraTarget,
     PlanError,
     TensorInfo,
     build_meta_model,
+    builtin_name,
     enumerate_tensors,
     kit_bytes,
     load_architecture,
     lora_targets,
     price_groups,
+    replicated_bytes,
 )
 
 # CUDA context, cuBLAS workspaces, NCCL buffers and allocator fragmentation, per GPU.
@@ -71,14 +73,19 @@ def default_num_processes(cfg) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def per_gpu_plan(strategy: str, n: int, weights: int, largest_layer: int, lora: dict, act: dict) -> dict:
-    """DDP: a full replica per GPU (plus its gradient buckets). FSDP / ZeRO-3: every state
-    sharded n ways, plus one decoder layer gathered at a time."""
-    sharded = strategy in ("fsdp", "deepspeed_zero3")
+# FSDP2 gathers the layer it computes and prefetches the next one (backward), so two are whole at a time.
+GATHERED_LAYERS = 2
+
+
+def per_gpu_plan(strategy: str, n: int, weights: int, largest_layer: int, lora: dict, act: dict,
+                 replicated: int = 0) -> dict:
+    """DDP: a full replica per GPU (plus its gradient buckets). FSDP: every parameter and state sharded n ways
+    (the 4-bit statistics, `replicated`, stay whole), plus the gathered layers."""
+    sharded = strategy == "fsdp"
     div = n if sharded else 1
     parts = {
-        "weights": weights // div,
-        "gathered_layer": largest_layer if sharded and n > 1 else 0,
+        "weights": (weights - replicated) // div + replicated if sharded else weights,
+        "gathered_layer": GATHERED_LAYERS * largest_layer if sharded and n > 1 else 0,
         "lora_weights": lora["lora_bytes"] // div,
         "lora_grads": lora["lora_grad_bytes"] // div,
         # DDP all-reduces through bucket buffers as large as the gradients.
@@ -132,7 +139,8 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     lora = {"lora_params": lora_params, "lora_bytes": 4 * lora_params,
             "lora_grad_bytes": 4 * lora_params, "optimizer_bytes": 8 * lora_params}
     weights = sum(g["bytes"] for g in groups.values())
-    parts = per_gpu_plan(strategy, n, weights, _largest_layer_bytes(tensors, q), lora, act)
+    parts = per_gpu_plan(strategy, n, weights, _largest_layer_bytes(tensors, q), lora, act,
+                         replicated=sum(replicated_bytes(t, q) for t in tensors))
     total = sum(parts.values())
 
     if gpu_memory_bytes is not None:
@@ -149,7 +157,7 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     plain_total = total - parts["weights"] + plain_weights - act["dequantized_experts_bytes"]
 
     plan = {
-        "model": cfg.model.name_or_path if source == "config.json" else GLM45_AIR_NAME,
+        "model": cfg.model.name_or_path if source == "config.json" else builtin_name(cfg.model.name_or_path),
         "model_dir": cfg.paths.model_dir,
         "source": source,
         "model_type": getattr(hf_config, "model_type", None),
@@ -225,14 +233,16 @@ def _expert_lora_lines(plan: dict) -> list[str]:
 def _notes(cfg, source: str, strategy: str, n: int) -> list[str]:
     notes = []
     if source == "builtin":
-        notes.append(f"{cfg.paths.model_dir} has no config.json yet: planned with the GLM-4.5-Air "
-                     f"architecture built into the kit (MTP layer not loaded by transformers, not counted)")
-        if cfg.model.name_or_path.rstrip("/") != GLM45_AIR_NAME:
-            notes.append(f"model.name_or_path is {cfg.model.name_or_path}, not {GLM45_AIR_NAME}: download it "
-                         f"to plan its own architecture")
-    if strategy != "ddp":
-        notes.append(f"{strategy}: weights, LoRA states and optimizer sharded over {n} processes plus one "
-                     f"gathered layer; untested in this kit, see docs/MEMORY_AND_SCALING.md")
+        notes.append(f"{cfg.paths.model_dir} has no config.json yet: planned with the "
+                     f"{builtin_name(cfg.model.name_or_path)} architecture built into the kit (MTP layer not "
+                     f"loaded by transformers, not counted)")
+        if cfg.model.name_or_path.rstrip("/") not in BUILTIN_ARCHITECTURES:
+            notes.append(f"model.name_or_path is {cfg.model.name_or_path}, not one of "
+                         f"{', '.join(BUILTIN_ARCHITECTURES)}: download it to plan its own architecture")
+    if strategy == "fsdp":
+        notes.append(f"fsdp: the packed 4-bit data, LoRA weights, gradients and AdamW state sharded over {n} "
+                     f"processes (4-bit statistics whole on each), {GATHERED_LAYERS} decoder layers gathered at a "
+                     f"time; see docs/MEMORY_AND_SCALING.md")
         if n == 1:
             notes.append("sharding over 1 process saves nothing: set distributed.num_processes to the GPU count")
     notes.append(f"activations are an estimate; {RUNTIME_OVERHEAD_BYTES / GB:.0f} GB is set aside for the "
@@ -251,6 +261,9 @@ def _gb(nbytes: float) -> str:
 
 
 def _advice(plan: dict) -> str:
+    if plan["strategy"] == "ddp" and plan["weights_bytes"] + RUNTIME_OVERHEAD_BYTES >= plan["gpu_memory_bytes"]:
+        return (f"the 4-bit weights alone ({_gb(plan['weights_bytes'])}) do not fit one GPU: shard them with "
+                f"distributed.accelerate_config: fsdp (docs/MEMORY_AND_SCALING.md)")
     if not plan["gradient_checkpointing"]:
         return "turn on memory.gradient_checkpointing"
     if plan["micro_batch_per_gpu"] > 1:
@@ -278,7 +291,7 @@ def verdict_line(plan: dict) -> str:
 
 def format_plan(plan: dict) -> str:
     q = plan["quantization"]
-    where = "built-in GLM-4.5-Air architecture" if plan["source"] == "builtin" else f"{plan['model_dir']}/config.json"
+    where = f"built-in {plan['model'].split('/')[-1]} architecture" if plan["source"] == "builtin" else f"{plan['model_dir']}/config.json"
     lines = [
         f"Memory plan for {plan['model']} ({where})",
         f"  {plan['strategy']} over {plan['num_processes']} process(es); micro batch "
@@ -302,7 +315,7 @@ def format_plan(plan: dict) -> str:
     lines += ["", f"  per GPU ({plan['strategy']})"]
     labels = {
         "weights": "weights" + (" (full replica)" if plan["strategy"] == "ddp" else " (shard)"),
-        "gathered_layer": "one gathered layer",
+        "gathered_layer": f"{GATHERED_LAYERS} gathered layers (compute + prefetch)",
         "lora_weights": f"LoRA weights fp32 ({plan['lora_params']:,} params)",
         "lora_grads": "LoRA gradients fp32",
         "ddp_grad_buckets": "DDP gradient buckets",

@@ -54,6 +54,31 @@ GLM45_AIR_CONFIG = {
 }
 GLM45_AIR_NAME = "zai-org/GLM-4.5-Air"
 
+# zai-org/GLM-4.5 and zai-org/GLM-4.6 (355B, 32B active): the same class at a larger size, with QK-norm and the
+# first three layers dense; GLM-4.6 differs from GLM-4.5 only in its context length. NF4: about 184 GB of weights,
+# more than one GPU holds, so these train sharded (distributed.accelerate_config: fsdp).
+GLM45_CONFIG = {
+    **GLM45_AIR_CONFIG,
+    "hidden_size": 5120,
+    "intermediate_size": 12288,
+    "moe_intermediate_size": 1536,
+    "num_hidden_layers": 92,
+    "first_k_dense_replace": 3,
+    "n_routed_experts": 160,
+    "routed_scaling_factor": 2.5,
+    "use_qk_norm": True,
+}
+GLM46_CONFIG = {**GLM45_CONFIG, "max_position_embeddings": 202752}
+# model.name_or_path -> the architecture the plan uses before the checkpoint is downloaded
+BUILTIN_ARCHITECTURES = {GLM45_AIR_NAME: GLM45_AIR_CONFIG, "zai-org/GLM-4.5": GLM45_CONFIG,
+                         "zai-org/GLM-4.6": GLM46_CONFIG}
+
+
+def builtin_name(name_or_path: str) -> str:
+    """The built-in architecture planned for model.name_or_path (GLM-4.5-Air's for any other name)."""
+    name = name_or_path.rstrip("/")
+    return name if name in BUILTIN_ARCHITECTURES else GLM45_AIR_NAME
+
 
 class PlanError(RuntimeError):
     """The plan can't be made; the message (one line) says why and what to do."""
@@ -85,7 +110,7 @@ def qlora_floor_bytes(numel: int) -> float:
 
 
 # ---------------------------------------------------------------------------
-# Architecture: config.json when downloaded, GLM-4.5-Air's otherwise
+# Architecture: config.json when downloaded, else the built-in one model.name_or_path names
 # ---------------------------------------------------------------------------
 
 def load_architecture(cfg):
@@ -101,7 +126,7 @@ def load_architecture(cfg):
             raise PlanError(f"{model_dir}/config.json can't be read by transformers: {first}") from None
     from transformers import Glm4MoeConfig
 
-    return Glm4MoeConfig(**GLM45_AIR_CONFIG), "builtin"
+    return Glm4MoeConfig(**BUILTIN_ARCHITECTURES[builtin_name(cfg.model.name_or_path)]), "builtin"
 
 
 def build_meta_model(hf_config, compute_dtype: str):
@@ -165,6 +190,14 @@ def kit_bytes(t: TensorInfo, q) -> int:
     if q.load_in_4bit and (t.is_linear_weight or (t.is_expert and q.quantize_experts)):
         return nf4_bytes(t.numel, q.blocksize, q.double_quant)
     return t.numel * t.dtype_bytes
+
+
+def replicated_bytes(t: TensorInfo, q) -> int:
+    """What FSDP leaves whole on every GPU of this tensor: a 4-bit tensor's statistics (absmax, code, nested
+    state) live beside the packed data, not in the parameter FSDP shards (glmkit/train/fsdp.py)."""
+    if _kit_quantized(t, q):
+        return kit_bytes(t, q) - (t.numel + 1) // 2
+    return 0
 
 
 def _kit_quantized(t: TensorInfo, q) -> bool:

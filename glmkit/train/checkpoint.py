@@ -20,7 +20,7 @@ import time
 import torch
 import yaml
 
-from glmkit.config.schema import critical_keys, flatten, keys_checked_otherwise
+from glmkit.config.schema import critical_keys, flatten, keys_checked_otherwise, strategy
 from glmkit.run.checkpoint_names import (
     COMPLETE,
     META,
@@ -35,6 +35,7 @@ from glmkit.run.swap import recover, swap_in
 from glmkit.run.writes import WriteFailed, guarded_write
 from glmkit.train.faults import maybe_fail_write, maybe_kill
 from glmkit.train.loop_state import LoopState
+from glmkit.train.world_size import MOVED_KEYS, WorldSizeChange, keep_global_batch
 
 RESOLVED_CONFIG = "training_config.resolved.yaml"
 # Written into the best-adapter folder: only a folder carrying it (or an empty one) is ever replaced.
@@ -208,8 +209,11 @@ def check_best_adapter_dir(target: str) -> None:
 
 class Checkpointer:
     def __init__(self, accelerator, model, tokenizer, cfg, logs, stats, total_steps: int,
-                 data_fingerprint: dict | None = None):
+                 data_fingerprint: dict | None = None, sharded=None):
         self.accelerator, self.model, self.tokenizer, self.cfg, self.logs = accelerator, model, tokenizer, cfg, logs
+        # fsdp strategy (glmkit.train.fsdp.ShardedState): the adapter is gathered from every rank, the optimizer
+        # state goes through torch.distributed.checkpoint instead of Accelerate
+        self.sharded = sharded
         self.stats, self.total_steps = stats, total_steps
         self.data_fingerprint = data_fingerprint  # recorded in every meta; a resume compares it (glmkit/data/fingerprint.py)
         self.output_dir = cfg.paths.output_dir
@@ -228,10 +232,13 @@ class Checkpointer:
         if self.stats is not None:  # the open expert-usage interval is training state too
             self.stats.fold_onto_main(lambda x: acc.reduce(x, "sum"))
         meta = {**state.to_meta(), "val_loss": state.val_loss_now(), "world_size": acc.num_processes, "final": final,
-                "data_fingerprint": self.data_fingerprint}
+                "data_fingerprint": self.data_fingerprint, "strategy": strategy(self.cfg)}
         self._all_or_none(target, tmp, self._prepare_folder, tmp)
         self._all_or_none(target, tmp, acc.save_state, tmp)
-        self._all_or_none(target, tmp, self._finish, state.step, meta, tmp, target)
+        if self.sharded is not None:
+            self._all_or_none(target, tmp, self.sharded.save_optimizer, tmp)
+        adapter = self._adapter_state()
+        self._all_or_none(target, tmp, self._finish, state.step, meta, tmp, target, adapter)
         return target
 
     def _prepare_folder(self, tmp: str) -> None:
@@ -239,12 +246,16 @@ class Checkpointer:
             check_free_space(self.output_dir, self._estimate_bytes())
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _finish(self, step: int, meta: dict, tmp: str, target: str) -> None:
+    def _adapter_state(self) -> dict | None:
+        """The LoRA weights whole, for peft's save_pretrained (every process calls it); None: peft reads the model."""
+        return None if self.sharded is None else self.sharded.adapter_state()
+
+    def _finish(self, step: int, meta: dict, tmp: str, target: str, adapter: dict | None = None) -> None:
         if not self.accelerator.is_main_process:
             return
         maybe_kill("checkpoint_write", step)
         maybe_fail_write("checkpoint_write", step, tmp)
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, state_dict=adapter)
         self.tokenizer.save_pretrained(tmp)
         finalize(tmp, target, meta, self.cfg.to_dict())
         self.val_losses[target] = meta["val_loss"]
@@ -305,11 +316,12 @@ class Checkpointer:
 
     def save_best_adapter(self, step: int, val_loss: float, previous: float | None, eval_set: str = "val") -> None:
         """Write the adapter on the main process and swap it in whole; every process stops if that failed."""
+        adapter = self._adapter_state()  # every process: under FSDP the LoRA weights are gathered first
         target = self.cfg.paths.best_adapter_dir
         error = None
         if self.accelerator.is_main_process:
             try:
-                self._write_best_adapter(target, step, val_loss, eval_set)
+                self._write_best_adapter(target, step, val_loss, eval_set, adapter)
             except (WriteFailed, CheckpointError) as exc:
                 error = exc
         if self._agree(error is not None):
@@ -319,7 +331,7 @@ class Checkpointer:
             self.logs.event("best_updated", step, path=target, val_loss=val_loss, previous=previous,
                             checkpoint=self.checkpoint_at(step), eval_set=eval_set)
 
-    def _write_best_adapter(self, target: str, step: int, val_loss: float, eval_set: str) -> None:
+    def _write_best_adapter(self, target: str, step: int, val_loss: float, eval_set: str, adapter: dict | None) -> None:
         check_best_adapter_dir(target)
         tmp = f"{target}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -327,7 +339,7 @@ class Checkpointer:
                   else "no best adapter was written before")
         with guarded_write("the best adapter", target, partial=tmp, passes=(CheckpointError,),
                            intact=lambda: f"{before}; {self._intact()}", fix="resume with --resume"):
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
+            self.accelerator.unwrap_model(self.model).save_pretrained(tmp, state_dict=adapter)
             self.tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, BEST_ADAPTER_MARKER), "w", encoding="utf-8") as fh:
                 json.dump({"step": step, "val_loss": val_loss, "eval_set": eval_set, "time": time.time(),
@@ -385,7 +397,19 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
         return None
     with open(os.path.join(path, RESOLVED_CONFIG), encoding="utf-8") as fh:
         saved = flatten(yaml.safe_load(fh), read_meta(path).get("world_size"))
+    saved_strategy, current_strategy = read_meta(path).get("strategy", "ddp"), strategy(cfg)
+    if saved_strategy != current_strategy:
+        raise ResumeError(f"cannot resume {path} with distributed.accelerate_config {current_strategy}: it was written "
+                          f"by a {saved_strategy} run, whose optimizer state is saved differently; set it back to "
+                          f"{saved_strategy}, or start a new run in another paths.output_dir")
+    try:
+        moved = keep_global_batch(saved, cfg, accelerator.num_processes)  # may set optimization.grad_accum_steps
+    except WorldSizeChange as exc:
+        raise ResumeError(f"{path}: {exc}") from None
     current = flatten(cfg.to_dict(), accelerator.num_processes)
+    if moved:
+        accelerator.print(moved)
+        current.update({key: saved.get(key) for key in MOVED_KEYS})
     critical, harmless = compare_configs(saved, current)
     if critical:
         details = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in critical)
@@ -397,16 +421,26 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
     return path
 
 
+def saved_grad_accum(path: str) -> int:
+    """optimization.grad_accum_steps of the run that wrote the checkpoint."""
+    with open(os.path.join(path, RESOLVED_CONFIG), encoding="utf-8") as fh:
+        return int(yaml.safe_load(fh)["optimization"]["grad_accum_steps"])
+
+
 def checkpoint_state(path: str) -> LoopState:
     """The loop state a checkpoint was taken at."""
     return LoopState.from_meta(read_meta(path))
 
 
-def load_checkpoint(accelerator, model, path: str) -> None:
-    """Optimizer, scheduler, RNG and data-loader position via Accelerate; the LoRA weights via peft."""
+def load_checkpoint(accelerator, model, path: str, sharded=None) -> None:
+    """Optimizer, scheduler, RNG and data-loader position via Accelerate; the LoRA weights via peft.
+    With `sharded` (the fsdp strategy) the LoRA weights and the optimizer state come from it instead."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     accelerator.load_state(path)
+    if sharded is not None:
+        sharded.load(path)
+        return
     weights = load_file(os.path.join(path, "adapter_model.safetensors"))  # copied onto the model's device
     set_peft_model_state_dict(accelerator.unwrap_model(model), weights)

@@ -33,11 +33,17 @@ def evaluate(model, val_rows, collator, accelerator, micro_batch: int) -> EvalRe
     model.eval()
     shard = range(accelerator.process_index, len(val_rows), accelerator.num_processes)
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    # before any forward: a collective between forwards would meet another rank's all-gather
+    missing = _missing_forwards(model, accelerator, -(-len(shard) // micro_batch))
     for start in range(0, len(shard), micro_batch):
         batch = collator([val_rows[i] for i in shard[start:start + micro_batch]])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         total[0] += loss_sum(model, batch).double()
         total[1] += target_tokens(batch)
+    for _ in range(missing):
+        # FSDP gathers each layer with every rank at once: a rank whose shard ran out joins with an unused batch
+        batch = collator([val_rows[0]])
+        loss_sum(model, {k: v.to(accelerator.device) for k, v in batch.items()})
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
     tokens = int(total[1].item())
@@ -60,6 +66,16 @@ def eval_record(results: dict[str, EvalResult], select_by: str) -> dict:
         fields.update({f"{name}/loss": result.val_loss, f"{name}/perplexity": result.perplexity,
                        f"{name}/tokens": result.val_tokens})
     return fields
+
+
+def _missing_forwards(model, accelerator, batches: int) -> int:
+    """How many forwards short of the busiest rank this one is, under FSDP (0 otherwise: DDP's eval is local)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return 0
+    most = accelerator.reduce(torch.tensor(batches, device=accelerator.device), "max")
+    return int(most.item()) - batches
 
 
 def improves(val_loss: float, best: float | None) -> bool:
