@@ -17,8 +17,8 @@ def test_gpu_smoke_dry_run_on_cpu(tmp_path, demo_corpus):
     out = tmp_path / "smoke.json"
     env = {**os.environ, "PYTHON": sys.executable, "DRY": "1", "STEPS": "2", "SKIP": "0", "REPS": "1",
            "OUT": str(out), "MID_DIR": str(tmp_path / "mid"), "WORK": str(tmp_path / "work"),
-           # the plumbing at small sizes that still pack several documents into a row, on the session corpus
-           "MID_SEQ": "256", "MID_MB": "1", "DATA": demo_corpus,
+           # whole steps on the session's corpus: the full demo corpus would be tokenized for them
+           "DATA": demo_corpus,
            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(["bash", "bench/gpu_smoke.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=1200)

@@ -372,7 +372,7 @@ def test_truncated_gzip_is_located_near_the_break_and_dictionary_strings_are_tex
         with pytest.raises(EOFError):
             for _ in fh:
                 readable += 1
-    assert readable > 1000 and line == readable + 1, (line, readable)  # the first line it could not read
+    assert readable > 100 and line == readable + 1, (line, readable)  # the first line it could not read, far past 1
     texts = [f"document {i % 7} about parquet" for i in range(60)]
     table = pa.table({"text": pa.array(texts).dictionary_encode()})
     assert pa.types.is_dictionary(table.schema.field("text").type)

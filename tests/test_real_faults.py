@@ -181,16 +181,17 @@ def test_full_disk_writing_the_best_adapter_keeps_the_previous_one(disk_run, sma
     assert error_reported(result, os.path.join(disk_run["out"], "logs"))
 
 
-def test_full_disk_writing_a_merge_shard(disk_run, small_disk, tiny_model_dir, capsys):
-    import use_adapter
-
-    small_disk.fill_when(".merged.merge-partial/model-*")
+def test_full_disk_writing_a_merge_shard(disk_run, small_disk, tiny_model_dir):
+    partial = os.path.join(small_disk.path, ".merged.merge-partial")
+    small_disk.fill_when(".merged.merge-partial")  # held at its mkdir: the shards are written to a full disk
     out = os.path.join(small_disk.path, "merged")
-    status = use_adapter.main(["--config", disk_run["config"], "--adapter", disk_run["best"], "--merge", out])
-    err = capsys.readouterr().err
+    result = subprocess.run([*paused_at_mkdir(partial), sys.executable, "use_adapter.py", "--config", disk_run["config"],
+                             "--adapter", disk_run["best"], "--merge", out], cwd=ROOT,
+                            env={**os.environ, **CPU_ENV, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                            timeout=600)
     assert small_disk.filled()
-    assert status == 2
-    line = err.strip().splitlines()[-1]
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: could not write the merged model {out}: no space left on device; "), line
     assert f"the base model in {tiny_model_dir}" in line and "rerun --merge" in line
     assert not os.path.exists(out) and not os.path.exists(os.path.join(small_disk.path, ".merged.merge-partial"))
@@ -316,12 +317,25 @@ def test_refused_trainer_writes_nothing_into_the_running_runs_logs(make_config, 
     assert {name: (logs / name).read_bytes() for name in os.listdir(logs)} == before
 
 
-def test_trainer_refuses_a_launch_that_is_not_the_configured_strategy(make_config):
-    config = make_config(SHORT_RUN)
-    result = run_cli(["train_qlora.py", "--config", config, "--set", "distributed.accelerate_config=fsdp"])
-    assert_one_line_failure(result)
-    assert last_line(result).startswith("error: distributed.accelerate_config asks for fsdp but this run was "
-                                        "launched as ddp"), result.stderr[-2000:]
+@pytest.mark.parametrize("launched, refused", [("MULTI_CPU", False), ("MULTI_GPU", False), ("FSDP", True),
+                                               ("DEEPSPEED", True)])
+def test_trainer_refuses_accelerates_own_sharding_plugins(tmp_path, launched, refused):
+    """fsdp and ddp both start as plain multi-process launches; Accelerate's FSDP/DeepSpeed plugins are refused."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from glmkit.config.schema import load_config
+    from glmkit.train.distributed import LaunchMismatch, check_launched_strategy
+
+    (tmp_path / "c.yaml").write_text("distributed:\n  accelerate_config: fsdp\n")
+    accelerator = SimpleNamespace(distributed_type=DistributedType[launched], num_processes=2)
+    if not refused:
+        check_launched_strategy(load_config(tmp_path / "c.yaml"), accelerator)
+        return
+    with pytest.raises(LaunchMismatch, match=r"^this run was launched with Accelerate's .*, which cannot shard "
+                                             r"the kit's 4-bit weights; distributed.accelerate_config is fsdp"):
+        check_launched_strategy(load_config(tmp_path / "c.yaml"), accelerator)
 
 
 def descendants(pid: int) -> set[int]:

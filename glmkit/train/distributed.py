@@ -31,26 +31,22 @@ def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
     return signal_on_parent_death(sig)
 
 
-def launched_strategy(accelerator) -> str:
-    """ddp | fsdp | deepspeed_zero3: what the launcher actually set up, in distributed.accelerate_config's terms."""
+def check_launched_strategy(cfg, accelerator) -> None:
+    """Refuse a run that Accelerate set up with its own FSDP or DeepSpeed plugin.
+
+    Both strategies the kit offers start as plain multi-process runs: under `ddp` Accelerate wraps the
+    model, under `fsdp` the trainer shards it itself (glmkit/train/fsdp.py). Accelerate's plugins would
+    replicate (FSDP) or fail to partition (DeepSpeed) the frozen 4-bit weights, so a hand-written launch
+    that turns one on is stopped before a weight is read.
+    """
     from accelerate.utils import DistributedType
 
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        return "fsdp"
-    if kind == DistributedType.DEEPSPEED:
-        return "deepspeed_zero3"
-    return "ddp"
-
-
-def check_launched_strategy(cfg, accelerator) -> None:
-    """Refuse a run whose launch does not match the config: an fsdp config under a plain launch trains DDP."""
-    wanted, launched = strategy(cfg), launched_strategy(accelerator)
-    if wanted != launched:
-        raise LaunchMismatch(f"distributed.accelerate_config asks for {wanted} but this run was launched as "
-                             f"{launched} ({accelerator.distributed_type.name}, {accelerator.num_processes} "
-                             f"process(es)); start it with ./launch_training.sh, which passes the matching "
-                             f"--config_file to accelerate, or set distributed.accelerate_config to {launched}")
+    plugins = {DistributedType.FSDP: "FSDP plugin", DistributedType.DEEPSPEED: "DeepSpeed plugin"}
+    if accelerator.distributed_type in plugins:
+        raise LaunchMismatch(f"this run was launched with Accelerate's {plugins[accelerator.distributed_type]}, "
+                             f"which cannot shard the kit's 4-bit weights; distributed.accelerate_config is "
+                             f"{strategy(cfg)}: start it with ./launch_training.sh (a plain multi-process launch; "
+                             f"with fsdp the trainer shards the model itself)")
 
 
 def make_accelerator(cfg):
