@@ -432,15 +432,10 @@ def _events(output_dir: str) -> list[dict]:
 
 @pytest.mark.skipif(not NO_GPU, reason="the CPU path (gloo) is what this test exercises")
 @pytest.mark.skipif(not _trainer_ready(), reason="train_qlora.py / glmkit.demo.tiny not written yet")
-def test_two_process_cpu_run_resumes_by_itself(tmp_path):
-    from glmkit.demo.corpus import write_demo_corpus
-    from glmkit.demo.tiny import write_tiny_checkpoint
-
-    write_tiny_checkpoint(str(tmp_path / "model"), seed=0)
-    write_demo_corpus(str(tmp_path / "demo.jsonl"))
+def test_two_process_cpu_run_resumes_by_itself(tmp_path, tiny_model_dir, demo_corpus):
     out = str(tmp_path / "out")
     settings = []
-    for key, value in {"paths.model_dir": tmp_path / "model", "paths.data_path": tmp_path / "demo.jsonl",
+    for key, value in {"paths.model_dir": tiny_model_dir, "paths.data_path": demo_corpus,
                        "paths.output_dir": out, "paths.best_adapter_dir": tmp_path / "best",
                        "paths.scratch_dir": tmp_path / "scratch", "distributed.num_processes": 2,
                        "logging.eval_interval": 2, "logging.checkpoint_interval": 2}.items():

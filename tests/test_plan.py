@@ -287,12 +287,10 @@ def _importable(name: str) -> bool:
 
 @pytest.mark.skipif(not (_importable("glmkit.model.load") and _importable("glmkit.demo.tiny") and os.path.isfile(TINY_CONFIG)),
                     reason="glmkit.model.load / glmkit.demo.tiny / configs/tiny.yaml not written yet")
-def test_plan_agrees_with_audit_of_loaded_tiny_model(tmp_path):
-    from glmkit.demo.tiny import write_tiny_checkpoint
+def test_plan_agrees_with_audit_of_loaded_tiny_model(tmp_path, tiny_model_dir):
     from glmkit.model.load import audit_model, load_model, prepare_for_training
 
-    model_dir = tmp_path / "tiny"
-    write_tiny_checkpoint(str(model_dir), seed=0)
+    model_dir = tiny_model_dir
     cfg = load_config(TINY_CONFIG, [f"paths.model_dir={model_dir}", f"paths.output_dir={tmp_path / 'out'}"])
     plan = planmod.build_plan(cfg, num_processes=1)
     assert plan["source"] == "config.json"
