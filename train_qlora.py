@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import replace
 
@@ -306,4 +307,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_status = main()
+    if exit_status != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A refusal in a multi-process run cannot tear the process group down (a peer may still sit in a
+        # collective), and left to interpreter exit gloo's threads can abort the process (SIGABRT, exit 134,
+        # instead of the 2 the launcher reports). The logs and the lock are closed by now: leave without
+        # running C++ destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_status)
+    sys.exit(exit_status)
