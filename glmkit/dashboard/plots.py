@@ -85,13 +85,7 @@ def _figure(width: float = 6.4, height: float = 3.0) -> tuple[Figure, object]:
     fig = Figure(figsize=(width, height), dpi=130, facecolor="white")
     ax = fig.add_subplot(1, 1, 1)
     ax.set_facecolor("white")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    for side in ("left", "bottom"):
-        ax.spines[side].set_color(GRID)
-    ax.tick_params(colors=MUTED, labelsize=8, length=0, pad=4)
-    ax.grid(True, color=GRID, linewidth=0.7)
-    ax.set_axisbelow(True)
+    _style(ax)
     return fig, ax
 
 
