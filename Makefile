@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TINY   := configs/tiny.yaml
 DASHBOARD_PORT ?= 5000
 
-.PHONY: demo test venv tiny-model demo-data clean-demo
+.PHONY: demo test durations venv tiny-model demo-data clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-trackers.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: venv
 	$(PY) -m ruff check .
 	# two workers: the suite is mostly training subprocesses, and conftest.py builds shared artifacts once
 	$(PY) -m pytest -q -n 2 --dist worksteal tests
+
+# The suite once more, writing each test's seconds to tests/durations.json: `make test` starts the slowest first.
+durations: venv
+	GLMKIT_RECORD_DURATIONS=tests/durations.json $(PY) -m pytest -q -n 2 --dist worksteal tests
 
 clean-demo:
 	rm -rf models/tiny-glm4-moe data/demo.jsonl runs/tiny runs/tiny-best-adapter scratch

@@ -33,6 +33,39 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# ---------------------------------------------------------------------------
+# Order: the slowest tests first, so that neither worker ends the session alone on a long one
+# ---------------------------------------------------------------------------
+
+# Seconds per test (setup + call + teardown) from an earlier run; `make durations` rewrites it. A stale or
+# missing file costs only speed: unknown tests go last, in collection order.
+DURATIONS_FILE = os.path.join(ROOT, "tests", "durations.json")
+RECORD_DURATIONS = os.environ.get("GLMKIT_RECORD_DURATIONS")  # a path: write this session's seconds there
+_seconds: dict[str, float] = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        with open(DURATIONS_FILE, encoding="utf-8") as fh:
+            known = json.load(fh)
+    except (OSError, ValueError):
+        return
+    # Longest first (largest-first scheduling): xdist's worksteal hands each worker a contiguous part of
+    # this list and lets an idle worker take the tail of the other's, so only short tests are left at the end.
+    items.sort(key=lambda item: -float(known.get(item.nodeid, 0.0)))
+
+
+def pytest_runtest_logreport(report):
+    if RECORD_DURATIONS:
+        _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if RECORD_DURATIONS and not hasattr(session.config, "workerinput"):  # the controller sees every report
+        with open(RECORD_DURATIONS, "w", encoding="utf-8") as fh:
+            json.dump({k: round(v, 2) for k, v in sorted(_seconds.items())}, fh, indent=0)
+
+
 def shared_folder(tmp_path_factory, name: str, build) -> pathlib.Path:
     """A folder that `build(folder)` fills once per test session, shared by every xdist worker.
 

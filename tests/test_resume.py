@@ -23,6 +23,8 @@ from glmkit.run.logs import latest_per_step, read_jsonl
 # expert_stats_interval 3 does not divide checkpoint_interval 10: the open interval must survive a resume.
 SETTINGS = {"training.max_steps": 24, "logging.eval_interval": 5, "logging.checkpoint_interval": 10,
             "logging.keep_top_k": 2, "logging.expert_stats_interval": 3}
+# A run just long enough to leave one final checkpoint: what the refusal tests resume from.
+SHORT = {"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3}
 # Everything a step computes, as opposed to wall-clock fields; compared to the bit.
 DETERMINISTIC = {"training_log.jsonl": ("loss", "lr", "grad_norm", "tokens", "tokens_seen", "epoch"),
                  "eval_log.jsonl": ("val_loss", "perplexity", "val_tokens"),
@@ -60,18 +62,24 @@ def baseline_run(tmp_path_factory, tiny_model_dir, demo_corpus):
     return shared_training_run(tmp_path_factory, "resume-baseline", tiny_model_dir, demo_corpus, SETTINGS)
 
 
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory, tiny_model_dir, demo_corpus):
+    """A finished 3-step run (one final checkpoint), trained once per session and copied by each test."""
+    return shared_training_run(tmp_path_factory, "resume-short", tiny_model_dir, demo_corpus, SHORT)
+
+
 @pytest.fixture
 def baseline(baseline_run):
     return curves(baseline_run.out)
 
 
-def copy_of_finished_run(run, tmp_path, make_config) -> str:
-    """The baseline run's folders copied into tmp_path (the run, its best adapter, its data cache) and a
-    config naming the copies: a finished run of this test's own, without training it again."""
+def copy_of_finished_run(run, tmp_path, make_config, settings=SETTINGS) -> str:
+    """A shared run's folders copied into tmp_path (the run, its best adapter, its data cache) and a config
+    naming the copies: a finished run of this test's own, without training it again."""
     for name in ("run", "best", "scratch"):
         if os.path.isdir(run.folder / name):
             shutil.copytree(run.folder / name, tmp_path / name, symlinks=True)
-    return make_config(SETTINGS)
+    return make_config(settings)
 
 
 @pytest.mark.parametrize("kill_at", ["mid_step:13", "after_eval:15", "checkpoint_write:20"])
@@ -137,16 +145,14 @@ def test_free_space_is_checked_before_writing(tmp_path):
         check_free_space(str(tmp_path), 2**62)
 
 
-def test_finished_run_says_so(make_config):
-    config = make_config({"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3})
-    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+def test_finished_run_says_so(make_config, tmp_path, short_run):
+    config = copy_of_finished_run(short_run, tmp_path, make_config, SHORT)
     again = run_cli(["train_qlora.py", "--config", config, "--resume"])
     assert again.returncode == 0 and "already finished" in again.stdout + again.stderr
 
 
 def test_resume_refuses_critical_changes_and_lists_harmless_ones(make_config, tmp_path):
-    base = {"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3}
-    config = make_config(base)
+    config = make_config(SHORT)
     assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
     refused = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "lora.r=4",
                        "--set", "training.max_seq_length=128"])
@@ -163,9 +169,8 @@ def test_resume_refuses_critical_changes_and_lists_harmless_ones(make_config, tm
     assert "changed settings (allowed): logging.log_interval, training.max_steps" in allowed.stdout + allowed.stderr
 
 
-def test_fresh_start_over_an_existing_run_is_refused(make_config):
-    config = make_config({"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3})
-    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+def test_fresh_start_over_an_existing_run_is_refused(make_config, tmp_path, short_run):
+    config = copy_of_finished_run(short_run, tmp_path, make_config, SHORT)
     again = run_cli(["train_qlora.py", "--config", config])
     assert again.returncode == 2 and "pass --resume" in again.stderr
 
@@ -326,9 +331,9 @@ def test_resume_skips_damaged_checkpoints_and_says_which(make_config, tmp_path, 
     ("trainer_meta.json", "delete", "trainer_meta.json is missing"),
     ("training_config.resolved.yaml", "corrupt", "training_config.resolved.yaml has"),
 ])
-def test_resume_from_a_damaged_checkpoint_is_one_line_before_the_model_loads(make_config, tmp_path, victim, how, says):
-    config = make_config({"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3})
-    assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
+def test_resume_from_a_damaged_checkpoint_is_one_line_before_the_model_loads(make_config, tmp_path, victim, how, says,
+                                                                             short_run):
+    config = copy_of_finished_run(short_run, tmp_path, make_config, SHORT)
     target = tmp_path / "run" / "final-checkpoint-3"
     _damage(target / victim, how)
     starts = len(read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl")))
