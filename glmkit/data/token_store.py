@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
-import signal
+import re
 import shutil
+import signal
 import sys
 import types
 from dataclasses import dataclass
@@ -37,6 +37,18 @@ from glmkit.run.parent_death import signal_on_parent_death
 
 STORE_VERSION = 1
 BAD_EXAMPLES = 20  # bad lines kept verbatim per file; all are counted
+# The Rust tokenizer keeps about 130 bytes of bookkeeping per character of the string it encodes, so one
+# 50 MB document took 6.5 GB in its worker. A document longer than this is encoded in pieces of at most this
+# many characters, ids concatenated (still one document, one EOS), CHUNK_BYTES of characters (two pieces,
+# as much as a regular chunk) per encode call. A piece ends just before a space followed by a non-space
+# character: the split regex of a byte-level pre-tokenizer (GPT-2's, and the cl100k-style ones) attaches
+# that space to the next word either way, so the ids equal those of the whole text. Only without such a
+# space in the window does a piece end before other whitespace followed by non-whitespace (a newline or
+# tab: the same ids under GPT-2's regex, the kit's tiny tokenizer; a cl100k-style regex joins punctuation or
+# whitespace before a newline with it, so the tokens at that one boundary can differ), and only without any
+# whitespace at the limit itself (a word cut in two: its tokens around the cut can differ).
+LONG_DOCUMENT_CHARS = 2**20
+_WHITESPACE_BEFORE_WORD = re.compile(r"\s(?=\S)")
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -152,14 +164,58 @@ def tokenize_chunk(first_line: int, records: list, parquet: bool):
             if data is not None:
                 texts.append(text)
                 digests.append(hashlib.blake2b(data, digest_size=16).digest())
+            del data  # a long document's bytes need not live on through its tokenization
         if reason is not None:
             bad.append((number, reason))
-    ids = _worker["encode"](texts) if texts else []
-    eos = _worker["eos"]
-    lengths = np.fromiter((len(row) + 1 for row in ids), dtype=np.uint32, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(row, (eos,)) for row in ids),
-                       dtype=np.uint32, count=int(lengths.sum()))
+    rows = _encode_documents(texts)
+    lengths = np.fromiter((len(row) + 1 for row in rows), dtype=np.uint32, count=len(rows))
+    ends = np.cumsum(lengths, dtype=np.int64)
+    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint32)
+    flat[ends - 1] = _worker["eos"]
+    for row, end in zip(rows, ends.tolist()):
+        flat[end - 1 - len(row):end - 1] = row
     return flat, lengths, b"".join(digests), bad
+
+
+def _encode_documents(texts: list[str]) -> list:
+    """Each text's ids (a list, or an array for a long document), the short ones in one encode call."""
+    encode, rows = _worker["encode"], [None] * len(texts)
+    short = [i for i, text in enumerate(texts) if len(text) <= LONG_DOCUMENT_CHARS]
+    for i, row in zip(short, encode([texts[i] for i in short]) if short else []):
+        rows[i] = row
+    for i, text in enumerate(texts):
+        if rows[i] is None:
+            rows[i] = _encode_in_pieces(text, encode)
+    return rows
+
+
+def _encode_in_pieces(text: str, encode) -> np.ndarray:
+    per_call = max(1, sources.CHUNK_BYTES // LONG_DOCUMENT_CHARS)
+    parts, batch = [], []
+    for piece in _pieces(text):
+        batch.append(piece)
+        if len(batch) == per_call:
+            parts += [np.array(row, dtype=np.uint32) for row in encode(batch)]
+            batch = []
+    if batch:
+        parts += [np.array(row, dtype=np.uint32) for row in encode(batch)]
+    return np.concatenate(parts)
+
+
+def _pieces(text: str):
+    """text in consecutive pieces of at most LONG_DOCUMENT_CHARS, cut where the comment above says."""
+    start = 0
+    while len(text) - start > LONG_DOCUMENT_CHARS:
+        limit = start + LONG_DOCUMENT_CHARS  # < len(text), so text[cut + 1] exists for any cut < limit
+        cut = text.rfind(" ", start + 1, limit)
+        while cut > start and text[cut + 1].isspace():
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:  # endpos limit + 1: the lookahead may see text[limit], a match never starts there
+            found = _WHITESPACE_BEFORE_WORD.finditer(text, start + 1, limit + 1)
+            cut = max((match.start() for match in found), default=limit)
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _start_pool(workers: int, tokenizer, eos: int, text_field: str):
