@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -94,6 +95,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.data import prepare
     from glmkit.data import rows as data
     from glmkit.model import load as modeling
+    from glmkit.model.sharded_load import ShardedLoad
     from glmkit.plan.fit import memory_gate
     from glmkit.run.trackers import start_trackers
     from glmkit.train import ddp, fsdp, world_size
@@ -125,20 +127,22 @@ def train(cfg, args, accelerator, logs) -> int:
     train_loader = torch.utils.data.DataLoader(train_rows, batch_size=o.micro_batch_per_gpu, shuffle=True,
                                                collate_fn=collator, num_workers=cfg.performance.num_workers,
                                                pin_memory=cfg.performance.pin_memory)
-    sharded = strategy(cfg) == fsdp.STRATEGY
-    weights_bytes = planned_memory.get("planned_memory", {}).get("weights_bytes")
-    model = modeling.load_model(cfg, fsdp.load_device(accelerator.device, weights_bytes) if sharded else accelerator.device)
-    modeling.check_audit(modeling.audit_model(model), cfg)
-    model = modeling.prepare_for_training(model, cfg)
-    audit = modeling.audit_model(model)
     world = accelerator.num_processes
+    sharded = strategy(cfg) == fsdp.STRATEGY
+    # fsdp on several processes: each keeps only its rows of every 4-bit tensor from the moment it is quantized
+    loaded = ShardedLoad(accelerator.process_index, world) if sharded and world > 1 else None
+    model = modeling.load_model(cfg, accelerator.device, shard=loaded)
+    modeling.check_audit(modeling.audit_model(model), cfg)
+    with loaded.shape_stand_ins() if loaded else nullcontext():
+        model = modeling.prepare_for_training(model, cfg)
+    audit = modeling.audit_model(model)
     steps_per_epoch = math.ceil(len(train_rows) / (o.micro_batch_per_gpu * world)) // o.grad_accum_steps
     if steps_per_epoch < 1:
         raise data.DataError(f"{cfg.paths.data_path}: {len(train_rows)} training rows do not fill one optimizer step; "
                              f"add data or lower optimization.grad_accum_steps / micro_batch_per_gpu")
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     if sharded and world > 1:  # before the optimizer, which then holds AdamW moments for this rank's shards only
-        model = fsdp.shard_model(model, accelerator.device)
+        model = fsdp.shard_model(model, accelerator.device, loaded)
     optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, total_steps)
 
     # ---- accelerate.prepare, and resume -----------------------------------------------------
@@ -170,7 +174,7 @@ def train(cfg, args, accelerator, logs) -> int:
                bad_lines=corpus.bad_line_count, train_rows=len(train_rows), val_rows=len(val_rows),
                eval_sets={name: len(rows) for name, rows in eval_rows.items()},
                resumed_from=resume_path, device=str(accelerator.device), ddp_sync=ddp.sync_report(model),
-               strategy="fsdp" if sharded else "ddp", resident_by_rank=fsdp.resident_bytes_by_rank(model, accelerator),
+               strategy="fsdp" if sharded else "ddp", resident_by_rank=fsdp.resident_bytes_by_rank(model, accelerator, loaded),
                **planned_memory)
     if resume_path:  # last of all, so nothing draws from the random streams it restores
         ckpt.load_checkpoint(accelerator, model, resume_path, sharded_state)

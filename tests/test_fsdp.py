@@ -4,7 +4,8 @@ its checkpoints (the DDP adapter plus DCP optimizer shards), SIGKILL and resume,
 One chain of short runs (6 steps, attention and expert LoRA together, dropout 0 so the runs are comparable across
 world sizes) is shared by every assertion:
   ddp2     2 processes, DDP                     the reference
-  fsdp2    2 processes, FSDP                    == ddp2 within 1e-5 relative; half the 4-bit bytes per rank
+  fsdp2    2 processes, FSDP                    == ddp2 within 1e-5 relative; half the 4-bit bytes per rank,
+                                                loaded straight into the shards (a rank's share + one layer)
   killed   2 processes, FSDP, SIGKILL in step 3, then --resume on 2        == fsdp2 to the bit
   to1      fsdp2's checkpoint-2 resumed on 1 process (accum 2 -> 4), SIGKILL in step 5 after checkpoint-4
   to2      to1's checkpoint-4 resumed on 2 processes (accum 4 -> 2)       to1 and to2 == fsdp2 within fp tolerance
@@ -134,8 +135,15 @@ def test_fsdp_shards_every_4bit_tensor_across_the_ranks(chain):
     assert 2 * fsdp[0]["lora_bytes"] == ddp[0]["lora_bytes"] > 0
     assert 2 * fsdp[0]["other_frozen_bytes"] == ddp[0]["other_frozen_bytes"]
     assert fsdp[0]["quant_state_bytes"] == ddp[0]["quant_state_bytes"]
-    ratio = sum(fsdp[0].values()) / sum(ddp[0].values())
+    resident = ("packed_4bit_bytes", "quant_state_bytes", "other_frozen_bytes", "lora_bytes")
+    ratio = sum(fsdp[0][k] for k in resident) / sum(ddp[0][k] for k in resident)
     assert 0.5 <= ratio < 0.56, ratio
+    # Loaded straight into the shards: at most a rank's share plus one whole layer (the tiny model's largest,
+    # an MoE layer, 135,168 B), never the whole model as a replica holds it (344,064 B).
+    assert fsdp[0]["largest_layer_4bit_bytes"] == 135_168
+    assert fsdp[0]["load_peak_4bit_bytes"] <= fsdp[0]["packed_4bit_bytes"] + fsdp[0]["largest_layer_4bit_bytes"]
+    assert fsdp[0]["load_peak_4bit_bytes"] < ddp[0]["packed_4bit_bytes"]
+    assert "load_peak_4bit_bytes" not in ddp[0]
 
 
 def test_fsdp_checkpoint_holds_the_ddp_adapter_and_sharded_optimizer(chain, tiny_model_dir):

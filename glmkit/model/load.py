@@ -224,8 +224,11 @@ def _place(model, key: str, tensor: torch.Tensor, device, cfg, compute_dtype) ->
                                quant_type=qcfg.quant_type, blocksize=qcfg.blocksize)
 
 
-def load_model(cfg, device=None):
-    """Build the skeleton, stream every tensor in (quantizing as it lands), return the model."""
+def load_model(cfg, device=None, shard=None):
+    """Build the skeleton, stream every tensor in (quantizing as it lands), return the model.
+
+    With `shard` (a glmkit.model.sharded_load.ShardedLoad), each packed 4-bit tensor is cut to this
+    process's FSDP2 rows as soon as it is quantized, and `shard` records what was cut."""
     device = torch.device(device or "cpu")
     compute_dtype = DTYPES[cfg.quantization.compute_dtype]
     model_dir = cfg.paths.model_dir
@@ -239,6 +242,8 @@ def load_model(cfg, device=None):
                 del tensors[key]  # e.g. the MTP layer, which transformers does not load either
                 continue
             _place(model, key, tensors.pop(key), device, cfg, compute_dtype)
+            if shard is not None:
+                shard.keep_local_rows(model, key)
         del tensors
     missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
@@ -311,6 +316,12 @@ def quant_state_bytes(quant_state) -> int:
     return total
 
 
+def packed_4bit_bytes(quant_state) -> int:
+    """Bytes of a whole tensor's packed 4-bit data (two values a byte), from its logical shape: the audit
+    reports whole tensors even where a process loaded for FSDP holds only its rows of them."""
+    return (math.prod(quant_state.shape) + 1) // 2
+
+
 def _tensor_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -329,7 +340,7 @@ def _param_entries(model):
             name = f"{module_name}.{attr}"
             if isinstance(param, bnb.nn.Params4bit) and param.quant_state is not None:
                 qs = param.quant_state
-                yield name, math.prod(qs.shape), _tensor_bytes(param) + quant_state_bytes(qs), True
+                yield name, math.prod(qs.shape), packed_4bit_bytes(qs) + quant_state_bytes(qs), True
             else:
                 yield name, param.numel(), _tensor_bytes(param), False
         if parametrized is not None:
@@ -339,7 +350,7 @@ def _param_entries(model):
                 name = f"{module_name}.{attr}"
                 if qstates:
                     qs = qstates[0]
-                    yield name, math.prod(qs.shape), _tensor_bytes(original) + quant_state_bytes(qs), True
+                    yield name, math.prod(qs.shape), packed_4bit_bytes(qs) + quant_state_bytes(qs), True
                 else:
                     yield name, original.numel(), _tensor_bytes(original), False
         for attr, buf in module.named_buffers(recurse=False):

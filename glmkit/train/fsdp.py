@@ -31,8 +31,6 @@ import torch
 from torch import nn
 
 STRATEGY = "fsdp"
-# Above this share of one GPU, the whole 4-bit model is loaded into host RAM and only the shards go to the GPU.
-HOST_STAGING_SHARE = 0.6
 
 
 def decoder_layers(model) -> list[nn.Module]:
@@ -52,15 +50,6 @@ def _keep_quant_state_on_module(model) -> None:
                 module.quant_state = state
 
 
-def load_device(device, weights_bytes: int | None):
-    """Where a process loads the model before sharding it: its GPU, or the host when the whole 4-bit model
-    (GLM-4.6 / GLM-4.5: ~184 GB) would not fit on one GPU. fully_shard then moves only this rank's shards."""
-    if device.type != "cuda" or not weights_bytes:
-        return device
-    total = torch.cuda.get_device_properties(device).total_memory
-    return torch.device("cpu") if weights_bytes > HOST_STAGING_SHARE * total else device
-
-
 def _quant_states(model):
     seen = set()
     for module in model.modules():
@@ -71,18 +60,23 @@ def _quant_states(model):
                 yield state
 
 
-def shard_model(model, device) -> nn.Module:
+def shard_model(model, device, loaded=None) -> nn.Module:
     """fully_shard each decoder layer, then the root. Call after LoRA is applied, before the optimizer.
 
-    fully_shard moves parameters and buffers onto the mesh's device (a model staged in host RAM included);
-    the 4-bit statistics are neither, so they are moved here."""
+    With `loaded` (the ShardedLoad the model was loaded with: its packed 4-bit tensors cut to this rank's
+    rows), each layer in turn gets its full-size tensors back, uninitialized, fully_shard keeps this
+    rank's rows and the kept rows are copied in: one layer at a time is ever whole.
+    fully_shard moves parameters and buffers onto the mesh's device; the 4-bit statistics are neither,
+    so they are moved here."""
     from torch.distributed.fsdp import fully_shard
 
     _keep_quant_state_on_module(model)
     mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    for unit in decoder_layers(model) + [model]:  # the root last: what no layer owns
+        restored = loaded.restore_full_size(unit, device) if loaded is not None else []
+        fully_shard(unit, mesh=mesh)
+        if loaded is not None:
+            loaded.fill_shards(restored)
     for state in _quant_states(model):
         state.to(device)  # in place (bitsandbytes QuantState.to)
     return model
@@ -117,9 +111,10 @@ def resident_bytes(model) -> dict:
     return {"packed_4bit_bytes": packed, "quant_state_bytes": stats, "other_frozen_bytes": other, "lora_bytes": lora}
 
 
-def resident_bytes_by_rank(model, accelerator) -> list[dict]:
-    """resident_bytes of every process (one gather), in rank order."""
-    mine = resident_bytes(model)
+def resident_bytes_by_rank(model, accelerator, loaded=None) -> list[dict]:
+    """resident_bytes of every process (one gather), in rank order; with `loaded` (a ShardedLoad), also the most
+    packed 4-bit bytes the process held while loading and sharding, and one layer's."""
+    mine = resident_bytes(model) | (loaded.report() if loaded is not None else {})
     keys = list(mine)
     gathered = accelerator.gather(torch.tensor([[mine[k] for k in keys]], dtype=torch.int64,
                                                device=accelerator.device))
