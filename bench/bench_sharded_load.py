@@ -11,9 +11,10 @@ git-ignored) is loaded by 2 processes over gloo on the CPU, each way in a fresh 
             its shards.
 
 Both then add LoRA (attention and experts) and fully_shard every layer, as the trainer does.
-Per rank: the peak of anonymous resident memory (sampled every 5 ms; on a GPU this memory
-would be the device's), ru_maxrss, the peak of packed 4-bit bytes held as counted from the
-tensors, and what is resident once sharded. The two ways must end with the same model: the
+Per rank: the peak of anonymous resident memory (sampled every 5 ms; on a GPU the 4-bit part of
+it would be the device's), ru_maxrss, the peak of packed 4-bit bytes held as counted from the
+tensors, and what is resident once sharded (also after malloc_trim, which returns the freed heap
+glibc keeps). The two ways must end with the same model: the
 logits of a fixed input, computed sharded, are compared bit for bit.
 
     .venv/bin/python bench/bench_sharded_load.py [--layers 12] [--experts 64] [--keep]
@@ -53,6 +54,7 @@ def parse_args(argv=None):
 
 def worker(args) -> None:
     """One rank of a 2-process load (started by torch.distributed.run)."""
+    import ctypes
     import resource
 
     import bitsandbytes  # noqa: F401  (imported before the baseline)
@@ -81,6 +83,8 @@ def worker(args) -> None:
         model = fsdp.shard_model(model, device, loaded)
     seconds = time.perf_counter() - start
     after = MemorySampler.read()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what of `after` is freed heap glibc had kept, not live tensors
+    trimmed = MemorySampler.read()
     resident = fsdp.resident_bytes(model)
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
@@ -88,6 +92,7 @@ def worker(args) -> None:
         logits = model(input_ids=ids).logits.float()
     result = {"rank": rank, "seconds": seconds, "baseline_anon_bytes": baseline["anon"],
               "peak_anon_bytes": sampler.peak["anon"], "anon_after_bytes": after["anon"],
+              "anon_after_trim_bytes": trimmed["anon"],
               "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               # the most packed 4-bit bytes held at once: measured by the loader when streamed; otherwise the
               # whole model, which every process held before fully_shard
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
     for method, rs in runs.items():
         ranks = [x for r in rs for x in r["ranks"]]
         methods[method] = {key: benchlib.median([x[key] for x in ranks]) for key in (
-            "peak_anon_bytes", "baseline_anon_bytes", "anon_after_bytes", "maxrss_bytes", "peak_4bit_bytes",
+            "peak_anon_bytes", "baseline_anon_bytes", "anon_after_bytes", "anon_after_trim_bytes", "maxrss_bytes", "peak_4bit_bytes",
             "packed_4bit_bytes", "quant_state_bytes", "lora_bytes", "seconds")}
         methods[method]["largest_layer_4bit_bytes"] = ranks[0]["largest_layer_4bit_bytes"]
         methods[method]["runs"] = rs
@@ -189,13 +194,15 @@ def render(payload: dict) -> str:
         rows.append([labels[method], f"{m['peak_anon_bytes'] / 1e9:.2f}",
                      f"{(m['peak_anon_bytes'] - m['baseline_anon_bytes']) / 1e9:.2f}",
                      f"{m['peak_4bit_bytes'] / 1e6:.1f}", f"{m['packed_4bit_bytes'] / 1e6:.1f}",
-                     f"{m['anon_after_bytes'] / 1e9:.2f}", f"{m['seconds']:.0f}"])
+                     f"{m['anon_after_bytes'] / 1e9:.2f} ({m['anon_after_trim_bytes'] / 1e9:.2f})",
+                     f"{m['maxrss_bytes'] / 1e9:.2f}", f"{m['seconds']:.0f}"])
     c, cmp = payload["checkpoint"], payload["comparison"]
     head = (f"checkpoint: {c['params']['total'] / 1e9:.2f} B parameters, {c['safetensors_bytes'] / 1e9:.2f} GB bf16; "
             f"2 processes; medians over ranks and repeats; logits identical: {cmp['logits_identical']}")
     return head + "\n" + benchlib.table(
         ["load for fsdp", "peak anonymous GB per rank", "of it above imports", "4-bit peak MB (tensors)",
-         "4-bit held after MB", "anonymous after GB", "load s"], rows, align="lrrrrrr")
+         "4-bit held after MB", "anonymous after GB (after malloc_trim)", "ru_maxrss GB", "load s"], rows,
+        align="lrrrrrrr")
 
 
 if __name__ == "__main__":
