@@ -47,8 +47,7 @@ DEFAULT_DIR = os.path.join(benchlib.SCRATCH, "bench-mid")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, value in midmodel.DEFAULTS.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"model size (default {value})")
+    midmodel.add_size_arguments(p)
     p.add_argument("--model-dir", default=DEFAULT_DIR, help="where to write the checkpoint (git-ignored scratch/)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--repeats", type=int, default=1, help="loads per method (fresh process each)")
@@ -245,7 +244,7 @@ def main(argv=None) -> int:
     import torch
 
     info = benchlib.machine_info()
-    sizes = {k: getattr(args, k) for k in midmodel.DEFAULTS}
+    sizes = midmodel.sizes_from(args)
     existed = os.path.isdir(args.model_dir)
     print(f"writing the mid-size checkpoint to {args.model_dir} ...", flush=True)
     t0 = time.perf_counter()

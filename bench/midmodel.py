@@ -88,16 +88,24 @@ def write_mid_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "5
     return description
 
 
+def add_size_arguments(parser) -> None:
+    """--hidden, --layers, ... with DEFAULTS, for every benchmark that writes this checkpoint."""
+    for key, value in DEFAULTS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"model size (default {value})")
+
+
+def sizes_from(args) -> dict:
+    return {k: getattr(args, k) for k in DEFAULTS}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir")
-    for key, value in DEFAULTS.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=value)
+    add_size_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     benchlib.quiet()
-    sizes = {k: getattr(args, k) for k in DEFAULTS}
-    desc = write_mid_checkpoint(args.model_dir, seed=args.seed, **sizes)
+    desc = write_mid_checkpoint(args.model_dir, seed=args.seed, **sizes_from(args))
     print(json.dumps(desc, indent=2))
     return 0
 
