@@ -33,12 +33,13 @@ demo: tiny-model demo-data
 
 test: venv
 	$(PY) -m ruff check .
-	# two workers: the suite is mostly training subprocesses, and conftest.py builds shared artifacts once
-	$(PY) -m pytest -q -n 2 --dist worksteal tests
+	# two workers, given whole test files, the longest first (tests/durations.json, see conftest.py): the
+	# suite is mostly training subprocesses, and conftest.py builds shared artifacts once for both
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # The suite once more, writing each test's seconds to tests/durations.json: `make test` starts the slowest first.
 durations: venv
-	GLMKIT_RECORD_DURATIONS=tests/durations.json $(PY) -m pytest -q -n 2 --dist worksteal tests
+	GLMKIT_RECORD_DURATIONS=tests/durations.json $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 clean-demo:
 	rm -rf models/tiny-glm4-moe data/demo.jsonl runs/tiny runs/tiny-best-adapter scratch
