@@ -17,7 +17,7 @@ import os
 import shutil
 
 import pytest
-from conftest import run_cli, write_tiny_config
+from conftest import ROOT, run_cli, write_tiny_config
 
 from glmkit.run.logs import latest_per_step, read_jsonl
 
@@ -144,6 +144,8 @@ def test_fsdp_shards_every_4bit_tensor_across_the_ranks(chain):
     assert fsdp[0]["load_peak_4bit_bytes"] <= fsdp[0]["packed_4bit_bytes"] + fsdp[0]["largest_layer_4bit_bytes"]
     assert fsdp[0]["load_peak_4bit_bytes"] < ddp[0]["packed_4bit_bytes"]
     assert "load_peak_4bit_bytes" not in ddp[0]
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert all(f"`{key}`" in readme for key in fsdp[0])  # the log table names what an fsdp run adds
 
 
 def test_fsdp_checkpoint_holds_the_ddp_adapter_and_sharded_optimizer(chain, tiny_model_dir):

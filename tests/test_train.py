@@ -44,6 +44,17 @@ def test_losses_are_pinned(finished_run):
     assert [val[5], val[30]] == pytest.approx([7.431124, 7.253367], abs=5e-4)
 
 
+def test_readme_names_every_run_start_field(finished_run):
+    """The README's log table lists every field of a real run_start record, and what resident_by_rank holds."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    row = next(line for line in readme.splitlines() if line.startswith("| `events_log.jsonl` |"))
+    documented = row[row.index("`run_start` ("):row.index("), `eval` (")]
+    start = logs(finished_run, "events_log.jsonl")[0]
+    assert start["event"] == "run_start"
+    fields = set(start) - {"event", "step", "time"} | set(start["resident_by_rank"][0])
+    assert not {key for key in fields if f"`{key}`" not in documented}
+
+
 def test_training_log_schema(finished_run):
     records = logs(finished_run, "training_log.jsonl")
     assert [r["step"] for r in records] == list(range(1, 31))
