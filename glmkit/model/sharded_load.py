@@ -8,10 +8,10 @@ process's piece of the packed bytes: the rows FSDP2 will give it, `torch.chunk(p
 on dim 0. The full packed tensor is freed before the next one is quantized.
 
 The pieces stand in for their tensors until the layer is sharded (glmkit/train/fsdp.py): there each
-layer in turn gets full-size, uninitialized packed tensors back, `fully_shard` keeps this rank's
-rows of them, and the kept piece is copied into exactly those rows. So the peak is this rank's
-share of the model plus one layer's packed bytes, and both are measured from the tensors
-(`peak_4bit_bytes`, `largest_layer_4bit_bytes`), not assumed.
+layer in turn gets full-size packed tensors back with only this rank's rows filled (from the kept
+piece, which is then dropped), and `fully_shard` keeps exactly those rows. So the peak is this
+rank's share of the model plus one layer's packed bytes, counted from the tensors as they are
+allocated and freed (`peak_4bit_bytes`, `largest_layer_4bit_bytes`).
 
 What is not chunked: the quantization statistics (replicated under FSDP2 anyway), the
 non-4-bit tensors (norms, the router, embeddings and lm_head, sharded by `fully_shard` itself
@@ -20,6 +20,7 @@ from their full copy, one unit at a time), and the LoRA weights.
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -126,33 +127,37 @@ class ShardedLoad:
             for parametrization in patched:
                 del parametrization.forward  # back to the class's dequantizing forward
 
-    def restore_full_size(self, layer: torch.nn.Module, device) -> list[tuple[_Piece, torch.Tensor]]:
-        """Give `layer`'s cut tensors full-size, uninitialized storage, for fully_shard to cut; return what to copy back.
+    def restore_full_size(self, layer: torch.nn.Module, device) -> list[_Piece]:
+        """Give `layer`'s cut tensors full-size storage holding this rank's rows, for fully_shard to cut again.
 
-        Called for one layer at a time, right before fully_shard(layer); fill_shards then copies each kept piece
-        into the rank's rows."""
+        Called for one layer at a time, right before fully_shard(layer). Only this rank's rows are filled (the
+        others are never read: fully_shard keeps exactly these rows), and each kept piece is dropped as soon as
+        it is copied, so while fully_shard builds its shards the layer is held once, whole."""
         owned = {id(module) for module in layer.modules()}
         restored = []
         for piece in self.pieces:
             if id(piece.owner) in owned:
                 param = getattr(piece.owner, piece.attr)
                 kept = param.data
-                param.data = torch.empty(piece.full_shape, dtype=kept.dtype, device=device)
-                restored.append((piece, kept.to(device)))
-        full = sum(_nbytes(getattr(p.owner, p.attr)) for p, _ in restored)
-        self.peak_4bit_bytes = max(self.peak_4bit_bytes, self._held + full)
+                full = torch.empty(piece.full_shape, dtype=kept.dtype, device=device)
+                local_rows(full, self.rank, self.world).copy_(kept)
+                self.peak_4bit_bytes = max(self.peak_4bit_bytes, self._held + _nbytes(full))
+                param.data = full
+                self._held += _nbytes(full) - _nbytes(kept)
+                del kept
+                restored.append(piece)
         return restored
 
-    def fill_shards(self, restored: list[tuple[_Piece, torch.Tensor]]) -> None:
-        """After fully_shard: copy each kept piece into this rank's local shard of its (now DTensor) parameter."""
-        restored_ids = {id(piece) for piece, _ in restored}
-        for piece, kept in restored:
+    def check_shards(self, restored: list[_Piece]) -> None:
+        """After fully_shard: each local shard has the rows the loader kept (a changed sharding rule fails here)."""
+        for piece in restored:
             local = getattr(piece.owner, piece.attr).to_local()
-            if local.shape != kept.shape:
+            kept_shape = local_rows(torch.empty(piece.full_shape, device="meta"), self.rank, self.world).shape
+            if local.shape != kept_shape:
                 raise RuntimeError(f"FSDP2 gave rank {self.rank} {tuple(local.shape)} of a packed tensor, the loader "
-                                   f"kept {tuple(kept.shape)}: the dim-0 sharding rule changed")
-            with torch.no_grad():
-                local.copy_(kept)
+                                   f"kept {tuple(kept_shape)}: the dim-0 sharding rule changed")
+            self._held += _nbytes(local) - math.prod(piece.full_shape) * local.element_size()
+        restored_ids = {id(piece) for piece in restored}
         self.pieces = [piece for piece in self.pieces if id(piece) not in restored_ids]
 
     def report(self) -> dict:

@@ -64,8 +64,8 @@ def shard_model(model, device, loaded=None) -> nn.Module:
     """fully_shard each decoder layer, then the root. Call after LoRA is applied, before the optimizer.
 
     With `loaded` (the ShardedLoad the model was loaded with: its packed 4-bit tensors cut to this rank's
-    rows), each layer in turn gets its full-size tensors back, uninitialized, fully_shard keeps this
-    rank's rows and the kept rows are copied in: one layer at a time is ever whole.
+    rows), each layer in turn gets its full-size tensors back with this rank's rows filled, and
+    fully_shard keeps those rows: one layer at a time is ever whole.
     fully_shard moves parameters and buffers onto the mesh's device; the 4-bit statistics are neither,
     so they are moved here."""
     from torch.distributed.fsdp import fully_shard
@@ -76,7 +76,7 @@ def shard_model(model, device, loaded=None) -> nn.Module:
         restored = loaded.restore_full_size(unit, device) if loaded is not None else []
         fully_shard(unit, mesh=mesh)
         if loaded is not None:
-            loaded.fill_shards(restored)
+            loaded.check_shards(restored)
     for state in _quant_states(model):
         state.to(device)  # in place (bitsandbytes QuantState.to)
     return model
