@@ -37,7 +37,7 @@ test: venv
 	# suite is mostly training subprocesses, and conftest.py builds shared artifacts once for both
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
-# The suite once more, writing each test's seconds to tests/durations.json: `make test` starts the slowest first.
+# The suite once more, writing each test's seconds to tests/durations.json: `make test` hands out the longest files first.
 durations: venv
 	GLMKIT_RECORD_DURATIONS=tests/durations.json $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 

@@ -141,7 +141,7 @@ def train(cfg, args, accelerator, logs) -> int:
         raise data.DataError(f"{cfg.paths.data_path}: {len(train_rows)} training rows do not fill one optimizer step; "
                              f"add data or lower optimization.grad_accum_steps / micro_batch_per_gpu")
     total_steps = t.max_steps or t.epochs * steps_per_epoch
-    if sharded and world > 1:  # before the optimizer, which then holds AdamW moments for this rank's shards only
+    if loaded is not None:  # before the optimizer, which then holds AdamW moments for this rank's shards only
         model = fsdp.shard_model(model, accelerator.device, loaded)
     optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, total_steps)
 

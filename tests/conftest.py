@@ -56,9 +56,8 @@ def pytest_collection_modifyitems(config, items):
     # across files made pytest tear those down and rebuild them (27% more CPU time, measured).
     totals: dict[str, float] = {}
     for item in items:
-        path = item.nodeid.split("::")[0]
-        totals[path] = totals.get(path, 0.0) + float(known.get(item.nodeid, 0.0))
-    items.sort(key=lambda item: -totals[item.nodeid.split("::")[0]])  # stable: in-file order kept
+        totals[item.location[0]] = totals.get(item.location[0], 0.0) + float(known.get(item.nodeid, 0.0))
+    items.sort(key=lambda item: -totals[item.location[0]])  # stable: in-file order kept
 
 
 def pytest_runtest_logreport(report):

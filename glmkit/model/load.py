@@ -29,7 +29,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 BASE_GROUPS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "router", "embeddings", "lm_head", "norms")
 AUDIT_GROUPS = BASE_GROUPS + ("lora",)
 
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -157,7 +157,7 @@ def _group_by_layer(weight_map: dict[str, str]) -> list[list[str]]:
     """Keys grouped so that one group is one decoder layer (non-layer tensors first)."""
     groups: dict[int, list[str]] = defaultdict(list)
     for key in weight_map:
-        match = _LAYER_KEY.match(key)
+        match = LAYER_KEY.match(key)
         groups[-1 if match is None else int(match.group(1))].append(key)
     return [sorted(groups[layer]) for layer in sorted(groups)]
 
@@ -322,7 +322,7 @@ def packed_4bit_bytes(quant_state) -> int:
     return (math.prod(quant_state.shape) + 1) // 2
 
 
-def _tensor_bytes(tensor) -> int:
+def tensor_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
@@ -342,7 +342,7 @@ def _param_entries(model):
                 qs = param.quant_state
                 yield name, math.prod(qs.shape), packed_4bit_bytes(qs) + quant_state_bytes(qs), True
             else:
-                yield name, param.numel(), _tensor_bytes(param), False
+                yield name, param.numel(), tensor_bytes(param), False
         if parametrized is not None:
             for attr, plist in parametrized.items():
                 qstates = [p.quant_state for p in plist if isinstance(p, Bnb4bitParametrization)]
@@ -352,10 +352,10 @@ def _param_entries(model):
                     qs = qstates[0]
                     yield name, math.prod(qs.shape), packed_4bit_bytes(qs) + quant_state_bytes(qs), True
                 else:
-                    yield name, original.numel(), _tensor_bytes(original), False
+                    yield name, original.numel(), tensor_bytes(original), False
         for attr, buf in module.named_buffers(recurse=False):
             if attr == "e_score_correction_bias":
-                yield f"{module_name}.{attr}", buf.numel(), _tensor_bytes(buf), False
+                yield f"{module_name}.{attr}", buf.numel(), tensor_bytes(buf), False
 
 
 def audit_model(model) -> dict:

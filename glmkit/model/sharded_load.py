@@ -21,23 +21,18 @@ from their full copy, one unit at a time), and the LoRA weights.
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+from glmkit.model.load import LAYER_KEY, tensor_bytes
 
 
 def local_rows(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's rows of `tensor` under FSDP2's dim-0 sharding: torch.chunk's pieces, empty past the last one."""
     pieces = torch.chunk(tensor, world, dim=0)
     return pieces[rank] if rank < len(pieces) else tensor[:0]
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def packed_tensor_of(model, key: str):
@@ -68,7 +63,6 @@ class _Piece:
     attr: str
     full_shape: tuple[int, ...]  # of the packed tensor before it was cut to this rank's rows
     quant_state: object
-    layer: int  # decoder layer index; -1 outside the layers
 
 
 @dataclass
@@ -90,18 +84,18 @@ class ShardedLoad:
             return
         owner, attr, state = found
         param = getattr(owner, attr)
-        full = _nbytes(param)
+        full = tensor_bytes(param)
         self.peak_4bit_bytes = max(self.peak_4bit_bytes, self._held + full)
         full_shape = tuple(param.shape)
         # clone: a view would keep the whole tensor alive
         param.data = local_rows(param.data, self.rank, self.world).clone()
-        self._held += _nbytes(param)
-        match = _LAYER_KEY.match(key)
+        self._held += tensor_bytes(param)
+        match = LAYER_KEY.match(key)
         layer = int(match.group(1)) if match else -1
         self._layer_bytes[layer] = self._layer_bytes.get(layer, 0) + full
         if layer >= 0:
             self.largest_layer_4bit_bytes = max(self.largest_layer_4bit_bytes, self._layer_bytes[layer])
-        self.pieces.append(_Piece(owner, attr, full_shape, state, layer))
+        self.pieces.append(_Piece(owner, attr, full_shape, state))
 
     @contextmanager
     def shape_stand_ins(self):
@@ -141,9 +135,9 @@ class ShardedLoad:
                 kept = param.data
                 full = torch.empty(piece.full_shape, dtype=kept.dtype, device=device)
                 local_rows(full, self.rank, self.world).copy_(kept)
-                self.peak_4bit_bytes = max(self.peak_4bit_bytes, self._held + _nbytes(full))
+                self.peak_4bit_bytes = max(self.peak_4bit_bytes, self._held + tensor_bytes(full))
                 param.data = full
-                self._held += _nbytes(full) - _nbytes(kept)
+                self._held += tensor_bytes(full) - tensor_bytes(kept)
                 del kept
                 restored.append(piece)
         return restored
@@ -156,7 +150,7 @@ class ShardedLoad:
             if local.shape != kept_shape:
                 raise RuntimeError(f"FSDP2 gave rank {self.rank} {tuple(local.shape)} of a packed tensor, the loader "
                                    f"kept {tuple(kept_shape)}: the dim-0 sharding rule changed")
-            self._held += _nbytes(local) - math.prod(piece.full_shape) * local.element_size()
+            self._held += tensor_bytes(local) - math.prod(piece.full_shape) * local.element_size()
         restored_ids = {id(piece) for piece in restored}
         self.pieces = [piece for piece in self.pieces if id(piece) not in restored_ids]
 
