@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from glmkit.config.schema import add_config_arguments, config_from_args
+from glmkit.config.cli import add_config_arguments, config_from_args
 from glmkit.hub import download as hub
 from glmkit.hub import verify as model_files
 

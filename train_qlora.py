@@ -21,8 +21,10 @@ from dataclasses import replace
 
 import torch
 
+from glmkit.config.cli import add_config_arguments, config_from_args
 from glmkit.config.folders import unwritable_problems
-from glmkit.config.schema import HELD_OUT_SET, add_config_arguments, config_from_args, strategy
+from glmkit.config.schema import HELD_OUT_SET
+from glmkit.config.strategy import strategy
 from glmkit.data.rows import DataError
 from glmkit.model.errors import ModelLoadError
 from glmkit.plan.fit import DoesNotFit

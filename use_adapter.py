@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from glmkit.config.schema import add_config_arguments, config_from_args
+from glmkit.config.cli import add_config_arguments, config_from_args
 
 
 def main(argv=None) -> int:

@@ -228,7 +228,7 @@ def compare_merges(old_dir: str, new_dir: str) -> dict:
 
 
 def glm45_air_adapter_bytes(expert_r: int) -> dict:
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.plan.fit import build_plan
 
     cfg = load_config(benchlib.REAL_CONFIG, ["paths.model_dir=/nonexistent", "lora.dropout=0"])

@@ -58,7 +58,7 @@ def audit_check() -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     benchlib.quiet()
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.plan.fit import build_plan
     from glmkit.plan.weights import QLORA_BITS_PER_PARAM
 

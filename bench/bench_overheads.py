@@ -11,7 +11,7 @@ loader and Accelerator. Measured:
 - logging: one `RunLogs.write("train", ...)` per step with the loop's fields vs none;
 - checkpoint: one `Checkpointer.save` (Accelerate state, adapter, tokenizer, resolved
   config, fsync, rename, retention) against the median step, amortized over
-  `logging.checkpoint_interval` (the tiny recipe's and the real recipe's).
+  `checkpoint.interval` (the tiny recipe's and the real recipe's).
 
 A/B steps are paired and interleaved (ABBA) on the same micro-batches, and the overhead is
 the median of the per-pair ratios, so the machine's load drifts out. Steps draw their
@@ -183,13 +183,13 @@ def timed(fn, repeats: int) -> list[float]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     info = benchlib.start_tiny_bench(args.threads)
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.train.router_stats import RouterStats
 
     work = os.path.join(benchlib.SCRATCH, "bench", "overheads")
     shutil.rmtree(work, ignore_errors=True)
     cfg = benchlib.tiny_config([f"paths.output_dir={work}/run", f"paths.best_adapter_dir={work}/best"])
-    real_interval = args.real_checkpoint_interval or load_config(benchlib.REAL_CONFIG).logging.checkpoint_interval
+    real_interval = args.real_checkpoint_interval or load_config(benchlib.REAL_CONFIG).checkpoint.interval
     h = Harness(cfg)
     for _ in range(args.warmup):
         h.step(h.next_group())
@@ -248,8 +248,8 @@ def main(argv=None) -> int:
     checkpoint = {"save_seconds": benchlib.summary(save_seconds), "median_step_seconds": median_step,
                   "save_over_step": save / median_step, "checkpoint_bytes": folder_bytes(path),
                   "amortized_pct": {str(interval): 100 * save / (interval * median_step)
-                                    for interval in (cfg.logging.checkpoint_interval, real_interval)},
-                  "intervals": {"tiny_recipe": cfg.logging.checkpoint_interval, "real_recipe": real_interval}}
+                                    for interval in (cfg.checkpoint.interval, real_interval)},
+                  "intervals": {"tiny_recipe": cfg.checkpoint.interval, "real_recipe": real_interval}}
     h.logs.close()
 
     payload = {

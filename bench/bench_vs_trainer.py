@@ -59,7 +59,7 @@ def parse_args(argv=None):
 
 def overrides(args, work_dir: str) -> list[str]:
     over = [f"training.max_steps={args.steps}", "lora.dropout=0", "quantization.compute_dtype=float32",
-            f"logging.eval_interval={HUGE_INTERVAL}", f"logging.checkpoint_interval={HUGE_INTERVAL}",
+            f"logging.eval_interval={HUGE_INTERVAL}", f"checkpoint.interval={HUGE_INTERVAL}",
             f"paths.output_dir={work_dir}/run", f"paths.best_adapter_dir={work_dir}/best"]
     if args.seq_len:
         over.append(f"training.max_seq_length={args.seq_len}")

@@ -203,7 +203,7 @@ def ensure_tiny_assets() -> None:
 
 
 def tiny_config(overrides=()):
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
 
     return load_config(TINY_CONFIG, list(overrides))
 

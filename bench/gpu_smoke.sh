@@ -113,7 +113,7 @@ echo "== per layer: $MID_MB x $MID_SEQ tokens"
 common=(--set training.max_steps="$STEPS"
         --set training.val_fraction=0.01
         --set logging.eval_interval=1000000
-        --set logging.checkpoint_interval=1000000
+        --set checkpoint.interval=1000000
         --set performance.tf32=true
         --set paths.model_dir="$MID_DIR"
         --set training.max_seq_length="$MID_SEQ"

@@ -153,7 +153,7 @@ EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 EXPERT_R = 4
 EXPERT_LORA_SETTINGS = {"lora.dropout": 0.0, "lora.target_parameters": EXPERTS, "lora.expert_r": EXPERT_R,
                         "lora.expert_alpha": 8, "training.max_steps": 8, "logging.eval_interval": 2,
-                        "logging.checkpoint_interval": 4, "logging.keep_top_k": 1,
+                        "checkpoint.interval": 4, "checkpoint.keep_top_k": 1,
                         "logging.expert_stats_interval": 3}
 
 

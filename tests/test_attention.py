@@ -80,7 +80,7 @@ def test_segment_attention_equals_per_document_attention_with_gqa():
 def lora_models(tmp_path_factory, tiny_model_dir, demo_corpus):
     """The kit's 4-bit tiny model with LoRA, once per attention implementation, the same random adapter
     weights in both (random lora_B too, so that every LoRA matrix gets a gradient)."""
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.model import load as modeling
 
     models = {}

@@ -8,14 +8,10 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
-from glmkit.config.schema import (
-    ConfigError,
-    config_fields,
-    critical_keys,
-    keys_checked_otherwise,
-    load_config,
-    readme_table,
-)
+from glmkit.config.docs_table import config_table
+from glmkit.config.keys import config_fields, critical_keys, keys_checked_otherwise
+from glmkit.config.load import load_config
+from glmkit.config.schema import ConfigError
 
 SHIPPED = ["training_config.yaml", "configs/tiny.yaml"]
 
@@ -117,7 +113,7 @@ def test_readme_config_table_is_generated_from_the_fields():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     start = readme.index("<!-- config-table")
     block = readme[readme.index("\n", start) + 1:readme.index("<!-- /config-table -->")]
-    assert block == readme_table(), "run: python -m glmkit.config.schema --update-readme"
+    assert block == config_table(), "run: python -m glmkit.config.docs_table --update"
     assert all(f.metadata.get("help") for _, f in config_fields())
 
 
@@ -208,7 +204,7 @@ def test_best_adapter_dir_overlapping_another_path_is_refused(tmp_path, best, ke
 
 
 def test_flash_attention_2_needs_flash_attn_else_one_line_pointing_at_varlen(tmp_path):
-    from glmkit.config.schema import flash_attn_importable
+    from glmkit.config.validate import flash_attn_importable
 
     if flash_attn_importable():
         pytest.skip("flash-attn imports here: flash_attention_2 is allowed")
@@ -391,3 +387,25 @@ def test_deepspeed_zero3_is_refused_pointing_at_fsdp(tmp_path):
             load_config(tmp_path / "own.yaml")
         assert len(info.value.problems) == 1 and f"asks Accelerate for {kind}" in info.value.problems[0]
         assert "set distributed.accelerate_config: fsdp" in info.value.problems[0]
+
+
+def test_checkpoint_keys_under_logging_still_load_with_one_notice(tmp_path):
+    """A config written before `checkpoint:` existed keeps working for a release: the values land in the new
+    section, the CLI says once which keys to rename, and a key set under both names is refused."""
+    text = open(os.path.join(ROOT, "configs", "tiny.yaml"), encoding="utf-8").read()
+    old = text.replace("checkpoint:\n  interval: 20\n  keep_top_k: 2\n", "")
+    old = old.replace("logging:\n", "logging:\n  checkpoint_interval: 30\n  keep_top_k: 4\n", 1)
+    path = tmp_path / "old.yaml"
+    path.write_text(old)
+    cfg = load_config(path)
+    assert (cfg.checkpoint.interval, cfg.checkpoint.keep_top_k) == (30, 4)
+    assert cfg.notices == [f"notice: renamed config keys in {path}: logging.checkpoint_interval -> "
+                           f"checkpoint.interval, logging.keep_top_k -> checkpoint.keep_top_k; the old names are still "
+                           f"read for this release, rename them to keep the file working"]
+    assert load_config(os.path.join(ROOT, "configs", "tiny.yaml")).notices == []
+    result = run_cli(["train_qlora.py", "--config", str(path), "--plan"])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("notice: renamed config keys") == 1
+    with pytest.raises(ConfigError, match=r"^logging.keep_top_k: set twice, here and as checkpoint.keep_top_k; "
+                                          r"keep only checkpoint.keep_top_k$"):
+        load_config(path, ["checkpoint.keep_top_k=5"])

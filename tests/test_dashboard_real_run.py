@@ -15,8 +15,8 @@ from conftest import ROOT, run_cli, wait_for_plots
 
 from glmkit.run.logs import LOG_FILES, latest_per_step, read_jsonl
 
-SETTINGS = {"training.max_steps": 16, "logging.eval_interval": 4, "logging.checkpoint_interval": 8,
-            "logging.expert_stats_interval": 4, "logging.keep_top_k": 1}
+SETTINGS = {"training.max_steps": 16, "logging.eval_interval": 4, "checkpoint.interval": 8,
+            "logging.expert_stats_interval": 4, "checkpoint.keep_top_k": 1}
 
 
 def api(url: str, path: str) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import write_demo_corpus_in_fresh_process
 
-from glmkit.config.schema import load_config
+from glmkit.config.load import load_config
 from glmkit.data.prepare import load_tokenizer, prepare_data
 from glmkit.data.rows import IGNORE_INDEX, Collator, DataError, block_causal_mask, pack_rows  # noqa: F401
 from glmkit.data.sources import parse_line, utf8

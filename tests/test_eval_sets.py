@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import run_cli, write_tiny_config
 
-from glmkit.config.schema import ConfigError, load_config
+from glmkit.config.load import load_config
+from glmkit.config.schema import ConfigError
 from glmkit.run.logs import latest_per_step, read_jsonl
 from glmkit.train.optim import lr_lambda, wsd_decay_steps
 
@@ -25,8 +26,8 @@ GENERAL = [f"The {a} {b} walked to the {c} on a {d} morning and counted {n} bird
                        ("tall", "sailor", "harbour", "grey"), ("quiet", "baker", "station", "windy"),
                        ("busy", "doctor", "library", "warm"), ("tired", "miner", "village", "misty")])]
 CODE = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(5)]
-SETTINGS = {"training.max_steps": 6, "logging.eval_interval": 3, "logging.checkpoint_interval": 3,
-            "logging.keep_top_k": 1, "logging.expert_stats_interval": 3, "optimization.lr_scheduler": "wsd",
+SETTINGS = {"training.max_steps": 6, "logging.eval_interval": 3, "checkpoint.interval": 3,
+            "checkpoint.keep_top_k": 1, "logging.expert_stats_interval": 3, "optimization.lr_scheduler": "wsd",
             "optimization.warmup_steps": 2, "optimization.decay_steps": 3, "optimization.decay_shape": "cosine",
             "eval.select_by": "code"}  # code's loss rises as the run adapts: its best is not the last step
 

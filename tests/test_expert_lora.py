@@ -46,7 +46,7 @@ def one_line_error(result) -> str:
 # ---------------------------------------------------------------------------
 
 def _kit_model(make_config, overrides):
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.model.load import load_model, prepare_for_training
 
     cfg = load_config(make_config({"lora.dropout": 0.0, "lora.target_modules": ["q_proj"],
@@ -149,7 +149,7 @@ def test_sigkill_then_resume_is_bit_identical(expert_run, make_config, tmp_path)
 
 
 def test_two_processes_train_the_experts(make_config, tmp_path):
-    config = make_config({**SETTINGS, "training.max_steps": 4, "logging.checkpoint_interval": 4})
+    config = make_config({**SETTINGS, "training.max_steps": 4, "checkpoint.interval": 4})
     result = run_cli([*TWO_PROCESSES, "train_qlora.py", "--config", config], env={"ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     start = read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl"))[0]
@@ -297,7 +297,7 @@ def test_merge_refuses_adapter_options_it_cannot_fold(expert_run, tiny_model_dir
 # ---------------------------------------------------------------------------
 
 def test_plan_prices_the_expert_lora_the_trainer_builds(make_config, expert_run):
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.plan.fit import build_plan
 
     plan = build_plan(load_config(expert_run["config"]), gpu_memory_bytes=int(141e9), num_processes=1)
@@ -313,7 +313,7 @@ def test_plan_prices_the_expert_lora_the_trainer_builds(make_config, expert_run)
 
 def test_plan_for_glm45_air_expert_lora(tmp_path):
     """45 MoE layers x 128 experts x r x (2 hidden + 3 moe_intermediate), in fp32 with grads and both moments."""
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.plan.fit import build_plan, format_plan
 
     path = tmp_path / "air.yaml"

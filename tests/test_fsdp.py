@@ -27,7 +27,7 @@ STEPS = 6
 SETTINGS = {"training.max_steps": STEPS, "training.max_seq_length": 128, "training.val_fraction": 0.09,
             "lora.dropout": 0.0,
             "lora.target_parameters": ["gate_up_proj", "down_proj"], "logging.eval_interval": 2,
-            "logging.checkpoint_interval": 2, "logging.keep_top_k": 5, "logging.expert_stats_interval": 2}
+            "checkpoint.interval": 2, "checkpoint.keep_top_k": 5, "logging.expert_stats_interval": 2}
 TWO = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
        "--mixed_precision", "no", "--dynamo_backend", "no")
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import free_port
 
-from glmkit.config.schema import load_config
+from glmkit.config.load import load_config
 from glmkit.launch.env import format_lines, launch_values
 
 KIT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -438,7 +438,7 @@ def test_two_process_cpu_run_resumes_by_itself(tmp_path, tiny_model_dir, demo_co
     for key, value in {"paths.model_dir": tiny_model_dir, "paths.data_path": demo_corpus,
                        "paths.output_dir": out, "paths.best_adapter_dir": tmp_path / "best",
                        "paths.scratch_dir": tmp_path / "scratch", "distributed.num_processes": 2,
-                       "logging.eval_interval": 2, "logging.checkpoint_interval": 2}.items():
+                       "logging.eval_interval": 2, "checkpoint.interval": 2}.items():
         settings += ["--set", f"{key}={value}"]
     tiny = os.path.join(KIT_ROOT, "configs", "tiny.yaml")
     env = launcher_env(MAIN_PROCESS_PORT=str(free_port()))

@@ -133,7 +133,7 @@ def test_function_is_a_plain_sum_over_rows():
 
 @pytest.fixture(scope="module")
 def lora_model(tmp_path_factory, tiny_model_dir, demo_corpus):
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.model import load as modeling
 
     folder = tmp_path_factory.mktemp("loss")

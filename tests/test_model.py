@@ -7,7 +7,7 @@ import os
 import torch
 from conftest import write_tiny_model_in_fresh_process
 
-from glmkit.config.schema import load_config
+from glmkit.config.load import load_config
 from glmkit.model.load import audit_model, check_audit, load_model, prepare_for_training
 
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from glmkit.config.schema import load_config
+from glmkit.config.load import load_config
 from glmkit.model.load import BASE_GROUPS
 from glmkit.plan import fit as planmod
 from glmkit.plan.weights import nf4_bytes

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT, jsonl_bytes, run_cli, write_shard, write_tiny_config
 
-from glmkit.config.schema import ConfigError, load_config
+from glmkit.config.load import load_config
+from glmkit.config.schema import ConfigError
 from glmkit.data.prepare import prepare_data
 from glmkit.data.rows import DataError
 from glmkit.run.logs import read_jsonl
@@ -222,7 +223,7 @@ def test_two_processes_tokenize_once_and_both_map_the_cache(tmp_path, config_for
     for i, suffix in enumerate((".jsonl", ".jsonl.gz", ".jsonl.zst")):
         write_shard(corpus / f"part-{i}{suffix}", texts[i * 130:(i + 1) * 130])
     config = config_for(str(corpus), {"training.max_steps": 2, "logging.eval_interval": 2,
-                                      "logging.checkpoint_interval": 2, "training.val_fraction": 0.05})
+                                      "checkpoint.interval": 2, "training.val_fraction": 0.05})
     launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]
     result = run_cli([*launch, "train_qlora.py", "--config", config], env={"ACCELERATE_USE_CPU": "true"})

@@ -38,7 +38,7 @@ KIT_LAUNCH = ("-m", "glmkit.launch.accelerate", "--multi_gpu", "--num_processes"
 CPU_ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 # The shortest run that evaluates (so the best adapter is written) and checkpoints at step 1.
 SHORT_RUN = {"training.max_steps": 1, "training.max_seq_length": 64, "logging.eval_interval": 1,
-             "logging.checkpoint_interval": 1, "logging.expert_stats_interval": 1}
+             "checkpoint.interval": 1, "logging.expert_stats_interval": 1}
 
 # Another process: wait for a path matching the pattern to appear under the disk, then take every free
 # byte (4 MiB, then 64 KiB, then 4 KiB at a time) and say so in <mount>/.filled.
@@ -198,7 +198,7 @@ def test_full_disk_writing_a_merge_shard(disk_run, small_disk, tiny_model_dir):
 
 
 def test_full_disk_writing_a_token_store(small_disk, tmp_path, tiny_model_dir, demo_corpus, capsys):
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.data.prepare import run_prepare_cli
 
     scratch = os.path.join(small_disk.path, "scratch")
@@ -325,7 +325,7 @@ def test_trainer_refuses_accelerates_own_sharding_plugins(tmp_path, launched, re
 
     from accelerate.utils import DistributedType
 
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.train.distributed import LaunchMismatch, check_launched_strategy
 
     (tmp_path / "c.yaml").write_text("distributed:\n  accelerate_config: fsdp\n")

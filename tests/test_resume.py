@@ -21,10 +21,10 @@ from conftest import (
 from glmkit.run.logs import latest_per_step, read_jsonl
 
 # expert_stats_interval 3 does not divide checkpoint_interval 10: the open interval must survive a resume.
-SETTINGS = {"training.max_steps": 24, "logging.eval_interval": 5, "logging.checkpoint_interval": 10,
-            "logging.keep_top_k": 2, "logging.expert_stats_interval": 3}
+SETTINGS = {"training.max_steps": 24, "logging.eval_interval": 5, "checkpoint.interval": 10,
+            "checkpoint.keep_top_k": 2, "logging.expert_stats_interval": 3}
 # A run just long enough to leave one final checkpoint: what the refusal tests resume from.
-SHORT = {"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3}
+SHORT = {"training.max_steps": 3, "logging.eval_interval": 3, "checkpoint.interval": 3}
 # Everything a step computes, as opposed to wall-clock fields; compared to the bit.
 DETERMINISTIC = {"training_log.jsonl": ("loss", "lr", "grad_norm", "tokens", "tokens_seen", "epoch"),
                  "eval_log.jsonl": ("val_loss", "perplexity", "val_tokens"),
@@ -191,7 +191,7 @@ def test_resume_from_a_given_checkpoint(make_config, tmp_path, baseline, baselin
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_preemption_signal_saves_and_exits_cleanly(signum, make_config, tmp_path):
-    config = make_config({"training.max_steps": 400, "logging.eval_interval": 100, "logging.checkpoint_interval": 200})
+    config = make_config({"training.max_steps": 400, "logging.eval_interval": 100, "checkpoint.interval": 200})
     log = tmp_path / "run" / "logs" / "training_log.jsonl"
     proc = subprocess.Popen([sys.executable, "train_qlora.py", "--config", config], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -211,7 +211,7 @@ def test_preemption_signal_saves_and_exits_cleanly(signum, make_config, tmp_path
 
 def test_non_finite_steps_are_skipped_then_abort(make_config, tmp_path):
     config = make_config({"training.max_steps": 6, "training.max_nan_skips": 2, "logging.eval_interval": 3,
-                          "logging.checkpoint_interval": 6})
+                          "checkpoint.interval": 6})
     ok = run_cli(["train_qlora.py", "--config", config], env={"GLMKIT_FAULT_NAN_STEPS": "2"})
     assert ok.returncode == 0, ok.stderr[-2000:]
     skipped = [e for e in read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl")) if e["event"] == "nan_skipped"]
@@ -230,7 +230,7 @@ def test_resume_across_an_epoch_boundary(tmp_path_factory, tiny_model_dir):
     corpus = str(tmp_path_factory.mktemp("small") / "small.jsonl")
     write_demo_corpus_in_fresh_process(corpus, max_docs=40)
     settings = {"training.max_steps": None, "training.epochs": 2, "logging.eval_interval": 5,
-                "logging.checkpoint_interval": 15, "logging.expert_stats_interval": 5}
+                "checkpoint.interval": 15, "logging.expert_stats_interval": 5}
     reference_dir = tmp_path_factory.mktemp("epochs-baseline")
     config = write_tiny_config(reference_dir, tiny_model_dir, corpus, settings)
     assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
@@ -280,7 +280,7 @@ def test_changed_hyperparameters_take_effect_from_the_first_resumed_step(make_co
 
 
 def test_a_second_trainer_on_the_same_output_dir_is_refused_and_a_killed_one_never_blocks(make_config, tmp_path):
-    config = make_config({"training.max_steps": 400, "logging.eval_interval": 100, "logging.checkpoint_interval": 200})
+    config = make_config({"training.max_steps": 400, "logging.eval_interval": 100, "checkpoint.interval": 200})
     first = subprocess.Popen([sys.executable, "train_qlora.py", "--config", config], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -348,7 +348,7 @@ def test_best_adapter_dir_holding_foreign_files_is_never_replaced(make_config, t
     precious = tmp_path / "mine"
     precious.mkdir()
     (precious / "notes.txt").write_text("not the kit's")
-    config = make_config({"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3,
+    config = make_config({"training.max_steps": 3, "logging.eval_interval": 3, "checkpoint.interval": 3,
                           "paths.best_adapter_dir": str(precious)})
     result = run_cli(["train_qlora.py", "--config", config])
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -369,7 +369,7 @@ def write_sharded_corpus(folder, demo_corpus) -> list[dict]:
 
 def test_sharded_weighted_corpus_resumes_to_the_bit(tmp_path_factory, tiny_model_dir, demo_corpus):
     data = write_sharded_corpus(tmp_path_factory.mktemp("shards"), demo_corpus)
-    settings = {"training.max_steps": 14, "logging.eval_interval": 5, "logging.checkpoint_interval": 10,
+    settings = {"training.max_steps": 14, "logging.eval_interval": 5, "checkpoint.interval": 10,
                 "logging.expert_stats_interval": 3}
     reference_dir = tmp_path_factory.mktemp("sharded-baseline")
     config = write_tiny_config(reference_dir, tiny_model_dir, data, settings)
@@ -390,7 +390,7 @@ def test_resume_over_changed_data_is_refused_unless_allowed(tmp_path, tiny_model
 
     data = write_sharded_corpus(tmp_path / "data", demo_corpus)
     config = write_tiny_config(tmp_path, tiny_model_dir, data, {"training.max_steps": 3, "logging.eval_interval": 3,
-                                                                 "logging.checkpoint_interval": 3})
+                                                                 "checkpoint.interval": 3})
     assert run_cli(["train_qlora.py", "--config", config]).returncode == 0
     checkpoint = str(tmp_path / "run" / "final-checkpoint-3")
     assert len(read_meta(checkpoint)["data_fingerprint"]["sources"][0]["files"]) == 3

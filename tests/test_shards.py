@@ -125,7 +125,7 @@ def test_trainer_names_a_damaged_shard_in_one_line(tmp_path, tiny_model_dir, dem
 
 def test_loader_itself_names_a_shard_it_cannot_read(tmp_path, tiny_model_dir, demo_corpus):
     """load_model without the up-front check (as bench scripts call it): still one ModelLoadError naming the file."""
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.model.errors import ModelLoadError
     from glmkit.model.load import load_model
 

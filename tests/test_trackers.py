@@ -19,7 +19,7 @@ from glmkit.run.logs import latest_per_step, read_jsonl
 from glmkit.run.trackers import metrics
 
 ALL = ["tensorboard", "wandb", "mlflow", "trackio"]
-SHORT = {"training.max_steps": 2, "logging.eval_interval": 2, "logging.checkpoint_interval": 2,
+SHORT = {"training.max_steps": 2, "logging.eval_interval": 2, "checkpoint.interval": 2,
          "logging.expert_stats_interval": 1, "logging.tracker_project": "kit-test"}
 LOGS = {"train": "training_log.jsonl", "eval": "eval_log.jsonl", "experts": "expert_usage_log.jsonl"}
 
@@ -252,7 +252,7 @@ def test_a_failing_tracker_costs_one_warning_and_the_others_go_on(make_config, t
     TensorBoard keeps receiving every record. A tracker that cannot start at all is left out the same way."""
     import mlflow
 
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.run.logs import RunLogs
     from glmkit.run.trackers import start_trackers
 

@@ -18,8 +18,8 @@ TRAIN_KEYS = {"step", "time", "loss", "lr", "grad_norm", "epoch", "tokens", "tok
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, tiny_model_dir, demo_corpus):
     return shared_training_run(tmp_path_factory, "train-30", tiny_model_dir, demo_corpus, {
-        "training.max_steps": 30, "logging.eval_interval": 5, "logging.checkpoint_interval": 10,
-        "logging.keep_top_k": 1, "logging.expert_stats_interval": 5})
+        "training.max_steps": 30, "logging.eval_interval": 5, "checkpoint.interval": 10,
+        "checkpoint.keep_top_k": 1, "logging.expert_stats_interval": 5})
 
 
 def logs(run, name):
@@ -160,7 +160,7 @@ def launch_two_processes(config: str, env: dict | None = None) -> None:
 
 
 def test_two_processes_write_one_set_of_logs(make_config, tmp_path):
-    config = make_config({"training.max_steps": 4, "logging.eval_interval": 2, "logging.checkpoint_interval": 4,
+    config = make_config({"training.max_steps": 4, "logging.eval_interval": 2, "checkpoint.interval": 4,
                           "logging.expert_stats_interval": 2})
     launch_two_processes(config)
     out = tmp_path / "run" / "logs"
@@ -182,7 +182,7 @@ def test_ddp_leaves_the_frozen_base_alone(make_config, tmp_path):
     buffers, and the run is the same to the bit as with DDP's stock start-up (which broadcasts everything)."""
     runs = {}
     for name, env in (("kit", {}), ("stock", {"GLMKIT_DDP_SYNC_FROZEN": "1"})):
-        config = make_config({"training.max_steps": 3, "logging.eval_interval": 3, "logging.checkpoint_interval": 3,
+        config = make_config({"training.max_steps": 3, "logging.eval_interval": 3, "checkpoint.interval": 3,
                               "paths.output_dir": str(tmp_path / name), "paths.best_adapter_dir": str(tmp_path / f"{name}-best")},
                              name=f"{name}.yaml")
         launch_two_processes(config, env)
@@ -237,7 +237,7 @@ class GpuAccelerator:
 
 
 def test_trainer_refuses_a_run_the_plan_says_will_not_fit(make_config):
-    from glmkit.config.schema import load_config
+    from glmkit.config.load import load_config
     from glmkit.plan.fit import DoesNotFit, memory_gate
 
     roomy = memory_gate(load_config(make_config()), GpuAccelerator(), force=False)

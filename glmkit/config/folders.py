@@ -1,6 +1,6 @@
 """Can the kit write where the config says? Checked before anything starts, one line per folder.
 
-Validation (`glmkit.config.schema.validate`) looks only at the paths' shapes, because the dashboard
+Validation (`glmkit.config.validate`) looks only at the paths' shapes, because the dashboard
 and `--plan` load the same config without writing anything. The commands that do write call
 `unwritable_problems` first, so an unwritable, read-only, looping or misplaced folder is one line
 naming the key instead of a PermissionError traceback from wherever the first file is opened.

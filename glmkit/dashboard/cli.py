@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dirs_from_config(path: str, overrides: list[str]) -> tuple[str, str]:
-    from glmkit.config.schema import ConfigError, load_config  # only the CLI depends on the config
+    from glmkit.config.load import load_config
+    from glmkit.config.schema import ConfigError
 
     try:
         cfg = load_config(path, overrides)

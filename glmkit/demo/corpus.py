@@ -110,7 +110,7 @@ def write_demo_corpus(path: str, max_docs: int | None = None, text_field: str = 
 def main(argv=None) -> int:
     import argparse
 
-    from glmkit.config.schema import add_config_arguments, config_from_args
+    from glmkit.config.cli import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(description="Write the demo corpus to paths.data_path of a config.")
     add_config_arguments(parser)

@@ -4,7 +4,7 @@
 
 The launcher never parses YAML or re-derives a path itself: every path, the process
 count, the Accelerate config and the checkpoint to resume from come from here, resolved
-by glmkit.config.schema exactly as the trainer resolves them. Values are quoted with
+by glmkit.config.load exactly as the trainer resolves them. Values are quoted with
 shlex.quote, so any path survives `eval`. A bad config exits 2 with one line per problem; so does an
 output folder or event log that can't be read (a file where a folder belongs, or the reverse).
 """
@@ -16,7 +16,8 @@ import os
 import shlex
 import sys
 
-from glmkit.config.schema import accelerate_config_path, add_config_arguments, config_from_args, strategy
+from glmkit.config.cli import add_config_arguments, config_from_args
+from glmkit.config.strategy import accelerate_config_path, strategy
 from glmkit.data.sources import DataError, describe, resolve_sources
 from glmkit.run.checkpoint_names import latest_checkpoint
 from glmkit.run.logs import LOG_FILES, read_jsonl

@@ -28,8 +28,8 @@ from collections import defaultdict
 
 import torch
 
-from glmkit.config.schema import add_config_arguments, config_from_args
-from glmkit.config.schema import strategy as config_strategy
+from glmkit.config.cli import add_config_arguments, config_from_args
+from glmkit.config.strategy import strategy as config_strategy
 from glmkit.model.load import group_of
 from glmkit.plan.activations import activation_plan, arch_of
 from glmkit.plan.weights import (

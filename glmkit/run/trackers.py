@@ -19,14 +19,15 @@ import json
 import os
 import sys
 
-from glmkit.config.schema import KIT_ROOT, TRACKERS, flatten
+from glmkit.config.keys import flatten
+from glmkit.config.schema import KIT_ROOT, TRACKERS
 
 # The tracker names and the modules each needs are part of the config's schema (logging.report_to).
 REQUIREMENTS = os.path.join(KIT_ROOT, "requirements-trackers.txt")
 
 
 # ---------------------------------------------------------------------------
-# Checks: a tracker whose package is missing (unknown names: glmkit.config.schema).
+# Checks: a tracker whose package is missing (unknown names: glmkit.config.validate).
 # ---------------------------------------------------------------------------
 
 def install_problems(names: list[str]) -> list[str]:

@@ -20,7 +20,9 @@ import time
 import torch
 import yaml
 
-from glmkit.config.schema import critical_keys, flatten, keys_checked_otherwise, strategy
+from glmkit.config.keys import critical_keys, flatten, keys_checked_otherwise
+from glmkit.config.load import move_renamed_keys
+from glmkit.config.strategy import strategy
 from glmkit.run.checkpoint_names import (
     COMPLETE,
     META,
@@ -300,17 +302,17 @@ class Checkpointer:
 
     def _apply_retention(self, step: int) -> None:
         entries = [(s, p, self.val_losses.get(p)) for s, p in list_checkpoints(self.output_dir)]
-        for path in retention_victims(entries, self.cfg.logging.keep_top_k):
+        for path in retention_victims(entries, self.cfg.checkpoint.keep_top_k):
             shutil.rmtree(path, ignore_errors=True)
             self.val_losses.pop(path, None)
             self.logs.event("checkpoint_deleted", step, path=path,
-                            reason=f"not among the {self.cfg.logging.keep_top_k} best by val loss nor the latest")
+                            reason=f"not among the {self.cfg.checkpoint.keep_top_k} best by val loss nor the latest")
 
     def checkpoint_at(self, step: int) -> str | None:
         """The checkpoint this step will be saved as, if any (the final one when both are written)."""
         if step == self.total_steps:
             return checkpoint_path(self.output_dir, step, final=True)
-        if step % self.cfg.logging.checkpoint_interval == 0:
+        if step % self.cfg.checkpoint.interval == 0:
             return checkpoint_path(self.output_dir, step)
         return None
 
@@ -396,7 +398,9 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
                               f"or set paths.output_dir to a new folder")
         return None
     with open(os.path.join(path, RESOLVED_CONFIG), encoding="utf-8") as fh:
-        saved = flatten(yaml.safe_load(fh), read_meta(path).get("world_size"))
+        saved_config = yaml.safe_load(fh)
+    move_renamed_keys(saved_config, [])  # a checkpoint written before keys moved section names them the old way
+    saved = flatten(saved_config, read_meta(path).get("world_size"))
     saved_strategy, current_strategy = read_meta(path).get("strategy", "ddp"), strategy(cfg)
     if saved_strategy != current_strategy:
         raise ResumeError(f"cannot resume {path} with distributed.accelerate_config {current_strategy}: it was written "

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from glmkit.config.schema import strategy
+from glmkit.config.strategy import strategy
 from glmkit.run.parent_death import signal_on_parent_death
 from glmkit.train.checkpoint import ResumeError
 from glmkit.train.faults import unshared_view
