@@ -8,6 +8,11 @@
 
 Every expert is NF4, packed documents are kept apart (varlen segments or a block mask), and everything the
 dashboard shows is written to <paths.output_dir>/logs/*.jsonl. A step is an optimizer step.
+
+The recipe reads top to bottom: `train` runs the setup phases (each returns what it built), hands the model
+to Accelerate, restores a checkpoint if there is one, evaluates the base model, then loops over optimizer
+steps (step, log, eval, checkpoint) and saves the final checkpoint. `main` is the process around it: the
+config, the output folder's lock, the logs, and one line with exit 2 for every error a user fixes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import math
 import os
 import sys
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,21 +37,15 @@ from glmkit.run.lock import RunLock, RunLocked
 from glmkit.run.logs import RunLogs
 from glmkit.run.trackers import require_installed
 from glmkit.run.writes import WriteFailed
-from glmkit.train import checkpoint as ckpt
-from glmkit.train.distributed import (
-    LaunchMismatch,
-    agree,
-    check_launched_strategy,
-    check_shared_output_dir,
-    exit_with_parent,
-    make_accelerator,
-)
+from glmkit.train.checkpoint import CheckpointError, ResumeError
+from glmkit.train.consensus import all_or_none, any_process
+from glmkit.train.distributed import LaunchMismatch, check_launched_strategy, exit_with_parent, make_accelerator
 from glmkit.train.faults import maybe_kill
 from glmkit.train.loop_state import LoopState
 from glmkit.train.progress import close_progress_bars
 
 # Errors that a user fixes by changing input: one clear line and exit 2, no traceback.
-USER_ERRORS = (ckpt.ResumeError, ckpt.CheckpointError, DataError, ModelLoadError, FloatingPointError, DoesNotFit,
+USER_ERRORS = (ResumeError, CheckpointError, DataError, ModelLoadError, FloatingPointError, DoesNotFit,
                RunLocked, WriteFailed, LaunchMismatch)
 
 
@@ -66,185 +65,240 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def lock_output_dir(cfg, accelerator) -> RunLock:
-    """Take the output folder's lock on the main process; every process stops if it is held elsewhere."""
-    lock, refused = RunLock(cfg.paths.output_dir), None
-    if accelerator.is_main_process:
-        try:
-            lock.acquire()
-        except RunLocked as exc:
-            refused = exc
-    if agree(accelerator, refused is not None):
-        raise refused or RunLocked(f"paths.output_dir {cfg.paths.output_dir} is in use by another trainer")
-    return lock
+# ---------------------------------------------------------------------------
+# Setup phases: each builds one part of the run and returns it
+# ---------------------------------------------------------------------------
+
+@dataclass
+class RunData:
+    """What the run reads: the tokenizer, the prepared corpus, the training loader, every eval set's rows."""
+    tokenizer: object
+    corpus: object                # glmkit.data.prepare.PreparedData: rows, summary, fingerprint
+    collator: object
+    train_loader: torch.utils.data.DataLoader
+    eval_rows: dict               # {set name: rows}: the held-out split `val`, then eval.sets (empty ones left out)
+    steps_per_epoch: int
+    total_steps: int
 
 
-def all_or_none(accelerator, work, *args):
-    """work(*args) on every process; if it failed with a user error anywhere, every process raises one."""
-    result, error = None, None
-    try:
-        result = work(*args)
-    except USER_ERRORS as exc:
-        error = exc
-    if agree(accelerator, error is not None):
-        raise error or WriteFailed("another process could not prepare the data (its message says why)")
-    return result
+@dataclass
+class RunModel:
+    """The 4-bit base with its adapter, as every process holds it before Accelerate wraps it."""
+    model: torch.nn.Module
+    audit: dict                   # what was quantized and what trains (glmkit/model/load.py: audit_model)
+    loaded: object                # glmkit.model.sharded_load.ShardedLoad under fsdp on several processes, else None
 
 
-def train(cfg, args, accelerator, logs) -> int:
+def setup_data(cfg, accelerator, logs, resume_path: str | None, allow_data_change: bool) -> RunData:
+    """Tokenize (or map the cached) corpus on every process, and lay it out in micro-batches of rows."""
     from transformers import AutoTokenizer
 
-    from glmkit.data import prepare
-    from glmkit.data import rows as data
-    from glmkit.model import load as modeling
+    from glmkit.data.prepare import prepare_for_run
+    from glmkit.data.rows import make_collator
+
+    opt = cfg.optimization
+    tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
+    corpus = all_or_none(accelerator, prepare_for_run, cfg, tokenizer, accelerator, logs, resume_path,
+                         allow_data_change, errors=USER_ERRORS,
+                         elsewhere=WriteFailed("another process could not prepare the data (its message says why)"))
+    sets = [(HELD_OUT_SET, corpus.val_rows)] + [(s.name, s.rows) for s in corpus.eval_sets]
+    eval_rows = {name: rows for name, rows in sets if len(rows)}
+    collator = make_collator(tokenizer, cfg)
+    train_loader = torch.utils.data.DataLoader(corpus.train_rows, batch_size=opt.micro_batch_per_gpu, shuffle=True,
+                                               collate_fn=collator, num_workers=cfg.performance.num_workers,
+                                               pin_memory=cfg.performance.pin_memory)
+    world = accelerator.num_processes
+    steps_per_epoch = math.ceil(len(corpus.train_rows) / (opt.micro_batch_per_gpu * world)) // opt.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise DataError(f"{cfg.paths.data_path}: {len(corpus.train_rows)} training rows do not fill one optimizer "
+                        f"step; add data or lower optimization.grad_accum_steps / micro_batch_per_gpu")
+    total_steps = cfg.training.max_steps or cfg.training.epochs * steps_per_epoch
+    return RunData(tokenizer, corpus, collator, train_loader, eval_rows, steps_per_epoch, total_steps)
+
+
+def setup_model(cfg, accelerator) -> RunModel:
+    """Stream the checkpoint into 4-bit, add the adapter, and (fsdp on several processes) shard it."""
+    from glmkit.model.load import audit_model, check_audit, load_model, prepare_for_training
     from glmkit.model.sharded_load import ShardedLoad
+    from glmkit.train.fsdp import STRATEGY as FSDP
+    from glmkit.train.fsdp import shard_model
+
+    world = accelerator.num_processes
+    # fsdp on several processes: each keeps only its rows of every 4-bit tensor from the moment it is quantized
+    loaded = ShardedLoad(accelerator.process_index, world) if strategy(cfg) == FSDP and world > 1 else None
+    model = load_model(cfg, accelerator.device, shard=loaded)
+    check_audit(audit_model(model), cfg)
+    with loaded.shape_stand_ins() if loaded else nullcontext():
+        model = prepare_for_training(model, cfg)
+    audit = audit_model(model)
+    if loaded is not None:  # before the optimizer, which then holds AdamW moments for this rank's shards only
+        model = shard_model(model, accelerator.device, loaded)
+    return RunModel(model, audit, loaded)
+
+
+def prepare_with_accelerate(cfg, accelerator, model, optimizer, train_loader):
+    """Hand the parts to Accelerate: (model, optimizer, train_loader) as the loop uses them."""
+    from glmkit.train.ddp import exclude_frozen_from_sync
+    from glmkit.train.fsdp import STRATEGY as FSDP
+
+    if strategy(cfg) == FSDP:  # the data loader only: the model is sharded already; the optimizer is saved by DCP
+        return model, optimizer, accelerator.prepare(train_loader)
+    exclude_frozen_from_sync(model)  # every rank loaded the 4-bit base itself: DDP syncs LoRA only
+    return accelerator.prepare(model, optimizer, train_loader)
+
+
+def restore_checkpoint(accelerator, cfg, path: str, model, optimizer, scheduler, train_loader, sharded_state) -> None:
+    """Optimizer, scheduler, RNG streams, data position and LoRA weights as the checkpoint holds them."""
+    from glmkit.train.checkpoint import load_checkpoint, saved_grad_accum
+    from glmkit.train.optim import apply_current_hyperparameters
+    from glmkit.train.world_size import restore_data_position
+
+    load_checkpoint(accelerator, model, path, sharded_state)
+    saved_accum = saved_grad_accum(path)
+    if saved_accum != cfg.optimization.grad_accum_steps:  # another world size: the same steps, other micro-batches
+        restore_data_position(train_loader, path, saved_accum, cfg.optimization.grad_accum_steps)
+    apply_current_hyperparameters(optimizer, scheduler, cfg)
+
+
+def run_eval(step: int, model, data: RunData, accelerator, cfg, logs, baseline: bool = False) -> dict:
+    """Every eval set once, written to eval_log.jsonl and events_log.jsonl; returns the eval record."""
+    from glmkit.train.evaluation import eval_record, evaluate_sets
+
+    results = evaluate_sets(model, data.eval_rows, data.collator, accelerator, cfg.optimization.micro_batch_per_gpu)
+    record = eval_record(results, cfg.eval.select_by)
+    logs.write("eval", step, **record)
+    logs.event("eval", step, val_loss=record["val_loss"], perplexity=record["perplexity"],
+               losses={name: r.val_loss for name, r in results.items()}, **({"baseline": True} if baseline else {}))
+    return record
+
+
+# ---------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------
+
+def train(cfg, args, accelerator, logs) -> int:
+    from glmkit.model.load import check_model_dir, format_audit
     from glmkit.plan.fit import memory_gate
     from glmkit.run.trackers import start_trackers
-    from glmkit.train import ddp, fsdp, world_size
-    from glmkit.train.evaluation import adapter_is_finite, eval_record, evaluate_sets, improves
-    from glmkit.train.optim import apply_current_hyperparameters, make_optimizer_and_scheduler
+    from glmkit.train.checkpoint import (
+        Checkpointer,
+        check_best_adapter_dir,
+        checkpoint_state,
+        decide_resume,
+        recover_best_adapter,
+    )
+    from glmkit.train.ddp import sync_report
+    from glmkit.train.distributed import check_shared_output_dir
+    from glmkit.train.evaluation import adapter_is_finite, improves
+    from glmkit.train.fsdp import STRATEGY as FSDP
+    from glmkit.train.fsdp import ShardedState, resident_bytes_by_rank
+    from glmkit.train.optim import make_optimizer_and_scheduler
     from glmkit.train.preemption import Preemption
     from glmkit.train.progress import StepClock, gpu_memory, progress_bar
     from glmkit.train.router_stats import RouterStats
     from glmkit.train.step import check_nan_budget, next_group, step_groups, train_step
 
-    # ---- setup: checks, data, model, optimizer ---------------------------------------------
-    t, o, lg, ev_cfg = cfg.training, cfg.optimization, cfg.logging, cfg.eval
-    torch.manual_seed(t.seed)
+    # ---- setup: checks that cost seconds, then where to start, data, model, optimizer ------------------------
+    torch.manual_seed(cfg.training.seed)
     check_shared_output_dir(accelerator, cfg.paths.output_dir)
-    resume_path = ckpt.resume_checkpoint(cfg, args, accelerator)  # on a new world size: sets grad_accum_steps
-    accelerator.gradient_accumulation_steps = o.grad_accum_steps
-    if accelerator.is_main_process and (restored := ckpt.recover_best_adapter(cfg.paths.best_adapter_dir)):
+    resume = decide_resume(cfg, accelerator, args.resume, args.resume_from)
+    if resume.grad_accum_steps != cfg.optimization.grad_accum_steps:  # resumed on another world size
+        cfg = replace(cfg, optimization=replace(cfg.optimization, grad_accum_steps=resume.grad_accum_steps))
+    accelerator.gradient_accumulation_steps = cfg.optimization.grad_accum_steps
+    if accelerator.is_main_process and (restored := recover_best_adapter(cfg.paths.best_adapter_dir)):
         accelerator.print(f"restored {cfg.paths.best_adapter_dir} from {restored} (a kill interrupted its swap)")
-    ckpt.check_best_adapter_dir(cfg.paths.best_adapter_dir)
-    modeling.check_model_dir(cfg)
+    check_best_adapter_dir(cfg.paths.best_adapter_dir)
+    check_model_dir(cfg)
     planned_memory = memory_gate(cfg, accelerator, args.force)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
-    corpus = all_or_none(accelerator, prepare.prepare_for_run, cfg, tokenizer, accelerator, logs, resume_path,
-                         args.allow_data_change)
-    train_rows, val_rows = corpus.train_rows, corpus.val_rows
-    eval_rows = {name: rows for name, rows in [(HELD_OUT_SET, val_rows)] + [(s.name, s.rows) for s in corpus.eval_sets]
-                 if len(rows)}  # every set an eval measures: the held-out split, then eval.sets
-    collator = data.make_collator(tokenizer, cfg)
-    train_loader = torch.utils.data.DataLoader(train_rows, batch_size=o.micro_batch_per_gpu, shuffle=True,
-                                               collate_fn=collator, num_workers=cfg.performance.num_workers,
-                                               pin_memory=cfg.performance.pin_memory)
-    world = accelerator.num_processes
-    sharded = strategy(cfg) == fsdp.STRATEGY
-    # fsdp on several processes: each keeps only its rows of every 4-bit tensor from the moment it is quantized
-    loaded = ShardedLoad(accelerator.process_index, world) if sharded and world > 1 else None
-    model = modeling.load_model(cfg, accelerator.device, shard=loaded)
-    modeling.check_audit(modeling.audit_model(model), cfg)
-    with loaded.shape_stand_ins() if loaded else nullcontext():
-        model = modeling.prepare_for_training(model, cfg)
-    audit = modeling.audit_model(model)
-    steps_per_epoch = math.ceil(len(train_rows) / (o.micro_batch_per_gpu * world)) // o.grad_accum_steps
-    if steps_per_epoch < 1:
-        raise data.DataError(f"{cfg.paths.data_path}: {len(train_rows)} training rows do not fill one optimizer step; "
-                             f"add data or lower optimization.grad_accum_steps / micro_batch_per_gpu")
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
-    if loaded is not None:  # before the optimizer, which then holds AdamW moments for this rank's shards only
-        model = fsdp.shard_model(model, accelerator.device, loaded)
-    optimizer, scheduler = make_optimizer_and_scheduler(model, cfg, total_steps)
+    data = setup_data(cfg, accelerator, logs, resume.path, args.allow_data_change)
+    built = setup_model(cfg, accelerator)
+    optimizer, scheduler = make_optimizer_and_scheduler(built.model, cfg, data.total_steps)
 
-    # ---- accelerate.prepare, and resume -----------------------------------------------------
-    if sharded:  # the data loader only: the model is sharded already, the checkpointer saves the optimizer (DCP)
-        train_loader = accelerator.prepare(train_loader)
-    else:
-        ddp.exclude_frozen_from_sync(model)  # every rank loaded the 4-bit base itself: DDP syncs LoRA only
-        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # ---- accelerate.prepare, the checkpointer, and the loop's starting state ------------------------------------
+    model, optimizer, train_loader = prepare_with_accelerate(cfg, accelerator, built.model, optimizer,
+                                                             data.train_loader)
     stats = RouterStats(model, accelerator.is_main_process)
     accelerator.register_for_checkpointing(scheduler, stats)
-    sharded_state = fsdp.ShardedState(model, optimizer) if sharded else None
-    checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps, corpus.fingerprint,
-                                     sharded_state)
-    state = (ckpt.checkpoint_state(resume_path) if resume_path else LoopState()).selecting_by(ev_cfg.select_by)
+    sharded_state = ShardedState(model, optimizer) if strategy(cfg) == FSDP else None
+    checkpointer = Checkpointer(accelerator, model, data.tokenizer, cfg, logs, stats, data.total_steps,
+                                data.corpus.fingerprint, sharded_state)
+    state = (checkpoint_state(resume.path) if resume.path else LoopState()).selecting_by(cfg.eval.select_by)
+    total_steps, world = data.total_steps, accelerator.num_processes
     if state.step >= total_steps:
-        accelerator.print(f"{resume_path} is at step {state.step} of {total_steps}: the run has already "
+        accelerator.print(f"{resume.path} is at step {state.step} of {total_steps}: the run has already "
                           f"finished. Raise training.max_steps to train further.")
         return 0
-    rows_per_step = o.micro_batch_per_gpu * o.grad_accum_steps * world
-    accelerator.print(f"effective batch: {o.micro_batch_per_gpu} micro x {o.grad_accum_steps} accum x {world} "
-                      f"processes = {rows_per_step} rows, up to {rows_per_step * t.max_seq_length:,} tokens per "
-                      f"optimizer step; {total_steps} steps")
-    accelerator.print(modeling.format_audit(audit))
+    rows_per_step = cfg.optimization.micro_batch_per_gpu * cfg.optimization.grad_accum_steps * world
+    tokens_per_step = rows_per_step * cfg.training.max_seq_length
+    accelerator.print(f"effective batch: {cfg.optimization.micro_batch_per_gpu} micro x "
+                      f"{cfg.optimization.grad_accum_steps} accum x {world} processes = {rows_per_step} rows, up to "
+                      f"{tokens_per_step:,} tokens per optimizer step; {total_steps} steps")
+    accelerator.print(format_audit(built.audit))
     if accelerator.is_main_process:  # from here on every JSONL record also goes to logging.report_to
         logs.trackers = start_trackers(cfg, state.step, state.tracker_runs, logs, world)
         state = replace(state, tracker_runs=logs.trackers.runs)
+    corpus = data.corpus
     logs.event("run_start", state.step, config=cfg.to_dict(), world_size=world, total_steps=total_steps,
-               effective_batch=rows_per_step, tokens_per_step=rows_per_step * t.max_seq_length, model_audit=audit,
-               bad_lines=corpus.bad_line_count, train_rows=len(train_rows), val_rows=len(val_rows),
-               eval_sets={name: len(rows) for name, rows in eval_rows.items()},
-               resumed_from=resume_path, device=str(accelerator.device), ddp_sync=ddp.sync_report(model),
-               strategy="fsdp" if sharded else "ddp", resident_by_rank=fsdp.resident_bytes_by_rank(model, accelerator, loaded),
+               effective_batch=rows_per_step, tokens_per_step=tokens_per_step, model_audit=built.audit,
+               bad_lines=corpus.bad_line_count, train_rows=len(corpus.train_rows), val_rows=len(corpus.val_rows),
+               eval_sets={name: len(rows) for name, rows in data.eval_rows.items()},
+               resumed_from=resume.path, device=str(accelerator.device), ddp_sync=sync_report(model),
+               strategy=strategy(cfg), resident_by_rank=resident_bytes_by_rank(model, accelerator, built.loaded),
                **planned_memory)
-    if resume_path:  # last of all, so nothing draws from the random streams it restores
-        ckpt.load_checkpoint(accelerator, model, resume_path, sharded_state)
-        saved_accum = ckpt.saved_grad_accum(resume_path)
-        if saved_accum != o.grad_accum_steps:  # another world size: the same steps drawn, in micro-batches of it
-            world_size.restore_data_position(train_loader, resume_path, saved_accum, o.grad_accum_steps)
-        apply_current_hyperparameters(optimizer, scheduler, cfg)
-        logs.event("resume", state.step, from_step=state.step, checkpoint=resume_path)
+    if resume.path:  # last of all, so nothing draws from the random streams it restores
+        restore_checkpoint(accelerator, cfg, resume.path, model, optimizer, scheduler, train_loader, sharded_state)
+        logs.event("resume", state.step, from_step=state.step, checkpoint=resume.path)
 
-    # ---- the baseline: every eval set before the first update (the base model: LoRA B starts at 0)
-    if ev_cfg.at_start and state.step == 0 and eval_rows:
-        ev = evaluate_sets(model, eval_rows, collator, accelerator, o.micro_batch_per_gpu)
-        record = eval_record(ev, ev_cfg.select_by)
-        logs.write("eval", 0, **record)
-        logs.event("eval", 0, val_loss=record["val_loss"], perplexity=record["perplexity"],
-                   losses={name: r.val_loss for name, r in ev.items()}, baseline=True)
+    # ---- the baseline: every eval set before the first update (the base model: LoRA B starts at 0) -------------
+    if cfg.eval.at_start and state.step == 0 and data.eval_rows:
+        run_eval(0, model, data, accelerator, cfg, logs, baseline=True)
 
-    # ---- the loop -----------------------------------------------------------------------------
+    # ---- the loop ----------------------------------------------------------------------------------------------
     preemption = Preemption()
     progress = progress_bar(accelerator, state.step, total_steps)
     clock = StepClock(state.elapsed_seconds)
     model.train()
-    groups = step_groups(train_loader, o.grad_accum_steps, state.epoch)
+    groups = step_groups(train_loader, cfg.optimization.grad_accum_steps, state.epoch)
     while state.step < total_steps:
         # -- step: forward/backward over the micro-batches, token-weighted, then one update
         epoch, group = next_group(groups)
         result = train_step(model, group, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
-                            stats=stats, max_grad_norm=o.max_grad_norm, step=state.step + 1)
+                            stats=stats, max_grad_norm=cfg.optimization.max_grad_norm, step=state.step + 1)
         state = replace(state, step=state.step + 1, epoch=epoch, tokens_seen=state.tokens_seen + result.input_tokens,
                         nan_skips=0 if result.applied else state.nan_skips + 1, elapsed_seconds=clock.tick())
         step = state.step
         progress.update(1)
         if not result.applied:
             logs.event("nan_skipped", step, loss=result.loss, grad_norm=result.grad_norm, consecutive=state.nan_skips)
-            check_nan_budget(state.nan_skips, t.max_nan_skips)
+            check_nan_budget(state.nan_skips, cfg.training.max_nan_skips)
 
         # -- log
-        if step % lg.log_interval == 0 or step == total_steps:
+        if step % cfg.logging.log_interval == 0 or step == total_steps:
             logs.write("train", step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm, aux_loss=None,
-                       epoch=step / steps_per_epoch, tokens=result.input_tokens, tokens_seen=state.tokens_seen,
+                       epoch=step / data.steps_per_epoch, tokens=result.input_tokens, tokens_seen=state.tokens_seen,
                        **clock.rates(result.input_tokens, step, total_steps), elapsed_seconds=state.elapsed_seconds,
                        total_steps=total_steps, **gpu_memory())
             progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
-        if step % lg.expert_stats_interval == 0:
+        if step % cfg.logging.expert_stats_interval == 0:
             counts, routed = stats.take(reduce=lambda x: accelerator.reduce(x, "sum"))
             logs.write("experts", step, **stats.record(counts, routed))
 
         # -- eval of every set; the selection set's loss picks the best adapter and ranks checkpoints
-        if (step % lg.eval_interval == 0 or step == total_steps) and eval_rows:
-            ev = evaluate_sets(model, eval_rows, collator, accelerator, o.micro_batch_per_gpu)
-            record = eval_record(ev, ev_cfg.select_by)
-            logs.write("eval", step, **record)
-            logs.event("eval", step, val_loss=record["val_loss"], perplexity=record["perplexity"],
-                       losses={name: r.val_loss for name, r in ev.items()})
-            selected = record["val_loss"]
+        if (step % cfg.logging.eval_interval == 0 or step == total_steps) and data.eval_rows:
+            selected = run_eval(step, model, data, accelerator, cfg, logs)["val_loss"]
             state = replace(state, last_val_loss=selected, last_eval_step=step)
             maybe_kill("after_eval", step)
             if improves(selected, state.best_val_loss) and adapter_is_finite(model):
-                checkpointer.save_best_adapter(step, selected, state.best_val_loss, ev_cfg.select_by)
+                checkpointer.save_best_adapter(step, selected, state.best_val_loss, cfg.eval.select_by)
                 state = replace(state, best_val_loss=selected, best_step=step)
 
         # -- a log the main process could not write (a full disk) stops every process here, together
-        if agree(accelerator, logs.failed is not None):
+        if any_process(accelerator, logs.failed is not None):
             raise logs.failed or WriteFailed("the main process could not write the run logs (its message says why)")
 
         # -- checkpoint, and preemption
         preempted = preemption.requested(accelerator)
-        if step % lg.checkpoint_interval == 0 or preempted:
+        if step % cfg.checkpoint.interval == 0 or preempted:
             checkpointer.save(state)
         clock.exclude_side_work()
         if preempted:
@@ -254,13 +308,30 @@ def train(cfg, args, accelerator, logs) -> int:
                               f"continue with ./launch_training.sh (or train_qlora.py --resume)")
             return 0
 
-    # ---- final save -----------------------------------------------------------------------------
+    # ---- final save --------------------------------------------------------------------------------------------
     progress.close()
     final = checkpointer.save(replace(state, elapsed_seconds=clock.elapsed()), final=True)
     logs.event("run_end", state.step, status="finished", final_checkpoint=final, best_val_loss=state.best_val_loss,
                tokens_seen=state.tokens_seen, **gpu_memory(peak_only=True))
     accelerator.print(f"done: step {state.step}, best val loss {state.best_val_loss}, final checkpoint {final}")
     return 0
+
+
+# ---------------------------------------------------------------------------
+# The process: config, lock, logs, and the exit status
+# ---------------------------------------------------------------------------
+
+def lock_output_dir(cfg, accelerator) -> RunLock:
+    """Take the output folder's lock on the main process; every process stops if it is held elsewhere."""
+    lock, refused = RunLock(cfg.paths.output_dir), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except RunLocked as exc:
+            refused = exc
+    if any_process(accelerator, refused is not None):
+        raise refused or RunLocked(f"paths.output_dir {cfg.paths.output_dir} is in use by another trainer")
+    return lock
 
 
 def main(argv=None) -> int:

@@ -60,6 +60,50 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -totals[item.location[0]])  # stable: in-file order kept
 
 
+# ---------------------------------------------------------------------------
+# Tiers: `make test-fast` runs every test that starts no training process (-m "not trains")
+# ---------------------------------------------------------------------------
+
+# A test (or a fixture it uses) that starts a training process is marked `@pytest.mark.trains` (or its module
+# `pytestmark`). The mark is checked, not trusted: while a test without it is set up, run or torn down, starting a
+# trainer fails that test, naming the mark it needs. Only the command is read, never what it does.
+NOT_TRAINING = {"--plan", "--prepare-data", "--inspect-data", "--help", "-h", "--dry-run"}
+_current_test = None
+
+
+def starts_training(args) -> bool:
+    """Does this command line start a trainer (train_qlora.py, the launcher, the GPU smoke test's CPU run)?"""
+    words = args.split() if isinstance(args, str) else [os.fspath(a) for a in args]
+    if any(flag in words or any(w.startswith(flag + "=") for w in words) for flag in NOT_TRAINING):
+        return False
+    scripts = ("train_qlora.py", "launch_training.sh", "gpu_smoke.sh")
+    return any(w.endswith(scripts) for w in words) or any("train_qlora.main(" in w for w in words)
+
+
+_popen_init = subprocess.Popen.__init__
+
+
+def _checked_popen_init(self, args, *rest, **kwargs):
+    item = _current_test
+    if item is not None and item.get_closest_marker("trains") is None and starts_training(args):
+        pytest.fail(f"{item.nodeid} starts a training process ({args!r}) but is not marked "
+                                f"@pytest.mark.trains, so `make test-fast` would run it: mark the test (or its module)")
+    _popen_init(self, args, *rest, **kwargs)
+
+
+subprocess.Popen.__init__ = _checked_popen_init
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    global _current_test
+    _current_test = item
+    try:
+        return (yield)
+    finally:
+        _current_test = None
+
+
 def pytest_runtest_logreport(report):
     if RECORD_DURATIONS:
         _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration

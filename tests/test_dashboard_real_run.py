@@ -11,9 +11,12 @@ import sys
 import time
 import urllib.request
 
+import pytest
 from conftest import ROOT, run_cli, wait_for_plots
 
 from glmkit.run.logs import LOG_FILES, latest_per_step, read_jsonl
+
+pytestmark = pytest.mark.trains  # every test here trains (make test-fast leaves them out)
 
 SETTINGS = {"training.max_steps": 16, "logging.eval_interval": 4, "checkpoint.interval": 8,
             "logging.expert_stats_interval": 4, "checkpoint.keep_top_k": 1}

@@ -21,6 +21,8 @@ from conftest import ROOT, run_cli, write_tiny_config
 
 from glmkit.run.logs import latest_per_step, read_jsonl
 
+pytestmark = pytest.mark.trains  # every test here trains (make test-fast leaves them out)
+
 STEPS = 6
 # val_fraction 0.09: 193 validation rows, so at micro-batch 2 one rank evaluates 49 batches and the other 48 (FSDP
 # ranks must still run every forward together, glmkit/train/evaluation.py)
@@ -211,7 +213,8 @@ def test_world_size_change_that_cannot_keep_the_batch_is_refused_naming_what_wor
     saved = {"world_size": 4, "optimization.micro_batch_per_gpu": 2, "optimization.grad_accum_steps": 3}
     cfg = SimpleNamespace(optimization=SimpleNamespace(micro_batch_per_gpu=2, grad_accum_steps=3))
     assert keep_global_batch(saved, cfg, 4) is None and cfg.optimization.grad_accum_steps == 3
-    assert "3 -> 2 keeps 24 rows" in keep_global_batch(saved, cfg, 6) and cfg.optimization.grad_accum_steps == 2
+    accum, message = keep_global_batch(saved, cfg, 6)  # the decision is returned; the config is left alone
+    assert accum == 2 and "3 -> 2 keeps 24 rows" in message and cfg.optimization.grad_accum_steps == 3
     with pytest.raises(WorldSizeChange) as refused:
         keep_global_batch(saved, cfg, 8)
     message = str(refused.value)

@@ -5,14 +5,15 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
+
+pytestmark = pytest.mark.trains  # every test here trains (make test-fast leaves them out)
 
 
 def test_gpu_smoke_dry_run_on_cpu(tmp_path, demo_corpus):
     if torch.cuda.is_available():
-        import pytest
-
         pytest.skip("a GPU is visible: run bench/gpu_smoke.sh itself")
     out = tmp_path / "smoke.json"
     env = {**os.environ, "PYTHON": sys.executable, "DRY": "1", "STEPS": "2", "SKIP": "0", "REPS": "1",

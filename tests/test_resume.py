@@ -20,6 +20,8 @@ from conftest import (
 
 from glmkit.run.logs import latest_per_step, read_jsonl
 
+pytestmark = pytest.mark.trains  # every test here trains (make test-fast leaves them out)
+
 # expert_stats_interval 3 does not divide checkpoint_interval 10: the open interval must survive a resume.
 SETTINGS = {"training.max_steps": 24, "logging.eval_interval": 5, "checkpoint.interval": 10,
             "checkpoint.keep_top_k": 2, "logging.expert_stats_interval": 3}

@@ -16,8 +16,8 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
-import torch
 import yaml
 
 from glmkit.config.keys import critical_keys, flatten, keys_checked_otherwise
@@ -35,6 +35,7 @@ from glmkit.run.checkpoint_names import (
 )
 from glmkit.run.swap import recover, swap_in
 from glmkit.run.writes import WriteFailed, guarded_write
+from glmkit.train.consensus import any_process
 from glmkit.train.faults import maybe_fail_write, maybe_kill
 from glmkit.train.loop_state import LoopState
 from glmkit.train.world_size import MOVED_KEYS, WorldSizeChange, keep_global_batch
@@ -278,7 +279,7 @@ class Checkpointer:
                 work(*args)
         except (WriteFailed, CheckpointError) as exc:
             error = exc
-        if not self._agree(error is not None):
+        if not any_process(self.accelerator, error is not None):  # also the barrier between phases
             return
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -286,11 +287,6 @@ class Checkpointer:
             raise error
         raise WriteFailed(f"could not write checkpoint {target}: another process failed to write its part (its "
                           f"message says why); {self._intact()}; resume with --resume once that is fixed")
-
-    def _agree(self, failed: bool) -> bool:
-        """True on every process if `failed` is true on any (also the barrier between phases of a save)."""
-        flag = torch.tensor([1 if failed else 0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, "max").item())
 
     def _intact(self) -> str:
         latest = latest_checkpoint(self.output_dir)
@@ -326,7 +322,7 @@ class Checkpointer:
                 self._write_best_adapter(target, step, val_loss, eval_set, adapter)
             except (WriteFailed, CheckpointError) as exc:
                 error = exc
-        if self._agree(error is not None):
+        if any_process(self.accelerator, error is not None):
             raise error or WriteFailed(f"could not write the best adapter {target}: the main process failed (its "
                                        f"message says why); {self._intact()}; resume with --resume")
         if self.accelerator.is_main_process:
@@ -371,16 +367,27 @@ def _newest_that_verifies(output_dir: str, print_fn) -> str | None:
     return None
 
 
-def resume_checkpoint(cfg, args, accelerator) -> str | None:
-    """The checkpoint to continue from (None: a fresh run), after checking it fits this config."""
+@dataclass(frozen=True)
+class ResumeDecision:
+    """Where a run starts: the checkpoint to continue from (None: step 0), and the grad_accum_steps the run
+    must use (the config's, or the one that keeps the checkpoint's global batch on another world size)."""
+    path: str | None
+    grad_accum_steps: int
+
+
+def decide_resume(cfg, accelerator, resume: bool, resume_from: str | None) -> ResumeDecision:
+    """Which checkpoint to continue from, after checking it fits this config (ResumeError if not).
+
+    `resume`: the newest checkpoint that verifies (--resume); `resume_from`: that folder (--resume_from)."""
     output_dir = cfg.paths.output_dir
+    grad_accum = cfg.optimization.grad_accum_steps
     if accelerator.is_main_process:
         for came_from, path in recover_interrupted_swaps(output_dir):
             print(f"restored {path} from {came_from} (a kill interrupted its rewrite)")
         for path in clean_incomplete(output_dir):
             print(f"removed incomplete checkpoint {path} (its write was interrupted)")
     accelerator.wait_for_everyone()
-    path = args.resume_from
+    path = resume_from
     if path:
         if not os.path.isdir(path) or not is_complete(path):
             raise ResumeError(f"--resume_from {path}: not a complete checkpoint (no {COMPLETE} marker)")
@@ -388,7 +395,7 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
         if problem:
             raise ResumeError(f"--resume_from {path}: the checkpoint is damaged ({problem}); pick another "
                               f"checkpoint-N folder in {output_dir}, or use --resume for the newest that verifies")
-    if args.resume and not path:
+    if resume and not path:
         path = _newest_that_verifies(output_dir, accelerator.print)
         if path is None:
             accelerator.print(f"--resume: no complete checkpoint in {output_dir}; starting from step 0")
@@ -396,7 +403,7 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
         if list_checkpoints(output_dir):
             raise ResumeError(f"{output_dir} already holds checkpoints of a run; pass --resume to continue it, "
                               f"or set paths.output_dir to a new folder")
-        return None
+        return ResumeDecision(None, grad_accum)
     with open(os.path.join(path, RESOLVED_CONFIG), encoding="utf-8") as fh:
         saved_config = yaml.safe_load(fh)
     move_renamed_keys(saved_config, [])  # a checkpoint written before keys moved section names them the old way
@@ -407,12 +414,13 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
                           f"by a {saved_strategy} run, whose optimizer state is saved differently; set it back to "
                           f"{saved_strategy}, or start a new run in another paths.output_dir")
     try:
-        moved = keep_global_batch(saved, cfg, accelerator.num_processes)  # may set optimization.grad_accum_steps
+        moved = keep_global_batch(saved, cfg, accelerator.num_processes)
     except WorldSizeChange as exc:
         raise ResumeError(f"{path}: {exc}") from None
     current = flatten(cfg.to_dict(), accelerator.num_processes)
     if moved:
-        accelerator.print(moved)
+        grad_accum, message = moved
+        accelerator.print(message)
         current.update({key: saved.get(key) for key in MOVED_KEYS})
     critical, harmless = compare_configs(saved, current)
     if critical:
@@ -422,7 +430,7 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
     if harmless:
         accelerator.print(f"resuming {path} with changed settings (allowed): {', '.join(harmless)}")
     accelerator.print(f"resuming from {path}")
-    return path
+    return ResumeDecision(path, grad_accum)
 
 
 def saved_grad_accum(path: str) -> int:

@@ -98,9 +98,3 @@ def check_shared_output_dir(accelerator, output_dir: str) -> None:
         raise ResumeError(f"paths.output_dir {output_dir} is not the same folder for every process: {blind} "
                           f"of {accelerator.num_processes} cannot see what the main process writes there. Put it on "
                           f"storage all nodes share (NFS, Lustre, ...); checkpoints hold every process's state")
-
-
-def agree(accelerator, failed: bool) -> bool:
-    """True on every process if `failed` is true on any of them (a barrier too)."""
-    flag = torch.tensor([1 if failed else 0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, "max").item())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
+from glmkit.train.consensus import any_process
 
 
 class Preemption:
@@ -18,5 +18,4 @@ class Preemption:
 
     def requested(self, accelerator) -> bool:
         """True on every process if any process was signalled (so all of them save together)."""
-        flag = torch.tensor([1 if self.signal_name else 0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
+        return any_process(accelerator, self.signal_name is not None)

@@ -38,9 +38,10 @@ def worlds_that_keep(rows: int, micro: int, limit: int = 1024) -> list[int]:
     return [w for w in range(1, min(per_micro, limit) + 1) if per_micro % w == 0]
 
 
-def keep_global_batch(saved: dict, cfg, world: int) -> str | None:
-    """If the world size changed since the checkpoint, set cfg.optimization.grad_accum_steps so a step has
-    the checkpoint's rows, and say so; None when it did not change. `saved` is the checkpoint's flat config."""
+def keep_global_batch(saved: dict, cfg, world: int) -> tuple[int, str] | None:
+    """If the world size changed since the checkpoint: the grad_accum_steps that gives a step the checkpoint's
+    rows at this world size, and a line saying so; None when it did not change. `saved` is the checkpoint's
+    flat config. The caller applies it: this reads cfg, never changes it."""
     saved_world = saved.get("world_size")
     if saved_world in (None, world):
         return None
@@ -56,9 +57,8 @@ def keep_global_batch(saved: dict, cfg, world: int) -> str | None:
             f"({saved_micro} micro x {saved_accum} accum x {saved_world} processes), and {world} x "
             f"micro_batch_per_gpu {micro} does not divide {rows}; {works}, or start a new run")
     accum = rows // (micro * world)
-    cfg.optimization.grad_accum_steps = accum
-    return (f"resuming on {world} processes (the checkpoint ran on {saved_world}): optimization.grad_accum_steps "
-            f"{saved_accum} -> {accum} keeps {rows} rows per optimizer step")
+    return accum, (f"resuming on {world} processes (the checkpoint ran on {saved_world}): "
+                   f"optimization.grad_accum_steps {saved_accum} -> {accum} keeps {rows} rows per optimizer step")
 
 
 def restore_data_position(loader, checkpoint: str, saved_accum: int, accum: int) -> None:
