@@ -91,7 +91,7 @@ class PathsSection:
     model_dir: str = setting("models/GLM-4.5-Air", "the checkpoint folder download_model.py fills", critical=True)
     data_path: typing.Union[str, list[DataSource]] = setting(
         "data/train.jsonl", "a `.jsonl` / `.jsonl.gz` / `.jsonl.zst` / `.parquet` file, a folder, a glob, or a list "
-        "of `{path, weight}` sources (README: Inputs and the data cache)", parse=_parse_data_path,
+        "of `{path, weight}` sources (docs/DATA.md)", parse=_parse_data_path,
         on_resume="data fingerprint")
     output_dir: str = setting("runs/glm45-air-cpt-qlora", "checkpoints and `logs/`; the dashboard and auto-resume read here")
     best_adapter_dir: str = setting("runs/best-glm45-adapter",
@@ -236,7 +236,7 @@ class LoggingSection:
     expert_stats_interval: int = setting(50, "steps per expert-usage record", ge=1)
     report_to: list[str] = setting(
         help="experiment trackers fed the same records as the JSONL: `tensorboard` · `wandb` · `mlflow` · "
-        "`trackio` (see Experiment trackers); a failing tracker costs a warning, never the run", factory=list)
+        "`trackio` (docs/LOGS.md); a failing tracker costs a warning, never the run", factory=list)
     tracker_project: str = setting("glm45-air-cpt", "W&B project, MLflow experiment, trackio project")
     run_name: Optional[str] = setting(None, "the run's name in the trackers; null = the `output_dir` folder name")
 
@@ -562,7 +562,7 @@ def _on_resume(f) -> str:
 
 
 def readme_table() -> str:
-    """The README's configuration table, rendered from the fields' metadata (`python -m glmkit.config.schema`)."""
+    """docs/CONFIGURATION.md's key table, rendered from the fields' metadata (`python -m glmkit.config.schema`)."""
     rows = ["| key | default | what it does | valid | on resume |", "|---|---|---|---|---|"]
     for key, f in config_fields():
         rows.append(f"| `{key}` | {_markdown_value(field_default(f))} | {f.metadata.get('help', '')} | "
@@ -627,8 +627,8 @@ def config_from_args(args) -> Config:
         raise SystemExit(2) from None
 
 
-def update_readme(path: str = os.path.join(KIT_ROOT, "README.md")) -> None:
-    """Rewrite the README's configuration table from the fields (`python -m glmkit.config.schema --update-readme`)."""
+def update_readme(path: str = os.path.join(KIT_ROOT, "docs", "CONFIGURATION.md")) -> None:
+    """Rewrite docs/CONFIGURATION.md's key table from the fields (`python -m glmkit.config.schema --update-readme`)."""
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     start = text.index("\n", text.index("<!-- config-table")) + 1
@@ -637,7 +637,7 @@ def update_readme(path: str = os.path.join(KIT_ROOT, "README.md")) -> None:
         fh.write(text[:start] + readme_table() + text[end:])
 
 
-if __name__ == "__main__":  # prints the README's configuration table, or rewrites it in place
+if __name__ == "__main__":  # prints docs/CONFIGURATION.md's key table, or rewrites it in place
     if sys.argv[1:] == ["--update-readme"]:
         update_readme()
     else:
