@@ -11,7 +11,7 @@ realistic eval/event/expert logs, starts the dashboard as a real server on
   3. times /api/series/<name> (raw and smoothed)           target p95 <= 100 ms
   4. reads the server's peak resident memory (VmHWM)       target <= 500 MB
 
-    .venv/bin/python bench/bench_dashboard.py --out test-artifacts/bench_dashboard.json
+    .venv/bin/python bench/bench_dashboard.py [--lines 1000000] [--out bench/results/dashboard.json]
 """
 
 from __future__ import annotations
@@ -246,7 +246,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="requests per timed loop")
     parser.add_argument("--server", choices=("gunicorn", "flask"),
                         default="gunicorn" if shutil.which("gunicorn") or _has_gunicorn() else "flask")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "dashboard.json"),
+                        help="write the results as JSON here (default: bench/results/dashboard.json)")
     parser.add_argument("--workdir", help="keep the generated logs here (default: a temp folder, removed)")
     args = parser.parse_args()
 

@@ -109,8 +109,8 @@ def config_keys() -> list[tuple[str, str]]:
 
 
 def test_readme_config_table_is_generated_from_the_fields():
-    """Help, default, bounds and the resume rule are written once, beside each field; the README shows them."""
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    """Help, default, bounds and the resume rule are written once, beside each field; the docs' table shows them."""
+    readme = open(os.path.join(ROOT, "docs", "CONFIGURATION.md"), encoding="utf-8").read()
     start = readme.index("<!-- config-table")
     block = readme[readme.index("\n", start) + 1:readme.index("<!-- /config-table -->")]
     assert block == config_table(), "run: python -m glmkit.config.docs_table --update"

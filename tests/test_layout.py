@@ -1,7 +1,7 @@
 """The package map: no import circles between modules, and no package importing one above it.
 
 Read from the source with `ast`, imports inside functions included, so a lazy import cannot
-hide a circle. The layer order is the architecture the README's layout section draws.
+hide a circle. The layer order is the architecture CONTRIBUTING.md's package map draws.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def test_glm46_and_glm45_355b_need_fsdp_and_fit_four_h200_with_it(tmp_path, name
     assert 352e9 < ddp["params_total"] < 354e9 and 180 * GB < ddp["weights_bytes"] < 190 * GB
     assert ddp["fits"] is False and ddp["max_micro_batch_per_gpu"] == 0
     assert ddp["verdict"].endswith("do not fit one GPU: shard them with distributed.accelerate_config: fsdp "
-                                   "(docs/MEMORY_AND_SCALING.md)")
+                                   "(docs/SCALING.md)")
     fsdp = air_plan(tmp_path, f"model.name_or_path={name}", "distributed.accelerate_config=fsdp")
     assert fsdp["fits"] is True and fsdp["max_micro_batch_per_gpu"] >= 1
     assert fsdp["total_bytes_per_gpu"] < 141 * GB and fsdp["verdict"].startswith("memory plan: FITS")

@@ -15,7 +15,7 @@ from glmkit.config.parse import bounds_text, field_default
 from glmkit.config.schema import KIT_ROOT
 
 # The file that holds the table, between `<!-- config-table ... -->` and `<!-- /config-table -->`.
-TABLE_FILE = os.path.join(KIT_ROOT, "README.md")
+TABLE_FILE = os.path.join(KIT_ROOT, "docs", "CONFIGURATION.md")
 
 
 def _markdown_value(value) -> str:

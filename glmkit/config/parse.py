@@ -3,7 +3,7 @@
 Generic over dataclasses: `glmkit.config.schema` declares the sections and their fields, this module
 turns `{"key": value}` mappings into them. A field's metadata carries its documentation and
 numeric bounds (see `setting`), so the bounds are checked here from one declaration, and the
-README table and the resume rules are derived from the same place.
+docs table (docs/CONFIGURATION.md) and the resume rules are derived from the same place.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ class PathsSection:
     model_dir: str = setting("models/GLM-4.5-Air", "the checkpoint folder download_model.py fills", critical=True)
     data_path: typing.Union[str, list[DataSource]] = setting(
         "data/train.jsonl", "a `.jsonl` / `.jsonl.gz` / `.jsonl.zst` / `.parquet` file, a folder, a glob, or a list "
-        "of `{path, weight}` sources (README: Inputs and the data cache)", parse=_parse_data_path,
+        "of `{path, weight}` sources (docs/DATA.md)", parse=_parse_data_path,
         on_resume="data fingerprint")
     output_dir: str = setting("runs/glm45-air-cpt-qlora", "checkpoints and `logs/`; the dashboard and auto-resume read here")
     best_adapter_dir: str = setting("runs/best-glm45-adapter",
@@ -228,7 +228,7 @@ class LoggingSection:
     expert_stats_interval: int = setting(50, "steps per expert-usage record", ge=1)
     report_to: list[str] = setting(
         help="experiment trackers fed the same records as the JSONL: `tensorboard` · `wandb` · `mlflow` · "
-        "`trackio` (see Experiment trackers); a failing tracker costs a warning, never the run", factory=list)
+        "`trackio` (docs/LOGS.md); a failing tracker costs a warning, never the run", factory=list)
     tracker_project: str = setting("glm45-air-cpt", "W&B project, MLflow experiment, trackio project")
     run_name: Optional[str] = setting(None, "the run's name in the trackers; null = the `output_dir` folder name")
 

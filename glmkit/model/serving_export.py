@@ -7,8 +7,11 @@ expert LoRA the way they read the Hub checkpoint, per expert and per projection:
 
     base_model.model.model.layers.N.mlp.experts.E.{gate_proj,up_proj,down_proj}.lora_{A,B}.weight
 
-vLLM reads the fused layout only behind a flag it does not check, and a layout mistake there
-gives wrong output, not an error. So the export writes the per-expert layout:
+vLLM 0.32 also reads the fused 3-D layout, exactly, but only when the server is started with
+`enable_mixed_moe_lora_format` and the request sets `is_3d_lora_weight` (otherwise it refuses the
+adapter with a clear error); SGLang reads per-expert names only. The per-expert layout is the one
+both read as they are (vLLM 0.32's own loader reproduces peft's deltas to 3.7e-9), so the export
+writes it:
 
 - gate_up_proj's factors are split: gate and up share the expert's A (one input, H) and
   take the first and second half of its B rows ([gate; up], the order the Hub loader fuses).

@@ -242,7 +242,7 @@ def _notes(cfg, source: str, strategy: str, n: int) -> list[str]:
     if strategy == "fsdp":
         notes.append(f"fsdp: the packed 4-bit data, LoRA weights, gradients and AdamW state sharded over {n} "
                      f"processes (4-bit statistics whole on each), {GATHERED_LAYERS} decoder layers gathered at a "
-                     f"time; see docs/MEMORY_AND_SCALING.md")
+                     f"time; see docs/SCALING.md")
         if n == 1:
             notes.append("sharding over 1 process saves nothing: set distributed.num_processes to the GPU count")
     notes.append(f"activations are an estimate; {RUNTIME_OVERHEAD_BYTES / GB:.0f} GB is set aside for the "
@@ -263,7 +263,7 @@ def _gb(nbytes: float) -> str:
 def _advice(plan: dict) -> str:
     if plan["strategy"] == "ddp" and plan["weights_bytes"] + RUNTIME_OVERHEAD_BYTES >= plan["gpu_memory_bytes"]:
         return (f"the 4-bit weights alone ({_gb(plan['weights_bytes'])}) do not fit one GPU: shard them with "
-                f"distributed.accelerate_config: fsdp (docs/MEMORY_AND_SCALING.md)")
+                f"distributed.accelerate_config: fsdp (docs/SCALING.md)")
     if not plan["gradient_checkpointing"]:
         return "turn on memory.gradient_checkpointing"
     if plan["micro_batch_per_gpu"] > 1:
@@ -271,7 +271,7 @@ def _advice(plan: dict) -> str:
             return f"lower optimization.micro_batch_per_gpu to {plan['max_micro_batch_per_gpu']}"
         return "lower optimization.micro_batch_per_gpu"
     if plan["strategy"] == "ddp" and plan["weights_bytes"] > 0.5 * plan["gpu_memory_bytes"]:
-        return "shard the weights: distributed.accelerate_config: fsdp (docs/MEMORY_AND_SCALING.md)"
+        return "shard the weights: distributed.accelerate_config: fsdp (docs/SCALING.md)"
     return "lower training.max_seq_length"
 
 
