@@ -1,12 +1,13 @@
-# Two quick-start commands: `make demo` (train the tiny model on CPU, then serve the
-# dashboard) and `make test` (the whole suite). Both create .venv on first use.
+# Quick-start commands: `make demo` (the dashboard, then the tiny model training on CPU while it serves),
+# `make test` (the whole suite, CI's command) and `make test-fast` (every test that starts no training process).
+# Each creates .venv on first use.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TINY   := configs/tiny.yaml
 DASHBOARD_PORT ?= 5000
 
-.PHONY: demo test durations venv tiny-model demo-data clean-demo
+.PHONY: demo test test-fast durations venv tiny-model demo-data clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-trackers.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,16 +27,21 @@ tiny-model: venv
 demo-data: venv
 	$(PY) -m glmkit.demo.corpus --config $(TINY)
 
-# The same launcher and trainer as a real run, on the tiny model, then the dashboard.
+# The dashboard first, then the same launcher and trainer as a real run, on the tiny model, while it serves;
+# Ctrl-C stops both (the trainer saves a checkpoint: `make demo` again resumes it).
 demo: tiny-model demo-data
-	./launch_training.sh --config $(TINY)
-	./launch_dashboard.sh --config $(TINY) --port $(DASHBOARD_PORT)
+	$(PY) -m glmkit.demo.live --config $(TINY) --port $(DASHBOARD_PORT)
 
 test: venv
 	$(PY) -m ruff check .
 	# two workers, given whole test files, the longest first (tests/durations.json, see conftest.py): the
 	# suite is mostly training subprocesses, and conftest.py builds shared artifacts once for both
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+
+# Everything that starts no training process (tests/conftest.py fails a test that trains without the `trains` mark).
+test-fast: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -n 2 -m "not trains" --dist loadfile --no-loadscope-reorder tests
 
 # The suite once more, writing each test's seconds to tests/durations.json: `make test` hands out the longest files first.
 durations: venv
