@@ -177,7 +177,14 @@ say "$DEVICE path: $PER_MACHINE process(es) on each of $NUM_MACHINES machine(s) 
 plan_rc=0
 VERDICT="$("$PYTHON" -m glmkit.plan --config "$KIT_CONFIG" ${SET_ARGS[@]+"${SET_ARGS[@]}"} \
     --num_processes "$TOTAL" --check)" || plan_rc=$?
-if [[ -n "$VERDICT" ]]; then say "$VERDICT"; fi
+if [[ -n "$VERDICT" ]]; then
+    if [[ "$DEVICE" == cpu ]]; then
+        # the plan prices GPUs of distributed.gpu_memory_gb; this run's processes share the CPU's memory instead
+        say "CPU run: this machine has no GPU; for GPUs of distributed.gpu_memory_gb the $VERDICT"
+    else
+        say "$VERDICT"
+    fi
+fi
 case "$plan_rc" in
     0) ;;
     3) ((FORCE)) || die "refusing to launch a run the memory plan says won't fit; see python train_qlora.py --config $KIT_CONFIG --plan, or pass --force" 3

@@ -160,16 +160,28 @@ def restore_checkpoint(accelerator, cfg, path: str, model, optimizer, scheduler,
     apply_current_hyperparameters(optimizer, scheduler, cfg)
 
 
-def run_eval(step: int, model, data: RunData, accelerator, cfg, logs, baseline: bool = False) -> dict:
-    """Every eval set once, written to eval_log.jsonl and events_log.jsonl; returns the eval record."""
-    from glmkit.train.evaluation import eval_record, evaluate_sets
+def run_eval(step: int, model, data: RunData, accelerator, cfg, logs, state: LoopState) -> LoopState:
+    """Every eval set once: a bar while it runs, a console line with each set's loss and its change since step 0,
+    the records in eval_log.jsonl and events_log.jsonl. Returns the loop state that has seen it."""
+    import time
 
-    results = evaluate_sets(model, data.eval_rows, data.collator, accelerator, cfg.optimization.micro_batch_per_gpu)
+    from glmkit.train.evaluation import batches_here, eval_line, eval_record, evaluate_sets
+    from glmkit.train.progress import console, eval_bar
+
+    started = time.time()
+    micro_batch = cfg.optimization.micro_batch_per_gpu
+    total = sum(batches_here(rows, accelerator, micro_batch) for rows in data.eval_rows.values())
+    with eval_bar(accelerator, step, total) as bar:
+        results = evaluate_sets(model, data.eval_rows, data.collator, accelerator, micro_batch,
+                                on_batch=lambda name: bar.set_description(f"eval {name}", refresh=False) or bar.update())
     record = eval_record(results, cfg.eval.select_by)
+    losses = {name: r.val_loss for name, r in results.items()}
     logs.write("eval", step, **record)
-    logs.event("eval", step, val_loss=record["val_loss"], perplexity=record["perplexity"],
-               losses={name: r.val_loss for name, r in results.items()}, **({"baseline": True} if baseline else {}))
-    return record
+    logs.event("eval", step, val_loss=record["val_loss"], perplexity=record["perplexity"], losses=losses,
+               **({"baseline": True} if step == 0 else {}))
+    state = state.after_eval(step, losses, record["val_loss"])
+    console(accelerator, eval_line(step, losses, state.baseline_losses, time.time() - started))
+    return state
 
 
 # ---------------------------------------------------------------------------
@@ -177,7 +189,7 @@ def run_eval(step: int, model, data: RunData, accelerator, cfg, logs, baseline: 
 # ---------------------------------------------------------------------------
 
 def train(cfg, args, accelerator, logs) -> int:
-    from glmkit.model.load import check_model_dir, format_audit
+    from glmkit.model.load import check_model_dir, format_audit, is_demo_model
     from glmkit.plan.fit import memory_gate
     from glmkit.run.trackers import start_trackers
     from glmkit.train.checkpoint import (
@@ -197,6 +209,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.train.progress import StepClock, gpu_memory, progress_bar
     from glmkit.train.router_stats import RouterStats
     from glmkit.train.step import check_nan_budget, next_group, step_groups, train_step
+    from glmkit.train.summary import run_summary
 
     # ---- setup: checks that cost seconds, then where to start, data, model, optimizer ------------------------
     torch.manual_seed(cfg.training.seed)
@@ -244,14 +257,14 @@ def train(cfg, args, accelerator, logs) -> int:
                eval_sets={name: len(rows) for name, rows in data.eval_rows.items()},
                resumed_from=resume.path, device=str(accelerator.device), ddp_sync=sync_report(model),
                strategy=strategy(cfg), resident_by_rank=resident_bytes_by_rank(model, accelerator, built.loaded),
-               **planned_memory)
+               demo_model=is_demo_model(cfg.paths.model_dir), **planned_memory)
     if resume.path:  # last of all, so nothing draws from the random streams it restores
         restore_checkpoint(accelerator, cfg, resume.path, model, optimizer, scheduler, train_loader, sharded_state)
         logs.event("resume", state.step, from_step=state.step, checkpoint=resume.path)
 
     # ---- the baseline: every eval set before the first update (the base model: LoRA B starts at 0) -------------
     if cfg.eval.at_start and state.step == 0 and data.eval_rows:
-        run_eval(0, model, data, accelerator, cfg, logs, baseline=True)
+        state = run_eval(0, model, data, accelerator, cfg, logs, state)
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     preemption = Preemption()
@@ -285,8 +298,8 @@ def train(cfg, args, accelerator, logs) -> int:
 
         # -- eval of every set; the selection set's loss picks the best adapter and ranks checkpoints
         if (step % cfg.logging.eval_interval == 0 or step == total_steps) and data.eval_rows:
-            selected = run_eval(step, model, data, accelerator, cfg, logs)["val_loss"]
-            state = replace(state, last_val_loss=selected, last_eval_step=step)
+            state = run_eval(step, model, data, accelerator, cfg, logs, state)
+            selected = state.last_val_loss
             maybe_kill("after_eval", step)
             if improves(selected, state.best_val_loss) and adapter_is_finite(model):
                 checkpointer.save_best_adapter(step, selected, state.best_val_loss, cfg.eval.select_by)
@@ -296,9 +309,9 @@ def train(cfg, args, accelerator, logs) -> int:
         if any_process(accelerator, logs.failed is not None):
             raise logs.failed or WriteFailed("the main process could not write the run logs (its message says why)")
 
-        # -- checkpoint, and preemption
-        preempted = preemption.requested(accelerator)
-        if step % cfg.checkpoint.interval == 0 or preempted:
+        # -- checkpoint, and preemption; the last step's checkpoint is the final one, written once below
+        preempted = preemption.requested(accelerator) and step < total_steps
+        if (step % cfg.checkpoint.interval == 0 and step < total_steps) or preempted:
             checkpointer.save(state)
         clock.exclude_side_work()
         if preempted:
@@ -313,7 +326,9 @@ def train(cfg, args, accelerator, logs) -> int:
     final = checkpointer.save(replace(state, elapsed_seconds=clock.elapsed()), final=True)
     logs.event("run_end", state.step, status="finished", final_checkpoint=final, best_val_loss=state.best_val_loss,
                tokens_seen=state.tokens_seen, **gpu_memory(peak_only=True))
-    accelerator.print(f"done: step {state.step}, best val loss {state.best_val_loss}, final checkpoint {final}")
+    accelerator.print(run_summary(replace(state, elapsed_seconds=clock.elapsed()), config_path=cfg.source_path,
+                                  best_adapter_dir=cfg.paths.best_adapter_dir, final_checkpoint=final,
+                                  select_by=cfg.eval.select_by, best_adapter_written=state.best_step is not None))
     return 0
 
 

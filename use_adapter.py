@@ -38,6 +38,7 @@ def main(argv=None) -> int:
 
     from glmkit.model import adapter
     from glmkit.model.errors import ModelLoadError
+    from glmkit.model.load import is_demo_model
     from glmkit.model.serving_export import ServingExportError, export_for_serving
     from glmkit.run.writes import WriteFailed
 
@@ -55,7 +56,12 @@ def main(argv=None) -> int:
             print(f"exported {adapter_dir} for serving: {done['out_dir']} ({done['layout']}, rank {done['rank']}); "
                   f"{os.path.join(done['out_dir'], 'README.md')} has the vLLM and SGLang commands")
         else:
-            print(adapter.sample(cfg.paths.model_dir, adapter_dir, args.sample, args.max_new_tokens, dtype))
+            continuation = adapter.sample(cfg.paths.model_dir, adapter_dir, args.sample, args.max_new_tokens, dtype)
+            print(f"prompt:       {args.sample}")
+            print(f"continuation: {continuation}")
+            if is_demo_model(cfg.paths.model_dir):
+                print(f"note: {cfg.paths.model_dir} is the tiny CPU demo model (random weights, a few minutes of "
+                      f"training): its text is noise by design; a real model continues the prompt")
     except (adapter.MergeError, ServingExportError, ModelLoadError, WriteFailed, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

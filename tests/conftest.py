@@ -171,6 +171,7 @@ class FinishedRun:
     best: str
     stdout: str
     folder: pathlib.Path
+    stderr: str = ""
 
     def __getitem__(self, key):  # the tests read runs as dicts
         return getattr(self, key)
@@ -185,10 +186,11 @@ def shared_training_run(tmp_path_factory, name: str, model_dir: str, data_path, 
         result = run_cli([*launch, "train_qlora.py", "--config", config], env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         (folder / "stdout.txt").write_text(result.stdout)
+        (folder / "stderr.txt").write_text(result.stderr)
 
     folder = shared_folder(tmp_path_factory, name, train)
     return FinishedRun(str(folder / "config.yaml"), str(folder / "run"), str(folder / "best"),
-                       (folder / "stdout.txt").read_text(), folder)
+                       (folder / "stdout.txt").read_text(), folder, (folder / "stderr.txt").read_text())
 
 
 # One short expert-LoRA training run (attention r 8 and routed experts r 4 on the tiny model), shared by the

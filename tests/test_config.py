@@ -97,6 +97,7 @@ def test_cli_prints_one_line_per_problem_and_exits_2(tmp_path):
                          "config error: lora.r: must be >= 1, got 0"]
 
 
+@pytest.mark.trains
 def test_invalid_yaml_is_one_line(tmp_path):
     (tmp_path / "broken.yaml").write_text("training:\n  epochs: [1\n")
     result = run_cli(["train_qlora.py", "--config", str(tmp_path / "broken.yaml")])
@@ -166,6 +167,7 @@ def test_non_finite_numbers_are_refused(tmp_path, value):
         load_config(tmp_path / "c.yaml")
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.write_bytes("training:\n  text_field: caf\xe9\n".encode("latin-1")), "is not UTF-8 text"),
     (lambda p: p.mkdir(), "is a directory, not a file"),
@@ -203,6 +205,7 @@ def test_best_adapter_dir_overlapping_another_path_is_refused(tmp_path, best, ke
     assert any(p.startswith("paths.best_adapter_dir:") and key in p for p in info.value.problems), info.value.problems
 
 
+@pytest.mark.trains
 def test_flash_attention_2_needs_flash_attn_else_one_line_pointing_at_varlen(tmp_path):
     from glmkit.config.validate import flash_attn_importable
 
@@ -335,6 +338,7 @@ def read_only_folder(tmp_path):
         subprocess.run(["umount", str(folder)], check=False)
 
 
+@pytest.mark.trains
 def test_unwritable_folders_are_one_line_each_before_anything_starts(tmp_path, read_only_folder):
     """An unwritable output/log folder used to be a PermissionError (or EROFS) traceback."""
     model = tmp_path / "model"

@@ -52,7 +52,7 @@ def test_live_run_in_browser(tmp_path, serve_dashboard, chromium):
         assert page.is_visible("#val-cards") and page.is_hidden("#val-empty")
         assert page.locator("#ckpt-rows tr").count() >= 4
         assert page.locator("#timeline li").count() >= 8
-        assert "No GPU visible" in page.text_content("#gpu-empty") or page.locator(".gpu").count() > 0
+        assert "No GPU on this machine" in page.text_content("#gpu-empty") or page.locator(".gpu").count() > 0
         wait_for_plots(page)
 
         assert_pauses_while_hidden(page)

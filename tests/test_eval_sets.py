@@ -57,6 +57,7 @@ def eval_run(tmp_path_factory, tiny_model_dir, demo_corpus):
     return {"config": config, "out": str(tmp / "run"), "best": str(tmp / "best"), "stdout": result.stdout}
 
 
+@pytest.mark.trains
 def test_every_eval_measures_every_set_from_step_0(eval_run):
     evals = records(eval_run["out"], "eval_log.jsonl")
     assert [e["step"] for e in evals] == [0, 3, 6]
@@ -88,6 +89,7 @@ def _hand_losses(model, tokenizer, texts) -> tuple[float, float]:
     return total / tokens, sum(means) / len(means)
 
 
+@pytest.mark.trains
 def test_eval_set_losses_equal_a_hand_computation_at_step_0_and_after_training(eval_run):
     """Step 0 is the base model's loss; the last eval is the final adapter's. Token-weighted: a mean of
     per-document means would differ."""
@@ -111,6 +113,7 @@ def test_eval_set_losses_equal_a_hand_computation_at_step_0_and_after_training(e
     assert evals[6]["general/loss"] != evals[0]["general/loss"]
 
 
+@pytest.mark.trains
 def test_the_selection_set_picks_the_best_adapter_and_the_top_k_not_step_0(eval_run):
     """Selected by code, whose loss rises with training: the best adapter and the kept checkpoint are step 3's,
     where the held-out split would pick step 6; step 0 (lowest of all) is no candidate."""
@@ -123,7 +126,7 @@ def test_the_selection_set_picks_the_best_adapter_and_the_top_k_not_step_0(eval_
     events = read_jsonl(os.path.join(eval_run["out"], "logs", "events_log.jsonl"))
     assert [e["step"] for e in events if e["event"] == "best_updated"] == [3]
     kept = sorted(n for n in os.listdir(eval_run["out"]) if "checkpoint-" in n)
-    assert kept == ["checkpoint-3", "checkpoint-6", "final-checkpoint-6"]  # top-1 by code's loss, and the latest
+    assert kept == ["checkpoint-3", "final-checkpoint-6"]  # top-1 by code's loss, and the final one (step 6 once)
     assert json.load(open(os.path.join(eval_run["out"], "checkpoint-3", "trainer_meta.json")))["val_loss"] == \
         evals[3]["code/loss"]
 
@@ -139,6 +142,7 @@ def test_a_changed_selection_set_on_resume_starts_a_new_best():
     assert older.selecting_by("val").best_val_loss == 2.0 and older.selecting_by("code").best_val_loss is None
 
 
+@pytest.mark.trains
 def test_wsd_learning_rates_in_the_log(eval_run):
     """Warmup 2, stable at the peak, a 3-step cosine decay ending one step short of the floor."""
     lrs = [r["lr"] for r in records(eval_run["out"], "training_log.jsonl")]
@@ -147,6 +151,7 @@ def test_wsd_learning_rates_in_the_log(eval_run):
     assert lrs == pytest.approx([peak / 2, peak, peak, *(peak * c for c in cos)], rel=1e-12)
 
 
+@pytest.mark.trains
 def test_sigkill_then_resume_with_eval_sets_and_wsd_matches_the_uninterrupted_run(eval_run, tmp_path,
                                                                                   tiny_model_dir, demo_corpus):
     config = eval_config(tmp_path, tiny_model_dir, demo_corpus)

@@ -95,6 +95,7 @@ def test_4bit_expert_adapter_has_plain_peft_names_and_shapes(make_config, tiny_m
 # Training: trainable count, weights move, eval, retention, best adapter
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_training_counts_and_moves_the_expert_weights(expert_run):
     start = read_jsonl(os.path.join(expert_run["out"], "logs", "events_log.jsonl"))[0]
     by_group = start["model_audit"]["trainable_params_by_group"]
@@ -110,6 +111,7 @@ def test_training_counts_and_moves_the_expert_weights(expert_run):
     assert len(losses) == 8 and all(map(torch.isfinite, torch.tensor(losses)))
 
 
+@pytest.mark.trains
 def test_eval_retention_and_best_adapter_carry_the_experts(expert_run):
     evals = read_jsonl(os.path.join(expert_run["out"], "logs", "eval_log.jsonl"))
     assert [e["step"] for e in evals] == [0, 2, 4, 6, 8]
@@ -120,6 +122,7 @@ def test_eval_retention_and_best_adapter_carry_the_experts(expert_run):
     assert len(expert_weights(expert_run["best"])) == 8
 
 
+@pytest.mark.trains
 def test_best_adapter_loads_with_plain_peft(expert_run, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -135,6 +138,7 @@ def test_best_adapter_loads_with_plain_peft(expert_run, tiny_model_dir):
 # Exact resume and two processes
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_sigkill_then_resume_is_bit_identical(expert_run, make_config, tmp_path):
     config = make_config(SETTINGS)
     killed = run_cli(["train_qlora.py", "--config", config], env={"GLMKIT_FAULT_KILL_AT": "mid_step:6"})
@@ -148,6 +152,7 @@ def test_sigkill_then_resume_is_bit_identical(expert_run, make_config, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.trains
 def test_two_processes_train_the_experts(make_config, tmp_path):
     config = make_config({**SETTINGS, "training.max_steps": 4, "checkpoint.interval": 4})
     result = run_cli([*TWO_PROCESSES, "train_qlora.py", "--config", config], env={"ACCELERATE_USE_CPU": "true"})
@@ -163,6 +168,7 @@ def test_two_processes_train_the_experts(make_config, tmp_path):
 # Targets that match nothing, and options expert LoRA cannot take: one line, exit 2, before loading
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 @pytest.mark.parametrize("overrides, message", [
     ({"lora.target_modules": ["q_proj", "nonexistent_proj"]},
      "lora.target_modules: 'nonexistent_proj' matches no Linear layer of the model; it has down_proj, gate_proj, "
@@ -177,6 +183,7 @@ def test_a_target_that_matches_nothing_is_refused_before_loading(make_config, tm
     assert not os.path.exists(tmp_path / "scratch" / "tokenized")  # refused before the data and the weights
 
 
+@pytest.mark.trains
 def test_dropout_with_expert_lora_is_a_config_error(make_config):
     line = one_line_error(run_cli(["train_qlora.py", "--config", make_config({"lora.target_parameters": EXPERTS})]))
     assert line.startswith("config error: lora.dropout: must be 0 when lora.target_parameters is set")
@@ -196,6 +203,7 @@ def merged(tmp_path_factory, expert_run):
     return str(shared_folder(tmp_path_factory, "expert-merged", merge) / "merged")
 
 
+@pytest.mark.trains
 def test_merged_logits_equal_base_plus_adapter(expert_run, merged, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -212,6 +220,7 @@ def test_merged_logits_equal_base_plus_adapter(expert_run, merged, tiny_model_di
     assert (ours - theirs).abs().max() <= 1e-4
 
 
+@pytest.mark.trains
 def test_merged_checkpoint_has_the_hub_layout(merged, tiny_model_dir):
     base_index = json.load(open(os.path.join(tiny_model_dir, "model.safetensors.index.json")))["weight_map"]
     index = json.load(open(os.path.join(merged, "model.safetensors.index.json")))
@@ -228,6 +237,7 @@ def test_merged_checkpoint_has_the_hub_layout(merged, tiny_model_dir):
     assert not any(name.startswith("adapter") for name in os.listdir(merged))
 
 
+@pytest.mark.trains
 def test_merged_expert_tensors_differ_from_the_base(merged, tiny_model_dir):
     def tensor(folder, key):
         shard = json.load(open(os.path.join(folder, "model.safetensors.index.json")))["weight_map"][key]
@@ -241,6 +251,7 @@ def test_merged_expert_tensors_differ_from_the_base(merged, tiny_model_dir):
         assert torch.equal(tensor(merged, key), tensor(tiny_model_dir, key)), key
 
 
+@pytest.mark.trains
 def test_sample_works_with_expert_lora(expert_run):
     result = run_cli(["use_adapter.py", "--config", expert_run["config"], "--sample", "The module",
                       "--max-new-tokens", "6", "--dtype", "float32"])
@@ -248,11 +259,13 @@ def test_sample_works_with_expert_lora(expert_run):
     assert result.stdout.strip()
 
 
+@pytest.mark.trains
 def test_merge_refuses_a_folder_that_holds_a_model(expert_run, merged):
     line = one_line_error(run_cli(["use_adapter.py", "--config", expert_run["config"], "--merge", merged]))
     assert line.startswith(f"error: --merge {merged} already holds a model (")
 
 
+@pytest.mark.trains
 def test_merge_refuses_a_model_that_does_not_fit_the_adapter(expert_run, tiny_model_dir, tmp_path):
     """Same architecture, other expert width; then another architecture altogether."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
@@ -278,6 +291,7 @@ def test_merge_refuses_a_model_that_does_not_fit_the_adapter(expert_run, tiny_mo
     assert "holds a 'llama' model" in line
 
 
+@pytest.mark.trains
 def test_merge_refuses_adapter_options_it_cannot_fold(expert_run, tiny_model_dir, tmp_path):
     import shutil
 
@@ -296,6 +310,7 @@ def test_merge_refuses_adapter_options_it_cannot_fold(expert_run, tiny_model_dir
 # The plan prices what the trainer builds
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_plan_prices_the_expert_lora_the_trainer_builds(make_config, expert_run):
     from glmkit.config.load import load_config
     from glmkit.plan.fit import build_plan

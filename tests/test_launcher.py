@@ -196,6 +196,7 @@ def test_no_resume_without_checkpoints_starts_fresh(kit):
     assert "--no-resume: starting fresh" in result.stdout
 
 
+@pytest.mark.trains
 def test_no_resume_on_an_existing_run_is_one_line(kit):
     """Not a dry run: the real script, which used to launch and end in a CalledProcessError traceback."""
     checkpoint = make_checkpoint(kit["output_dir"], "checkpoint-10", complete=True)
@@ -371,6 +372,7 @@ def test_trainer_overrides_reach_the_helper(kit):
     assert f"paths.output_dir={elsewhere}" in cmd and cmd[-1] == "--some-trainer-flag"
 
 
+@pytest.mark.trains
 def test_unknown_launcher_option_is_refused():
     result = run_launcher("--frobnicate")
     assert result.returncode == 2 and "--frobnicate" in result.stderr
@@ -380,6 +382,7 @@ def test_unknown_launcher_option_is_refused():
 # shellcheck
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 @pytest.mark.parametrize("script", [LAUNCHER, SLURM_EXAMPLE])
 def test_shellcheck_clean(script):
@@ -406,6 +409,7 @@ def _tiny_settings(tmp_path, model_dir, corpus, **extra) -> list[str]:
     return settings
 
 
+@pytest.mark.trains
 @pytest.mark.skipif(not NO_GPU, reason="the CPU path (gloo) is what this test exercises")
 @pytest.mark.skipif(not _trainer_ready(), reason="train_qlora.py / glmkit.demo.tiny not written yet")
 @pytest.mark.parametrize("processes", [1, 2])
@@ -430,6 +434,7 @@ def _events(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+@pytest.mark.trains
 @pytest.mark.skipif(not NO_GPU, reason="the CPU path (gloo) is what this test exercises")
 @pytest.mark.skipif(not _trainer_ready(), reason="train_qlora.py / glmkit.demo.tiny not written yet")
 def test_two_process_cpu_run_resumes_by_itself(tmp_path, tiny_model_dir, demo_corpus):

@@ -304,3 +304,46 @@ def test_plan_agrees_with_audit_of_loaded_tiny_model(tmp_path, tiny_model_dir):
     assert plan["weights_bytes"] == pytest.approx(audit["bytes_total"], rel=0.01)
     lora = audit_model(prepare_for_training(model, cfg))["groups"]["lora"]
     assert plan["lora_params"] == lora["params"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans without visible GPUs")
+def test_without_gpus_the_plan_assumes_the_recipes_node_and_says_so(tmp_path):
+    """People plan before renting: with no GPU here and distributed.num_processes null, the plan is for 4 GPUs of
+    distributed.gpu_memory_gb, named as assumed. GLM-4.6 with fsdp fits them (it used to say fsdp x 1, no fit)."""
+    cfg = load_config(write_yaml(tmp_path), ["model.name_or_path=zai-org/GLM-4.6", "distributed.accelerate_config=fsdp"])
+    plan = planmod.build_plan(cfg)
+    assert plan["num_processes"] == 4 and plan["num_processes_assumed"] is True and plan["fits"]
+    assert "(fsdp x 4 assumed: no GPU here; micro batch 4 x 4096 tokens;" in plan["verdict"]
+    assert any("planned for the recipe's node, 4 GPUs of distributed.gpu_memory_gb (141 GB)" in n for n in plan["notes"])
+    counted = planmod.build_plan(load_config(write_yaml(tmp_path), ["distributed.num_processes=2"]))
+    assert counted["num_processes"] == 2 and not counted["num_processes_assumed"] and "assumed" not in counted["verdict"]
+
+
+@pytest.mark.parametrize("overrides, processes, advice, applied", [
+    # DDP cannot hold GLM-4.6's 184 GB of 4-bit weights on one GPU: shard them over the same 4
+    (["model.name_or_path=zai-org/GLM-4.6"], 4,
+     "the 4-bit weights alone (184.4 GB) do not fit one GPU: shard them with distributed.accelerate_config: fsdp",
+     ["model.name_or_path=zai-org/GLM-4.6", "distributed.accelerate_config=fsdp"]),
+    # on one GPU no micro-batch fits, fsdp or not: more GPUs
+    (["model.name_or_path=zai-org/GLM-4.6", "distributed.accelerate_config=fsdp"], 1,
+     "shard over 2 GPUs: distributed.accelerate_config: fsdp, distributed.num_processes 2",
+     ["model.name_or_path=zai-org/GLM-4.6", "distributed.accelerate_config=fsdp", "distributed.num_processes=2",
+      "optimization.micro_batch_per_gpu=3"]),
+    # too many rows: the largest micro-batch that fits
+    (["optimization.micro_batch_per_gpu=32"], 4, "lower optimization.micro_batch_per_gpu to 12",
+     ["optimization.micro_batch_per_gpu=12"]),
+])
+def test_the_advice_names_a_change_that_fits(tmp_path, overrides, processes, advice, applied):
+    """A plan that does not fit names one change, and that change, applied, fits (never advice that cannot)."""
+    cfg = load_config(write_yaml(tmp_path), overrides)
+    plan = planmod.build_plan(cfg, gpu_memory_bytes=int(141 * GB), num_processes=processes)
+    assert not plan["fits"] and advice in plan["advice"] and plan["verdict"].endswith(plan["advice"])
+    fixed = load_config(write_yaml(tmp_path), applied)
+    n = fixed.distributed.num_processes or processes
+    assert planmod.build_plan(fixed, gpu_memory_bytes=int(141 * GB), num_processes=n)["fits"]
+
+
+def test_when_nothing_fits_the_advice_says_so(tmp_path):
+    plan = planmod.build_plan(load_config(write_yaml(tmp_path)), gpu_memory_bytes=int(10 * GB), num_processes=4)
+    assert plan["advice"] == ("no setting the plan knows makes it fit GPUs of 10.0 GB: use GPUs with more memory "
+                              "(distributed.gpu_memory_gb) or a smaller model")

@@ -217,6 +217,7 @@ def test_source_weight_of_zero_or_less_is_a_config_error(tmp_path, config_for, d
                                      f"per epoch; remove the source to leave it out), got -1.0")
 
 
+@pytest.mark.trains
 def test_two_processes_tokenize_once_and_both_map_the_cache(tmp_path, config_for, demo_corpus):
     texts = demo_texts(demo_corpus)
     corpus = tmp_path / "corpus"

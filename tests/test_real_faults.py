@@ -145,6 +145,7 @@ def disk_run(small_disk, tmp_path_factory, tiny_model_dir, demo_corpus):
             "out": os.path.join(small_disk.path, "run"), "best": os.path.join(small_disk.path, "best")}
 
 
+@pytest.mark.trains
 def test_full_disk_during_a_checkpoint_stops_every_rank_with_one_line(disk_run, small_disk):
     result, out = disk_run["result"], disk_run["out"]
     assert small_disk.filled(), "the filler never saw the checkpoint being written"
@@ -160,6 +161,7 @@ def test_full_disk_during_a_checkpoint_stops_every_rank_with_one_line(disk_run, 
     assert os.path.isfile(os.path.join(disk_run["best"], "best.json"))  # written at step 1, before the checkpoint
 
 
+@pytest.mark.trains
 def test_full_disk_writing_the_best_adapter_keeps_the_previous_one(disk_run, small_disk):
     best = disk_run["best"]
     with open(os.path.join(best, "best.json"), encoding="utf-8") as fh:
@@ -181,6 +183,7 @@ def test_full_disk_writing_the_best_adapter_keeps_the_previous_one(disk_run, sma
     assert error_reported(result, os.path.join(disk_run["out"], "logs"))
 
 
+@pytest.mark.trains
 def test_full_disk_writing_a_merge_shard(disk_run, small_disk, tiny_model_dir):
     partial = os.path.join(small_disk.path, ".merged.merge-partial")
     small_disk.fill_when(".merged.merge-partial")  # held at its mkdir: the shards are written to a full disk
@@ -297,6 +300,7 @@ def test_recovery_puts_back_a_folder_a_kill_left_missing(tmp_path):
 # Process hygiene
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_refused_trainer_writes_nothing_into_the_running_runs_logs(make_config, tmp_path):
     from glmkit.run.lock import RunLock
 
@@ -361,6 +365,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.trains
 def test_ranks_exit_when_their_launcher_is_killed(make_config, tmp_path):
     config = make_config({**SHORT_RUN, "training.max_steps": 40})
     with open(tmp_path / "launch.log", "w") as log:

@@ -127,6 +127,7 @@ def peft_logits(expert_run, tiny_model_dir, inputs):
     return with_adapter, base
 
 
+@pytest.mark.trains
 def test_export_has_the_per_expert_layout(served, tiny_model_dir):
     config = json.load(open(os.path.join(tiny_model_dir, "config.json")))
     moe_layers = range(config["first_k_dense_replace"], config["num_hidden_layers"])
@@ -160,6 +161,7 @@ def test_export_has_the_per_expert_layout(served, tiny_model_dir):
     assert "vllm serve" in readme and "sglang.launch_server" in readme and "--max-lora-rank 8" in readme
 
 
+@pytest.mark.trains
 def test_reference_equals_merged_and_peft(served, expert_run, tiny_model_dir, peft_logits, inputs, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -174,6 +176,7 @@ def test_reference_equals_merged_and_peft(served, expert_run, tiny_model_dir, pe
     assert (reference - merged).abs().max() <= 1e-4
 
 
+@pytest.mark.trains
 def test_a_layout_mistake_shows_in_the_logits(served, tiny_model_dir, peft_logits, inputs, tmp_path):
     """gate and up swapped, as a wrong split would write them: the reference must see it."""
     wrong = tmp_path / "swapped"
@@ -206,6 +209,7 @@ def _peft(tiny_model_dir, adapter_dir, inputs) -> torch.Tensor:
     return logits(PeftModel.from_pretrained(base, adapter_dir).eval(), inputs)
 
 
+@pytest.mark.trains
 def test_attention_only_export_is_the_plain_peft_adapter(expert_run, tiny_model_dir, inputs, tmp_path):
     from glmkit.model.serving_export import export_for_serving
 
@@ -219,6 +223,7 @@ def test_attention_only_export_is_the_plain_peft_adapter(expert_run, tiny_model_
     assert (reference - _peft(tiny_model_dir, adapter, inputs)).abs().max() <= 1e-4
 
 
+@pytest.mark.trains
 def test_experts_with_gate_up_only_get_zero_down_factors(expert_run, tiny_model_dir, inputs, tmp_path):
     """peft nests a layer's wrappers by what is adapted: alone, gate_up_proj's factors lose their `base_layer.`."""
     from glmkit.model.serving_export import export_for_serving
@@ -244,6 +249,7 @@ def test_experts_with_gate_up_only_get_zero_down_factors(expert_run, tiny_model_
 # Refusals: one line, exit 2, nothing written
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_refuses_an_adapter_it_cannot_express(expert_run, tmp_path):
     adapter = tmp_path / "dora"
     shutil.copytree(expert_run["best"], adapter)
@@ -258,6 +264,7 @@ def test_refuses_an_adapter_it_cannot_express(expert_run, tmp_path):
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / ".out.export-partial")
 
 
+@pytest.mark.trains
 def test_refuses_other_fused_parameters_and_a_folder_in_use(expert_run, tiny_model_dir, tmp_path):
     from glmkit.model.serving_export import ServingExportError, export_for_serving
 

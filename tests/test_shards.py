@@ -106,6 +106,7 @@ def damaged_copy(tiny_model_dir, folder, damage: str) -> tuple[str, str]:
     return str(model_dir), str(path)
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("damage", ["random-bytes", "truncated", "missing-tensor"])
 def test_trainer_names_a_damaged_shard_in_one_line(tmp_path, tiny_model_dir, demo_corpus, damage):
     model_dir, shard = damaged_copy(tiny_model_dir, tmp_path, damage)

@@ -152,6 +152,7 @@ def only(history: dict, want: dict) -> dict:
 
 # ---- the end-to-end run -----------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_every_tracker_holds_the_jsonl_and_a_resumed_run_continues_the_same_runs(make_config, tmp_path):
     env = offline_env(tmp_path)
     config = make_config({**SHORT, "logging.report_to": ALL})
@@ -206,6 +207,7 @@ def test_every_tracker_holds_the_jsonl_and_a_resumed_run_continues_the_same_runs
     assert found["config"]["training.max_steps"] == 4
 
 
+@pytest.mark.trains
 def test_a_killed_run_resumes_with_the_latest_record_of_each_step_winning(make_config, tmp_path):
     """Steps logged after the last checkpoint are logged again by the resumed run; TensorBoard (purge_step)
     and MLflow (latest point of a step) then agree with the JSONL's resume rule, and tokens_seen repeats exactly."""
@@ -306,6 +308,7 @@ def test_metrics_are_the_records_numbers():
 
 # ---- bad input ----------------------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_unknown_tracker_is_one_config_line(make_config):
     config = make_config({"logging.report_to": ["tensorbord"]})
     result = run_cli(["train_qlora.py", "--config", config])
@@ -328,6 +331,7 @@ runpy.run_path(sys.argv[0], run_name="__main__") if sys.argv[0].endswith(".py") 
 """
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("entry", ["train_qlora.py", "glmkit.launch.env"])
 def test_missing_tracker_package_is_one_config_line_with_the_pip_line(make_config, entry):
     config = make_config({"logging.report_to": ["tensorboard", "wandb"]})

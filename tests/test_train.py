@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,12 +27,14 @@ def logs(run, name):
     return read_jsonl(os.path.join(run["out"], "logs", name))
 
 
+@pytest.mark.trains
 def test_loss_falls_over_30_steps(finished_run):
     losses = [r["loss"] for r in logs(finished_run, "training_log.jsonl")]
     assert len(losses) == 30
     assert sum(losses[:5]) / 5 - sum(losses[-5:]) / 5 > 0.1, losses
 
 
+@pytest.mark.trains
 def test_losses_are_pinned(finished_run):
     """Model, tokenizer, corpus and run are deterministic across processes: any change to data, masking,
     loss or optimizer moves these. The slack only covers float summation order on another CPU."""
@@ -44,6 +47,7 @@ def test_losses_are_pinned(finished_run):
     assert [val[5], val[30]] == pytest.approx([7.431124, 7.253367], abs=5e-4)
 
 
+@pytest.mark.trains
 def test_readme_names_every_run_start_field(finished_run):
     """docs/LOGS.md's run_start section names every field of a real run_start record and of resident_by_rank."""
     doc = open(os.path.join(ROOT, "docs", "LOGS.md"), encoding="utf-8").read()
@@ -55,6 +59,7 @@ def test_readme_names_every_run_start_field(finished_run):
     assert not {key for key in fields if f"`{key}`" not in documented}
 
 
+@pytest.mark.trains
 def test_training_log_schema(finished_run):
     records = logs(finished_run, "training_log.jsonl")
     assert [r["step"] for r in records] == list(range(1, 31))
@@ -68,6 +73,7 @@ def test_training_log_schema(finished_run):
     assert sum(r["tokens"] < 2 * 2 * 256 for r in records) <= 1
 
 
+@pytest.mark.trains
 def test_eval_log_is_token_weighted_and_consistent(finished_run):
     import math
 
@@ -79,6 +85,7 @@ def test_eval_log_is_token_weighted_and_consistent(finished_run):
     assert records[-1]["val_loss"] < records[0]["val_loss"]
 
 
+@pytest.mark.trains
 def test_expert_counts_come_from_real_topk_choices(finished_run):
     records = logs(finished_run, "expert_usage_log.jsonl")
     tokens = {r["step"]: r["tokens"] for r in logs(finished_run, "training_log.jsonl")}
@@ -93,6 +100,7 @@ def test_expert_counts_come_from_real_topk_choices(finished_run):
             assert layer["dead_experts"] == [i for i, c in enumerate(layer["counts"]) if c == 0]
 
 
+@pytest.mark.trains
 def test_events_tell_the_run_story(finished_run):
     events = logs(finished_run, "events_log.jsonl")
     kinds = [e["event"] for e in events]
@@ -108,15 +116,17 @@ def test_events_tell_the_run_story(finished_run):
     assert events[-1]["status"] == "finished"
 
 
+@pytest.mark.trains
 def test_retention_keeps_best_and_latest(finished_run):
     events = logs(finished_run, "events_log.jsonl")
     saved = [e for e in events if e["event"] == "checkpoint_saved"]
     deleted = [e["path"] for e in events if e["event"] == "checkpoint_deleted"]
     regular = [e for e in saved if "final-" not in e["path"]]
-    assert [os.path.basename(e["path"]) for e in regular] == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    # The last step's checkpoint is written once, as the final one: no checkpoint-30 beside final-checkpoint-30.
+    assert [os.path.basename(e["path"]) for e in regular] == ["checkpoint-10", "checkpoint-20"]
     remaining = sorted(n for n in os.listdir(finished_run["out"]) if "checkpoint" in n)
     best = min(regular, key=lambda e: e["val_loss"])
-    expected = {os.path.basename(best["path"]), "checkpoint-30", "final-checkpoint-30"}
+    expected = {os.path.basename(best["path"]), "checkpoint-20", "final-checkpoint-30"}
     assert set(remaining) == expected
     assert all(not os.path.exists(p) for p in deleted)
     for name in remaining:
@@ -127,6 +137,7 @@ def test_retention_keeps_best_and_latest(finished_run):
                 "tokenizer.json"} <= set(os.listdir(folder)), os.listdir(folder)
 
 
+@pytest.mark.trains
 def test_best_adapter_loads_with_plain_peft(finished_run, tiny_model_dir):
     import torch
     from peft import PeftModel
@@ -140,6 +151,7 @@ def test_best_adapter_loads_with_plain_peft(finished_run, tiny_model_dir):
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
+@pytest.mark.trains
 def test_merge_and_sample(finished_run, tmp_path):
     merged = tmp_path / "merged"
     result = run_cli(["use_adapter.py", "--config", finished_run["config"], "--merge", str(merged)])
@@ -147,7 +159,42 @@ def test_merge_and_sample(finished_run, tmp_path):
     assert os.path.isfile(merged / "config.json") and not os.path.exists(merged / "adapter_config.json")
     result = run_cli(["use_adapter.py", "--config", finished_run["config"], "--sample", "The module", "--max-new-tokens", "8"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip()
+    lines = result.stdout.splitlines()
+    assert lines[0] == "prompt:       The module" and lines[1].startswith("continuation: ") and lines[1][14:].strip()
+    assert "is the tiny CPU demo model (random weights" in lines[2]  # its noise is called noise
+
+
+@pytest.mark.trains
+def test_the_console_reports_each_eval_and_ends_with_a_summary(finished_run):
+    """Each eval is a line on stdout with every set's loss and its change since step 0; the run ends with the
+    duration, the best adapter's and the final checkpoint's paths and the next commands, filled in."""
+    evals = {r["step"]: r for r in logs(finished_run, "eval_log.jsonl")}
+    out = finished_run.stdout
+    assert "baseline eval (step 0, before any update)" in out and f"val {evals[0]['val/loss']:.4f}" in out
+    change = evals[5]["val/loss"] - evals[0]["val/loss"]
+    assert re.search(rf"eval at step 5, [0-9.]+ s: val {evals[5]['val/loss']:.4f} \({change:+.4f} since step 0\)",
+                     out), out
+    summary = out[out.index("done: 30 steps in "):].splitlines()
+    best = json.load(open(os.path.join(finished_run["best"], "best.json")))
+    assert summary[1] == f"  eval val: best {min(r['val/loss'] for r in evals.values()):.4f} at step " \
+                         f"{min(evals, key=lambda s: evals[s]['val/loss'])}; step 0: {evals[0]['val/loss']:.4f} " \
+                         f"(selects the best adapter)"
+    assert summary[2] == f"  best adapter:     {finished_run['best']} (step {best['step']}, val loss {best['val_loss']:.4f})"
+    assert summary[3] == f"  final checkpoint: {os.path.join(finished_run['out'], 'final-checkpoint-30')}"
+    assert summary[4] == "next:"
+    config = finished_run["config"]
+    assert f"python use_adapter.py --config {config} --sample" in summary[5]
+    assert f"python use_adapter.py --config {config} --merge {finished_run['out']}-merged" in summary[6]
+    assert f"python use_adapter.py --config {config} --export-serving {finished_run['out']}-serving" in summary[7]
+
+
+@pytest.mark.trains
+def test_no_third_party_noise_in_a_trainers_output(finished_run):
+    """Harmless library messages that read like errors are silenced by their exact text (glmkit/run/noise.py)."""
+    output = finished_run.stdout + finished_run.stderr
+    for noise in ("Failed to load CPU gemm_4bit_forward", "`is_gradient_checkpointing` is deprecated",
+                  "'set_vital' is deprecated"):
+        assert noise not in output
 
 
 def launch_two_processes(config: str, env: dict | None = None) -> None:
@@ -159,6 +206,7 @@ def launch_two_processes(config: str, env: dict | None = None) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.trains
 def test_two_processes_write_one_set_of_logs(make_config, tmp_path):
     config = make_config({"training.max_steps": 4, "logging.eval_interval": 2, "checkpoint.interval": 4,
                           "logging.expert_stats_interval": 2})
@@ -174,9 +222,11 @@ def test_two_processes_write_one_set_of_logs(make_config, tmp_path):
     for record in read_jsonl(str(out / "expert_usage_log.jsonl")):
         assert record["interval_tokens"] == tokens[record["step"] - 1] + tokens[record["step"]]
         assert all(sum(l["counts"]) == record["interval_tokens"] * 2 for l in record["layers"])
-    assert os.path.isfile(tmp_path / "run" / "checkpoint-4" / "random_states_1.pkl")
+    assert os.path.isfile(tmp_path / "run" / "final-checkpoint-4" / "random_states_1.pkl")
+    assert not os.path.exists(tmp_path / "run" / "checkpoint-4")  # the last step is saved once, as the final one
 
 
+@pytest.mark.trains
 def test_ddp_leaves_the_frozen_base_alone(make_config, tmp_path):
     """Every rank loads the 4-bit base itself: DDP broadcasts and all-reduces the LoRA weights only, no
     buffers, and the run is the same to the bit as with DDP's stock start-up (which broadcasts everything)."""
@@ -202,6 +252,7 @@ def test_ddp_leaves_the_frozen_base_alone(make_config, tmp_path):
     assert runs["kit"]["val"] == runs["stock"]["val"]
 
 
+@pytest.mark.trains
 def test_bad_data_line_is_reported_by_line(make_config, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"text": "ok " * 50}) + "\n{broken\n" + json.dumps({"text": "ok " * 50}) + "\n")
@@ -212,6 +263,7 @@ def test_bad_data_line_is_reported_by_line(make_config, tmp_path):
     assert errors and errors[0]["type"] == "DataError" and errors[0]["rank"] == 0
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("overrides, message", [
     ({"paths.model_dir": "/nonexistent/glm"}, "/nonexistent/glm has no config.json; run `python download_model.py`"),
     ({"training.max_seq_length": 100_000}, "training.max_seq_length 100000 exceeds the model's max_position_embeddings (8192)"),

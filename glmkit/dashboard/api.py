@@ -118,7 +118,8 @@ def experts():
         table = run.experts.table
         history = {"step": table.column("step")[-200:].astype(int).tolist(),
                    **{k: table.column(k)[-200:].tolist() for k in ("mean_entropy", "max_over_mean")}}
-    payload = latest_expert_state(record)
+        start = next((e for e in reversed(run.events.records) if e.get("event") == "run_start"), None) or {}
+    payload = latest_expert_state(record, demo_model=bool(start.get("demo_model")))
     payload["history"] = history
     return jsonify(clean(payload))
 

@@ -110,8 +110,20 @@ def collapse_reasons(layers: list[dict], num_experts: int) -> list[str]:
     return reasons
 
 
-def latest_expert_state(record: dict | None) -> dict:
-    """Payload of /api/experts for the newest usage record."""
+def collapse_explanation(demo_model: bool) -> str:
+    """What the collapse warning means, whether it matters for this run, and what to change."""
+    meaning = (f"Routing entropy is 1.0 when a layer spreads its tokens evenly over its experts and 0 when it sends "
+               f"them all to one; below {COLLAPSE_MIN_ENTROPY} a few experts take most of the tokens.")
+    if demo_model:
+        return (f"{meaning} Expected on the tiny demo model: its routers are random and were never trained, and its "
+                f"short recipe moves the hidden states they read; nothing to change here.")
+    return (f"{meaning} On a real model the training has moved the hidden states the (frozen) routers read, so "
+            f"fewer experts do the work: lower optimization.learning_rate, mix general text into paths.data_path, "
+            f"and watch whether the eval sets' losses suffer (docs/TROUBLESHOOTING.md).")
+
+
+def latest_expert_state(record: dict | None, demo_model: bool = False) -> dict:
+    """Payload of /api/experts for the newest usage record (`demo_model`: the run trains the tiny demo model)."""
     if record is None:
         return {"available": False, "reason": "no expert usage logged yet", "layers": []}
     layers_in = _valid_layers(record)
@@ -132,5 +144,6 @@ def latest_expert_state(record: dict | None) -> dict:
         "dead_experts_total": int(summary["dead_experts"]),
         "collapsed": bool(reasons),
         "collapse_reasons": reasons[:20],
+        "collapse_explanation": collapse_explanation(demo_model) if reasons else None,
         "layers": layers,
     }

@@ -50,9 +50,9 @@ class GpuProbe:
                 pynvml.nvmlInit()
                 self._nvml = pynvml
             except ImportError:
-                self._init_error = "nvidia-ml-py (pynvml) is not installed"
+                self._init_error = "GPU status needs nvidia-ml-py (pip install -r requirements.txt)"
             except Exception as exc:  # noqa: BLE001 - NVMLError subclasses vary by driver
-                self._init_error = f"NVML unavailable: {exc}"
+                self._init_error = no_gpu_reason(exc)
         return self._nvml
 
     def _read(self) -> dict:
@@ -64,4 +64,14 @@ class GpuProbe:
             gpus = [_query(pynvml, i) for i in range(count)]
         except Exception as exc:  # noqa: BLE001
             return {"gpus": [], "reason": f"NVML query failed: {exc}"}
-        return {"gpus": gpus, "reason": None if gpus else "NVML reports no GPUs"}
+        return {"gpus": gpus, "reason": None if gpus else "No GPU on this machine (the NVIDIA driver reports none)."}
+
+
+def no_gpu_reason(exc: Exception) -> str:
+    """NVML's start-up error in words: a machine without an NVIDIA driver is a machine without a GPU."""
+    text = str(exc)
+    if "Library Not Found" in text or type(exc).__name__.endswith("LibraryNotFound"):
+        return "No GPU on this machine (no NVIDIA driver is installed)."
+    if "Driver Not Loaded" in text or type(exc).__name__.endswith("DriverNotLoaded"):
+        return "No GPU on this machine (the NVIDIA driver is not loaded)."
+    return f"GPU status unavailable: NVML says {text}"

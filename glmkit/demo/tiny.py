@@ -19,6 +19,7 @@ import os
 import torch
 
 from glmkit.demo.corpus import iter_documents
+from glmkit.model.load import DEMO_MODEL_KEY
 
 TINY_VOCAB_SIZE = 2048
 # variant -> the keys where it differs from GLM-4.5-Air's shape
@@ -60,7 +61,9 @@ def tiny_model_config(vocab_size: int, eos_token_id: int, pad_token_id: int, var
         pad_token_id=pad_token_id,
         bos_token_id=None,
     )
-    return Glm4MoeConfig(**{**shape, **TINY_VARIANTS[variant]})
+    config = Glm4MoeConfig(**{**shape, **TINY_VARIANTS[variant]})
+    setattr(config, DEMO_MODEL_KEY, True)  # config.json says it: tools tell users its text is noise by design
+    return config
 
 
 def train_tokenizer(vocab_size: int = TINY_VOCAB_SIZE):

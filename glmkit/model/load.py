@@ -50,6 +50,21 @@ def load_model_config(model_dir: str):
     return config
 
 
+# Set in the tiny model's config.json (glmkit/demo/tiny.py): its output is noise by design, and tools say so.
+DEMO_MODEL_KEY = "glmkit_demo_model"
+
+
+def is_demo_model(model_dir: str) -> bool:
+    """True for the tiny CPU demo model that `download_model.py --tiny` writes (random weights, never trained)."""
+    import json
+
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+            return bool(json.load(fh).get(DEMO_MODEL_KEY))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_model_dir(cfg) -> None:
     """Fail in one line, before anything is loaded, if paths.model_dir can't serve this config."""
     from glmkit.model.lora import resolve_targets

@@ -67,10 +67,19 @@ def detected_gpu_memory() -> tuple[int, str] | None:
     return smallest.total_memory, f"detected ({smallest.name})"
 
 
-def default_num_processes(cfg) -> int:
+# The node the shipped recipe is written for (4 x H200). Where no GPU is visible and distributed.num_processes is
+# null (a laptop, a login node: where people plan before renting), the plan is made for this many GPUs of
+# distributed.gpu_memory_gb, and says so.
+RECIPE_NODE_GPUS = 4
+
+
+def planned_processes(cfg) -> tuple[int, bool]:
+    """(processes to plan for, assumed): the configured count, else the visible GPUs, else the recipe's node."""
     if cfg.distributed.num_processes:
-        return cfg.distributed.num_processes
-    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+        return cfg.distributed.num_processes, False
+    if torch.cuda.is_available() and torch.cuda.device_count():
+        return torch.cuda.device_count(), False
+    return RECIPE_NODE_GPUS, True
 
 
 # FSDP2 gathers the layer it computes and prefetches the next one (backward), so two are whole at a time.
@@ -133,7 +142,7 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     a = arch_of(hf_config)
     act = activation_plan(model, a, cfg, targets, tensors)
     strategy = config_strategy(cfg)
-    n = num_processes or default_num_processes(cfg)
+    n, assumed = (num_processes, False) if num_processes else planned_processes(cfg)
 
     lora_params = sum(t.params for t in targets)
     lora = {"lora_params": lora_params, "lora_bytes": 4 * lora_params,
@@ -148,6 +157,12 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     else:
         gpu, gpu_source = detected_gpu_memory() or (int(cfg.distributed.gpu_memory_gb * GB),
                                                      "distributed.gpu_memory_gb")
+    def total_for(strategy_: str, n_: int, micro_batch: int, config=cfg) -> int:
+        """Bytes per GPU with another strategy, process count, micro-batch or config (the advice's what-ifs)."""
+        activations = activation_plan(model, a, config, targets, tensors, micro_batch=micro_batch)
+        return sum(per_gpu_plan(strategy_, n_, weights, _largest_layer_bytes(tensors, q), lora, activations,
+                                replicated=sum(replicated_bytes(t, q) for t in tensors)).values())
+
     # Everything but the activations is independent of the micro-batch.
     max_micro_batch = largest_micro_batch(lambda mb: total - act["activation_bytes"] + activation_plan(
         model, a, cfg, targets, tensors, micro_batch=mb)["activation_bytes"] <= gpu)
@@ -163,6 +178,7 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
         "model_type": getattr(hf_config, "model_type", None),
         "strategy": strategy,
         "num_processes": n,
+        "num_processes_assumed": assumed,
         "micro_batch_per_gpu": cfg.optimization.micro_batch_per_gpu,
         "max_seq_length": cfg.training.max_seq_length,
         "gradient_checkpointing": cfg.memory.gradient_checkpointing,
@@ -190,8 +206,9 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
         "fits": total <= gpu,
         "max_micro_batch_per_gpu": max_micro_batch,
         "plain_path_fits": plain_total <= gpu,
-        "notes": _notes(cfg, source, strategy, n),
+        "notes": _notes(cfg, source, strategy, n, assumed),
     }
+    plan["advice"] = None if plan["fits"] else fitting_change(cfg, plan, total_for, weights, gpu)
     plan["verdict"] = verdict_line(plan)
     return plan
 
@@ -230,8 +247,12 @@ def _expert_lora_lines(plan: dict) -> list[str]:
             f"{_gb(16 * by_group['routed_experts'])}"]
 
 
-def _notes(cfg, source: str, strategy: str, n: int) -> list[str]:
+def _notes(cfg, source: str, strategy: str, n: int, assumed: bool = False) -> list[str]:
     notes = []
+    if assumed:
+        notes.append(f"no GPU is visible here and distributed.num_processes is null: planned for the recipe's node, "
+                     f"{n} GPUs of distributed.gpu_memory_gb ({cfg.distributed.gpu_memory_gb:g} GB); set "
+                     f"distributed.num_processes to plan for another count")
     if source == "builtin":
         notes.append(f"{cfg.paths.model_dir} has no config.json yet: planned with the "
                      f"{builtin_name(cfg.model.name_or_path)} architecture built into the kit (MTP layer not "
@@ -260,30 +281,55 @@ def _gb(nbytes: float) -> str:
     return f"{nbytes / GB:.2f} GB" if nbytes < 10 * GB else f"{nbytes / GB:.1f} GB"
 
 
-def _advice(plan: dict) -> str:
-    if plan["strategy"] == "ddp" and plan["weights_bytes"] + RUNTIME_OVERHEAD_BYTES >= plan["gpu_memory_bytes"]:
-        return (f"the 4-bit weights alone ({_gb(plan['weights_bytes'])}) do not fit one GPU: shard them with "
-                f"distributed.accelerate_config: fsdp (docs/SCALING.md)")
-    if not plan["gradient_checkpointing"]:
-        return "turn on memory.gradient_checkpointing"
-    if plan["micro_batch_per_gpu"] > 1:
-        if plan["max_micro_batch_per_gpu"]:
-            return f"lower optimization.micro_batch_per_gpu to {plan['max_micro_batch_per_gpu']}"
-        return "lower optimization.micro_batch_per_gpu"
-    if plan["strategy"] == "ddp" and plan["weights_bytes"] > 0.5 * plan["gpu_memory_bytes"]:
-        return "shard the weights: distributed.accelerate_config: fsdp (docs/SCALING.md)"
-    return "lower training.max_seq_length"
+# Process counts the advice tries when sharding over more GPUs would make a run fit (whole nodes of 8 beyond one).
+MORE_PROCESSES = (2, 4, 8, 16, 24, 32, 48, 64)
+
+
+def fitting_change(cfg, plan: dict, total_for, weights: int, gpu: int) -> str:
+    """The first change that makes a run that does not fit, fit: each one checked against the same arithmetic,
+    so the advice never names a change that would not fit either."""
+    import dataclasses
+
+    strategy, n, micro = plan["strategy"], plan["num_processes"], plan["micro_batch_per_gpu"]
+    def fits(*args, **kw) -> bool:
+        return total_for(*args, **kw) <= gpu
+    if not cfg.memory.gradient_checkpointing:
+        checkpointed = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, gradient_checkpointing=True))
+        if fits(strategy, n, micro, config=checkpointed):
+            return "turn on memory.gradient_checkpointing"
+    if micro > 1 and plan["max_micro_batch_per_gpu"]:
+        return f"lower optimization.micro_batch_per_gpu to {plan['max_micro_batch_per_gpu']}"
+    if strategy == "ddp" and n > 1 and fits("fsdp", n, 1):
+        largest = largest_micro_batch(lambda mb: fits("fsdp", n, mb), limit=micro)
+        what = ("the 4-bit weights alone ({}) do not fit one GPU: shard them".format(_gb(weights))
+                if weights + RUNTIME_OVERHEAD_BYTES >= gpu else "shard the weights")
+        smaller = f" and lower optimization.micro_batch_per_gpu to {largest}" if largest < micro else ""
+        return f"{what} with distributed.accelerate_config: fsdp{smaller} (docs/SCALING.md)"
+    for more in (m for m in MORE_PROCESSES if m > n):
+        if fits("fsdp", more, 1):
+            largest = largest_micro_batch(lambda mb, more=more: fits("fsdp", more, mb), limit=micro)
+            smaller = f", micro_batch_per_gpu {largest}" if largest < micro else ""
+            return (f"shard over {more} GPUs: distributed.accelerate_config: fsdp, distributed.num_processes "
+                    f"{more}{smaller} (several nodes: docs/SCALING.md)")
+    length = cfg.training.max_seq_length
+    while length > 512:
+        length //= 2
+        shorter = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_seq_length=length))
+        if fits(strategy, n, 1, config=shorter):
+            return f"lower training.max_seq_length to {length} (with optimization.micro_batch_per_gpu 1)"
+    return (f"no setting the plan knows makes it fit GPUs of {_gb(gpu)}: use GPUs with more memory "
+            f"(distributed.gpu_memory_gb) or a smaller model")
 
 
 def verdict_line(plan: dict) -> str:
     """One line: does it fit, how much per GPU, and what dominates."""
     total, gpu = plan["total_bytes_per_gpu"], plan["gpu_memory_bytes"]
-    setup = (f"{plan['strategy']} x {plan['num_processes']}, micro batch {plan['micro_batch_per_gpu']} x "
+    assumed = " assumed: no GPU here;" if plan.get("num_processes_assumed") else ","
+    setup = (f"{plan['strategy']} x {plan['num_processes']}{assumed} micro batch {plan['micro_batch_per_gpu']} x "
              f"{plan['max_seq_length']} tokens; weights {_gb(plan['per_gpu']['weights'])}, "
              f"activations {_gb(plan['activation_bytes'])}")
     if not plan["fits"]:
-        return (f"memory plan: DOES NOT FIT - needs {_gb(total)} per GPU, has {_gb(gpu)} ({setup}); "
-                f"{_advice(plan)}")
+        return f"memory plan: DOES NOT FIT - needs {_gb(total)} per GPU, has {_gb(gpu)} ({setup}); {plan['advice']}"
     word = "FITS (tight)" if gpu - total < TIGHT_HEADROOM * gpu else "FITS"
     return (f"memory plan: {word} - {_gb(total)} of {_gb(gpu)} per GPU ({setup}); micro batches up to "
             f"{plan['max_micro_batch_per_gpu']} fit")

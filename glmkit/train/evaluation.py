@@ -25,8 +25,15 @@ class EvalResult:
     val_tokens: int
 
 
+def batches_here(rows, accelerator, micro_batch: int) -> int:
+    """How many micro-batches of `rows` this process evaluates (its shard is every num_processes-th row)."""
+    shard = range(accelerator.process_index, len(rows), accelerator.num_processes)
+    return -(-len(shard) // micro_batch)
+
+
 @torch.no_grad()
-def evaluate(model, val_rows, collator, accelerator, micro_batch: int) -> EvalResult:
+def evaluate(model, val_rows, collator, accelerator, micro_batch: int, on_batch=None) -> EvalResult:
+    """The token-weighted loss of `val_rows`, every process a shard; `on_batch()` after each micro-batch here."""
     # The unwrapped model: DDP's forward syncs buffers, and the shards may differ by a batch.
     model = accelerator.unwrap_model(model)
     was_training = model.training
@@ -40,6 +47,8 @@ def evaluate(model, val_rows, collator, accelerator, micro_batch: int) -> EvalRe
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         total[0] += loss_sum(model, batch).double()
         total[1] += target_tokens(batch)
+        if on_batch is not None:
+            on_batch()
     for _ in range(missing):
         # FSDP gathers each layer with every rank at once: a rank whose shard ran out joins with an unused batch
         batch = collator([val_rows[0]])
@@ -52,9 +61,23 @@ def evaluate(model, val_rows, collator, accelerator, micro_batch: int) -> EvalRe
     return EvalResult(val_loss=val_loss, perplexity=perplexity, val_tokens=tokens)
 
 
-def evaluate_sets(model, eval_rows: dict, collator, accelerator, micro_batch: int) -> dict[str, EvalResult]:
-    """{set name: its result}, in the sets' order."""
-    return {name: evaluate(model, rows, collator, accelerator, micro_batch) for name, rows in eval_rows.items()}
+def evaluate_sets(model, eval_rows: dict, collator, accelerator, micro_batch: int,
+                  on_batch=None) -> dict[str, EvalResult]:
+    """{set name: its result}, in the sets' order; `on_batch(set name)` after each micro-batch on this process."""
+    return {name: evaluate(model, rows, collator, accelerator, micro_batch,
+                           on_batch=(lambda name=name: on_batch(name)) if on_batch else None)
+            for name, rows in eval_rows.items()}
+
+
+def eval_line(step: int, losses: dict[str, float], baseline: dict[str, float], seconds: float) -> str:
+    """The console's line for a finished eval: every set's loss and its change since the step-0 baseline."""
+    parts = []
+    for name, loss in losses.items():
+        since = baseline.get(name)
+        change = f" ({loss - since:+.4f} since step 0)" if since is not None and step > 0 else ""
+        parts.append(f"{name} {loss:.4f}{change}")
+    label = "baseline eval (step 0, before any update)" if step == 0 else f"eval at step {step}"
+    return f"{label}, {seconds:.1f} s: " + "; ".join(parts)
 
 
 def eval_record(results: dict[str, EvalResult], select_by: str) -> dict:

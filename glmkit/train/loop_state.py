@@ -7,6 +7,7 @@ behind the reader's back, so every change of it is visible in train_qlora.py's l
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from glmkit.config.schema import HELD_OUT_SET
@@ -25,6 +26,8 @@ class LoopState:
     last_val_loss: float | None = None   # the latest eval's, and the step it ran at
     last_eval_step: int | None = None
     tracker_runs: dict = field(default_factory=dict)  # glmkit.run.trackers: the run each tracker continues on resume
+    baseline_losses: dict = field(default_factory=dict)  # {eval set: loss at step 0}: each eval line's reference
+    best_by_set: dict = field(default_factory=dict)      # {eval set: [lowest loss, its step]}: the end summary's
 
     def to_meta(self) -> dict:
         return dataclasses.asdict(self)
@@ -42,6 +45,16 @@ class LoopState:
         if self.best_val_loss is None or ranked_by == eval_set:
             return dataclasses.replace(self, best_eval_set=eval_set)
         return dataclasses.replace(self, best_eval_set=eval_set, best_val_loss=None, best_step=None)
+
+    def after_eval(self, step: int, losses: dict[str, float], selected: float) -> "LoopState":
+        """This state once an eval at `step` measured `losses` ({set: loss}; `selected` is the selection set's)."""
+        best = dict(self.best_by_set)
+        for name, loss in losses.items():
+            if math.isfinite(loss) and (name not in best or loss < best[name][0]):
+                best[name] = [loss, step]
+        baseline = {**losses, **self.baseline_losses} if step == 0 else self.baseline_losses
+        return dataclasses.replace(self, last_val_loss=selected, last_eval_step=step, best_by_set=best,
+                                   baseline_losses=baseline)
 
     def val_loss_now(self) -> float | None:
         """The val loss of this very step, if an eval ran at it (checkpoints are ranked by it)."""

@@ -18,6 +18,40 @@ def progress_bar(accelerator, step: int, total: int):
     return bar
 
 
+def eval_bar(accelerator, step: int, total: int):
+    """A bar for one eval (this process's micro-batches over every set), gone from the console when it ends."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, disable=not accelerator.is_main_process, desc="eval", unit="batch", leave=False,
+               dynamic_ncols=True, postfix={"step": step})
+    _open_bars.append(bar)
+    return _Closing(bar)
+
+
+class _Closing:
+    """`with eval_bar(...) as bar:` closes the bar (and forgets it) however the block ends."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        if self.bar in _open_bars:
+            _open_bars.remove(self.bar)
+        return False
+
+
+def console(accelerator, line: str) -> None:
+    """One line on the main process's console, printed above any progress bar instead of through it."""
+    if accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
+
+
 def close_progress_bars() -> None:
     """Finish the bar before an error is printed, so the error is the console's last line."""
     while _open_bars:

@@ -97,7 +97,8 @@ function renderBanner(s, errors, experts) {
   } else if (s.status === "preempted") {
     kind = "warn"; text = "The run was preempted; resume it to continue from its last checkpoint.";
   } else if (experts && experts.collapsed) {
-    kind = "warn"; text = `Expert routing looks collapsed: ${experts.collapse_reasons[0]}`;
+    kind = "warn";
+    text = `Expert routing looks collapsed: ${experts.collapse_reasons[0]}. ${experts.collapse_explanation || ""}`;
   }
   banner.hidden = !kind;
   if (kind) { banner.className = `banner ${kind}`; banner.textContent = text; }
@@ -261,7 +262,7 @@ function renderGpus(g) {
   const gpus = (g && g.gpus) || [];
   const empty = $("gpu-empty");
   empty.hidden = gpus.length > 0;
-  empty.textContent = g ? `No GPU visible to the dashboard${g.reason ? `: ${g.reason}` : ""}.` : "GPU status unavailable.";
+  empty.textContent = g ? (g.reason || "No GPU on this machine.") : "GPU status unavailable.";
   setText("gpu-count", gpus.length ? `${gpus.length} device${gpus.length === 1 ? "" : "s"}` : "");
   $("gpus").replaceChildren(...gpus.map((gpu) => {
     const card = el("div", "gpu");
