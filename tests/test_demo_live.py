@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def test_ctrl_c_stops_the_trainer_with_a_checkpoint_and_the_dashboard(tmp_path, 
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
-    assert "preempted by SIGINT" in output and "[demo] Ctrl-C" in output
+    # the launcher hands the terminal's SIGINT to the ranks as SIGTERM (torch elastic); either is a preemption
+    assert re.search(r"preempted by SIG(INT|TERM): saved step \d+", output) and "[demo] Ctrl-C" in output
     assert any(name.startswith("checkpoint-") for name in os.listdir(tmp_path / "run"))  # make demo resumes it
     assert stats(port) is None  # and the dashboard is gone too
