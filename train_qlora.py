@@ -171,7 +171,7 @@ def train(cfg, args, accelerator, logs) -> int:
         state = replace(state, tracker_runs=logs.trackers.runs)
     logs.event("run_start", state.step, config=cfg.to_dict(), world_size=world, total_steps=total_steps,
                effective_batch=rows_per_step, tokens_per_step=rows_per_step * t.max_seq_length, model_audit=audit,
-               bad_lines=corpus.bad_line_count, train_rows=len(train_rows), val_rows=len(val_rows),
+               bad_lines=corpus.bad_line_count, train_rows=len(train_rows), val_rows=len(val_rows), chat=corpus.chat_counts,
                eval_sets={name: len(rows) for name, rows in eval_rows.items()},
                resumed_from=resume_path, device=str(accelerator.device), ddp_sync=ddp.sync_report(model),
                strategy="fsdp" if sharded else "ddp", resident_by_rank=fsdp.resident_bytes_by_rank(model, accelerator, loaded),
@@ -204,6 +204,7 @@ def train(cfg, args, accelerator, logs) -> int:
         result = train_step(model, group, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
                             stats=stats, max_grad_norm=o.max_grad_norm, step=state.step + 1)
         state = replace(state, step=state.step + 1, epoch=epoch, tokens_seen=state.tokens_seen + result.input_tokens,
+                        trained_tokens_seen=state.trained_tokens_seen + result.trained_tokens,
                         nan_skips=0 if result.applied else state.nan_skips + 1, elapsed_seconds=clock.tick())
         step = state.step
         progress.update(1)
@@ -215,6 +216,7 @@ def train(cfg, args, accelerator, logs) -> int:
         if step % lg.log_interval == 0 or step == total_steps:
             logs.write("train", step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm, aux_loss=None,
                        epoch=step / steps_per_epoch, tokens=result.input_tokens, tokens_seen=state.tokens_seen,
+                       trained_tokens=result.trained_tokens, trained_tokens_seen=state.trained_tokens_seen,
                        **clock.rates(result.input_tokens, step, total_steps), elapsed_seconds=state.elapsed_seconds,
                        total_steps=total_steps, **gpu_memory())
             progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
@@ -256,7 +258,7 @@ def train(cfg, args, accelerator, logs) -> int:
     progress.close()
     final = checkpointer.save(replace(state, elapsed_seconds=clock.elapsed()), final=True)
     logs.event("run_end", state.step, status="finished", final_checkpoint=final, best_val_loss=state.best_val_loss,
-               tokens_seen=state.tokens_seen, **gpu_memory(peak_only=True))
+               tokens_seen=state.tokens_seen, trained_tokens_seen=state.trained_tokens_seen, **gpu_memory(peak_only=True))
     accelerator.print(f"done: step {state.step}, best val loss {state.best_val_loss}, final checkpoint {final}")
     return 0
 
