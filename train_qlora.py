@@ -5,6 +5,7 @@
     python train_qlora.py --config configs/tiny.yaml          # the CPU demo
     python train_qlora.py --config training_config.yaml --plan [--json]
     python train_qlora.py --config training_config.yaml --prepare-data   # tokenize once, no weights loaded
+    python train_qlora.py --config training_config.yaml --inspect-data 3 [--json]   # what the loss trains on
 
 Every expert is NF4, packed documents are kept apart (varlen segments or a block mask), and everything the
 dashboard shows is written to <paths.output_dir>/logs/*.jsonl. A step is an optimizer step.
@@ -55,10 +56,13 @@ def parse_args(argv=None):
     resume.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     resume.add_argument("--resume_from", metavar="PATH", help="continue from this checkpoint folder")
     parser.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit")
-    parser.add_argument("--json", action="store_true", help="with --plan: one JSON object")
+    parser.add_argument("--json", action="store_true",
+                        help="with --plan: one JSON object; with --inspect-data: one JSON object per row")
     parser.add_argument("--force", action="store_true", help="start even if the memory plan says it won't fit")
     parser.add_argument("--prepare-data", action="store_true",
                         help="tokenize and pack paths.data_path into the cache (no model weights), print a summary, exit")
+    parser.add_argument("--inspect-data", type=int, metavar="N",
+                        help="print the first N prepared training rows with the trained tokens marked (no weights), exit")
     parser.add_argument("--allow-data-change", action="store_true",
                         help="with --resume: continue even though the data differs from the checkpoint's fingerprint")
     return parser.parse_args(argv)
@@ -271,7 +275,8 @@ def main(argv=None) -> int:
 
         return run_plan_cli(cfg, args.json)
     # Every folder this command writes, checked before anything starts (each process checks the same).
-    problems = unwritable_problems(cfg, ("scratch_dir",) if args.prepare_data else
+    data_only = args.prepare_data or args.inspect_data is not None
+    problems = unwritable_problems(cfg, ("scratch_dir",) if data_only else
                                    ("output_dir", "best_adapter_dir", "scratch_dir"))
     if problems:
         print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr)
@@ -280,6 +285,10 @@ def main(argv=None) -> int:
         from glmkit.data.prepare import run_prepare_cli
 
         return run_prepare_cli(cfg)
+    if args.inspect_data is not None:
+        from glmkit.data.inspect_rows import run_inspect_cli
+
+        return run_inspect_cli(cfg, args.inspect_data, args.json)
     require_installed(cfg)
     exit_with_parent()
     accelerator = make_accelerator(cfg)

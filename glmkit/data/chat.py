@@ -8,7 +8,8 @@ A chat row (a JSONL line, or a parquet row with a `messages` column) is
 with roles `system`, `user`, `assistant` and `tool` (`observation` is read as `tool`). `content` is a
 string, null, or a list of `{"type": "text", "text": ...}` parts; a tool call is `{"function": {"name",
 "arguments"}}` or `{"name", "arguments"}`, its arguments a mapping or a JSON object string (the OpenAI wire
-form, parsed here). Nothing about the format is rendered here: `tokenizer.apply_chat_template` renders each
+form, parsed here; in parquet give them as a string, since a struct column fills in every other row's
+keys as nulls). Null values are dropped from tool definitions for the same reason. Nothing about the format is rendered here: `tokenizer.apply_chat_template` renders each
 conversation with the template in `paths.model_dir` (tokenizer_config.json or chat_template.jinja), and
 control-token strings inside the messages are encoded as text (transformers' `sanitize_control_tokens`),
 so the only role markers in the tokens are the ones the template wrote.
@@ -44,6 +45,7 @@ dropped and counted; no turn is ever cut in half.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -81,8 +83,10 @@ class Conversation:
     messages: list[dict]
     tools: list | None = None
 
-    def digest_text(self) -> str:
-        """The conversation in one canonical string (what its content hash is taken of)."""
+    @functools.cached_property
+    def canonical(self) -> str:
+        """The conversation in one canonical string: what its content hash is taken of, and where control-token
+        strings are looked for."""
         return json.dumps([self.messages, self.tools], sort_keys=True, ensure_ascii=False)
 
 
@@ -108,7 +112,17 @@ def conversation(record) -> tuple[Conversation | None, str | None]:
     tools = record.get(TOOLS_FIELD)
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         return None, f"field {TOOLS_FIELD!r} is not a list of tool definitions"
-    return Conversation(messages, tools or None), None
+    return Conversation(messages, [_without_nulls(t) for t in tools] if tools else None), None
+
+
+def _without_nulls(value):
+    """A tool definition without null values: a parquet struct column gives every row every key of every row,
+    the missing ones null, which the template would render into the schema."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _message(message) -> tuple[dict | None, str | None]:
@@ -191,7 +205,8 @@ class Renderer:
         vocab = tokenizer.get_vocab()
         self.eos = tokenizer.eos_token_id
         self.marker_role = {vocab[m]: role for role, m in MARKERS.items()}
-        self.marker_ids = np.array(sorted(self.marker_role), dtype=np.int64)
+        self.is_marker = np.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=bool)  # a lookup per token id
+        self.is_marker[list(self.marker_role)] = True
         self.user_id, self.assistant_id = vocab[MARKERS["user"]], vocab[MARKERS["assistant"]]
         self.think_id, self.end_think_id = vocab.get(THINK), vocab.get(END_THINK)
         # Strings that the tokenizer would read as one of its added tokens: a message holding one is encoded
@@ -205,7 +220,7 @@ class Renderer:
         plain = [i for i, c in enumerate(conversations) if not self._holds_added_token(c)]
         out: list = [None] * len(conversations)
         if plain:
-            encoded = self.tokenizer([rendered[i] for i in plain], add_special_tokens=False)["input_ids"]
+            encoded = self._encode([rendered[i] for i in plain])
             for i, ids in zip(plain, encoded, strict=True):
                 out[i] = ids
         for i, c in enumerate(conversations):
@@ -214,16 +229,22 @@ class Renderer:
                                sanitize_control_tokens=True)
         return out
 
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """What `tokenizer(texts, add_special_tokens=False)` gives, by the Rust tokenizer without offsets."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
     def _holds_added_token(self, conversation: Conversation) -> bool:
-        text = conversation.digest_text()
-        return any(token in text for token in self.added)
+        return any(token in conversation.canonical for token in self.added)
 
     def turns(self, ids: np.ndarray, messages: list[dict], tools) -> tuple[np.ndarray | None, list[str] | str]:
         """(each marker's position, its role) in the rendering, or (None, why they are not the messages' turns).
 
         The markers must be the messages' roles in order (consecutive tool messages share one), after at most
         one `<|system|>` header the template writes for the tools."""
-        at = np.flatnonzero(np.isin(ids, self.marker_ids))
+        at = np.flatnonzero(self.is_marker[ids])
         found = [self.marker_role[int(ids[i])] for i in at]
         expected = [m["role"] for i, m in enumerate(messages)
                     if not (m["role"] == "tool" and i and messages[i - 1]["role"] == "tool")]
@@ -233,10 +254,12 @@ class Renderer:
                           f"give {' '.join(expected)}; the template does not follow GLM's format")
         return at, found
 
-    def trained(self, ids: np.ndarray, messages: list[dict], tools, train_on: str) -> tuple[np.ndarray | None, str | None]:
-        """(a bool per token of ids + EOS, None) or (None, why the rendering can't be read)."""
+    def trained(self, ids: np.ndarray, messages: list[dict], tools, train_on: str,
+                turns: tuple | None = None) -> tuple[np.ndarray | None, str | None]:
+        """(a bool per token of ids + EOS, None) or (None, why the rendering can't be read); `turns`: what
+        `turns()` returned for these ids, if known."""
         flags = np.zeros(len(ids) + 1, dtype=bool)
-        at, found = self.turns(ids, messages, tools)
+        at, found = turns or self.turns(ids, messages, tools)
         if at is None:
             return None, found
         if train_on == "all":
@@ -281,7 +304,7 @@ class Renderer:
             raise ValueError(found)
         counts["conversations"] += 1
         if len(ids) + 1 <= settings.max_seq_length:
-            pieces = [self._document(array, conversation, settings)]
+            pieces = [self._document(array, conversation, settings, (at, found))]
         elif settings.long_conversations == "drop":
             pieces = []
         else:
@@ -294,8 +317,8 @@ class Renderer:
         counts["trained_tokens"] += sum(int(flags[1:].sum()) for _, flags in pieces)
         return pieces
 
-    def _document(self, ids: np.ndarray, conversation: Conversation, settings: ChatSettings):
-        flags, reason = self.trained(ids, conversation.messages, conversation.tools, settings.train_on)
+    def _document(self, ids: np.ndarray, conversation: Conversation, settings: ChatSettings, turns=None):
+        flags, reason = self.trained(ids, conversation.messages, conversation.tools, settings.train_on, turns)
         if reason:
             raise ValueError(reason)
         return np.append(ids, self.eos).astype(np.uint32), flags

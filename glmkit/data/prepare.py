@@ -482,8 +482,8 @@ def format_summary(prepared: PreparedData, elapsed: float) -> str:
 def chat_line(counts: dict, tokens: int) -> str:
     """A chat source's counts in one line: conversations, what was split or dropped, the trained share."""
     return (f"{counts['conversations']:,} conversations ({counts['split']:,} split into {counts['pieces']:,} pieces, "
-            f"{counts['dropped']:,} dropped, {counts['dropped_rounds']:,} rounds dropped as too long for "
-            f"training.max_seq_length); {counts['trained_tokens']:,} of {tokens:,} tokens trained")
+            f"{counts['dropped']:,} dropped whole; {counts['dropped_rounds']:,} rounds longer than "
+            f"training.max_seq_length left out); {counts['trained_tokens']:,} of {tokens:,} tokens trained")
 
 
 def load_tokenizer(cfg):

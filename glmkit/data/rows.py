@@ -143,14 +143,20 @@ class Rows(torch.utils.data.Dataset):
         """Real (non-pad) tokens over all rows."""
         return int(self.piece_len.sum(dtype=np.int64))
 
+    def pieces(self, index: int) -> list[tuple[int, int, int]]:
+        """The row's pieces as (store index, start within that store, length), in order."""
+        lo, hi = int(self.row_ptr[index]), int(self.row_ptr[index + 1])
+        out = []
+        for start, n in zip(self.piece_start[lo:hi].tolist(), self.piece_len[lo:hi].tolist(), strict=True):
+            which = bisect.bisect_right(self.bases, start) - 1
+            out.append((which, start - self.bases[which], n))
+        return out
+
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        lo, hi = int(self.row_ptr[index]), int(self.row_ptr[index + 1])
         ids, positions, trained = [], [], []
-        for start, n in zip(self.piece_start[lo:hi].tolist(), self.piece_len[lo:hi].tolist(), strict=True):
-            which = bisect.bisect_right(self.bases, start) - 1
-            local = start - self.bases[which]
+        for which, local, n in self.pieces(index):
             ids.append(self.token_arrays[which][local:local + n])
             positions.append(np.arange(n))
             if self.trained_bits is not None:

@@ -213,7 +213,7 @@ def _chat_chunk(first_line: int, records: list, parquet: bool, settings: chat.Ch
         if reason is None:
             conversation, reason = chat.conversation(record)
         if reason is None:
-            reason = sources.utf8(conversation.digest_text(), "messages")[1]
+            reason = sources.utf8(conversation.canonical, "messages")[1]
         if reason is None:
             conversations.append(conversation)
             numbers.append(number)
@@ -229,7 +229,7 @@ def _chat_chunk(first_line: int, records: list, parquet: bool, settings: chat.Ch
         except ValueError as exc:
             bad.append((number, str(exc)))
             continue
-        digest = hashlib.blake2b(conversation.digest_text().encode("utf-8"), digest_size=16).digest()
+        digest = hashlib.blake2b(conversation.canonical.encode("utf-8"), digest_size=16).digest()
         docs += pieces
         digests += [digest] * len(pieces)  # a split conversation's pieces share its hash: one side of the split
     bad.sort()
