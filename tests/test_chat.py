@@ -310,6 +310,14 @@ def test_text_and_chat_mix_logs_trained_and_seen_tokens(replay_run):
     assert events[-1]["trained_tokens_seen"] == train[-1]["trained_tokens_seen"]
     evals = read_jsonl(os.path.join(replay_run["out"], "logs", "eval_log.jsonl"))
     assert [e["step"] for e in evals] == [0, 2, 4] and evals[0]["sets"] == ["val", "chat"]
+    # the dashboard shows the chat eval set like any other, and the trained tokens beside the seen ones
+    from glmkit.dashboard import create_app
+
+    stats = create_app(os.path.join(replay_run["out"], "logs"), min_poll_interval=0).test_client().get("/api/stats").get_json()
+    chat_set = next(row for row in stats["eval_sets"] if row["name"] == "chat")
+    assert (chat_set["baseline_loss"], chat_set["latest_loss"]) == (evals[0]["chat/loss"], evals[-1]["chat/loss"])
+    assert (stats["tokens_seen"], stats["trained_tokens_seen"]) == (train[-1]["tokens_seen"],
+                                                                     train[-1]["trained_tokens_seen"])
 
 
 def test_chat_eval_set_loss_equals_a_hand_computation(replay_run, tokenizer):

@@ -69,7 +69,8 @@ def test_every_eval_measures_every_set_from_step_0(eval_run):
     assert evals[0]["general/tokens"] == 197 and evals[0]["code/tokens"] == 77
     assert evals[0]["val/tokens"] > 1000
     # Deterministic on CPU (the slack covers float summation order elsewhere): the base model's losses.
-    assert [evals[0][f"{n}/loss"] for n in ("val", "general", "code")] == pytest.approx([7.61358, 7.63699, 7.67922],
+    # Re-pinned for issue 33's tiny tokenizer (GLM-4.5's control tokens added): before, [7.61358, 7.63699, 7.67922].
+    assert [evals[0][f"{n}/loss"] for n in ("val", "general", "code")] == pytest.approx([7.66625, 7.65611, 7.53946],
                                                                                          abs=5e-4)
     start = json.loads(open(os.path.join(eval_run["out"], "logs", "events_log.jsonl")).readline())
     assert start["eval_sets"] == {"val": start["val_rows"], "general": 1, "code": 1}
