@@ -133,6 +133,25 @@ def test_long_conversations_split_at_user_turns_or_drop(tokenizer):
     assert (too_small["dropped"], too_small["dropped_rounds"]) == (1, 4)  # no round fits: nothing half-trained
 
 
+def test_packing_keeps_chat_documents_whole_and_fills_rows_around_them():
+    from glmkit.data.rows import pack_layout
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 400, 3000)
+    whole = rng.random(3000) < 0.7  # chat among text
+    starts = np.cumsum(lengths) - lengths
+    row_ptr, piece_start, piece_len = pack_layout(starts, lengths, 512, True, whole)
+    per_row = np.add.reduceat(piece_len.astype(np.int64), row_ptr[:-1])
+    assert per_row.max() <= 512 and piece_len.sum() == lengths.sum()  # every token once, no row over
+    pieces_of = {s: 0 for s in starts.tolist()}
+    for start in piece_start.tolist():
+        pieces_of[start] = pieces_of.get(start, 0) + 1
+    assert all(pieces_of[int(s)] == 1 for s in starts[whole])  # a chat document is never cut
+    assert per_row.sum() / (len(per_row) * 512) > 0.93  # later documents fill the rows around them
+    chat_only = pack_layout(starts[whole], lengths[whole], 512, True, np.ones(int(whole.sum()), bool))
+    assert chat_only[2].sum() / ((len(chat_only[0]) - 1) * 512) > 0.9
+
+
 def chat_rows(texts) -> list[dict]:
     rows = [demo_conversation(text, number, answer_chars=160) for number, text in enumerate(texts)]
     rows[0] = {**CONVERSATION, "tools": TOOLS}
@@ -172,7 +191,7 @@ def prepared(config):
     return prepare_data(cfg, load_tokenizer(cfg), show_progress=False)
 
 
-def test_every_input_format_gives_the_same_chat_documents(tmp_path, tiny_model_dir, demo_corpus):
+def test_every_input_format_gives_the_same_chat_documents(tmp_path, tiny_model_dir, demo_corpus, capfd):
     from glmkit.data.token_store import Store
 
     texts = [json.loads(line)["text"] for line in open(demo_corpus, encoding="utf-8")][:24]
@@ -192,8 +211,13 @@ def test_every_input_format_gives_the_same_chat_documents(tmp_path, tiny_model_d
     tokenizer = load_tokenizer(load_config(str(tmp_path / "config.yaml")))
     first = stores[0].tokens()[:stores[0].lengths()[0]]
     assert tokenizer.decode(first).startswith("[gMASK]<sop><|system|>\n# Tools")
+    bits = np.array(stores[3].trained())
+    with open(os.path.join(stores[3].path, "trained.bits"), "r+b") as fh:  # one flipped byte: a wrong mask
+        fh.write(bytes([bits[0] ^ 0xFF]))
     glob_data = prepared(chat_config(tmp_path, tiny_model_dir, [{"path": str(folder / "part.*"), "format": "chat"}]))
     assert [f["store"] for f in glob_data.summary["files"]] == [s.path for s in stores]  # the same stores, reused
+    assert "(trained.bits does not match its checksum); rebuilding it" in capfd.readouterr().err
+    np.testing.assert_array_equal(Store.open(stores[3].path).trained(), bits)  # rebuilt, not trusted
     one = prepared(chat_config(tmp_path, tiny_model_dir, [{"path": str(folder / "part.jsonl"), "format": "chat",
                                                            "train_on": "last_assistant"}]))
     assert one.summary["files"][0]["store"] != stores[0].path  # another mask: another store, never a stale one

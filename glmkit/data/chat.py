@@ -207,7 +207,6 @@ class Renderer:
         self.marker_role = {vocab[m]: role for role, m in MARKERS.items()}
         self.is_marker = np.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=bool)  # a lookup per token id
         self.is_marker[list(self.marker_role)] = True
-        self.user_id, self.assistant_id = vocab[MARKERS["user"]], vocab[MARKERS["assistant"]]
         self.think_id, self.end_think_id = vocab.get(THINK), vocab.get(END_THINK)
         # Strings that the tokenizer would read as one of its added tokens: a message holding one is encoded
         # the slow, exact way (transformers' sanitize_control_tokens), so its text stays text.
@@ -268,10 +267,8 @@ class Renderer:
         ends = np.append(at[1:], len(ids))  # a turn runs to the next marker, the last one to the EOS
         users = at[[role == "user" for role in found]]
         last_user = int(users[-1]) if len(users) else -1
-        turns = [i for i, role in enumerate(found) if role == "assistant"]
-        if train_on == "last_assistant":
-            turns = turns[-1:]
-        for i in turns:
+        assistant = [i for i, role in enumerate(found) if role == "assistant"]
+        for i in assistant[-1:] if train_on == "last_assistant" else assistant:
             start, end = int(at[i]), int(ends[i])
             first = start + 1
             if start < last_user:

@@ -12,8 +12,8 @@ and a length), computed from document lengths alone and memory-mapped at trainin
 Chat documents (glmkit/data/chat.py) carry a trained flag per token, stored as bits beside their
 tokens: a row reads them with its tokens (`trained`), and the collator gives every untrained
 token the label IGNORE_INDEX, so the loss, its token count and every eval count trained tokens
-only. A chat document is never split over two rows (it is at most max_seq_length long): if it
-would straddle a row boundary, the row is closed with padding and the document starts the next.
+only. A chat document is never split over two rows (it is at most max_seq_length long): one that
+does not fit where a row stands waits while the documents after it fill the row (pack_layout).
 Where the documents come from and how they are tokenized: glmkit/data/sources.py, glmkit/data/token_store.py;
 which documents go where: glmkit/data/prepare.py.
 """
@@ -21,6 +21,7 @@ which documents go where: glmkit/data/prepare.py.
 from __future__ import annotations
 
 import bisect
+import collections
 import os
 
 import numpy as np
@@ -32,6 +33,7 @@ from glmkit.data.sources import DataError  # noqa: F401 - the data path's error,
 
 IGNORE_INDEX = -100
 LAYOUT_BLOCK_DOCS = 1 << 20  # documents laid out at once: bounds the temporaries for huge corpora
+PACK_WINDOW = 64  # whole (chat) documents held back at most while later ones fill the row they did not fit
 
 
 # ---------------------------------------------------------------------------
@@ -45,18 +47,24 @@ def pack_layout(starts: np.ndarray, lengths: np.ndarray, max_seq_length: int, pa
     With packing, documents go end to end in rows of max_seq_length; a document that spills over a
     row boundary continues in the next row as a fresh segment (positions from 0). Only the last
     row is short (padded when read), unless `whole` marks documents (chat) that must not be split:
-    one that would spill starts the next row instead, and the row before it is padded. Without
-    packing, each document is one row, truncated.
+    one that does not fit where the row stands is held back while the documents after it fill the
+    row, and placed as soon as it fits (at the latest once PACK_WINDOW documents wait: then the row
+    is closed with padding). Without packing, each document is one row, truncated.
     """
     starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
     if not packing:
         return (np.arange(len(starts) + 1, dtype=np.int64), starts.copy(),
                 np.minimum(lengths, max_seq_length).astype(np.uint32))
     length = max_seq_length
-    # Where each document begins in the packed stream: end to end, or past a gap before a whole document.
+    # Where each document begins in the packed stream: end to end, or (whole documents) in the order and at
+    # the offsets _packed_whole gives.
     keep_whole = whole is not None and bool(np.asarray(whole).any())
-    packed_at = _packed_begins(lengths, np.asarray(whole, dtype=bool), length) if keep_whole else None
-    total = int(packed_at[-1] + lengths[-1]) if keep_whole and len(lengths) else int(lengths.sum())
+    if keep_whole:
+        order, packed_at = _packed_whole(lengths, np.asarray(whole, dtype=bool), length)
+        starts, lengths = starts[order], lengths[order]
+        total = int((packed_at + lengths).max()) if len(lengths) else 0
+    else:
+        total = int(lengths.sum())
     n_rows = -(-total // length)
     per_row = np.zeros(n_rows, dtype=np.int64)
     piece_starts, piece_lens = [], []
@@ -87,16 +95,41 @@ def pack_layout(starts: np.ndarray, lengths: np.ndarray, max_seq_length: int, pa
     return row_ptr, cat(piece_starts, np.int64), cat(piece_lens, np.uint32)
 
 
-def _packed_begins(lengths: np.ndarray, whole: np.ndarray, length: int) -> np.ndarray:
-    """Each document's offset in the packed stream when the `whole` ones may not cross a row boundary."""
-    begins = np.empty(len(lengths), dtype=np.int64)
-    at = 0
-    for i, (n, keep) in enumerate(zip(lengths.tolist(), whole.tolist(), strict=True)):
-        if keep and n <= length and at // length != (at + n - 1) // length:
-            at = (at // length + 1) * length  # close the row: the document starts the next one
-        begins[i] = at
-        at += n
-    return begins
+def _packed_whole(lengths: np.ndarray, whole: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the documents' packing order, each one's offset in the packed stream) when the `whole` ones may not
+    cross a row boundary: a whole document that does not fit where the row stands waits (in order) while later
+    documents fill the row; when PACK_WINDOW wait, the row is closed with padding. A function of the order
+    alone, like the rest of the layout."""
+    lens, keep_whole = lengths.tolist(), whole.tolist()
+    order, begins = np.empty(len(lens), dtype=np.int64), np.empty(len(lens), dtype=np.int64)
+    waiting: list[int] = []
+    at = placed = 0
+    for i, n in enumerate(lens + [None]):  # None: the end, where every waiting document is placed
+        while waiting and lens[waiting[0]] <= length - at % length:  # the oldest fits where the row stands
+            order[placed], begins[placed] = waiting[0], at
+            placed, at = placed + 1, at + lens[waiting.pop(0)]
+        while waiting and (n is None or len(waiting) > PACK_WINDOW):
+            # Too many held back (or the end): pad out the row and fill the next one from the waiting documents,
+            # oldest first, each that still fits; the rest wait again (at the end: for the row after).
+            at += (length - at % length) % length
+            room, kept = length, []
+            for j in waiting:
+                if lens[j] <= room:
+                    order[placed], begins[placed] = j, at
+                    placed, at, room = placed + 1, at + lens[j], room - lens[j]
+                else:
+                    kept.append(j)
+            waiting = kept
+            if n is not None:
+                break
+        if n is None:
+            break
+        if keep_whole[i] and length - at % length < n <= length:
+            waiting.append(i)
+            continue
+        order[placed], begins[placed] = i, at
+        placed, at = placed + 1, at + n
+    return order, begins
 
 
 def pack_rows(docs: list[list[int]], max_seq_length: int, pad_id: int,
