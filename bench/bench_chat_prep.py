@@ -12,9 +12,11 @@ tokenizer and chat template, in a fresh subprocess per run, cold cache each time
         read the trained positions off the role markers, write tokens.u32 and trained.bits too.
 
 Measured: wall time of the preparation, input MiB per second and tokens per second (end to end:
-reading, tokenizing, writing, laying out rows), the peak anonymous memory of the process tree
+reading, tokenizing, writing, laying out rows), the same per CPU second of the reader and its workers
+(which a busy shared machine moves far less than wall time), the peak anonymous memory of the process tree
 (bench_data_prep.TreeSampler: the reader plus its tokenizer workers), and the cache's bytes per
-token. Medians of `--repeats` runs; the sizes show whether memory stays flat as the corpus grows.
+token. Medians of `--repeats` runs, text and chat interleaved; the chat / text wall-clock ratio is the
+median of per-pair ratios. The sizes show whether memory stays flat as the corpus grows.
 
     .venv/bin/python bench/bench_chat_prep.py [--sizes 16 64] [--repeats 3] [--workers 1]
 """
@@ -83,6 +85,8 @@ def write_corpora(mib: int) -> dict:
 
 
 def worker(args) -> dict:
+    import resource
+
     benchlib.quiet()
     from transformers import AutoTokenizer
 
@@ -93,11 +97,15 @@ def worker(args) -> dict:
                                 f"performance.tokenizer_workers={args.workers}", "training.max_seq_length=4096",
                                 "training.val_fraction=0.01"])
     tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
-    started = time.time()
+    cpu = lambda who: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))  # noqa: E731
+    reader0, workers0, started = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN), time.time()
     prepared = prepare_data(cfg, tokenizer, show_progress=False)
     seconds = time.time() - started
+    # CPU seconds of the reading process and of its (joined) tokenizer workers: what a busy machine barely moves
+    cpu_seconds = cpu(resource.RUSAGE_SELF) - reader0 + cpu(resource.RUSAGE_CHILDREN) - workers0
     files = prepared.summary["files"]
-    return {"seconds": seconds, "tokens": sum(f["tokens"] for f in files), "cache_bytes": cache_bytes(prepared),
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": sum(f["tokens"] for f in files),
+            "cache_bytes": cache_bytes(prepared),
             "trained_tokens": sum(s["trained_tokens"] for s in prepared.summary["sources"]),
             "documents": sum(f["docs"] for f in files)}
 
@@ -118,7 +126,8 @@ def measure(kind: str, data: str, workers: int, label: str) -> dict:
         result = json.load(fh)
     shutil.rmtree(scratch, ignore_errors=True)
     result["peak_anon_mb"] = sampler.peak_total * 1024 / 1e6
-    print(f"  {label}: {result['seconds']:.1f} s, {result['tokens'] / result['seconds'] / 1e3:.0f} k tokens/s, "
+    print(f"  {label}: {result['seconds']:.1f} s ({result['cpu_seconds']:.1f} CPU s), "
+          f"{result['tokens'] / result['seconds'] / 1e3:.0f} k tokens/s, "
           f"peak anon {result['peak_anon_mb']:.0f} MB, cache {result['cache_bytes'] / result['tokens']:.3f} B/token",
           flush=True)
     return result
@@ -145,12 +154,18 @@ def main(argv=None) -> int:
             runs = entry[kind]
             entry[f"{kind}_median"] = {
                 "seconds": benchlib.median([r["seconds"] for r in runs]),
+                "cpu_seconds": benchlib.median([r["cpu_seconds"] for r in runs]),
                 "mib_per_s": benchlib.median([corpora[kind]["bytes"] / 2**20 / r["seconds"] for r in runs]),
+                "mib_per_cpu_s": benchlib.median([corpora[kind]["bytes"] / 2**20 / r["cpu_seconds"] for r in runs]),
                 "tokens_per_s": benchlib.median([r["tokens"] / r["seconds"] for r in runs]),
                 "peak_anon_mb": benchlib.median([r["peak_anon_mb"] for r in runs]),
                 "bytes_per_token": runs[0]["cache_bytes"] / runs[0]["tokens"],
                 "tokens": runs[0]["tokens"], "trained_tokens": runs[0]["trained_tokens"]}
-        entry["chat_over_text_mib_per_s"] = entry["chat_median"]["mib_per_s"] / entry["text_median"]["mib_per_s"]
+        # paired: run i of chat against run i of text (interleaved, so they saw the same load), then the median
+        pairs = zip(entry["chat"], entry["text"], strict=True)
+        entry["chat_over_text_mib_per_s"] = benchlib.median([
+            (corpora["chat"]["bytes"] / c["seconds"]) / (corpora["text"]["bytes"] / t["seconds"]) for c, t in pairs])
+        entry["chat_over_text_mib_per_cpu_s"] = entry["chat_median"]["mib_per_cpu_s"] / entry["text_median"]["mib_per_cpu_s"]
         payload["sizes"][mib] = entry
     shutil.rmtree(WORK, ignore_errors=True)
     benchlib.write_json(args.out, payload)
@@ -163,14 +178,15 @@ def render(payload: dict) -> str:
     for mib, entry in payload["sizes"].items():
         for kind in ("text", "chat"):
             m = entry[f"{kind}_median"]
-            rows.append([f"{kind}, {mib} MiB", f"{m['seconds']:.1f}", f"{m['mib_per_s']:.2f}",
-                         f"{m['tokens_per_s'] / 1e3:.0f}", f"{m['peak_anon_mb']:.0f}", f"{m['bytes_per_token']:.3f}",
-                         f"{m['tokens']:,}", f"{m['trained_tokens']:,}"])
-        rows.append([f"chat / text, {mib} MiB", "", f"{entry['chat_over_text_mib_per_s']:.2f}x", "", "", "", "", ""])
+            rows.append([f"{kind}, {mib} MiB", f"{m['seconds']:.1f}", f"{m['cpu_seconds']:.1f}", f"{m['mib_per_s']:.2f}",
+                         f"{m['mib_per_cpu_s']:.2f}", f"{m['tokens_per_s'] / 1e3:.0f}", f"{m['peak_anon_mb']:.0f}",
+                         f"{m['bytes_per_token']:.3f}", f"{m['tokens']:,}", f"{m['trained_tokens']:,}"])
+        rows.append([f"chat / text, {mib} MiB", "", "", f"{entry['chat_over_text_mib_per_s']:.2f}x",
+                     f"{entry['chat_over_text_mib_per_cpu_s']:.2f}x", "", "", "", "", ""])
     return "\n".join([benchlib.machine_line(payload["machine"]),
                       f"{payload['workers']} tokenizer worker(s), median of {payload['repeats']} cold runs", "",
-                      benchlib.table(["corpus", "prepare s", "MiB/s", "k tokens/s", "peak anon MB (tree)",
-                                      "cache B/token", "tokens", "trained tokens"], rows)])
+                      benchlib.table(["corpus", "prepare s", "CPU s", "MiB/s", "MiB/CPU s", "k tokens/s",
+                                      "peak anon MB (tree)", "cache B/token", "tokens", "trained tokens"], rows)])
 
 
 if __name__ == "__main__":
