@@ -356,7 +356,7 @@ def test_chat_eval_set_loss_equals_a_hand_computation(replay_run, tokenizer):
         for line in open(cfg.eval.sets[0].path, encoding="utf-8"):
             for ids, flags in documents(tokenizer, json.loads(line), max_seq_length=cfg.training.max_seq_length)[0]:
                 targets = torch.tensor(ids[1:].astype(np.int64)).masked_fill(torch.tensor(~flags[1:]), IGNORE_INDEX)
-                logits = model(input_ids=torch.tensor([ids[:-1].astype(np.int64)])).logits[0].float()
+                logits = model(input_ids=torch.from_numpy(ids[:-1].astype(np.int64))[None]).logits[0].float()
                 total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX,
                                                            reduction="sum").item()
                 count += int((targets != IGNORE_INDEX).sum())
