@@ -5,6 +5,7 @@
     python train_qlora.py --config configs/tiny.yaml          # the CPU demo
     python train_qlora.py --config training_config.yaml --plan [--json]
     python train_qlora.py --config training_config.yaml --prepare-data   # tokenize once, no weights loaded
+    python train_qlora.py --config training_config.yaml --inspect-data 3 [--json]   # what the loss trains on
 
 Every expert is NF4, packed documents are kept apart (varlen segments or a block mask), and everything the
 dashboard shows is written to <paths.output_dir>/logs/*.jsonl. A step is an optimizer step.
@@ -56,10 +57,13 @@ def parse_args(argv=None):
     resume.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     resume.add_argument("--resume_from", metavar="PATH", help="continue from this checkpoint folder")
     parser.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit")
-    parser.add_argument("--json", action="store_true", help="with --plan: one JSON object")
+    parser.add_argument("--json", action="store_true",
+                        help="with --plan: one JSON object; with --inspect-data: one JSON object per row")
     parser.add_argument("--force", action="store_true", help="start even if the memory plan says it won't fit")
     parser.add_argument("--prepare-data", action="store_true",
                         help="tokenize and pack paths.data_path into the cache (no model weights), print a summary, exit")
+    parser.add_argument("--inspect-data", type=int, metavar="N",
+                        help="print the first N prepared training rows with the trained tokens marked (no weights), exit")
     parser.add_argument("--allow-data-change", action="store_true",
                         help="with --resume: continue even though the data differs from the checkpoint's fingerprint")
     return parser.parse_args(argv)
@@ -254,7 +258,7 @@ def train(cfg, args, accelerator, logs) -> int:
     logs.event("run_start", state.step, config=cfg.to_dict(), world_size=world, total_steps=total_steps,
                effective_batch=rows_per_step, tokens_per_step=tokens_per_step, model_audit=built.audit,
                bad_lines=corpus.bad_line_count, train_rows=len(corpus.train_rows), val_rows=len(corpus.val_rows),
-               eval_sets={name: len(rows) for name, rows in data.eval_rows.items()},
+               chat=corpus.chat_counts, eval_sets={name: len(rows) for name, rows in data.eval_rows.items()},
                resumed_from=resume.path, device=str(accelerator.device), ddp_sync=sync_report(model),
                strategy=strategy(cfg), resident_by_rank=resident_bytes_by_rank(model, accelerator, built.loaded),
                demo_model=is_demo_model(cfg.paths.model_dir), **planned_memory)
@@ -278,6 +282,7 @@ def train(cfg, args, accelerator, logs) -> int:
         result = train_step(model, group, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
                             stats=stats, max_grad_norm=cfg.optimization.max_grad_norm, step=state.step + 1)
         state = replace(state, step=state.step + 1, epoch=epoch, tokens_seen=state.tokens_seen + result.input_tokens,
+                        trained_tokens_seen=state.trained_tokens_seen + result.trained_tokens,
                         nan_skips=0 if result.applied else state.nan_skips + 1, elapsed_seconds=clock.tick())
         step = state.step
         progress.update(1)
@@ -289,6 +294,7 @@ def train(cfg, args, accelerator, logs) -> int:
         if step % cfg.logging.log_interval == 0 or step == total_steps:
             logs.write("train", step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm, aux_loss=None,
                        epoch=step / data.steps_per_epoch, tokens=result.input_tokens, tokens_seen=state.tokens_seen,
+                       trained_tokens=result.trained_tokens, trained_tokens_seen=state.trained_tokens_seen,
                        **clock.rates(result.input_tokens, step, total_steps), elapsed_seconds=state.elapsed_seconds,
                        total_steps=total_steps, **gpu_memory())
             progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
@@ -325,7 +331,7 @@ def train(cfg, args, accelerator, logs) -> int:
     progress.close()
     final = checkpointer.save(replace(state, elapsed_seconds=clock.elapsed()), final=True)
     logs.event("run_end", state.step, status="finished", final_checkpoint=final, best_val_loss=state.best_val_loss,
-               tokens_seen=state.tokens_seen, **gpu_memory(peak_only=True))
+               tokens_seen=state.tokens_seen, trained_tokens_seen=state.trained_tokens_seen, **gpu_memory(peak_only=True))
     accelerator.print(run_summary(replace(state, elapsed_seconds=clock.elapsed()), config_path=cfg.source_path,
                                   best_adapter_dir=cfg.paths.best_adapter_dir, final_checkpoint=final,
                                   select_by=cfg.eval.select_by, best_adapter_written=state.best_step is not None))
@@ -357,7 +363,8 @@ def main(argv=None) -> int:
 
         return run_plan_cli(cfg, args.json)
     # Every folder this command writes, checked before anything starts (each process checks the same).
-    problems = unwritable_problems(cfg, ("scratch_dir",) if args.prepare_data else
+    data_only = args.prepare_data or args.inspect_data is not None
+    problems = unwritable_problems(cfg, ("scratch_dir",) if data_only else
                                    ("output_dir", "best_adapter_dir", "scratch_dir"))
     if problems:
         print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr)
@@ -366,6 +373,10 @@ def main(argv=None) -> int:
         from glmkit.data.prepare import run_prepare_cli
 
         return run_prepare_cli(cfg)
+    if args.inspect_data is not None:
+        from glmkit.data.inspect_rows import run_inspect_cli
+
+        return run_inspect_cli(cfg, args.inspect_data, args.json)
     require_installed(cfg)
     exit_with_parent()
     accelerator = make_accelerator(cfg)

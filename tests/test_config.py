@@ -127,7 +127,8 @@ def test_resume_critical_keys_come_from_the_field_declarations():
     assert not {"optimization.learning_rate", "optimization.weight_decay", "training.max_steps"} & set(keys)
 
 
-@pytest.mark.parametrize("yaml_file", ["training_config.yaml", "configs/tiny.yaml"])
+@pytest.mark.parametrize("yaml_file", ["training_config.yaml", "configs/tiny.yaml", "configs/cpt_chat_replay.yaml",
+                                       "configs/sft_after_cpt.yaml"])
 def test_every_yaml_key_is_present_and_commented(yaml_file):
     """The one YAML a user edits says, beside each key, what it trades off."""
     lines = open(os.path.join(ROOT, yaml_file), encoding="utf-8").read().splitlines()

@@ -29,7 +29,7 @@ CODE = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(5)]
 SETTINGS = {"training.max_steps": 6, "logging.eval_interval": 3, "checkpoint.interval": 3,
             "checkpoint.keep_top_k": 1, "logging.expert_stats_interval": 3, "optimization.lr_scheduler": "wsd",
             "optimization.warmup_steps": 2, "optimization.decay_steps": 3, "optimization.decay_shape": "cosine",
-            "eval.select_by": "code"}  # code's loss rises as the run adapts: its best is not the last step
+            "eval.select_by": "general"}  # general's loss rises as the run adapts: its best is not the last step
 
 
 def write_jsonl(path, texts) -> str:
@@ -62,16 +62,17 @@ def test_every_eval_measures_every_set_from_step_0(eval_run):
     evals = records(eval_run["out"], "eval_log.jsonl")
     assert [e["step"] for e in evals] == [0, 3, 6]
     for record in evals:
-        assert record["sets"] == ["val", "general", "code"] and record["select_by"] == "code"
+        assert record["sets"] == ["val", "general", "code"] and record["select_by"] == "general"
         for name in record["sets"]:
             assert math.isclose(record[f"{name}/perplexity"], math.exp(record[f"{name}/loss"]), rel_tol=1e-9)
         # The fields logs had before eval sets: the selection set's numbers.
-        assert (record["val_loss"], record["val_tokens"]) == (record["code/loss"], record["code/tokens"])
+        assert (record["val_loss"], record["val_tokens"]) == (record["general/loss"], record["general/tokens"])
     # Every document's tokens but its first (never a target), summed over the set.
     assert evals[0]["general/tokens"] == 197 and evals[0]["code/tokens"] == 77
     assert evals[0]["val/tokens"] > 1000
     # Deterministic on CPU (the slack covers float summation order elsewhere): the base model's losses.
-    assert [evals[0][f"{n}/loss"] for n in ("val", "general", "code")] == pytest.approx([7.61358, 7.63699, 7.67922],
+    # Re-pinned for issue 33's tiny tokenizer (GLM-4.5's control tokens added): before, [7.61358, 7.63699, 7.67922].
+    assert [evals[0][f"{n}/loss"] for n in ("val", "general", "code")] == pytest.approx([7.66625, 7.65611, 7.53946],
                                                                                          abs=5e-4)
     start = json.loads(open(os.path.join(eval_run["out"], "logs", "events_log.jsonl")).readline())
     assert start["eval_sets"] == {"val": start["val_rows"], "general": 1, "code": 1}
@@ -115,20 +116,21 @@ def test_eval_set_losses_equal_a_hand_computation_at_step_0_and_after_training(e
 
 @pytest.mark.trains
 def test_the_selection_set_picks_the_best_adapter_and_the_top_k_not_step_0(eval_run):
-    """Selected by code, whose loss rises with training: the best adapter and the kept checkpoint are step 3's,
-    where the held-out split would pick step 6; step 0 (lowest of all) is no candidate."""
+    """Selected by general, whose loss rises with training: the best adapter and the kept checkpoint are step 3's,
+    where the held-out split would pick step 6; step 0 (lowest of all) is no candidate. (Selected by code until
+    issue 33's tiny tokenizer: code's loss fell with it.)"""
     evals = {e["step"]: e for e in records(eval_run["out"], "eval_log.jsonl")}
-    assert evals[0]["code/loss"] < evals[3]["code/loss"] < evals[6]["code/loss"]
+    assert evals[0]["general/loss"] < evals[3]["general/loss"] < evals[6]["general/loss"]
     assert evals[6]["val/loss"] < evals[3]["val/loss"]
     with open(os.path.join(eval_run["best"], "best.json"), encoding="utf-8") as fh:
         marker = json.load(fh)
-    assert (marker["step"], marker["eval_set"], marker["val_loss"]) == (3, "code", evals[3]["code/loss"])
+    assert (marker["step"], marker["eval_set"], marker["val_loss"]) == (3, "general", evals[3]["general/loss"])
     events = read_jsonl(os.path.join(eval_run["out"], "logs", "events_log.jsonl"))
     assert [e["step"] for e in events if e["event"] == "best_updated"] == [3]
     kept = sorted(n for n in os.listdir(eval_run["out"]) if "checkpoint-" in n)
-    assert kept == ["checkpoint-3", "final-checkpoint-6"]  # top-1 by code's loss, and the final one (step 6 once)
+    assert kept == ["checkpoint-3", "final-checkpoint-6"]  # top-1 by general's loss, and the final one (step 6 once)
     assert json.load(open(os.path.join(eval_run["out"], "checkpoint-3", "trainer_meta.json")))["val_loss"] == \
-        evals[3]["code/loss"]
+        evals[3]["general/loss"]
 
 
 def test_a_changed_selection_set_on_resume_starts_a_new_best():

@@ -39,6 +39,30 @@ class ModelSection:
         "(debugging)")
 
 
+# ---------------------------------------------------------------------------
+# Chat data: the keys a training source (paths.data_path[i]) and an eval set (eval.sets[i]) share
+# ---------------------------------------------------------------------------
+
+CHAT_FIELDS = {
+    "format": dict(default="text", help="`text` (each row's `training.text_field`, every token trained) · `chat` "
+                                        "(each row's `messages`, rendered with the model's chat template; "
+                                        "docs/CHAT_DATA.md)"),
+    "train_on": dict(default="assistant", help="chat: the tokens the loss trains on: `assistant` (every assistant "
+                                               "turn and the marker or EOS that ends it) · `last_assistant` · `all`"),
+    "long_conversations": dict(default="split", help="chat: a conversation longer than training.max_seq_length is "
+                                                     "`split` at user turns into conversations that fit, or `drop`ped; "
+                                                     "both are counted in run_start"),
+}
+
+
+def chat_key_problems(item: dict, where: str) -> list[str]:
+    """A chat-only key on a text source would be silently ignored: refuse it, naming the fix."""
+    if item.get("format", "text") == "chat":
+        return []
+    return [f"{where}.{key}: only chat sources read it; add `format: chat` to {where} or remove the key"
+            for key in ("train_on", "long_conversations") if key in item]
+
+
 # Passes per epoch one source may ask for (paths.data_path[i].weight): a pass repeats the source's
 # documents in the epoch's row layout, so the layout grows with weight x documents.
 MAX_SOURCE_WEIGHT = 1000
@@ -50,6 +74,10 @@ class DataSource:
     path: str = setting(help="a .jsonl / .jsonl.gz / .jsonl.zst / .parquet file, a folder of them, or a glob")
     weight: float = setting(1.0, "passes over this source per epoch; a fraction takes a deterministic subset "
                                  "of its documents", gt=0, le=MAX_SOURCE_WEIGHT)
+    # ---- chat data (glmkit/data/chat.py, docs/CHAT_DATA.md) ----
+    format: Literal["text", "chat"] = setting(**CHAT_FIELDS["format"])
+    train_on: Literal["assistant", "last_assistant", "all"] = setting(**CHAT_FIELDS["train_on"])
+    long_conversations: Literal["split", "drop"] = setting(**CHAT_FIELDS["long_conversations"])
 
 
 def _parse_data_path(value, key: str, problems: list[str]):
@@ -72,6 +100,7 @@ def _parse_data_path(value, key: str, problems: list[str]):
                 continue
             before = len(problems)
             source = build_section(DataSource, item, where, problems)
+            problems.extend(chat_key_problems(item, where))
             if len(problems) == before:
                 sources.append(source)
         else:
@@ -125,6 +154,10 @@ class EvalSetSource:
     """One named eval set: documents evaluated on, never trained on (e.g. general text, to see forgetting)."""
     name: str = setting(help="its name in eval_log.jsonl, the trackers (`eval/<name>/loss`) and the dashboard")
     path: str = setting(help="a .jsonl / .jsonl.gz / .jsonl.zst / .parquet file, a folder of them, or a glob")
+    # ---- chat data: as a training source's; a chat set's loss is over its trained tokens ----
+    format: Literal["text", "chat"] = setting(**CHAT_FIELDS["format"])
+    train_on: Literal["assistant", "last_assistant", "all"] = setting(**CHAT_FIELDS["train_on"])
+    long_conversations: Literal["split", "drop"] = setting(**CHAT_FIELDS["long_conversations"])
 
 
 def _parse_eval_sets(value, key: str, problems: list[str]):
@@ -142,6 +175,7 @@ def _parse_eval_sets(value, key: str, problems: list[str]):
             continue
         before = len(problems)
         entry = build_section(EvalSetSource, item, where, problems)
+        problems.extend(chat_key_problems(item, where))
         if len(problems) == before:
             sets.append(entry)
     return sets if len(sets) == len(value) else None

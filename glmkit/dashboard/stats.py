@@ -127,6 +127,8 @@ def progress_stats(run: RunMonitor, status: str, estimate: TokensSeenEstimate) -
         "tokens": _finite(latest.get("tokens")),  # this step's
         "tokens_seen": seen,
         "tokens_seen_estimated": estimated,
+        # of those, the loss targets (chat data trains on the assistant's tokens only); logs before it: None
+        "trained_tokens_seen": _finite(latest.get("trained_tokens_seen")),
     }
 
 

@@ -10,6 +10,9 @@ set's token stores and the training rows it was checked against.
 A set that shares documents with the training data (same content hash as a document trained
 on) would measure memorisation, not generalisation or forgetting: it is refused with the
 overlap count. The held-out split of the training data is the eval set named `val`.
+
+A set of `format: chat` is read and masked like a chat training source (glmkit/data/chat.py): its
+loss is over the trained tokens only (by its own `train_on`), what the assistant says.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from glmkit.data.chat import COUNTS
 from glmkit.data.rows import Rows, load_layout, pack_layout, save_layout
 from glmkit.data.sources import DataError
 
-EVAL_ROWS_VERSION = 1
+EVAL_ROWS_VERSION = 2  # 2: chat documents kept whole; chat counts
 LAYOUT = "eval"
 
 
@@ -50,9 +54,11 @@ def write_rows(rows_dir: str, spec: str, stores, training_digests: np.ndarray, m
     lengths = np.concatenate([s.lengths() for s in stores] or [np.zeros(0, np.uint32)]).astype(np.int64)
     digests = np.concatenate([s.digests() for s in stores] or [np.zeros((0, 16), np.uint8)])
     if len(lengths) == 0:
-        raise DataError(f"eval set {spec}: no usable documents; give each line a non-empty text field")
+        raise DataError(f"eval set {spec}: no usable documents; give each line a non-empty text field "
+                        f"(a chat set: a conversation with an assistant turn that fits training.max_seq_length)")
     starts = np.cumsum(lengths) - lengths
-    layout = pack_layout(starts, lengths, max_seq_length, packing)
+    whole = np.concatenate([np.full(s.meta["docs"], "chat" in s.meta) for s in stores])
+    layout = pack_layout(starts, lengths, max_seq_length, packing, whole)
     as_keys = lambda d: np.ascontiguousarray(d).view("V16").ravel()  # noqa: E731 - one 16-byte key per document
     overlap = int(np.isin(as_keys(digests), as_keys(training_digests)).sum())
     tmp = f"{rows_dir}.tmp-{os.uname().nodename}-{os.getpid()}"
@@ -63,6 +69,9 @@ def write_rows(rows_dir: str, spec: str, stores, training_digests: np.ndarray, m
                "tokens": int(lengths.sum()), "overlap": overlap,
                "files": [{k: s.meta[k] for k in ("path", "docs", "tokens", "bad_lines", "bad_examples")}
                          for s in stores]}
+    if any("chat" in s.meta for s in stores):
+        summary["chat"] = {key: sum(int(s.meta["chat"][key]) for s in stores if "chat" in s.meta)
+                           for key in COUNTS}
     with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1)
     if os.path.isdir(rows_dir):
@@ -72,7 +81,7 @@ def write_rows(rows_dir: str, spec: str, stores, training_digests: np.ndarray, m
 
 
 def load(name: str, spec: str, rows_dir: str, token_arrays, max_seq_length: int, pad: int, packing: bool,
-         index: int) -> EvalSetData:
+         index: int, trained_bits=None) -> EvalSetData:
     """One prepared set, refused (one line, with the count) if it shares documents with the training data."""
     with open(os.path.join(rows_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
@@ -80,13 +89,15 @@ def load(name: str, spec: str, rows_dir: str, token_arrays, max_seq_length: int,
         raise DataError(f"eval.sets[{index}] {name!r} ({spec}): {summary['overlap']} of its {summary['docs']} "
                         f"documents are also training documents in paths.data_path; remove them from the eval "
                         f"set (or from the training data): an eval set must be held out to measure anything")
-    rows = Rows(token_arrays, load_layout(rows_dir, LAYOUT), max_seq_length, pad, packing)
+    rows = Rows(token_arrays, load_layout(rows_dir, LAYOUT), max_seq_length, pad, packing, trained_bits)
     return EvalSetData(name, spec, rows, summary)
 
 
-def resolve(index: int, name: str, path: str, text_field: str):
-    """The set's files (a glmkit.data.sources.Source); a missing or unusable path is one line naming its key."""
+def resolve(index: int, name: str, path: str, text_field: str, entry=None):
+    """The set's files (a glmkit.data.sources.Source, read as `entry`, its EvalSetSource, says); a missing or
+    unusable path is one line naming its key."""
     import glob
+    import types
 
     from glmkit.data import sources
 
@@ -94,6 +105,9 @@ def resolve(index: int, name: str, path: str, text_field: str):
     if not glob.has_magic(path) and not os.path.exists(path):
         raise DataError(f"{where}: {path} does not exist (eval set {name!r}); fix the path or remove the set")
     try:
-        return sources.resolve_sources(path, text_field)[0]
+        spec = types.SimpleNamespace(path=path, weight=1.0, format=getattr(entry, "format", "text"),
+                                     train_on=getattr(entry, "train_on", "assistant"),
+                                     long_conversations=getattr(entry, "long_conversations", "split"))
+        return sources.resolve_sources([spec], text_field)[0]
     except DataError as exc:
         raise DataError(f"{where} (eval set {name!r}): {str(exc).replace('paths.data_path', where)}") from None

@@ -1,7 +1,8 @@
 """The data fingerprint a checkpoint records, and the resume check that compares it.
 
-The fingerprint is the configured sources with their weights, every input file's path, size
-and mtime, and a hash of the validation documents' contents. Resuming over a corpus whose
+The fingerprint is the configured sources with their weights (and, for chat sources, their format,
+train_on and long_conversations: what is trained), every input file's path, size and
+mtime, and a hash of the validation documents' contents. Resuming over a corpus whose
 fingerprint differs would train on other rows and re-draw the validation split (so "best val
 loss" would compare different sets): it is refused, naming paths.data_path and what changed,
 unless the run is started with --allow-data-change, which continues deliberately and writes
@@ -20,7 +21,8 @@ OPT_IN_FLAG = "--allow-data-change"
 
 def fingerprint(configured_sources, val_documents: int, sorted_val_digests: bytes) -> dict:
     return {
-        "sources": [{"path": s.spec, "weight": s.weight, "files": [f.identity() for f in s.files]}
+        "sources": [{"path": s.spec, "weight": s.weight, "files": [f.identity() for f in s.files],
+                     **({"reading": _reading(s)} if s.format == "chat" else {})}
                     for s in configured_sources],
         "val_documents": val_documents,
         "val_sha256": hashlib.sha256(sorted_val_digests).hexdigest(),
@@ -36,6 +38,12 @@ def differences(saved: dict, current: dict) -> list[str]:
     weights_after = [s["weight"] for s in current["sources"]]
     if weights_before != weights_after:
         changes.append(f"source weights {_weights(weights_before)} -> {_weights(weights_after)}")
+    reading_before = [s.get("reading", "text") for s in saved["sources"]]
+    reading_after = [s.get("reading", "text") for s in current["sources"]]
+    if reading_before != reading_after:  # a chat source's format or mask changed: other tokens are trained
+        changes += [f"paths.data_path[{i}] read as {a} -> {b}" for i, (a, b)
+                    in enumerate(zip(reading_before, reading_after)) if a != b] or \
+                   [f"sources read as {', '.join(reading_before)} -> {', '.join(reading_after)}"]
     old = {path: (size, mtime) for s in saved["sources"] for path, size, mtime in s["files"]}
     new = {path: (size, mtime) for s in current["sources"] for path, size, mtime in s["files"]}
     changes += [f"{path} added" for path in new if path not in old]
@@ -49,6 +57,11 @@ def differences(saved: dict, current: dict) -> list[str]:
     if saved["val_sha256"] != current["val_sha256"]:
         changes.append(f"validation documents differ ({saved['val_documents']} -> {current['val_documents']})")
     return changes
+
+
+def _reading(source) -> str:
+    """How a chat source is read, in a few words (text sources have no such key: older fingerprints match)."""
+    return f"chat (train_on {source.train_on}, long_conversations {source.long_conversations})"
 
 
 def _weights(weights) -> str:

@@ -5,7 +5,8 @@
 The cache lives under `<paths.scratch_dir>/tokenized/`:
 
     files/<key>/   one token store per input file (glmkit/data/token_store.py), keyed by the file's
-                   path, size and mtime, the tokenizer and the text field
+                   path, size and mtime, the tokenizer and the text field (a chat file: its chat
+                   settings and the chat template, glmkit/data/chat.py)
     rows/<key>/    the run's rows (glmkit/data/rows.py's layout: pieces of the stores, not copies of
                    tokens) for train and val, and summary.json; keyed by the stores plus every
                    setting that shapes rows (sources and weights, seed, val_fraction,
@@ -47,12 +48,12 @@ from glmkit.run.checkpoint_names import read_meta
 from glmkit.data import cache, eval_sets
 from glmkit.run.writes import WriteFailed, guarded_write
 from glmkit.data import fingerprint as data_fingerprint
-from glmkit.data import sources
+from glmkit.data import chat, sources
 from glmkit.data import token_store
 from glmkit.data.rows import Rows, load_layout, pack_layout, save_layout
 from glmkit.data.sources import DataError
 
-ROWS_VERSION = 1
+ROWS_VERSION = 2  # 2: chat documents kept whole in rows; files name their source; chat counts
 SHOWN_BAD_LINES = 20
 
 
@@ -73,6 +74,14 @@ class PreparedData:
     def fingerprint(self) -> dict:
         return self.summary["fingerprint"]
 
+    @property
+    def chat_counts(self) -> dict:
+        """{source or eval set: what became of its conversations} for every chat source and chat eval set
+        (run_start's `chat`; empty without chat data)."""
+        out = {s["path"]: s["chat"] for s in self.summary["sources"] if s.get("chat")}
+        out.update({f"eval.sets.{e.name}": e.summary["chat"] for e in self.eval_sets if e.summary.get("chat")})
+        return out
+
 
 def tokenizer_workers(cfg) -> int:
     """performance.tokenizer_workers, or every core this process may run on."""
@@ -90,34 +99,39 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
     t = cfg.training
     root = cache_root(cfg)
     configured = sources.resolve_sources(cfg.paths.data_path, t.text_field)
-    eval_configured = [eval_sets.resolve(i, e.name, e.path, t.text_field) for i, e in enumerate(cfg.eval.sets)]
+    eval_configured = [eval_sets.resolve(i, e.name, e.path, t.text_field, e) for i, e in enumerate(cfg.eval.sets)]
+    _check_chat_template(configured + eval_configured, tokenizer, cfg.paths.model_dir)
     identity = token_store.tokenizer_identity(tokenizer)
-    files = _unique([f for source in configured for f in source.files])
-    all_files = _unique(files + [f for source in eval_configured for f in source.files])
-    store_dirs = {f.path: os.path.join(root, "files", token_store.store_key(f, identity, t.text_field))
-                  for f in all_files}
-    rows_key = json.dumps([ROWS_VERSION, [os.path.basename(store_dirs[f.path]) for f in files],
+    # A store per (input file, how its rows become documents): a chat file is rendered per chat settings.
+    files = _unique([(f, chat_settings(s, t)) for s in configured for f in s.files])
+    all_files = _unique(files + [(f, chat_settings(s, t)) for s in eval_configured for f in s.files])
+    store_dirs = {_key(e): os.path.join(root, "files", token_store.store_key(
+                      e[0], identity, t.text_field, e[1], tokenizer.chat_template if e[1] else None))
+                  for e in all_files}
+    rows_key = json.dumps([ROWS_VERSION, [os.path.basename(store_dirs[_key(e)]) for e in files],
                            [([f.path for f in s.files], s.weight) for s in configured],
                            t.seed, t.val_fraction, t.max_seq_length, t.packing])
     rows_dir = os.path.join(root, "rows", hashlib.sha256(rows_key.encode()).hexdigest()[:24])
-    eval_dirs = [os.path.join(root, "rows", eval_sets.rows_key(e.name, [store_dirs[f.path] for f in src.files],
-                                                               rows_dir, t.max_seq_length, t.packing))
+    eval_dirs = [os.path.join(root, "rows", eval_sets.rows_key(
+                     e.name, [store_dirs[(f.path, chat_settings(src, t))] for f in src.files], rows_dir,
+                     t.max_seq_length, t.packing))
                  for e, src in zip(cfg.eval.sets, eval_configured, strict=True)]
     has_summary = lambda folder: os.path.isfile(os.path.join(folder, "summary.json"))  # noqa: E731
     prepared_here = False
     with _preparer_lock(root):
-        train_store_dirs = [store_dirs[f.path] for f in files]
+        train_store_dirs = [store_dirs[_key(e)] for e in files]
         _discard_damaged(store_dirs, train_store_dirs, rows_dir)
         ready = all(map(has_summary, [rows_dir, *eval_dirs])) and all(map(os.path.isdir, store_dirs.values()))
         if not ready:
             _remove_stale_temporaries(root)
-            missing = [(f, store_dirs[f.path]) for f in all_files if not os.path.isdir(store_dirs[f.path])]
+            missing = [(f, store_dirs[_key((f, settings))], settings) for f, settings in all_files
+                       if not os.path.isdir(store_dirs[_key((f, settings))])]
             # A failed store write removes its own temp folder (token_store._StoreWriter.abandon).
             with _cache_write(os.path.join(root, "files")):
                 _tokenize(missing, tokenizer, cfg, show_progress)
-            stores = {f.path: token_store.Store.open(store_dirs[f.path]) for f in all_files}
+            stores = {key: token_store.Store.open(folder) for key, folder in store_dirs.items()}
             check_bad_lines([s.meta for s in stores.values()], t.skip_bad_lines)
-            train_stores = [stores[f.path] for f in files]
+            train_stores = [stores[_key(e)] for e in files]
             if not has_summary(rows_dir):
                 with _cache_write(rows_dir, partial=_rows_tmp(rows_dir)):
                     _write_rows(rows_dir, configured, files, train_stores, cfg)
@@ -126,8 +140,9 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
                 for e, src, folder in zip(cfg.eval.sets, eval_configured, eval_dirs, strict=True):
                     if not has_summary(folder):
                         with _cache_write(folder):
-                            eval_sets.write_rows(folder, e.path, [stores[f.path] for f in src.files], trained_on,
-                                                 t.max_seq_length, t.packing)
+                            eval_sets.write_rows(folder, e.path, [stores[(f.path, chat_settings(src, t))]
+                                                                  for f in src.files],
+                                                 trained_on, t.max_seq_length, t.packing)
             prepared_here = True
             count, freed = cache.remove_unreachable(root, set(store_dirs.values()))
             if count:
@@ -136,25 +151,49 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
     with open(os.path.join(rows_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
     check_bad_lines(summary["files"], t.skip_bad_lines)
-    tokens = {f.path: token_store.Store.open(store_dirs[f.path]).tokens() for f in all_files}
+    opened = {key: token_store.Store.open(folder) for key, folder in store_dirs.items()}
+    tokens = {key: store.tokens() for key, store in opened.items()}
+    bits = {key: store.trained() for key, store in opened.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = {name: Rows([tokens[f.path] for f in files], load_layout(rows_dir, name), t.max_seq_length, pad,
-                       t.packing)
+    rows = {name: Rows([tokens[_key(e)] for e in files], load_layout(rows_dir, name), t.max_seq_length, pad,
+                       t.packing, [bits[_key(e)] for e in files])
             for name in ("train", "val")}
-    named = [eval_sets.load(e.name, e.path, folder, [tokens[f.path] for f in src.files], t.max_seq_length, pad,
-                            t.packing, i)
-             for i, (e, src, folder) in enumerate(zip(cfg.eval.sets, eval_configured, eval_dirs, strict=True))]
+    named = []
+    for i, (e, src, folder) in enumerate(zip(cfg.eval.sets, eval_configured, eval_dirs, strict=True)):
+        keys = [(f.path, chat_settings(src, t)) for f in src.files]
+        named.append(eval_sets.load(e.name, e.path, folder, [tokens[k] for k in keys], t.max_seq_length, pad,
+                                    t.packing, i, [bits[k] for k in keys]))
     for eval_set in named:
         check_bad_lines(eval_set.summary["files"], t.skip_bad_lines)
     return PreparedData(rows["train"], rows["val"], summary, rows_dir, prepared_here, named)
 
 
-def _unique(files: list) -> list:
-    """Input files without repeats, in order (a file listed by two sources is one token store)."""
-    return list({f.path: f for f in files}.values())
+def chat_settings(source: sources.Source, t) -> chat.ChatSettings | None:
+    """How a source's rows become documents: None for text, its chat settings for chat."""
+    if source.format != "chat":
+        return None
+    return chat.ChatSettings(source.train_on, t.max_seq_length, source.long_conversations)
 
 
-def _discard_damaged(store_dirs: dict[str, str], train_store_dirs: list[str], rows_dir: str) -> None:
+def _key(entry: tuple) -> tuple:
+    """A store's key in this module: (input file path, chat settings or None)."""
+    return entry[0].path, entry[1]
+
+
+def _check_chat_template(configured: list, tokenizer, model_dir: str) -> None:
+    chats = [s.spec for s in configured if s.format == "chat"]
+    problem = chat.template_problem(tokenizer, model_dir) if chats else None
+    if problem:
+        raise DataError(f"{problem} (chat source {chats[0]})")
+
+
+def _unique(entries: list) -> list:
+    """(input file, chat settings) pairs without repeats, in order (a file read the same way twice is one
+    token store)."""
+    return list({_key(e): e for e in entries}.values())
+
+
+def _discard_damaged(store_dirs: dict, train_store_dirs: list[str], rows_dir: str) -> None:
     """Remove (to rebuild) each of this run's stores (training and eval files) that fails its checks, and the
     training rows if they do (the rows index the training stores, in order)."""
     for path in store_dirs.values():
@@ -212,7 +251,7 @@ def _tokenize(missing, tokenizer, cfg, show_progress: bool) -> None:
     from tqdm.auto import tqdm
 
     workers = tokenizer_workers(cfg)
-    total = sum(f.size for f, _ in missing)
+    total = sum(entry[0].size for entry in missing)
     started = time.time()
     with tqdm(total=total, unit="B", unit_scale=True, dynamic_ncols=True, disable=not show_progress,
               desc=f"tokenizing {len(missing)} file(s), {workers} worker(s)") as bar:
@@ -301,13 +340,17 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
     words = np.ascontiguousarray(digests).view(np.uint64)  # two little-endian words per document
     is_val = _held_out(digests, t)
     subset_u = _unit_interval(words[:, 1].copy(), _salt("weight-subset", t.seed))
-    file_index = {f.path: i for i, f in enumerate(files)}
+    file_index = {_key(e): i for i, e in enumerate(files)}
+    # Chat documents are never split over two rows (glmkit/data/rows.py).
+    whole = np.concatenate([np.full(s.meta["docs"], "chat" in s.meta) for s in stores] or [np.zeros(0, bool)])
+    source_of = {}
 
     # Per source: its documents (memory grows with the corpus), and how often each pass repeats them.
     plans, source_rows = [], []
-    for source in configured:
-        ids = np.concatenate([np.arange(doc_base[file_index[f.path]], doc_base[file_index[f.path] + 1])
-                              for f in source.files] or [np.zeros(0, np.int64)])
+    for number, source in enumerate(configured):
+        indices = [file_index[(f.path, chat_settings(source, t))] for f in source.files]
+        source_of.update(dict.fromkeys(indices, number))
+        ids = np.concatenate([np.arange(doc_base[i], doc_base[i + 1]) for i in indices] or [np.zeros(0, np.int64)])
         train_ids = ids[~is_val[ids]]
         passes, fraction = int(math.floor(source.weight)), source.weight - math.floor(source.weight)
         subset = train_ids[subset_u[train_ids] < fraction]
@@ -317,7 +360,11 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
                             "train_docs": int(len(train_ids)), "val_docs": int(is_val[ids].sum()),
                             "train_docs_per_epoch": passes * len(train_ids) + len(subset),
                             "train_tokens_per_epoch": passes * int(lengths[train_ids].sum())
-                            + int(lengths[subset].sum())})
+                            + int(lengths[subset].sum()),
+                            "format": source.format, "trained_tokens": sum(_trained_tokens(stores[i]) for i in indices)})
+        if source.format == "chat":
+            source_rows[-1].update(train_on=source.train_on, long_conversations=source.long_conversations,
+                                   chat=_chat_counts([stores[i] for i in indices]))
     epoch_docs = sum(row["train_docs_per_epoch"] for row in source_rows)
     epoch_tokens = sum(row["train_tokens_per_epoch"] for row in source_rows)
     _check_layout_fits(layout_bytes(epoch_docs, epoch_tokens, t.max_seq_length, t.packing), epoch_docs,
@@ -345,7 +392,7 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
     os.makedirs(tmp)
     split_rows = {}
     for name, ids in (("train", train_ids), ("val", val_ids)):
-        layout = pack_layout(starts[ids], lengths[ids], t.max_seq_length, t.packing)
+        layout = pack_layout(starts[ids], lengths[ids], t.max_seq_length, t.packing, whole[ids])
         save_layout(tmp, name, layout)
         n_rows, real = len(layout[0]) - 1, int(layout[2].sum(dtype=np.int64))
         capacity = n_rows * t.max_seq_length if t.packing else real
@@ -356,7 +403,8 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
         "version": ROWS_VERSION,
         "files": [{**{k: s.meta[k] for k in ("path", "format", "size", "mtime_ns", "lines", "docs", "tokens",
                                                "bad_lines", "bad_examples")},
-                   "val_docs": int(is_val[doc_base[i]:doc_base[i + 1]].sum()), "store": s.path}
+                   "val_docs": int(is_val[doc_base[i]:doc_base[i + 1]].sum()), "store": s.path,
+                   "source": source_of[i], **({"chat": s.meta["chat"]} if "chat" in s.meta else {})}
                   for i, s in enumerate(stores)],
         "sources": source_rows,
         "train": split_rows["train"], "val": split_rows["val"],
@@ -372,6 +420,19 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
         shutil.rmtree(tmp)
     else:
         os.rename(tmp, rows_dir)
+
+
+def _trained_tokens(store) -> int:
+    """Tokens of a store the loss counts: a chat store's trained ones, or every text token but each document's
+    first (never a target)."""
+    if "chat" in store.meta:
+        return int(store.meta["chat"]["trained_tokens"])
+    return int(store.meta["tokens"]) - int(store.meta["docs"])
+
+
+def _chat_counts(stores) -> dict:
+    """What became of the conversations of chat stores, summed (glmkit/data/chat.py's counts)."""
+    return {key: sum(int(s.meta["chat"][key]) for s in stores) for key in chat.COUNTS}
 
 
 # ---------------------------------------------------------------------------
@@ -393,6 +454,8 @@ def format_summary(prepared: PreparedData, elapsed: float) -> str:
                      f"{source['docs']:,} documents, {source['tokens']:,} tokens; per epoch "
                      f"{source['train_docs_per_epoch']:,} training documents, {source['train_tokens_per_epoch']:,} "
                      f"tokens; {source['val_docs']:,} validation documents")
+        if source.get("chat"):
+            lines.append(f"  chat, train_on {source['train_on']}: {chat_line(source['chat'], source['tokens'])}")
     bad = [f for f in files if f["bad_lines"]]
     lines.append(f"bad lines: {sum(f['bad_lines'] for f in files):,}" + (" (skipped)" if bad else ""))
     lines += [f"  {f['path']}: {f['bad_lines']:,}" for f in bad[:20]]
@@ -406,12 +469,21 @@ def format_summary(prepared: PreparedData, elapsed: float) -> str:
         e = eval_set.summary
         lines.append(f"eval set {eval_set.name} ({eval_set.spec}): {e['rows']:,} rows from {e['docs']:,} documents, "
                      f"{e['tokens']:,} tokens")
+        if e.get("chat"):
+            lines.append(f"  chat: {chat_line(e['chat'], e['tokens'])}")
     size = cache_bytes(prepared)
     tokens = sum(f["tokens"] for f in files)
     lines.append(f"cache: {prepared.cache_dir} and {len(files)} token store(s), {size / 2**20:,.1f} MiB "
                  f"({size / max(tokens, 1):.2f} bytes per token)")
     lines.append(f"elapsed: {elapsed:.1f} s" + ("" if prepared.prepared_here else " (the cache was warm)"))
     return "\n".join(lines)
+
+
+def chat_line(counts: dict, tokens: int) -> str:
+    """A chat source's counts in one line: conversations, what was split or dropped, the trained share."""
+    return (f"{counts['conversations']:,} conversations ({counts['split']:,} split into {counts['pieces']:,} pieces, "
+            f"{counts['dropped']:,} dropped whole; {counts['dropped_rounds']:,} rounds longer than "
+            f"training.max_seq_length left out); {counts['trained_tokens']:,} of {tokens:,} tokens trained")
 
 
 def load_tokenizer(cfg):

@@ -3,7 +3,8 @@
 `paths.data_path` is a file, a folder (the supported files inside, recursively, in sorted
 order), a glob, or a list of sources with weights. Supported formats are `.jsonl`,
 `.jsonl.gz`, `.jsonl.zst` (one JSON object per line) and `.parquet`, each with the
-`training.text_field` column. Files are read as a stream of chunks of raw lines (or column
+`training.text_field` column, or for a source of `format: chat` the `messages` column (and
+optionally `tools`; glmkit/data/chat.py reads those rows). Files are read as a stream of chunks of raw lines (or column
 values), never whole; line numbers count lines of the decompressed text, so a bad line is
 named `file:line` inside a compressed file too. Anything wrong with a file as a whole
 (nothing matched, an unknown extension, compressed data under a `.jsonl` name, a corrupt or
@@ -22,6 +23,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
+MESSAGES_FIELD, TOOLS_FIELD = "messages", "tools"  # a chat row's fields (glmkit/data/chat.py)
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "gzip", ".jsonl.zst": "zstd", ".parquet": "parquet"}
 SUPPORTED = ", ".join(FORMATS)
 GZIP_MAGIC, ZSTD_MAGIC, PARQUET_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1"
@@ -48,6 +50,9 @@ class Source:
     spec: str           # the path, folder or glob as configured (resolved against the config's folder)
     weight: float       # passes per epoch; a fraction takes a deterministic subset of the documents
     files: list[InputFile]
+    format: str = "text"                # text | chat (glmkit/data/chat.py)
+    train_on: str = "assistant"         # chat: assistant | last_assistant | all
+    long_conversations: str = "split"   # chat: split | drop
 
 
 @dataclass
@@ -58,16 +63,18 @@ class Chunk:
     consumed_bytes: int  # bytes of the file on disk read so far (for the progress bar)
 
 
-def configured_sources(data_path) -> list[tuple[str, float]]:
-    """[(path or glob, weight)] from paths.data_path, a string or a list of DataSource."""
+def configured_sources(data_path) -> list[Source]:
+    """The sources of paths.data_path (a string, or a list of DataSource), files not yet resolved."""
     if isinstance(data_path, str):
-        return [(data_path, 1.0)]
-    return [(source.path, source.weight) for source in data_path]
+        return [Source(data_path, 1.0, [])]
+    return [Source(s.path, s.weight, [], getattr(s, "format", "text"), getattr(s, "train_on", "assistant"),
+                   getattr(s, "long_conversations", "split")) for s in data_path]
 
 
 def describe(data_path) -> str:
     """paths.data_path in one line, for messages and the launcher."""
-    return ", ".join(path if weight == 1.0 else f"{path} (x{weight:g})" for path, weight in configured_sources(data_path))
+    return ", ".join(s.spec + (f" (x{s.weight:g})" if s.weight != 1.0 else "") + (" (chat)" if s.format == "chat" else "")
+                     for s in configured_sources(data_path))
 
 
 def file_format(path: str) -> str | None:
@@ -82,17 +89,19 @@ def resolve_sources(data_path, text_field: str) -> list[Source]:
     """Every configured source with its files, checked as far as possible without reading them through."""
     sources = []
     claimed: dict[str, int] = {}  # real path of each file -> the index of the source that lists it
-    for index, (spec, weight) in enumerate(configured_sources(data_path)):
+    for index, source in enumerate(configured_sources(data_path)):
+        spec, weight = source.spec, source.weight
         if not weight > 0:  # the config refuses it at load; a caller building sources by hand gets the same rule
             raise DataError(f"{spec}: source weight {weight} must be > 0 (paths.data_path)")
         files = [_input_file(path) for path in _matching_paths(spec)]
         for item in files:
-            check_file(item, text_field)
+            check_file(item, text_field, source.format)
             first = claimed.setdefault(os.path.realpath(item.path), index)
             if first != index:
                 raise _listed_twice(item.path, (sources[first].spec, sources[first].weight), (spec, weight),
                                     first, index)
-        sources.append(Source(spec, weight, files))
+        source.files = files
+        sources.append(source)
     return sources
 
 
@@ -168,8 +177,8 @@ def _input_file(path: str) -> InputFile:
     return InputFile(os.path.abspath(path), stat.st_size, stat.st_mtime_ns, file_format(path))
 
 
-def check_file(item: InputFile, text_field: str) -> None:
-    """The file's leading bytes match its name, and a parquet file has the text column."""
+def check_file(item: InputFile, text_field: str, kind: str = "text") -> None:
+    """The file's leading bytes match its name, and a parquet file has the text column (chat: `messages`)."""
     try:
         with open(item.path, "rb") as fh:
             head = fh.read(4)
@@ -186,10 +195,10 @@ def check_file(item: InputFile, text_field: str) -> None:
         hint = "rename it to .jsonl" if head[:1] in (b"{", b"[", b" ", b"\n") else "re-create or re-download it"
         raise DataError(f"{item.path}: not {item.format} data despite its name; {hint}")
     if item.format == "parquet":
-        _check_parquet_column(item.path, text_field)
+        _check_parquet_column(item.path, text_field, kind)
 
 
-def _check_parquet_column(path: str, text_field: str) -> None:
+def _check_parquet_column(path: str, text_field: str, kind: str = "text") -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -197,6 +206,15 @@ def _check_parquet_column(path: str, text_field: str) -> None:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: unreadable parquet file ({exc}); re-create or re-download it") from None
+    if kind == "chat":
+        if MESSAGES_FIELD not in schema.names:
+            raise DataError(f"{path}: no column {MESSAGES_FIELD!r} (columns: {', '.join(schema.names)}); a chat "
+                            f"source needs a {MESSAGES_FIELD!r} column of [{{role, content}}] lists, or format: text")
+        if not pa.types.is_list(schema.field(MESSAGES_FIELD).type) and \
+                not pa.types.is_large_list(schema.field(MESSAGES_FIELD).type):
+            raise DataError(f"{path}: column {MESSAGES_FIELD!r} holds {schema.field(MESSAGES_FIELD).type}, not a "
+                            f"list of messages; store each conversation as a list of {{role, content}} structs")
+        return
     if text_field not in schema.names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); set "
                         f"training.text_field or write the text into a {text_field!r} column")
@@ -211,10 +229,13 @@ def _check_parquet_column(path: str, text_field: str) -> None:
 # Streaming readers
 # ---------------------------------------------------------------------------
 
-def read_chunks(item: InputFile, text_field: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-    """The file as a stream of chunks of about chunk_bytes of text; a damaged archive is a DataError."""
+def read_chunks(item: InputFile, text_field: str, chunk_bytes: int = CHUNK_BYTES, kind: str = "text") -> Iterator[Chunk]:
+    """The file as a stream of chunks of about chunk_bytes of text; a damaged archive is a DataError.
+
+    A chat parquet file's records are row mappings ({"messages": ..., "tools": ...}), not column values."""
     if item.format == "parquet":
-        yield from _parquet_chunks(item, text_field, chunk_bytes)
+        yield from (_parquet_chat_chunks(item, chunk_bytes) if kind == "chat" else
+                    _parquet_chunks(item, text_field, chunk_bytes))
         return
     with open(item.path, "rb") as raw:
         stream = _decompressed(raw, item.format)
@@ -337,6 +358,31 @@ def _parquet_chunks(item: InputFile, text_field: str, chunk_bytes: int) -> Itera
         raise DataError(f"{item.path}: corrupt parquet data near row {row} ({exc}); re-create or re-download it") from None
 
 
+def _parquet_chat_chunks(item: InputFile, chunk_bytes: int) -> Iterator[Chunk]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(item.path)
+        columns = [c for c in (MESSAGES_FIELD, TOOLS_FIELD) if c in parquet.schema_arrow.names]
+        groups = parquet.metadata.num_row_groups
+        row, records, size = 1, [], 0
+        for group in range(groups):
+            table = parquet.read_row_group(group, columns=columns)
+            per_row = table.nbytes / max(1, table.num_rows)  # the chunk size in bytes of Arrow data, pro rata
+            for record in table.to_pylist():
+                records.append(record)
+                size += per_row
+                if size >= chunk_bytes:
+                    yield Chunk(row, records, item.size * (group + 1) // groups)
+                    row, records, size = row + len(records), [], 0
+            del table
+        if records:
+            yield Chunk(row, records, item.size)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{item.path}: corrupt parquet data near row {row} ({exc}); re-create or re-download it") from None
+
+
 # ---------------------------------------------------------------------------
 # One record -> a document, or the reason it is a bad line
 # ---------------------------------------------------------------------------
@@ -352,6 +398,19 @@ def parse_line(line: bytes, text_field: str) -> tuple[str | None, str | None]:
     if not isinstance(record, dict) or text_field not in record:
         return None, f"missing field {text_field!r}"
     return check_text(record[text_field], text_field)
+
+
+def parse_object(line: bytes) -> tuple[dict | None, str | None]:
+    """A JSONL line as a mapping (a chat row), (None, reason), or (None, None) for a blank line."""
+    if not line.strip():
+        return None, None
+    try:
+        record = json.loads(line.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON ({exc.msg})"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    return record, None
 
 
 def check_text(text, text_field: str) -> tuple[str | None, str | None]:

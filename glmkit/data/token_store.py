@@ -7,9 +7,15 @@ mtime, the tokenizer and the text field, so adding a shard tokenizes only that s
     lengths.u32   tokens per document
     digests.b16   16-byte BLAKE2b of each document's UTF-8 text (the validation split and the
                   data fingerprint are functions of these, not of positions in the corpus)
+    trained.bits  chat files only: one bit per token, set where the loss trains on it (glmkit/data/chat.py
+                  says which), packed little-endian 8 to a byte: 4.125 bytes a token with tokens.u32
     meta.json     the file's identity, counts, its bad lines (count + the first few as file:line), and
-                  BLAKE2b checksums of lengths.u32 and digests.b16 (`damage` checks them, and every
-                  file's size against the counts, before a store is reused)
+                  BLAKE2b checksums of lengths.u32, digests.b16 and trained.bits (`damage` checks them,
+                  and every file's size against the counts, before a store is reused); a chat store's
+                  conversation counts (split, dropped, trained tokens)
+
+A chat file's store is keyed by its chat settings too (train_on, max_seq_length, long_conversations)
+and the chat template, so changing any of them renders the file again instead of reusing a stale mask.
 
 The reading process streams chunks of raw lines to a pool of workers (one core each) and
 writes their results in order; at most a few chunks are in flight, so memory does not grow
@@ -32,10 +38,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from glmkit.data import sources
+from glmkit.data import chat, sources
 from glmkit.run.parent_death import signal_on_parent_death
 
 STORE_VERSION = 1
+TRAINED_BITS = "trained.bits"
 BAD_EXAMPLES = 20  # bad lines kept verbatim per file; all are counted
 # The Rust tokenizer keeps about 130 bytes of bookkeeping per character of the string it encodes, so one
 # 50 MB document took 6.5 GB in its worker. A document longer than this is encoded in pieces of at most this
@@ -59,8 +66,13 @@ def tokenizer_identity(tokenizer) -> dict:
             "size": len(tokenizer)}
 
 
-def store_key(item: sources.InputFile, tokenizer_id: dict, text_field: str) -> str:
-    key = json.dumps([STORE_VERSION, item.identity(), tokenizer_id, text_field])
+def store_key(item: sources.InputFile, tokenizer_id: dict, text_field: str,
+              chat_settings: chat.ChatSettings | None = None, template: str | None = None) -> str:
+    """The store's folder name: the file's identity, the tokenizer, and how its rows become documents (the text
+    field; for a chat file its settings and the chat template)."""
+    reading = text_field if chat_settings is None else \
+        [*chat_settings.key(), hashlib.sha256((template or "").encode()).hexdigest()]
+    key = json.dumps([STORE_VERSION, item.identity(), tokenizer_id, reading])
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
@@ -91,6 +103,10 @@ class Store:
     def digests(self) -> np.ndarray:
         return self.array("digests.b16", np.uint8, (16,))
 
+    def trained(self) -> np.ndarray | None:
+        """A chat store's trained bits (packed, little-endian); None for text, where every token is trained."""
+        return self.array(TRAINED_BITS, np.uint8) if "chat" in self.meta else None
+
     def nbytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.path, n)) for n in os.listdir(self.path))
 
@@ -99,8 +115,9 @@ def damage(path: str) -> str | None:
     """Why the store at `path` can't be trusted, in a few words (None: it verifies).
 
     Every file's size must match the counts in meta.json (tokens.u32: 4 bytes a token, lengths.u32: 4 a
-    document, digests.b16: 16 a document), the lengths must add up to the tokens, and lengths.u32 and
-    digests.b16 must match the BLAKE2b checksums written with them. tokens.u32, the bulk of the store,
+    document, digests.b16: 16 a document, a chat store's trained.bits: one bit a token), the lengths must
+    add up to the tokens, and lengths.u32, digests.b16 and trained.bits must match the BLAKE2b checksums
+    written with them (the bits decide what is trained: 1/32 of the tokens' size, cheap to hash). tokens.u32, the bulk of the store,
     is checked by size only: hashing it at every open would cost as much as reading the corpus.
     """
     try:
@@ -108,6 +125,8 @@ def damage(path: str) -> str | None:
         meta = store.meta
         expected = {"tokens.u32": 4 * int(meta["tokens"]), "lengths.u32": 4 * int(meta["docs"]),
                     "digests.b16": 16 * int(meta["docs"])}
+        if "chat" in meta:
+            expected[TRAINED_BITS] = (int(meta["tokens"]) + 7) // 8
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"meta.json unreadable: {exc.__class__.__name__}"
     for name, size in expected.items():
@@ -133,7 +152,7 @@ def damage(path: str) -> str | None:
 _worker = {}
 
 
-def _init_worker(tokenizer_spec: tuple[str, str], eos: int, text_field: str) -> None:
+def _init_worker(tokenizer_spec: tuple[str, str], eos: int, text_field: str, chat_tokenizer=None) -> None:
     # A worker whose preparer was killed would otherwise live on, blocked on its pipe, and print a
     # BrokenPipeError traceback when it notices: the kernel ends it quietly with its parent instead.
     signal_on_parent_death(signal.SIGKILL)
@@ -151,11 +170,16 @@ def _init_worker(tokenizer_spec: tuple[str, str], eos: int, text_field: str) -> 
 
         slow = AutoTokenizer.from_pretrained(value)
         encode = lambda texts: slow(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    _worker.update(encode=encode, eos=eos, text_field=text_field)
+    # Chat files: the parent's own tokenizer (pickled), whose chat template renders the conversations.
+    renderer = chat.Renderer(chat_tokenizer) if chat_tokenizer is not None else None
+    _worker.update(encode=encode, eos=eos, text_field=text_field, renderer=renderer)
 
 
-def tokenize_chunk(first_line: int, records: list, parquet: bool):
-    """(ids with EOS after each document, lengths, digests, [(line, reason)]) for one chunk."""
+def tokenize_chunk(first_line: int, records: list, parquet: bool, chat_settings: chat.ChatSettings | None = None):
+    """(ids with EOS after each document, lengths, digests, [(line, reason)]) for one chunk; a chat chunk adds
+    (trained flags, conversation counts)."""
+    if chat_settings is not None:
+        return _chat_chunk(first_line, records, parquet, chat_settings)
     text_field, texts, digests, bad = _worker["text_field"], [], [], []
     for number, record in enumerate(records, start=first_line):
         text, reason = sources.check_text(record, text_field) if parquet else sources.parse_line(record, text_field)
@@ -175,6 +199,58 @@ def tokenize_chunk(first_line: int, records: list, parquet: bool):
     for row, end in zip(rows, ends.tolist()):
         flat[end - 1 - len(row):end - 1] = row
     return flat, lengths, b"".join(digests), bad
+
+
+def _chat_chunk(first_line: int, records: list, parquet: bool, settings: chat.ChatSettings):
+    renderer: chat.Renderer = _worker["renderer"]
+    conversations, numbers, bad = [], [], []
+    for number, record in enumerate(records, start=first_line):
+        reason = None
+        if not parquet:
+            record, reason = sources.parse_object(record)
+            if record is None and reason is None:
+                continue  # a blank line
+        if reason is None:
+            conversation, reason = chat.conversation(record)
+        if reason is None:
+            reason = sources.utf8(conversation.canonical, "messages")[1]
+        if reason is None:
+            conversations.append(conversation)
+            numbers.append(number)
+        else:
+            bad.append((number, reason))
+    rendered = _render(renderer, conversations)
+    docs, digests, counts = [], [], chat.new_counts()
+    for number, conversation, ids in zip(numbers, conversations, rendered, strict=True):
+        try:
+            if isinstance(ids, str):  # the template refused it
+                raise ValueError(ids)
+            pieces = renderer.documents(conversation, ids, settings, counts)
+        except ValueError as exc:
+            bad.append((number, str(exc)))
+            continue
+        digest = hashlib.blake2b(conversation.canonical.encode("utf-8"), digest_size=16).digest()
+        docs += pieces
+        digests += [digest] * len(pieces)  # a split conversation's pieces share its hash: one side of the split
+    bad.sort()
+    lengths = np.fromiter((len(ids) for ids, _ in docs), dtype=np.uint32, count=len(docs))
+    flat = np.concatenate([ids for ids, _ in docs]) if docs else np.zeros(0, np.uint32)
+    trained = np.concatenate([flags for _, flags in docs]) if docs else np.zeros(0, bool)
+    return flat, lengths, b"".join(digests), bad, trained, counts
+
+
+def _render(renderer: chat.Renderer, conversations: list) -> list:
+    """Each conversation's ids, or the template's error as a string (one conversation at a time on failure)."""
+    try:
+        return renderer.ids(conversations)
+    except Exception:  # noqa: BLE001 - a template may raise anything (jinja2 errors, raise_exception, TypeError)
+        out = []
+        for conversation in conversations:
+            try:
+                out += renderer.ids([conversation])
+            except Exception as exc:  # noqa: BLE001
+                out.append(f"the chat template failed on this conversation ({type(exc).__name__}: {exc})")
+        return out
 
 
 def _encode_documents(texts: list[str]) -> list:
@@ -218,8 +294,9 @@ def _pieces(text: str):
     yield text[start:]
 
 
-def _start_pool(workers: int, tokenizer, eos: int, text_field: str):
-    """A pool of fresh interpreters that import only this module, its sources and tokenizers."""
+def _start_pool(workers: int, tokenizer, eos: int, text_field: str, with_chat: bool = False):
+    """A pool of fresh interpreters that import only this module, its sources and tokenizers (and for chat
+    files transformers, to render with the tokenizer's chat template)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = ("json", backend.to_str()) if backend is not None else ("path", tokenizer.name_or_path)
     context = multiprocessing.get_context("spawn")
@@ -228,7 +305,8 @@ def _start_pool(workers: int, tokenizer, eos: int, text_field: str):
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        return context.Pool(workers, initializer=_init_worker, initargs=(spec, eos, text_field))
+        return context.Pool(workers, initializer=_init_worker,
+                            initargs=(spec, eos, text_field, tokenizer if with_chat else None))
     finally:
         sys.modules["__main__"] = main
 
@@ -238,13 +316,17 @@ def _start_pool(workers: int, tokenizer, eos: int, text_field: str):
 # ---------------------------------------------------------------------------
 
 class _StoreWriter:
-    def __init__(self, final_path: str, item: sources.InputFile, text_field: str):
-        self.final_path, self.item = final_path, item
+    def __init__(self, final_path: str, item: sources.InputFile, text_field: str,
+                 chat_settings: chat.ChatSettings | None = None):
+        self.final_path, self.item, self.chat_settings = final_path, item, chat_settings
         self.tmp = f"{final_path}.tmp-{os.uname().nodename}-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.makedirs(self.tmp)
-        self.files = {name: open(os.path.join(self.tmp, name), "wb")
-                      for name in ("tokens.u32", "lengths.u32", "digests.b16")}
+        names = ("tokens.u32", "lengths.u32", "digests.b16") + ((TRAINED_BITS,) if chat_settings else ())
+        self.files = {name: open(os.path.join(self.tmp, name), "wb") for name in names}
+        self.bits_hash = hashlib.blake2b(digest_size=16)
+        self.bits_carry = np.zeros(0, dtype=bool)  # flags of the last chunk beyond a whole byte
+        self.chat_counts = chat.new_counts()
         # Over lengths.u32 then digests.b16, as written: cheap (20 bytes a document) and checked at every open.
         self.lengths_hash, self.digests_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
         self.docs = self.tokens = self.bad_count = self.lines = 0
@@ -252,7 +334,12 @@ class _StoreWriter:
         self.text_field = text_field
 
     def add(self, result, first_line: int, n_records: int) -> None:
-        flat, lengths, digests, bad = result
+        flat, lengths, digests, bad = result[:4]
+        if self.chat_settings is not None:
+            trained, counts = result[4:]
+            self._write_bits(np.concatenate([self.bits_carry, trained]), final=False)
+            for key, value in counts.items():
+                self.chat_counts[key] += value
         self.files["tokens.u32"].write(flat.tobytes())
         self.files["lengths.u32"].write(lengths.tobytes())
         self.files["digests.b16"].write(digests)
@@ -265,14 +352,27 @@ class _StoreWriter:
         for number, reason in bad[: max(0, BAD_EXAMPLES - len(self.bad_examples))]:
             self.bad_examples.append(f"{self.item.path}:{number}: {reason}")
 
+    def _write_bits(self, flags: np.ndarray, final: bool) -> None:
+        whole = len(flags) if final else len(flags) - len(flags) % 8
+        packed = np.packbits(flags[:whole], bitorder="little").tobytes()
+        self.files[TRAINED_BITS].write(packed)
+        self.bits_hash.update(packed)
+        self.bits_carry = flags[whole:]
+
     def finish(self) -> Store:
+        if self.chat_settings is not None:
+            self._write_bits(self.bits_carry, final=True)
         for fh in self.files.values():
             fh.close()
+        checksums = {"lengths.u32": self.lengths_hash.hexdigest(), "digests.b16": self.digests_hash.hexdigest()}
         meta = {"version": STORE_VERSION, "path": self.item.path, "size": self.item.size,
                 "mtime_ns": self.item.mtime_ns, "format": self.item.format, "text_field": self.text_field,
                 "lines": self.lines, "docs": self.docs, "tokens": self.tokens, "bad_lines": self.bad_count,
-                "bad_examples": self.bad_examples,
-                "checksums": {"lengths.u32": self.lengths_hash.hexdigest(), "digests.b16": self.digests_hash.hexdigest()}}
+                "bad_examples": self.bad_examples, "checksums": checksums}
+        if self.chat_settings is not None:
+            checksums[TRAINED_BITS] = self.bits_hash.hexdigest()
+            meta["chat"] = {"train_on": self.chat_settings.train_on, "max_seq_length": self.chat_settings.max_seq_length,
+                            "long_conversations": self.chat_settings.long_conversations, **self.chat_counts}
         with open(os.path.join(self.tmp, "meta.json"), "w", encoding="utf-8") as fh:
             json.dump(meta, fh)
         if os.path.exists(self.final_path):  # written meanwhile by a preparer that did not share our lock
@@ -287,26 +387,30 @@ class _StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def build_stores(missing: list[tuple[sources.InputFile, str]], tokenizer, text_field: str, workers: int,
-                 progress=None) -> None:
-    """Tokenize each (file, store path) into its store, `workers` processes at once, results in order.
+def build_stores(missing: list[tuple], tokenizer, text_field: str, workers: int, progress=None) -> None:
+    """Tokenize each (file, store path[, chat settings]) into its store, `workers` processes at once, results in
+    order. A chat file's rows are rendered with the tokenizer's chat template (glmkit/data/chat.py).
 
     Chunks of the next file are dispatched while the last ones of the previous file are still being
     tokenized, so many small shards keep every worker busy too.
     """
     if not missing:
         return
-    pool = _start_pool(workers, tokenizer, tokenizer.eos_token_id, text_field)
+    missing = [(entry[0], entry[1], entry[2] if len(entry) > 2 else None) for entry in missing]
+    with_chat = any(settings is not None for _, _, settings in missing)
+    pool = _start_pool(workers, tokenizer, tokenizer.eos_token_id, text_field, with_chat)
     in_flight = collections.deque()  # (job or None = the file is complete, writer, first line, records)
     window = 2 * workers + 1
     open_writers: list[_StoreWriter] = []
     try:
-        for item, path in missing:
-            writer = _StoreWriter(path, item, text_field)
+        for item, path, settings in missing:
+            writer = _StoreWriter(path, item, text_field, settings)
             open_writers.append(writer)
             done_bytes = 0
-            for chunk in sources.read_chunks(item, text_field):
-                job = pool.apply_async(tokenize_chunk, (chunk.first_line, chunk.records, item.format == "parquet"))
+            kind = "text" if settings is None else "chat"
+            for chunk in sources.read_chunks(item, text_field, kind=kind):
+                job = pool.apply_async(tokenize_chunk, (chunk.first_line, chunk.records, item.format == "parquet",
+                                                        settings))
                 in_flight.append((job, writer, chunk.first_line, len(chunk.records)))
                 if progress is not None:
                     progress.update(chunk.consumed_bytes - done_bytes)

@@ -4,7 +4,11 @@ The checkpoint is a `Glm4MoeForCausalLM` with a dense first layer, sigmoid-route
 plus a shared expert, partial rotary embeddings and grouped-query attention, saved as
 sharded safetensors with an index exactly like the real one (per-expert tensors, which
 the kit's loader fuses and quantizes). Its tokenizer is a byte-level BPE trained on the
-demo corpus on the spot. The same seed gives the same files.
+demo corpus on the spot, with GLM-4.5's control tokens (`[gMASK]<sop>`, the role markers
+`<|system|>` `<|user|>` `<|assistant|>` `<|observation|>`, `<think>` `</think>` and the tool-call
+markup) as single tokens, and a chat template of GLM-4.5's shape written for it
+(`chat_template.jinja`, as on the Hub): chat data is rendered and masked offline exactly as it
+would be for the real model. The same seed gives the same files.
 
 Variants (`download_model.py --tiny [VARIANT]`): `air`, GLM-4.5-Air's shape (one dense layer, no
 QK-norm); `glm4.6`, GLM-4.6's / GLM-4.5's (the first three layers dense, QK-norm on every
@@ -29,6 +33,97 @@ TINY_VARIANTS = {
 }
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+# GLM-4.5's control tokens: special (decode(skip_special_tokens=True) drops them), one token each.
+CONTROL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
+                  "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+# GLM-4.5's markup tokens: added as single tokens but not special, as in its tokenizer, so decoded text
+# keeps them (reasoning and tool-call parsers read them).
+MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+                 "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "/nothink"]
+# GLM-4.5's generation_config.json stops at EOS and at the markers that end an assistant turn.
+STOP_TOKENS = [EOS_TOKEN, "<|user|>", "<|observation|>"]
+
+# GLM-4.5's conversation format, written for the tiny model (it renders what GLM-4.5-Air's own template
+# renders for the same messages and tools). No end-of-turn token: the next role marker, or EOS, ends a turn.
+# An assistant turn is `\n<think>REASONING</think>` after the last user message and an empty `\n<think></think>`
+# before it, then `\n` + its content, then its tool calls in GLM's XML.
+TINY_CHAT_TEMPLATE = """\
+{%- macro text(content) -%}
+{%- if content is string -%}{{ content }}
+{%- elif content is iterable and content is not mapping -%}
+{%- for part in content -%}
+{%- if part is mapping and part.type == 'text' -%}{{ part.text }}{%- elif part is string -%}{{ part }}{%- endif -%}
+{%- endfor -%}
+{%- elif content is not none -%}{{ content }}
+{%- endif -%}
+{%- endmacro -%}
+[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{% for tool in tools %}
+{{ tool | tojson(ensure_ascii=False) }}
+{% endfor %}
+</tools>
+
+For each function call, output the function name and arguments within the following XML format:
+<tool_call>{function-name}
+<arg_key>{arg-key-1}</arg_key>
+<arg_value>{arg-value-1}</arg_value>
+<arg_key>{arg-key-2}</arg_key>
+<arg_value>{arg-value-2}</arg_value>
+...
+</tool_call>
+{%- endif -%}
+{%- set last = namespace(user=-1) -%}
+{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set last.user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+{%- if m.role == 'system' -%}
+{{ '<|system|>\\n' + text(m.content) }}
+{%- elif m.role == 'user' -%}
+{%- set said = text(m.content) -%}
+{{ '<|user|>\\n' + said }}
+{%- if enable_thinking is defined and not enable_thinking and not said.endswith('/nothink') -%}/nothink{%- endif -%}
+{%- elif m.role == 'assistant' -%}
+{%- set said = text(m.content) -%}
+{%- set thought = '' -%}
+{%- if m.reasoning_content is string -%}
+{%- set thought = m.reasoning_content -%}
+{%- elif '</think>' in said -%}
+{%- set thought = said.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}
+{%- set said = said.split('</think>')[-1].lstrip('\\n') -%}
+{%- endif -%}
+{{ '<|assistant|>' }}
+{%- if loop.index0 > last.user and thought -%}
+{{ '\\n<think>' + thought.strip() + '</think>' }}
+{%- else -%}
+{{ '\\n<think></think>' }}
+{%- endif -%}
+{%- if said.strip() -%}{{ '\\n' + said.strip() }}{%- endif -%}
+{%- for call in m.tool_calls or [] -%}
+{%- set call = call.function if call.function else call -%}
+{{ '\\n<tool_call>' + call.name + '\\n' }}
+{%- for key, value in call.arguments.items() -%}
+{{ '<arg_key>' + key + '</arg_key>\\n<arg_value>' }}
+{{- value if value is string else value | tojson(ensure_ascii=False) }}{{ '</arg_value>\\n' }}
+{%- endfor -%}
+{{ '</tool_call>' }}
+{%- endfor -%}
+{%- elif m.role == 'tool' -%}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}<|observation|>{%- endif -%}
+{{ '\\n<tool_response>\\n' + text(m.content) + '\\n</tool_response>' }}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|assistant|>
+{%- if enable_thinking is defined and not enable_thinking -%}{{ '\\n<think></think>' }}{%- endif -%}
+{%- endif -%}
+"""
 
 
 def tiny_model_config(vocab_size: int, eos_token_id: int, pad_token_id: int, variant: str = "air"):
@@ -67,22 +162,24 @@ def tiny_model_config(vocab_size: int, eos_token_id: int, pad_token_id: int, var
 
 
 def train_tokenizer(vocab_size: int = TINY_VOCAB_SIZE):
-    """A byte-level BPE trained on the demo corpus, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE trained on the demo corpus, GLM-4.5's control and markup tokens added as single
+    tokens (EOS and pad first: ids 0 and 1), wrapped as a transformers fast tokenizer with the chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        vocab_size=vocab_size - len(MARKUP_TOKENS),  # the markup tokens come after: vocab_size in all
+        special_tokens=[EOS_TOKEN, PAD_TOKEN, *CONTROL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(iter_documents(), trainer=trainer)
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in MARKUP_TOKENS])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-                                   model_max_length=8192)
+                                   model_max_length=8192, chat_template=TINY_CHAT_TEMPLATE)
 
 
 def write_tiny_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "200KB", variant: str = "air",
@@ -109,5 +206,6 @@ def save_with_uneven_routing(model, tokenizer, model_dir: str, max_shard_size: s
         for layer in model.model.layers[model.config.first_k_dense_replace:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.01)
     model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     model.save_pretrained(model_dir, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(model_dir)

@@ -1,4 +1,5 @@
-"""Using a trained adapter: merge it into the base checkpoint shard by shard, or generate with it.
+"""Using a trained adapter: merge it into the base checkpoint shard by shard, or generate with it (a plain
+continuation, or a chat reply rendered with the model's own chat template).
 
 The merge never holds the model: for each base shard it reads the tensors, folds in the LoRA
 deltas that touch them (attention and other Linear layers: scale * B @ A; routed experts: one
@@ -367,3 +368,36 @@ def sample(model_dir: str, adapter_dir: str, prompt: str, max_new_tokens: int = 
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class ChatTemplateMissing(ValueError):
+    """The tokenizer has no chat template to render a conversation with; one line says where to get one."""
+
+
+@torch.no_grad()
+def chat(model_dir: str, adapter_dir: str | None, message: str, system: str | None = None,
+         max_new_tokens: int = 40, dtype=torch.bfloat16) -> tuple[str, str]:
+    """(the prompt as the template renders it, the greedy reply) for one user message, by base + adapter, or by
+    the base alone when `adapter_dir` is None. The reply ends at the model's own stop tokens
+    (generation_config.json: GLM stops at EOS, `<|user|>` and `<|observation|>`), which are not shown."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if adapter_dir is None:
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), AutoTokenizer.from_pretrained(model_dir)
+    else:
+        model, tokenizer = load_base_with_adapter(model_dir, adapter_dir, dtype)
+    if not tokenizer.chat_template:
+        raise ChatTemplateMissing(f"{model_dir} has no chat template (chat_template.jinja, or chat_template in "
+                                  f"tokenizer_config.json); download the model's tokenizer files again, or use --sample")
+    model.eval()
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt")
+    output = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])
+    if output and output[-1] in stops:
+        output = output[:-1]
+    return prompt, tokenizer.decode(output, skip_special_tokens=False)

@@ -18,6 +18,7 @@ class LoopState:
     step: int = 0                        # optimizer steps done
     epoch: int = 0                       # epoch of the last step's micro-batches
     tokens_seen: int = 0                 # non-pad input tokens trained on, all processes, across resumes
+    trained_tokens_seen: int = 0         # of those, the loss targets (chat: the trained tokens only)
     nan_skips: int = 0                   # consecutive steps skipped for a non-finite loss or grad norm
     elapsed_seconds: float = 0.0         # wall time of the run so far, across resumes
     best_val_loss: float | None = None   # the best adapter's loss on the selection set (eval.select_by)

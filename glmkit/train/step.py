@@ -3,7 +3,8 @@
 `train_step` is the loop's step and the overhead benchmark's, so the benchmark measures what
 training runs. The loss is summed over target tokens and divided by the step's target tokens
 over every micro-batch and process, so a step's loss is token-weighted (a mean of means would
-overweight short batches).
+overweight short batches). Target tokens are the trained ones: every real token but a document's
+first for text, the tokens chat data trains on (glmkit/data/chat.py) for chat rows.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ class StepResult:
     loss: float            # token-weighted over the step's micro-batches and processes
     grad_norm: float       # before clipping
     lr: float              # the learning rate this step used
-    input_tokens: int      # non-pad input tokens, all processes
+    input_tokens: int      # non-pad input tokens, all processes (seen)
     applied: bool          # False: a non-finite loss or grad norm, so the update was skipped
+    trained_tokens: int = 0  # target tokens the loss counted, all processes (trained)
 
 
 def loss_sum(model, batch: dict) -> torch.Tensor:
@@ -99,7 +101,8 @@ def train_step(model, group: list[dict], *, accelerator, optimizer, scheduler, s
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=step_loss, grad_norm=grad_norm, lr=lr, input_tokens=input_tokens, applied=applied)
+    return StepResult(loss=step_loss, grad_norm=grad_norm, lr=lr, input_tokens=input_tokens, applied=applied,
+                      trained_tokens=int(step_tokens.item()))
 
 
 def check_nan_budget(consecutive: int, limit: int) -> None:

@@ -128,9 +128,12 @@ function renderCards(s) {
   setText("stat-speed", isNum(perStep) ? `${perStep.toFixed(perStep < 10 ? 2 : 1)} s / step` : dash);
   setText("stat-epoch", fmtFixed(s.epoch, 3));
   setText("stat-tokens", isNum(s.tokens_seen) ? `${fmtCompact(s.tokens_seen)} tokens seen` : dash);
+  const trained = isNum(s.trained_tokens_seen)
+    ? `; ${fmtCompact(s.trained_tokens_seen)} of them trained (loss targets: chat data counts the assistant's tokens only)`
+    : "";
   $("stat-tokens").title = s.tokens_seen_estimated
     ? "estimated: this log predates tokens_seen, so each logged step's tokens stand for the steps since the previous record"
-    : "non-pad input tokens trained on so far, all processes, across resumes";
+    : `non-pad input tokens trained on so far, all processes, across resumes${trained}`;
   setText("stat-mem", fmtBytes(s.gpu_mem_peak));
   setText("stat-mem-hint", isNum(s.gpu_mem_allocated)
     ? `peak · now ${fmtBytes(s.gpu_mem_allocated)} / reserved ${fmtBytes(s.gpu_mem_reserved)}` : "not logged (no CUDA)");
