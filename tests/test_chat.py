@@ -323,6 +323,7 @@ def replay_run(tmp_path_factory, tiny_model_dir, demo_corpus):
     return {"folder": folder, "config": config, "out": str(folder / "run")}
 
 
+@pytest.mark.trains
 def test_text_and_chat_mix_logs_trained_and_seen_tokens(replay_run):
     train = read_jsonl(os.path.join(replay_run["out"], "logs", "training_log.jsonl"))
     assert [r["step"] for r in train] == list(range(1, 5))
@@ -345,6 +346,7 @@ def test_text_and_chat_mix_logs_trained_and_seen_tokens(replay_run):
                                                                      train[-1]["trained_tokens_seen"])
 
 
+@pytest.mark.trains
 def test_chat_eval_set_loss_equals_a_hand_computation(replay_run, tokenizer):
     """The base model's loss on the chat eval set (step 0): token-weighted over the trained tokens only."""
     from glmkit.model.load import load_model
@@ -365,6 +367,7 @@ def test_chat_eval_set_loss_equals_a_hand_computation(replay_run, tokenizer):
     assert record["chat/loss"] == pytest.approx(total / count, abs=2e-5)
 
 
+@pytest.mark.trains
 def test_mix_resumes_to_the_bit_from_a_checkpoint(replay_run, tmp_path):
     for name in ("run", "best", "scratch"):
         shutil.copytree(replay_run["folder"] / name, tmp_path / name, symlinks=True)
@@ -386,6 +389,7 @@ def test_mix_resumes_to_the_bit_from_a_checkpoint(replay_run, tmp_path):
     assert changed.returncode == 2 and "read as chat (train_on assistant" in changed.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.trains
 def test_mix_resumes_to_the_bit_on_two_processes_after_a_kill(tmp_path_factory, tiny_model_dir, demo_corpus):
     settings = {"training.max_steps": 4, "logging.eval_interval": 2, "checkpoint.interval": 2,
                 "logging.expert_stats_interval": 2, "eval.sets": [], "training.val_fraction": 0.02}
@@ -409,6 +413,7 @@ def test_mix_resumes_to_the_bit_on_two_processes_after_a_kill(tmp_path_factory, 
 # Seeing what is trained, the SFT recipe after CPT, chatting with the result
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_inspect_data_marks_the_trained_tokens_of_text_and_chat_rows(replay_run, tokenizer):
     result = run_cli(["train_qlora.py", "--config", replay_run["config"], "--inspect-data", "40", "--json"])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -435,6 +440,7 @@ def test_inspect_data_marks_the_trained_tokens_of_text_and_chat_rows(replay_run,
     assert text.returncode == 0 and "trained tokens between ⟦ and ⟧" in text.stdout and "⟦" in text.stdout
 
 
+@pytest.mark.trains
 def test_sft_after_cpt_recipe_and_chatting_with_the_result(replay_run, tmp_path):
     merged = tmp_path / "cpt-merged"
     result = run_cli(["use_adapter.py", "--config", replay_run["config"], "--merge", str(merged), "--dtype", "float32"])
