@@ -104,7 +104,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.train.preemption import Preemption
     from glmkit.train.progress import StepClock, gpu_memory, progress_bar
     from glmkit.train.router_stats import RouterStats
-    from glmkit.train.step import check_nan_budget, next_group, step_groups, train_step
+    from glmkit.train.step import check_nan_budget, mtp_fields, next_group, step_groups, train_step
 
     # ---- setup: checks, data, model, optimizer ---------------------------------------------
     t, o, lg, ev_cfg = cfg.training, cfg.optimization, cfg.logging, cfg.eval
@@ -202,7 +202,7 @@ def train(cfg, args, accelerator, logs) -> int:
         # -- step: forward/backward over the micro-batches, token-weighted, then one update
         epoch, group = next_group(groups)
         result = train_step(model, group, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
-                            stats=stats, max_grad_norm=o.max_grad_norm, step=state.step + 1)
+                            stats=stats, max_grad_norm=o.max_grad_norm, step=state.step + 1, mtp=cfg.mtp)
         state = replace(state, step=state.step + 1, epoch=epoch, tokens_seen=state.tokens_seen + result.input_tokens,
                         nan_skips=0 if result.applied else state.nan_skips + 1, elapsed_seconds=clock.tick())
         step = state.step
@@ -216,7 +216,7 @@ def train(cfg, args, accelerator, logs) -> int:
             logs.write("train", step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm, aux_loss=None,
                        epoch=step / steps_per_epoch, tokens=result.input_tokens, tokens_seen=state.tokens_seen,
                        **clock.rates(result.input_tokens, step, total_steps), elapsed_seconds=state.elapsed_seconds,
-                       total_steps=total_steps, **gpu_memory())
+                       total_steps=total_steps, **gpu_memory(), **mtp_fields(result))
             progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
         if step % lg.expert_stats_interval == 0:
             counts, routed = stats.take(reduce=lambda x: accelerator.reduce(x, "sum"))

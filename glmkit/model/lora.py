@@ -10,6 +10,9 @@ Attention (and other Linear) targets go to peft as listed. Routed-expert targets
 full parameter names, which is how it finds a 4-bit parametrized tensor, with their own rank
 and alpha (`lora.expert_r` / `lora.expert_alpha`) as a `rank_pattern` / `alpha_pattern` a plain
 `PeftModel.from_pretrained` honours too; glmkit.model.expert_lora supplies their forward.
+
+The MTP layer (glmkit/model/mtp.py) gets the same targets when `mtp.train` is on; otherwise peft's
+`exclude_modules` keeps LoRA off it, so the adapter is what it would be for a model without one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from glmkit.model.errors import LoraTargetError
+from glmkit.model.mtp import EXCLUDE_MTP_REGEX, is_mtp_name
 
 ALL_LINEAR = "all-linear"
 
@@ -60,10 +64,11 @@ def _suffixes(names, depth: int) -> str:
     return ", ".join(sorted({".".join(n.split(".")[-depth:]) for n in names}))
 
 
-def resolve_targets(model, lora) -> LoraTargets:
-    """Every name in lora.target_modules / lora.target_parameters must match; raise naming the key."""
-    linears = linear_modules(model)
-    experts = expert_parameters(model)
+def resolve_targets(model, lora, train_mtp: bool = False) -> LoraTargets:
+    """Every name in lora.target_modules / lora.target_parameters must match; raise naming the key.
+    The MTP layer's modules count only with `train_mtp`."""
+    linears = [n for n in linear_modules(model) if train_mtp or not is_mtp_name(n)]
+    experts = {n: shape for n, shape in expert_parameters(model).items() if train_mtp or not is_mtp_name(n)}
     problems = []
     wanted = list(lora.target_modules)
     modules = []
@@ -93,8 +98,9 @@ def expert_rank(lora) -> tuple[int, int]:
     return lora.expert_r or lora.r, lora.expert_alpha or lora.alpha
 
 
-def peft_config(lora, targets: LoraTargets):
-    """The LoraConfig for peft: the listed modules, the experts by full name with their own rank."""
+def peft_config(lora, targets: LoraTargets, train_mtp: bool = False):
+    """The LoraConfig for peft: the listed modules, the experts by full name with their own rank; the MTP layer
+    excluded unless it is trained."""
     from peft import LoraConfig
 
     r, alpha = expert_rank(lora)
@@ -105,20 +111,22 @@ def peft_config(lora, targets: LoraTargets):
     modules = targets.modules if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=modules or [], target_parameters=list(targets.expert_params) or None,
-                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, bias="none", task_type="CAUSAL_LM")
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, bias="none", task_type="CAUSAL_LM",
+                        exclude_modules=None if train_mtp else EXCLUDE_MTP_REGEX)
     return config
 
 
-def apply_lora(model, lora):
-    """Wrap `model` with peft LoRA on the resolved targets; the adapter loads into a plain model too."""
+def apply_lora(model, lora, train_mtp: bool = False):
+    """Wrap `model` with peft LoRA on the resolved targets (the MTP layer's with `train_mtp`); the adapter loads into
+    a plain model too."""
     import warnings
 
     from peft import get_peft_model
 
     from glmkit.model.expert_lora import use_factored_experts
 
-    targets = resolve_targets(model, lora)
-    config = peft_config(lora, targets)
+    targets = resolve_targets(model, lora, train_mtp)
+    config = peft_config(lora, targets, train_mtp)
     with warnings.catch_warnings():
         # peft checks the patterns against module names only and warns that the parameter patterns "did not
         # match any targeted module and were ignored"; they are applied (the expert shapes show the rank).

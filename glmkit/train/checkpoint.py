@@ -20,7 +20,8 @@ import time
 import torch
 import yaml
 
-from glmkit.config.schema import critical_keys, flatten, keys_checked_otherwise, strategy
+from glmkit.config.parse import field_default
+from glmkit.config.schema import config_fields, critical_keys, flatten, keys_checked_otherwise, strategy
 from glmkit.run.checkpoint_names import (
     COMPLETE,
     META,
@@ -355,6 +356,8 @@ class Checkpointer:
 def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(critical keys that differ, harmless keys that differ) between two flat config dicts."""
     critical_set = set(critical_keys()) | {"world_size"}
+    # A checkpoint written before a key existed ran with that key's default (e.g. mtp.train: false).
+    saved = {**{key: field_default(f) for key, f in config_fields() if key not in saved}, **saved}
     elsewhere = set(keys_checked_otherwise())  # paths.data_path: by the data fingerprint, after the data is read
     changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and k not in elsewhere]
     return [k for k in changed if k in critical_set], [k for k in changed if k not in critical_set]
