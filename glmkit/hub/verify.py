@@ -12,7 +12,6 @@ import sys
 from typing import Optional
 
 from glmkit.hub import shards
-from glmkit.hub.mtp_layout import mtp_problem
 from glmkit.hub.download import (
     DEFAULT_TIMEOUT,
     HF_LOCAL_CACHE,
@@ -27,6 +26,7 @@ from glmkit.hub.download import (
     fetch_remote_repo,
     human_size,
 )
+from glmkit.hub.mtp_layout import mtp_problem
 
 # ---------------------------------------------------------------------------
 # Verification
