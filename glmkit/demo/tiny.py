@@ -132,16 +132,27 @@ def save_with_uneven_routing(model, tokenizer, model_dir: str, max_shard_size: s
 def mtp_layer_tensors(model, seed: int, trunk_copies: bool) -> dict[str, torch.Tensor]:
     """The MTP layer(s) of `model`'s config, Hub layout, drawn from a generator of their own ({}: none announced).
 
-    The global RNG is left as it was, so nothing drawn after this call changes either."""
+    Built on the meta device and filled here, in name order (transformers' own initialisation visits modules in
+    an order that changes with PYTHONHASHSEED), the way transformers initialises a Glm4Moe layer: matrices and
+    experts normal(0, initializer_range), norms 1, biases 0, and the router's correction bias a small spread.
+    The global RNG is not touched."""
     from glmkit.model.mtp import build_mtp_layers, hub_tensors
 
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+    with torch.device("meta"):
         layers = build_mtp_layers(model)
-        if layers is None:
-            return {}
-        for layer in layers:
-            layer.mtp_block.mlp.gate.e_score_correction_bias.normal_(0.0, 0.01)
+    if layers is None:
+        return {}
+    layers = layers.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, tensor in sorted([*layers.named_parameters(), *layers.named_buffers()]):
+            if name.endswith("e_score_correction_bias"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.01)
+            elif tensor.dim() >= 2:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+            else:
+                tensor.fill_(1.0 if "norm" in name else 0.0)
     tensors = hub_tensors(layers, model.config.num_hidden_layers)
     if trunk_copies:
         for k in range(len(layers)):
