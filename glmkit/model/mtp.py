@@ -10,8 +10,11 @@ can train it alongside (glmkit/train/mtp.py).
 The layer is transformers' own: `MtpModel(model, n).layers`, the `MtpLayer`s transformers builds for
 `generate(use_mtp=True)` (enorm, hnorm, eh_proj, the decoder block `mtp_block`, and `post_norm`, the
 Hub's `shared_head.norm`). The kit hangs them on the causal LM as `layers`, where MtpModel keeps them,
-so a LoRA weight on the MTP layer has MtpModel's own name (`layers.0.mtp_block.self_attn.q_proj`) and
-plain peft loads it onto an MtpModel. The checkpoint stores the same tensors the Hub's way,
+so a LoRA weight on the MTP layer has MtpModel's own name (`layers.0.mtp_block.self_attn.q_proj`): plain
+peft loads the one adapter, trunk and MTP LoRA together, onto a transformers model given MtpModel's layers
+the same way (`model.layers = MtpModel.from_pretrained(model).layers`; tests/test_mtp.py). Not onto a
+bare MtpModel: transformers' key mapping for MtpModel renames the trunk's `model.layers.0.*` keys into the
+MTP layer's. The checkpoint stores the same tensors the Hub's way,
 `model.layers.<num_hidden_layers>.*`, per expert; `kit_name` and `hub_name` translate. The Hub's
 GLM-4.5(-Air) checkpoints also keep copies of the trunk's embedding and lm_head in the MTP layer
 (`embed_tokens`, `shared_head.head`); like transformers, the kit uses the trunk's and does not load them.
