@@ -11,19 +11,20 @@ full parameter names, which is how it finds a 4-bit parametrized tensor, with th
 and alpha (`lora.expert_r` / `lora.expert_alpha`) as a `rank_pattern` / `alpha_pattern` a plain
 `PeftModel.from_pretrained` honours too; glmkit.model.expert_lora supplies their forward.
 
-The MTP layer (glmkit/model/mtp.py) gets the same targets when `mtp.train` is on; otherwise peft's
-`exclude_modules` keeps LoRA off it, so the adapter is what it would be for a model without one.
+The MTP layer (glmkit/model/mtp.py) gets the same targets when `mtp.train` is on; otherwise it is set
+aside while peft wraps the model, so the adapter is exactly what it would be for a model without one.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from torch import nn
 
 from glmkit.model.errors import LoraTargetError
-from glmkit.model.mtp import EXCLUDE_MTP_REGEX, is_mtp_name
+from glmkit.model.mtp import is_mtp_name, set_aside
 
 ALL_LINEAR = "all-linear"
 
@@ -98,9 +99,8 @@ def expert_rank(lora) -> tuple[int, int]:
     return lora.expert_r or lora.r, lora.expert_alpha or lora.alpha
 
 
-def peft_config(lora, targets: LoraTargets, train_mtp: bool = False):
-    """The LoraConfig for peft: the listed modules, the experts by full name with their own rank; the MTP layer
-    excluded unless it is trained."""
+def peft_config(lora, targets: LoraTargets):
+    """The LoraConfig for peft: the listed modules, the experts by full name with their own rank."""
     from peft import LoraConfig
 
     r, alpha = expert_rank(lora)
@@ -111,8 +111,7 @@ def peft_config(lora, targets: LoraTargets, train_mtp: bool = False):
     modules = targets.modules if ALL_LINEAR in lora.target_modules else list(lora.target_modules)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=modules or [], target_parameters=list(targets.expert_params) or None,
-                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, bias="none", task_type="CAUSAL_LM",
-                        exclude_modules=None if train_mtp else EXCLUDE_MTP_REGEX)
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, bias="none", task_type="CAUSAL_LM")
     return config
 
 
@@ -126,8 +125,8 @@ def apply_lora(model, lora, train_mtp: bool = False):
     from glmkit.model.expert_lora import use_factored_experts
 
     targets = resolve_targets(model, lora, train_mtp)
-    config = peft_config(lora, targets, train_mtp)
-    with warnings.catch_warnings():
+    config = peft_config(lora, targets)
+    with warnings.catch_warnings(), nullcontext() if train_mtp else set_aside(model):
         # peft checks the patterns against module names only and warns that the parameter patterns "did not
         # match any targeted module and were ignored"; they are applied (the expert shapes show the rank).
         warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")

@@ -44,8 +44,6 @@ _KIT_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 # Any name inside an MTP layer, through wrappers (`base_model.model.`, `module.`): never a trunk name,
 # which reads `model.layers.N.` followed by a decoder layer's parts.
 _IN_MTP = re.compile(r"(?:^|\.)layers\.\d+\.(?:mtp_block|enorm|hnorm|eh_proj|post_norm)(?:\.|$)")
-# peft's exclude_modules (a regex string is matched in full against each module name): every MTP module
-EXCLUDE_MTP_REGEX = r"layers\.\d+\.(mtp_block|enorm|hnorm|eh_proj|post_norm)(\..*)?"
 # The keyword arguments the kit's varlen attention reads (glmkit/model/attention.py), passed to the MTP block too.
 _ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -157,6 +155,17 @@ def hub_tensors(layers: nn.ModuleList, num_hidden_layers: int) -> dict[str, torc
         else:
             tensors[key] = tensor.clone()
     return tensors
+
+
+@contextmanager
+def set_aside(model):
+    """The MTP layers taken off the causal LM for the duration (peft wraps what it sees), then put back."""
+    layers = model._modules.pop(MTP_ATTRIBUTE, None)
+    try:
+        yield
+    finally:
+        if layers is not None:
+            setattr(model, MTP_ATTRIBUTE, layers)
 
 
 def causal_lm_of(model) -> nn.Module:

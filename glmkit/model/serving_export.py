@@ -44,7 +44,7 @@ import shutil
 import torch
 
 from glmkit.model.adapter import ADAPTER_PREFIX, Delta, MergeError, _adapter_config, _meta_skeleton, plan_deltas
-from glmkit.model.mtp import EXCLUDE_MTP_REGEX, is_mtp_name
+from glmkit.model.mtp import is_mtp_name
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PARTIAL_MARKER = ".glmkit-export-partial"
@@ -174,9 +174,8 @@ def trunk_adapter(adapter_dir: str, config: dict) -> tuple[dict, dict, dict]:
 
     tensors = {k: v for k, v in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items()
                if not is_mtp_name(k)}
-    trunk_config = {**config, "exclude_modules": EXCLUDE_MTP_REGEX,
-                    "target_parameters": [p for p in config.get("target_parameters") or [] if not is_mtp_name(p)]
-                    or None}
+    trunk_config = {**config, "target_parameters": [p for p in config.get("target_parameters") or []
+                                                     if not is_mtp_name(p)] or None}
     ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
     summary = {"layout": "plain peft adapter (no routed-expert LoRA), without its MTP LoRA", "rank": max(ranks),
                "tensors": len(tensors), "expert_layers": 0}
@@ -242,8 +241,7 @@ def per_expert_adapter(model_dir: str, adapter_dir: str, config: dict) -> tuple[
                              rank, dtype)
                     modules.append(module)
     serving_config = {**config, "r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {},
-                      "alpha_pattern": {}, "target_modules": modules, "target_parameters": None,
-                      "exclude_modules": None}
+                      "alpha_pattern": {}, "target_modules": modules, "target_parameters": None}
     summary = {"layout": "per-expert (experts.E.gate_proj / up_proj / down_proj)", "rank": rank,
                "tensors": len(tensors), "expert_layers": len(by_layer)}
     return tensors, serving_config, summary
