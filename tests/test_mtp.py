@@ -324,3 +324,20 @@ def test_config_and_weights_that_disagree_are_one_line_in_the_trainer_verify_and
                       "--set", f"paths.model_dir={hidden}"])
     assert "announces no MTP layer" in one_line_error(result)
     assert not os.path.exists(tmp_path / "m1") and not os.path.exists(tmp_path / "m2")
+
+
+def test_mtp_keys_are_checked_at_load_and_reach_the_trackers(mtp_run, make_config):
+    from glmkit.config.schema import ConfigError, load_config
+    from glmkit.run.trackers import metrics
+
+    with pytest.raises(ConfigError) as refused:
+        load_config(make_config({"mtp.grad_to_trunk": True}), ["mtp.loss_weight=0"])
+    assert refused.value.problems == [
+        "mtp.loss_weight: must be in (0, 10], got 0.0",
+        "mtp.grad_to_trunk: needs mtp.train: true (without it there is no MTP loss to send to the trunk); set "
+        "mtp.train: true or mtp.grad_to_trunk: false"]
+    record = records(mtp_run.out, "eval_log.jsonl")[-1]
+    sent = metrics("eval", record)
+    assert sent["eval/val/mtp_acceptance"] == record["val/mtp_acceptance"]
+    assert sent["eval/val/mtp_loss"] == record["val/mtp_loss"]
+    assert metrics("train", records(mtp_run.out, "training_log.jsonl")[-1])["train/mtp_loss"] > 0
