@@ -184,7 +184,8 @@ def run_eval(step: int, model, data: RunData, accelerator, cfg, logs, state: Loo
     logs.event("eval", step, val_loss=record["val_loss"], perplexity=record["perplexity"], losses=losses,
                **({"baseline": True} if step == 0 else {}))
     state = state.after_eval(step, losses, record["val_loss"])
-    console(accelerator, eval_line(step, losses, state.baseline_losses, time.time() - started))
+    acceptance = {name: r.mtp_acceptance for name, r in results.items() if r.mtp_acceptance is not None}
+    console(accelerator, eval_line(step, losses, state.baseline_losses, time.time() - started, acceptance))
     return state
 
 
@@ -212,7 +213,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.train.preemption import Preemption
     from glmkit.train.progress import StepClock, gpu_memory, progress_bar
     from glmkit.train.router_stats import RouterStats
-    from glmkit.train.step import check_nan_budget, next_group, step_groups, train_step
+    from glmkit.train.step import check_nan_budget, mtp_fields, next_group, step_groups, train_step
     from glmkit.train.summary import run_summary
 
     # ---- setup: checks that cost seconds, then where to start, data, model, optimizer ------------------------
@@ -280,7 +281,8 @@ def train(cfg, args, accelerator, logs) -> int:
         # -- step: forward/backward over the micro-batches, token-weighted, then one update
         epoch, group = next_group(groups)
         result = train_step(model, group, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
-                            stats=stats, max_grad_norm=cfg.optimization.max_grad_norm, step=state.step + 1)
+                            stats=stats, max_grad_norm=cfg.optimization.max_grad_norm, step=state.step + 1,
+                            mtp=cfg.mtp)
         state = replace(state, step=state.step + 1, epoch=epoch, tokens_seen=state.tokens_seen + result.input_tokens,
                         trained_tokens_seen=state.trained_tokens_seen + result.trained_tokens,
                         nan_skips=0 if result.applied else state.nan_skips + 1, elapsed_seconds=clock.tick())
@@ -296,7 +298,7 @@ def train(cfg, args, accelerator, logs) -> int:
                        epoch=step / data.steps_per_epoch, tokens=result.input_tokens, tokens_seen=state.tokens_seen,
                        trained_tokens=result.trained_tokens, trained_tokens_seen=state.trained_tokens_seen,
                        **clock.rates(result.input_tokens, step, total_steps), elapsed_seconds=state.elapsed_seconds,
-                       total_steps=total_steps, **gpu_memory())
+                       total_steps=total_steps, **gpu_memory(), **mtp_fields(result))
             progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
         if step % cfg.logging.expert_stats_interval == 0:
             counts, routed = stats.take(reduce=lambda x: accelerator.reduce(x, "sum"))

@@ -2,6 +2,7 @@
 """Use a trained adapter with the base model named in the config.
 
     python use_adapter.py --config training_config.yaml --merge merged-model/       # base + LoRA -> one checkpoint, shard by shard
+        # (an adapter trained with mtp.train also folds into the MTP layer, which the servers draft with)
     python use_adapter.py --config training_config.yaml --sample "The quick brown"   # greedy continuation
     python use_adapter.py --config training_config.yaml --chat "Hello"   # a reply through the chat template
     python use_adapter.py --config training_config.yaml --chat "Hello" --no-adapter   # the base model's reply
@@ -59,9 +60,12 @@ def main(argv=None) -> int:
             out = adapter.merge(cfg.paths.model_dir, adapter_dir, args.merge, dtype, progress=progress)
             print(f"merged {adapter_dir} into {cfg.paths.model_dir}: {out}")
         elif args.export_serving:
-            done = export_for_serving(cfg.paths.model_dir, adapter_dir, args.export_serving)
+            done = export_for_serving(cfg.paths.model_dir, adapter_dir, args.export_serving, cfg.source_path)
             print(f"exported {adapter_dir} for serving: {done['out_dir']} ({done['layout']}, rank {done['rank']}); "
                   f"{os.path.join(done['out_dir'], 'README.md')} has the vLLM and SGLang commands")
+            if done["mtp_lora_left_out"]:
+                print("the adapter's MTP-layer LoRA is not in the export (servers apply LoRA to the main model only); "
+                      "--merge serves it: see the export's README")
         elif args.chat is not None:
             prompt, reply = adapter.chat(cfg.paths.model_dir, None if args.no_adapter else adapter_dir, args.chat,
                                          args.system, args.max_new_tokens, dtype)

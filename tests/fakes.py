@@ -92,11 +92,16 @@ class FakeRun:
                              "perplexity": ppl, "val_tokens": 40960})
         self.event("eval", step, val_loss=val_loss, perplexity=ppl)
 
-    def evaluate_sets(self, step: int, losses: dict[str, float], select_by: str = "val") -> None:
-        """An eval record as the trainer writes it since eval sets (glmkit/train/evaluation.py)."""
+    def evaluate_sets(self, step: int, losses: dict[str, float], select_by: str = "val",
+                      acceptance: dict[str, float] | None = None) -> None:
+        """An eval record as the trainer writes it since eval sets (glmkit/train/evaluation.py); `acceptance`:
+        each set's MTP acceptance, as a model with an MTP layer logs it (with an MTP loss beside it)."""
         record = {"step": step, "time": self.tick(0.5), "select_by": select_by, "sets": list(losses)}
         for name, loss in losses.items():
             record.update({f"{name}/loss": loss, f"{name}/perplexity": math.exp(loss), f"{name}/tokens": 4096})
+            if acceptance is not None:
+                record.update({f"{name}/mtp_acceptance": acceptance[name], f"{name}/mtp_loss": loss + 1.0,
+                               f"{name}/mtp_positions": 4000})
         record.update(val_loss=losses[select_by], perplexity=math.exp(losses[select_by]), val_tokens=4096)
         self.append("eval", record)
         self.event("eval", step, val_loss=losses[select_by], perplexity=math.exp(losses[select_by]), losses=losses,

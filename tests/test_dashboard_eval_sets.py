@@ -1,5 +1,6 @@
 """The dashboard's eval sets: a curve per set, the change from step 0 (forgetting at a glance) and the best
-step per set, over the API and in headless Chromium; logs written before eval sets still read as the set `val`."""
+step per set, and the MTP layer's speculative acceptance per set beside them, over the API and in headless
+Chromium; logs written before eval sets (or without an MTP layer) still read as before."""
 
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The domain set improves, the general set gets worse: forgetting. Evals at 0 (the baseline), 10, 20, 30.
 DOMAIN = {0: 3.0, 10: 2.6, 20: 2.4, 30: 2.5}
 GENERAL = {0: 2.0, 10: 2.05, 20: 2.1, 30: 2.25}
+# The MTP layer's acceptance falls on the domain set as the trunk moves away from what it was trained against.
+ACCEPTED = {0: {"val": 0.62, "general": 0.6}, 10: {"val": 0.55, "general": 0.59}, 20: {"val": 0.5, "general": 0.58},
+            30: {"val": 0.48, "general": 0.58}}
 
 
-def eval_set_run(folder) -> FakeRun:
+def eval_set_run(folder, mtp: bool = True) -> FakeRun:
     fake = FakeRun(folder, total_steps=30)
     fake.start()
-    fake.evaluate_sets(0, {"val": DOMAIN[0], "general": GENERAL[0]})
+    fake.evaluate_sets(0, {"val": DOMAIN[0], "general": GENERAL[0]}, acceptance=ACCEPTED[0] if mtp else None)
     for step in range(1, 31):
         fake.train(step)
         if step % 10 == 0:
-            fake.evaluate_sets(step, {"val": DOMAIN[step], "general": GENERAL[step]})
+            fake.evaluate_sets(step, {"val": DOMAIN[step], "general": GENERAL[step]},
+                               acceptance=ACCEPTED[step] if mtp else None)
     return fake
 
 
@@ -47,6 +52,19 @@ def test_stats_per_set_change_from_step_0_and_best_after_it(tmp_path):
                              "Evaluation: val 2.6000, general 2.0500"]
     png = client.get("/api/plots/eval_sets.png")
     assert png.status_code == 200 and png.data.startswith(PNG_MAGIC)
+
+
+def test_mtp_acceptance_per_set_and_its_change_from_step_0(tmp_path):
+    client, s = stats(eval_set_run(tmp_path / "run"))
+    by_name = {row["name"]: row for row in s["eval_sets"]}
+    assert (by_name["val"]["baseline_acceptance"], by_name["val"]["latest_acceptance"]) == (0.62, 0.48)
+    assert by_name["val"]["acceptance_change"] == pytest.approx(-0.14)
+    assert by_name["general"]["acceptance_change"] == pytest.approx(-0.02)
+    assert by_name["val"]["latest_mtp_loss"] == pytest.approx(3.5)
+    png = client.get("/api/plots/mtp.png")
+    assert png.status_code == 200 and png.data.startswith(PNG_MAGIC)
+    _, without = stats(eval_set_run(tmp_path / "no-mtp", mtp=False))  # no MTP layer: nothing to show
+    assert all(row["latest_acceptance"] is None and row["acceptance_change"] is None for row in without["eval_sets"])
 
 
 def test_a_log_from_before_eval_sets_reads_as_the_set_val(tmp_path):
@@ -88,8 +106,12 @@ def test_eval_sets_in_browser(tmp_path, serve_dashboard, chromium):
     assert val.locator(".change").text_content() == "−0.5000 (−16.7%)"
     assert val.locator(".best-step").text_content() == "20"
     assert page.text_content("#val-best-step").strip() == "step 20"
+    assert val.locator(".mtp").text_content() == "48.0% (−14.0 pt)"  # fewer drafts accepted: red
+    assert "trend-up" in val.locator(".mtp").get_attribute("class")
+    assert general.locator(".mtp").text_content() == "58.0% (−2.0 pt)"
+    assert page.locator("#mtp-plot").is_visible()
     wait_for_plots(page)
-    size = page.evaluate("() => { const i = document.querySelector('img[data-plot=eval_sets]'); "
-                         "return [i.naturalWidth, i.naturalHeight]; }")
-    assert size == [1664, 416]
+    sizes = page.evaluate("() => ['eval_sets', 'mtp'].map(n => { const i = document.querySelector(`img[data-plot=${n}]`);"
+                          " return [i.naturalWidth, i.naturalHeight]; })")
+    assert sizes == [[1664, 416], [1664, 416]]
     assert not errors, errors

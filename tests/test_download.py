@@ -46,6 +46,7 @@ def repo_files(tmp_path_factory) -> dict[str, bytes]:
     config = Glm4MoeConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, moe_intermediate_size=16,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                            n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                           num_nextn_predict_layers=0,  # its weights hold no MTP layer (verify checks they agree)
                            architectures=["Glm4MoeForCausalLM"])
     torch.manual_seed(0)
     shard_tensors = [

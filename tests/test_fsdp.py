@@ -1,8 +1,8 @@
 """FSDP2 on the 4-bit tiny model, 2 gloo processes on CPU: the same run as DDP with every layer's NF4 data sharded,
 its checkpoints (the DDP adapter plus DCP optimizer shards), SIGKILL and resume, and resume on another world size.
 
-One chain of short runs (6 steps, attention and expert LoRA together, dropout 0 so the runs are comparable across
-world sizes) is shared by every assertion:
+One chain of short runs (6 steps, attention and expert LoRA together, the MTP layer trained too with the same
+targets, dropout 0 so the runs are comparable across world sizes) is shared by every assertion:
   ddp2     2 processes, DDP                     the reference
   fsdp2    2 processes, FSDP                    == ddp2 within 1e-5 relative; half the 4-bit bytes per rank,
                                                 loaded straight into the shards (a rank's share + one layer)
@@ -27,15 +27,15 @@ STEPS = 6
 # val_fraction 0.09: 193 validation rows, so at micro-batch 2 one rank evaluates 49 batches and the other 48 (FSDP
 # ranks must still run every forward together, glmkit/train/evaluation.py)
 SETTINGS = {"training.max_steps": STEPS, "training.max_seq_length": 128, "training.val_fraction": 0.09,
-            "lora.dropout": 0.0,
+            "lora.dropout": 0.0, "mtp.train": True,
             "lora.target_parameters": ["gate_up_proj", "down_proj"], "logging.eval_interval": 2,
             "checkpoint.interval": 2, "checkpoint.keep_top_k": 5, "logging.expert_stats_interval": 2}
 TWO = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
        "--mixed_precision", "no", "--dynamo_backend", "no")
 
 
-def losses(out) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in latest_per_step(read_jsonl(os.path.join(out, "logs", "training_log.jsonl")))}
+def losses(out, field: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[field] for r in latest_per_step(read_jsonl(os.path.join(out, "logs", "training_log.jsonl")))}
 
 
 def events(out) -> list[dict]:
@@ -121,10 +121,17 @@ def test_fsdp_losses_equal_ddp_with_attention_and_expert_lora(chain):
              for out in (ddp, fsdp)]
     assert sorted(evals[1]) == [0, 2, 4, 6] and {s: v[1] for s, v in evals[1].items()} == {s: v[1] for s, v in evals[0].items()}
     assert_close({s: v[0] for s, v in evals[1].items()}, {s: v[0] for s, v in evals[0].items()}, [0, 2, 4, 6])
+    # the MTP layer, its own FSDP unit, trained alongside: its loss and its acceptance at every eval as under DDP
+    assert_close(losses(fsdp, "mtp_loss"), losses(ddp, "mtp_loss"), range(1, STEPS + 1))
+    mtp = [{r["step"]: (r["val/mtp_loss"], r["val/mtp_acceptance"])
+            for r in read_jsonl(os.path.join(out, "logs", "eval_log.jsonl"))} for out in (ddp, fsdp)]
+    assert_close({s: v[0] for s, v in mtp[1].items()}, {s: v[0] for s, v in mtp[0].items()}, [0, 2, 4, 6])
+    assert all(abs(mtp[1][s][1] - mtp[0][s][1]) <= 0.002 for s in mtp[0])  # a draft near a tie may flip
     start = events(fsdp)[0]
     assert start["strategy"] == "fsdp" and start["world_size"] == 2 and start["ddp_sync"] is None
     trainable = start["model_audit"]["trainable_params_by_group"]
     assert trainable["attention"] > 0 and trainable["routed_experts"] > 0  # both kinds of LoRA in the same run
+    assert trainable["mtp"] > 0
 
 
 def test_fsdp_shards_every_4bit_tensor_across_the_ranks(chain):
@@ -140,11 +147,12 @@ def test_fsdp_shards_every_4bit_tensor_across_the_ranks(chain):
     resident = ("packed_4bit_bytes", "quant_state_bytes", "other_frozen_bytes", "lora_bytes")
     ratio = sum(fsdp[0][k] for k in resident) / sum(ddp[0][k] for k in resident)
     assert 0.5 <= ratio < 0.56, ratio
-    # Loaded straight into the shards: at most a rank's share plus one whole layer (the tiny model's largest,
-    # an MoE layer, 135,168 B), never the whole model as a replica holds it (344,064 B).
-    assert fsdp[0]["largest_layer_4bit_bytes"] == 135_168
+    # Loaded straight into the shards: at most a rank's share plus one whole layer (the tiny model's largest, its MTP
+    # layer: an MoE layer's 135,168 B and eh_proj's [128, 256], 16,384 B), never the whole model as a replica holds
+    # it (495,616 B).
+    assert fsdp[0]["largest_layer_4bit_bytes"] == 135_168 + 16_384
     assert fsdp[0]["load_peak_4bit_bytes"] <= fsdp[0]["packed_4bit_bytes"] + fsdp[0]["largest_layer_4bit_bytes"]
-    assert fsdp[0]["load_peak_4bit_bytes"] == 256_000  # counted as tensors are allocated and freed: deterministic
+    assert fsdp[0]["load_peak_4bit_bytes"] == 339_968  # counted as tensors are allocated and freed: deterministic
     assert fsdp[0]["load_peak_4bit_bytes"] < ddp[0]["packed_4bit_bytes"]
     assert "load_peak_4bit_bytes" not in ddp[0]
     logs_doc = open(os.path.join(ROOT, "docs", "LOGS.md"), encoding="utf-8").read()
@@ -170,8 +178,15 @@ def test_fsdp_checkpoint_holds_the_ddp_adapter_and_sharded_optimizer(chain, tiny
     with open(os.path.join(final, "COMPLETE"), encoding="utf-8") as fh:
         listed = json.load(fh)["files"]
     assert {"optimizer_sharded/.metadata", "optimizer_sharded/__1_0.distcp", "adapter_model.safetensors"} <= set(listed)
+    from transformers.modeling_layers import MtpModel
+
+    # A plain peft load of the FSDP run's adapter, its MTP LoRA included: onto transformers' model given its MTP
+    # layer where MtpModel keeps it (glmkit/model/mtp.py; transformers looks for GLM's MTP weights at layers 46 and
+    # 92, the tiny model's is layer 3).
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    plain = PeftModel.from_pretrained(base, final)  # a plain peft load of the FSDP run's adapter
+    base._keys_to_ignore_on_load_unexpected = [r"model\.layers\.3\..*"]
+    base.layers = MtpModel.from_pretrained(base).layers
+    plain = PeftModel.from_pretrained(base, final)
     loaded = {k: v for k, v in plain.state_dict().items() if "lora_" in k}
     assert len(loaded) == len(ours)
 
@@ -180,6 +195,7 @@ def test_fsdp_sigkill_then_resume_matches_uninterrupted_run(chain):
     out, resumed = chain.get("killed")
     reference = losses(chain.get("fsdp2"))
     assert losses(out) == reference  # to the bit: sharded AdamW state, RNG, data position all restored
+    assert losses(out, "mtp_loss") == losses(chain.get("fsdp2"), "mtp_loss")
     kinds = [e["event"] for e in events(out)]
     assert kinds.count("resume") == 1 and kinds[-1] == "run_end"
 

@@ -138,13 +138,16 @@ def test_fsdp_shards_the_packed_weights_and_keeps_the_4bit_statistics_whole(tmp_
     assert fsdp["total_bytes_per_gpu"] < air["total_bytes_per_gpu"] - 30 * GB
 
 
-@pytest.mark.parametrize("name", ["zai-org/GLM-4.6", "zai-org/GLM-4.5"])
+@pytest.mark.parametrize("name", ["zai-org/GLM-4.6", "zai-org/GLM-4.5", "zai-org/GLM-4.7"])
 def test_glm46_and_glm45_355b_need_fsdp_and_fit_four_h200_with_it(tmp_path, name):
     ddp = air_plan(tmp_path, f"model.name_or_path={name}")
     assert ddp["model"] == name and ddp["source"] == "builtin" and ddp["model_type"] == "glm4_moe"
-    # 92 layers (3 dense), 160 routed experts of 3 x 5120 x 1536: ~336B of the ~353B parameters
+    # 92 layers (3 dense), 160 routed experts of 3 x 5120 x 1536: ~336B of the ~353B parameters of the trunk,
+    # plus the MTP layer (model.layers.92: one MoE layer and eh_proj, ~4B)
     assert ddp["groups"]["routed_experts"]["params"] == 89 * 160 * 3 * 5120 * 1536
-    assert 352e9 < ddp["params_total"] < 354e9 and 180 * GB < ddp["weights_bytes"] < 190 * GB
+    mtp = ddp["groups"]["mtp"]["params"]
+    assert 160 * 3 * 5120 * 1536 + 2 * 5120 * 5120 < mtp < 4.1e9
+    assert 352e9 < ddp["params_total"] - mtp < 354e9 and 180 * GB < ddp["weights_bytes"] < 190 * GB
     assert ddp["fits"] is False and ddp["max_micro_batch_per_gpu"] == 0
     assert ddp["verdict"].endswith("do not fit one GPU: shard them with distributed.accelerate_config: fsdp "
                                    "(docs/SCALING.md)")
@@ -157,6 +160,24 @@ def test_glm46_and_glm45_355b_need_fsdp_and_fit_four_h200_with_it(tmp_path, name
     assert recipe["fits"] is True  # the shipped recipe's micro batch (4 x 4096) on 4 x H200
     if name.endswith("4.6"):
         print("GLM-4.6 fsdp x 4, recipe:", recipe["verdict"])
+
+
+def test_the_mtp_layer_is_planned_like_a_decoder_layer(tmp_path, air):
+    """GLM-4.5-Air's model.layers.46: a MoE layer (attention with QKV bias, 128 experts, a shared expert, the
+    router), eh_proj [4096, 8192] and five norms, 4-bit where a decoder layer is; not in the plain path, which
+    never loads it. mtp.train adds its attention LoRA and one more layer's activations."""
+    attention = 2 * 4096 * 96 * 128 + 2 * 4096 * 8 * 128 + 96 * 128 + 2 * 8 * 128
+    shared, router, eh_proj, norms = 3 * 4096 * 1408, 128 * 4096 + 128, 4096 * 8192, 5 * 4096
+    mtp = air["groups"]["mtp"]
+    assert mtp["params"] == GLM45_AIR_ROUTED // 45 + attention + shared + router + eh_proj + norms
+    assert mtp["quantized_params"] == mtp["params"] - router - norms - (96 * 128 + 2 * 8 * 128)  # less biases
+    assert mtp["plain_path_bytes"] == 0 and 1.2 * GB < mtp["bytes"] < 1.3 * GB
+    assert any(note.startswith("the MTP layer (2,375,059,584 params) is loaded") for note in air["notes"])
+    trained = air_plan(tmp_path, "mtp.train=true")
+    r = 16  # lora.r: q, k, v, o of the MTP layer's attention
+    assert trained["lora_params"] - air["lora_params"] == r * (2 * (4096 + 96 * 128) + 2 * (4096 + 8 * 128))
+    assert trained["lora_params_by_group"]["mtp"] == trained["lora_params"] - air["lora_params"]
+    assert trained["activation_bytes"] > air["activation_bytes"] and trained["fits"]
 
 
 def test_without_checkpointing_every_layer_keeps_its_experts(tmp_path, air):

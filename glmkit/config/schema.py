@@ -242,6 +242,21 @@ class LoraSection:
 
 
 @dataclass
+class MtpSection:
+    """The multi-token-prediction layer (GLM's speculative-decoding draft head): measured always, trained on request."""
+    train: bool = setting(
+        False, "LoRA on the MTP layer (lora's targets, experts included) trained on its own loss, so speculative "
+               "decoding keeps accepting drafts after CPT; costs one more decoder layer and lm_head pass per "
+               "micro-step and that layer's LoRA memory", critical=True)
+    loss_weight: float = setting(0.3, "the MTP loss's weight beside the language-modelling loss (each a mean over "
+                                      "its own target tokens); with grad_to_trunk it trades the trunk's loss for "
+                                      "acceptance", gt=0, le=10)
+    grad_to_trunk: bool = setting(False, "the MTP loss's gradient also reaches the trunk's LoRA (DeepSeek-V3's joint "
+                                         "objective); false: the trunk learns from the language-modelling loss alone "
+                                         "and only the MTP layer follows it")
+
+
+@dataclass
 class QuantizationSection:
     """How the frozen base is stored."""
     load_in_4bit: bool = setting(True, "4-bit base weights", critical=True)
@@ -313,6 +328,7 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
     optimization: OptimizationSection = field(default_factory=OptimizationSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    mtp: MtpSection = field(default_factory=MtpSection)
     quantization: QuantizationSection = field(default_factory=QuantizationSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)

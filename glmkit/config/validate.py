@@ -50,6 +50,7 @@ def validate(cfg: Config) -> list[str]:
          f"must be a multiple of logging.eval_interval ({lg.eval_interval}) so every checkpoint has a "
          f"val loss to rank it by, got {ck.interval}")
     problems.extend(eval_problems(cfg))
+    problems.extend(mtp_problems(cfg))
     o = cfg.optimization
     if o.lr_scheduler == "wsd" and o.decay_steps and cfg.training.max_steps:
         need(o.warmup_steps + o.decay_steps <= cfg.training.max_steps, "optimization.decay_steps",
@@ -123,6 +124,15 @@ def eval_problems(cfg: Config) -> list[str]:
         problems.append(f"eval.select_by: {select!r} is not an eval set; {hint}use "
                         f"{' or '.join(choices) or HELD_OUT_SET + ' (with training.val_fraction > 0)'}")
     return problems
+
+
+def mtp_problems(cfg: Config) -> list[str]:
+    """The MTP keys that only mean something with mtp.train (whether the model has an MTP layer is checked at
+    load, glmkit/model/load.py)."""
+    if cfg.mtp.grad_to_trunk and not cfg.mtp.train:
+        return ["mtp.grad_to_trunk: needs mtp.train: true (without it there is no MTP loss to send to the trunk); "
+                "set mtp.train: true or mtp.grad_to_trunk: false"]
+    return []
 
 
 def tracker_name_problems(names: list[str]) -> list[str]:

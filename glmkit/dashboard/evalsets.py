@@ -6,6 +6,10 @@ have only `val_loss` / `perplexity` / `val_tokens`, the held-out split's: they r
 set `val`. Step 0 is the base model's loss (eval.at_start): the baseline each change is
 measured from, never a "best" (no adapter was trained yet). A positive change on a general-text
 set while the domain set falls is forgetting.
+
+A model with an MTP layer adds `<set>/mtp_acceptance` and `<set>/mtp_loss` (glmkit/train/mtp.py): the
+share of speculative drafts the servers would accept on that set. Its curve per set and its change
+from step 0 sit beside the loss (the `mtp` plot); a falling acceptance is serving getting slower.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from .logreader import TableSink, is_step_record, parse_lines
 from .tables import StepTable
 
 EVAL_FIELDS = ("val_loss", "perplexity")
-SET_FIELDS = ("loss", "perplexity", "tokens")
+SET_FIELDS = ("loss", "perplexity", "tokens", "mtp_acceptance", "mtp_loss")
 LEGACY_SET = "val"  # what a record without `sets` measured: the held-out split
 
 
@@ -24,13 +28,13 @@ def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
-def set_values(record: dict) -> dict[str, tuple[float, float, float]]:
-    """{set: (loss, perplexity, tokens)} of one eval record, old or new."""
+def set_values(record: dict) -> dict[str, tuple[float, ...]]:
+    """{set: (loss, perplexity, tokens, mtp_acceptance, mtp_loss)} of one eval record, old or new (NaN: not logged)."""
     names = record.get("sets")
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
         return {n: tuple(_number(record.get(f"{n}/{f}")) for f in SET_FIELDS) for n in names}
     return {LEGACY_SET: (_number(record.get("val_loss")), _number(record.get("perplexity")),
-                         _number(record.get("val_tokens")))}
+                         _number(record.get("val_tokens")), float("nan"), float("nan"))}
 
 
 class EvalSink(TableSink):
@@ -92,6 +96,23 @@ def set_summary(name: str, table: StepTable, selected: bool) -> dict:
         row.update(best_loss=float(losses[best]), best_step=int(steps[best]))
         if row["baseline_loss"] is not None:
             row["best_change"] = row["best_loss"] - row["baseline_loss"]
+    return row | acceptance_summary(table)
+
+
+def acceptance_summary(table: StepTable) -> dict:
+    """One set's MTP acceptance: at step 0, latest, the change between them (in points of the share); None
+    where the log has none (no MTP layer, or a log from before it was measured)."""
+    steps, accepted = table.column("step"), table.column("mtp_acceptance")
+    finite = np.flatnonzero(np.isfinite(accepted))
+    row = {"baseline_acceptance": None, "latest_acceptance": None, "acceptance_change": None,
+           "latest_mtp_loss": None}
+    if not finite.size:
+        return row
+    last = finite[-1]
+    row.update(latest_acceptance=float(accepted[last]), latest_mtp_loss=float(table.column("mtp_loss")[last]))
+    if steps[finite[0]] == 0:
+        row.update(baseline_acceptance=float(accepted[finite[0]]),
+                   acceptance_change=float(accepted[last] - accepted[finite[0]]))
     return row
 
 
@@ -109,4 +130,17 @@ def collect(sink: EvalSink) -> dict:
         x, y = table.column("step").copy(), table.column("loss").copy()
         out[name["name"]] = {"x": x, "y": y, "best_step": name["best_step"], "baseline": name["baseline_loss"],
                              "selected": name["selected"]}
+    return out
+
+
+def collect_acceptance(sink: EvalSink) -> dict:
+    """What the MTP plot draws: each set's acceptance over the steps it was measured at, and its step-0 value."""
+    out = {}
+    for name in eval_sets_stats(sink)["eval_sets"]:
+        table = sink.sets[name["name"]]
+        steps, accepted = table.column("step"), table.column("mtp_acceptance")
+        keep = np.isfinite(accepted)
+        if keep.any():
+            out[name["name"]] = {"x": steps[keep].copy(), "y": accepted[keep].copy(),
+                                 "baseline": name["baseline_acceptance"]}
     return out

@@ -21,13 +21,14 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from .evalsets import collect as collect_eval_sets  # noqa: E402
+from .evalsets import collect_acceptance  # noqa: E402
 from .monitor import RunMonitor  # noqa: E402
 from .series import SmoothingCache, downsample_indices, ema  # noqa: E402
 
 PLOT_POINTS = 1200
 # Inches at 130 dpi; the page lays plots out two, three and one to a row.
 FIGURE_SIZE = {"lr": (4.3, 3.0), "grad_norm": (4.3, 3.0), "throughput": (4.3, 3.0), "experts": (12.8, 3.6),
-               "eval_sets": (12.8, 3.2)}
+               "eval_sets": (12.8, 3.2), "mtp": (12.8, 3.2)}
 INK, MUTED, GRID = "#1f2937", "#6b7280", "#e5e7eb"
 BLUE, ORANGE, GREEN, PURPLE, RED = "#2563eb", "#ea580c", "#059669", "#7c3aed", "#dc2626"
 SET_COLORS = (ORANGE, BLUE, PURPLE, RED, "#0891b2", "#ca8a04", "#db2777", "#4b5563")  # eval sets, in page order
@@ -41,6 +42,7 @@ PLOTS = {
     "throughput": ("train",),
     "validation": ("eval", "events"),
     "eval_sets": ("eval",),
+    "mtp": ("eval",),
     "experts": ("experts",),
 }
 
@@ -78,6 +80,8 @@ def collect(run: RunMonitor, name: str, smoothing: float, smoother: SmoothingCac
         return {"val": _xy(evals, "val_loss"), "ppl": _xy(evals, "perplexity")}
     if name == "eval_sets":
         return collect_eval_sets(run.eval)
+    if name == "mtp":
+        return collect_acceptance(run.eval)
     return {"record": run.experts.current()}
 
 
@@ -220,6 +224,45 @@ def _draw_eval_sets(fig: Figure, ax, sets: dict) -> None:
     delta.set_ylabel("loss − loss at step 0", fontsize=8, color=MUTED)  # colours as on the left
 
 
+def _percent(value: float, _pos=None) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def _points(value: float, _pos=None) -> str:
+    return f"{100 * value:+.0f} pt" if value else "0"
+
+
+def _draw_acceptance(fig: Figure, ax, sets: dict) -> None:
+    """Left: each set's MTP acceptance (drafts the servers' speculative decoding would accept). Right: its
+    change from step 0, in points (below 0: fewer accepted than with the base model, serving slows)."""
+    fig.delaxes(ax)
+    ax, delta = fig.subplots(1, 2)
+    for each in (ax, delta):
+        each.set_facecolor("white")
+        _style(each)
+    _title(ax, "MTP speculative acceptance per set")
+    if not sets:
+        _empty(delta, "")
+        return _empty(ax, "No MTP acceptance in this log (the model has no MTP layer)")
+    _title(delta, "Change from step 0 (below 0: fewer drafts accepted than at the start)")
+    any_baseline = False
+    for (name, d), color in zip(sets.items(), SET_COLORS * (len(sets) // len(SET_COLORS) + 1)):
+        ax.plot(d["x"], d["y"], "o-", color=color, markersize=3, linewidth=1.4, label=name)
+        if d["baseline"] is not None:
+            any_baseline = True
+            delta.plot(d["x"], d["y"] - d["baseline"], "o-", color=color, markersize=3, linewidth=1.4, label=name)
+    ax.set_xlabel("step", fontsize=8, color=MUTED)
+    ax.set_ylabel("drafts accepted", fontsize=8, color=MUTED)
+    ax.yaxis.set_major_formatter(FuncFormatter(_percent))
+    _legend(ax)
+    if not any_baseline:
+        return _empty(delta, "No step-0 eval in this log (eval.at_start)")
+    delta.axhline(0, color=MUTED, linewidth=1, linestyle="--")
+    delta.set_xlabel("step", fontsize=8, color=MUTED)
+    delta.set_ylabel("acceptance − acceptance at step 0", fontsize=8, color=MUTED)
+    delta.yaxis.set_major_formatter(FuncFormatter(_points))
+
+
 def _draw_experts(fig: Figure, ax, d: dict) -> None:
     record = d["record"]
     layers = [layer for layer in (record or {}).get("layers", [])
@@ -257,6 +300,8 @@ def render(name: str, data: dict) -> bytes:
         _draw_validation(ax, data)
     elif name == "eval_sets":
         _draw_eval_sets(fig, ax, data)
+    elif name == "mtp":
+        _draw_acceptance(fig, ax, data)
     else:
         _draw_experts(fig, ax, data)
     fig.tight_layout(pad=0.6)

@@ -1,19 +1,25 @@
-"""An offline, CPU-sized GLM-4.5-Air (or GLM-4.6): same class, same checkpoint layout, minutes not days.
+"""An offline, CPU-sized GLM-4.5-Air (or GLM-4.6 / GLM-4.7): same class, same checkpoint layout, minutes not days.
 
 The checkpoint is a `Glm4MoeForCausalLM` with a dense first layer, sigmoid-routed experts
 plus a shared expert, partial rotary embeddings and grouped-query attention, saved as
 sharded safetensors with an index exactly like the real one (per-expert tensors, which
-the kit's loader fuses and quantizes). Its tokenizer is a byte-level BPE trained on the
-demo corpus on the spot, with GLM-4.5's control tokens (`[gMASK]<sop>`, the role markers
-`<|system|>` `<|user|>` `<|assistant|>` `<|observation|>`, `<think>` `</think>` and the tool-call
-markup) as single tokens, and a chat template of GLM-4.5's shape written for it
-(`chat_template.jinja`, as on the Hub): chat data is rendered and masked offline exactly as it
-would be for the real model. The same seed gives the same files.
+the kit's loader fuses and quantizes), and one multi-token-prediction (MTP) layer after the
+decoder layers, at `model.layers.<num_hidden_layers>.*` as on the Hub (glmkit/model/mtp.py).
+Its tokenizer is a byte-level BPE trained on the demo corpus on the spot, with GLM-4.5's control
+tokens (`[gMASK]<sop>`, the role markers `<|system|>` `<|user|>` `<|assistant|>` `<|observation|>`,
+`<think>` `</think>` and the tool-call markup) as single tokens, and a chat template of GLM-4.5's
+shape written for it (`chat_template.jinja`, as on the Hub): chat data is rendered and masked
+offline exactly as it would be for the real model. The same seed gives the same files.
+
+The MTP layer's weights are drawn from their own seeded generator after everything else, so
+the trunk is the same to the bit as a tiny model without one.
 
 Variants (`download_model.py --tiny [VARIANT]`): `air`, GLM-4.5-Air's shape (one dense layer, no
-QK-norm); `glm4.6`, GLM-4.6's / GLM-4.5's (the first three layers dense, QK-norm on every
-layer's queries and keys, routed_scaling_factor 2.5), so the kit's loader, LoRA targets, FSDP
-units and memory plan are exercised on that architecture too.
+QK-norm; its MTP layer keeps copies of the embedding and lm_head, as GLM-4.5-Air's does);
+`glm4.6` and `glm4.7`, GLM-4.6's / GLM-4.7's / GLM-4.5's (the first three layers dense, QK-norm
+on every layer's queries and keys, routed_scaling_factor 2.5; an MTP layer without those
+copies, the other layout on the Hub), so the kit's loader, LoRA targets, FSDP units and memory
+plan are exercised on that architecture too.
 """
 
 from __future__ import annotations
@@ -27,10 +33,16 @@ from glmkit.model.load import DEMO_MODEL_KEY
 
 TINY_VOCAB_SIZE = 2048
 # variant -> the keys where it differs from GLM-4.5-Air's shape
+GLM46_SHAPE = {"num_hidden_layers": 5, "first_k_dense_replace": 3, "use_qk_norm": True, "routed_scaling_factor": 2.5}
 TINY_VARIANTS = {
     "air": {},
-    "glm4.6": {"num_hidden_layers": 5, "first_k_dense_replace": 3, "use_qk_norm": True, "routed_scaling_factor": 2.5},
+    "glm4.6": GLM46_SHAPE,
+    "glm4.7": GLM46_SHAPE,  # GLM-4.7 has GLM-4.6's architecture
 }
+# Variants whose MTP layer stores copies of the trunk's embedding and lm_head (GLM-4.5-Air's checkpoint does).
+MTP_WITH_TRUNK_COPIES = {"air"}
+# Added to the seed for the MTP layer's own generator.
+MTP_SEED_OFFSET = 1_000_003
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 # GLM-4.5's control tokens: special (decode(skip_special_tokens=True) drops them), one token each.
@@ -196,16 +208,76 @@ def write_tiny_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "
     config = tiny_model_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, variant)
     torch.manual_seed(seed)
     model = Glm4MoeForCausalLM(config).to(torch.bfloat16)
-    save_with_uneven_routing(model, tokenizer, model_dir, max_shard_size)
+    save_with_uneven_routing(model, tokenizer, model_dir, max_shard_size, mtp_seed=seed + MTP_SEED_OFFSET,
+                             mtp_trunk_copies=variant in MTP_WITH_TRUNK_COPIES)
 
 
-def save_with_uneven_routing(model, tokenizer, model_dir: str, max_shard_size: str) -> None:
-    """Give the routers a trained-looking correction bias, then save model + tokenizer in sharded Hub layout."""
+def save_with_uneven_routing(model, tokenizer, model_dir: str, max_shard_size: str, mtp_seed: int = MTP_SEED_OFFSET,
+                             mtp_trunk_copies: bool = True) -> None:
+    """Give the routers a trained-looking correction bias, then save model + tokenizer in sharded Hub layout,
+    with the MTP layer(s) the config announces (drawn from `mtp_seed`, after everything else)."""
     with torch.no_grad():
         # A small spread in the correction bias, as a trained router has, so routing is uneven.
         for layer in model.model.layers[model.config.first_k_dense_replace:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.01)
+    mtp_tensors = mtp_layer_tensors(model, mtp_seed, mtp_trunk_copies)
     model.generation_config.do_sample = False
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     model.save_pretrained(model_dir, max_shard_size=max_shard_size)
+    if mtp_tensors:
+        add_to_checkpoint(model_dir, mtp_tensors, max_shard_size)
     tokenizer.save_pretrained(model_dir)
+
+
+def mtp_layer_tensors(model, seed: int, trunk_copies: bool) -> dict[str, torch.Tensor]:
+    """The MTP layer(s) of `model`'s config, Hub layout, drawn from a generator of their own ({}: none announced).
+
+    Built on the meta device and filled here, in name order (transformers' own initialisation visits modules in
+    an order that changes with PYTHONHASHSEED), the way transformers initialises a Glm4Moe layer: matrices and
+    experts normal(0, initializer_range), norms 1, biases 0, and the router's correction bias a small spread.
+    The global RNG is not touched."""
+    from glmkit.model.mtp import build_mtp_layers, hub_tensors
+
+    with torch.device("meta"):
+        layers = build_mtp_layers(model)
+    if layers is None:
+        return {}
+    layers = layers.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, tensor in sorted([*layers.named_parameters(), *layers.named_buffers()]):
+            if name.endswith("e_score_correction_bias"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.01)
+            elif tensor.dim() >= 2:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+            else:
+                tensor.fill_(1.0 if "norm" in name else 0.0)
+    tensors = hub_tensors(layers, model.config.num_hidden_layers)
+    if trunk_copies:
+        for k in range(len(layers)):
+            prefix = f"model.layers.{model.config.num_hidden_layers + k}"
+            tensors[f"{prefix}.embed_tokens.weight"] = model.get_input_embeddings().weight.detach().clone()
+            tensors[f"{prefix}.shared_head.head.weight"] = model.get_output_embeddings().weight.detach().clone()
+    return tensors
+
+
+def add_to_checkpoint(model_dir: str, tensors: dict[str, torch.Tensor], max_shard_size: str) -> None:
+    """Rewrite the checkpoint in `model_dir` with `tensors` after its own, resharded and reindexed."""
+    import json
+
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            files = sorted(set(json.load(fh)["weight_map"].values()))
+        os.remove(index)
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(model_dir, name)))
+        os.remove(os.path.join(model_dir, name))
+    save_torch_state_dict({**state, **tensors}, model_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})

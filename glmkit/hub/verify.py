@@ -26,6 +26,7 @@ from glmkit.hub.download import (
     fetch_remote_repo,
     human_size,
 )
+from glmkit.hub.mtp_layout import mtp_problem
 
 # ---------------------------------------------------------------------------
 # Verification
@@ -43,8 +44,8 @@ def _problems(model_dir: str, rerun: str) -> list[tuple[str, str]]:
     """(file, what is wrong and what to do) for each problem in `model_dir`."""
     if not os.path.isdir(model_dir):
         return [(model_dir, f"folder does not exist; run {rerun} to create it")]
-    return (_check_config(model_dir, rerun) + _check_tokenizer(model_dir, rerun)
-            + _check_weights(model_dir, rerun))
+    problems = _check_config(model_dir, rerun) + _check_tokenizer(model_dir, rerun) + _check_weights(model_dir, rerun)
+    return problems or _check_mtp(model_dir)
 
 
 def _check_config(model_dir: str, rerun: str) -> list[tuple[str, str]]:
@@ -85,6 +86,24 @@ def _check_weights(model_dir: str, rerun: str) -> list[tuple[str, str]]:
         fix = f"rerun {rerun} to fetch it" if not os.path.exists(path) else f"delete it and rerun {rerun}"
         problems.append((path, f"{problem}; {fix}"))
     return problems
+
+
+def _check_mtp(model_dir: str) -> list[tuple[str, str]]:
+    """config.json and the weights agree about the MTP layer (checked once everything else is whole)."""
+    path = os.path.join(model_dir, "config.json")
+    config, _ = _load_json(path, "")
+    problem = mtp_problem(config, tensor_names(model_dir))
+    return [(path, problem)] if problem else []
+
+
+def tensor_names(model_dir: str) -> list[str]:
+    """Every tensor name of a checkpoint whose index and shards are whole: the index's, or the one file's header."""
+    by_shard, _ = shard_map(model_dir)
+    if list(by_shard.values()) == [[]]:  # one unsharded file: its header lists the tensors
+        (single,) = by_shard
+        header, _, _ = shards.read_header(os.path.join(model_dir, single))
+        return [name for name in header or {} if name != "__metadata__"]
+    return [name for names in by_shard.values() for name in names]
 
 
 def check_weights(model_dir: str) -> list[tuple[str, str]]:

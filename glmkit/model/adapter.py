@@ -8,6 +8,10 @@ Peak memory is about one shard plus the adapter factors of the layers in it, nev
 210 GB bf16 GLM-4.5-Air. The output keeps the base's layout, which for GLM-4.5-Air is the
 Hub's per-expert one (`model.layers.N.mlp.experts.E.gate_proj.weight`, ...), with an index,
 config and tokenizer, so transformers, vLLM and SGLang load it like the original.
+
+An adapter trained with `mtp.train` also adapts the MTP layer (its LoRA under MtpModel's names,
+glmkit/model/mtp.py); the merge folds that into `model.layers.<num_hidden_layers>.*`, where the servers'
+MTP speculative decoding (and transformers' `generate(use_mtp=True)`) read the draft head.
 """
 
 from __future__ import annotations
@@ -176,12 +180,16 @@ class _Factors:
 
 
 class _DeltaFinder:
-    """The fp32 delta for one base tensor name (Linear weight or one expert's gate/up/down), or None."""
+    """The fp32 delta for one base tensor name (Linear weight or one expert's gate/up/down), or None.
 
-    def __init__(self, deltas: list[Delta], factors: _Factors):
+    Keyed by the checkpoint's names: the MTP layer's targets (MtpModel's names) as the Hub stores them."""
+
+    def __init__(self, deltas: list[Delta], factors: _Factors, num_hidden_layers: int):
+        from glmkit.model.mtp import hub_name
+
         self.factors = factors
-        self.linear = {f"{d.target}.weight": d for d in deltas if not d.experts}
-        self.fused = {d.target: d for d in deltas if d.experts}
+        self.linear = {hub_name(f"{d.target}.weight", num_hidden_layers): d for d in deltas if not d.experts}
+        self.fused = {hub_name(d.target, num_hidden_layers): d for d in deltas if d.experts}
 
     def targets(self) -> set[str]:
         return set(self.linear) | set(self.fused)
@@ -242,9 +250,10 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | N
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    weight_map = checkpoint_weight_map(model_dir)  # first: a base that disagrees with itself is the thing to fix
     deltas = check_fits(model_dir, adapter_dir, merging=True)
-    weight_map = checkpoint_weight_map(model_dir)
-    finder = _DeltaFinder(deltas, _Factors(os.path.join(adapter_dir, "adapter_model.safetensors")))
+    finder = _DeltaFinder(deltas, _Factors(os.path.join(adapter_dir, "adapter_model.safetensors")),
+                          _num_hidden_layers(model_dir))
     _check_base_has_targets(finder, weight_map, model_dir)
     partial = _check_output(out_dir, model_dir)
 
@@ -294,9 +303,11 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | N
 
 
 def checkpoint_weight_map(model_dir: str) -> dict[str, str]:
-    """{tensor: shard file} of a checkpoint, after every shard's header checked against its index."""
+    """{tensor: shard file} of a checkpoint, after every shard's header checked against its index and its
+    config.json checked against its weights about the MTP layer."""
     from safetensors import safe_open
 
+    from glmkit.hub.mtp_layout import mtp_problem
     from glmkit.hub.verify import check_weights, shard_map
 
     problems = check_weights(model_dir)
@@ -307,16 +318,35 @@ def checkpoint_weight_map(model_dir: str) -> dict[str, str]:
     if list(by_shard.values()) == [[]]:  # one unsharded file: its header lists the tensors
         (single,) = by_shard
         with safe_open(os.path.join(model_dir, single), framework="pt") as fh:
-            return {key: single for key in fh.keys()}
-    return {tensor: shard for shard, tensors in by_shard.items() for tensor in tensors}
+            weight_map = {key: single for key in fh.keys()}
+    else:
+        weight_map = {tensor: shard for shard, tensors in by_shard.items() for tensor in tensors}
+    # A merged model that announces an MTP layer it lacks (or the reverse) would fail in the server, not here.
+    problem = mtp_problem(_config_json(model_dir), weight_map)
+    if problem:
+        raise MergeError(f"{os.path.join(model_dir, 'config.json')} {problem}")
+    return weight_map
+
+
+def _config_json(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _num_hidden_layers(model_dir: str) -> int:
+    return int(_config_json(model_dir)["num_hidden_layers"])
 
 
 def _meta_skeleton(config):
-    """The model's module tree with shapes only: names, Linear sizes, fused expert shapes."""
+    """The model's module tree with shapes only: names, Linear sizes, fused expert shapes, the MTP layer."""
     from transformers import AutoModelForCausalLM
 
+    from glmkit.model.mtp import attach_mtp_layers
+
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+        attach_mtp_layers(model)
+    return model
 
 
 def _check_base_has_targets(finder: _DeltaFinder, weight_map: dict, model_dir: str) -> None:

@@ -20,13 +20,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from glmkit.model import attention
+from glmkit.model import attention, mtp
 from glmkit.model.errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("glm4_moe",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Where every parameter belongs (see group_of); the audit and the memory plan report the same groups.
-BASE_GROUPS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "router", "embeddings", "lm_head", "norms")
+# The MTP layer (glmkit/model/mtp.py) is a group of its own, whatever its parts: what loading it costs, in one line.
+BASE_GROUPS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "router", "embeddings", "lm_head", "norms",
+               "mtp")
 AUDIT_GROUPS = BASE_GROUPS + ("lora",)
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
@@ -74,9 +76,18 @@ def check_model_dir(cfg) -> None:
     if limit and cfg.training.max_seq_length > limit:
         raise ModelLoadError(f"training.max_seq_length {cfg.training.max_seq_length} exceeds the model's "
                              f"max_position_embeddings ({limit}) in {cfg.paths.model_dir}; lower it")
-    # The skeleton on the meta device knows every name: a LoRA target that matches nothing fails here.
-    resolve_targets(build_skeleton(config, cfg), cfg.lora)
     check_shards(cfg)
+    check_mtp_layer(cfg, config)
+    # The skeleton on the meta device knows every name: a LoRA target that matches nothing fails here.
+    resolve_targets(build_skeleton(config, cfg), cfg.lora, train_mtp=cfg.mtp.train)
+
+
+def check_mtp_layer(cfg, config) -> None:
+    """config.json and the weights agree about the MTP layer; `mtp.train` needs one (glmkit/model/mtp.py)."""
+    mtp.check_checkpoint(config.to_dict(), _weight_map(cfg), cfg.paths.model_dir)
+    if cfg.mtp.train and not mtp.num_mtp_layers(config):
+        raise ModelLoadError(f"mtp.train is true but {cfg.paths.model_dir} has no MTP layer (num_nextn_predict_layers "
+                             f"0); set mtp.train: false")
 
 
 def check_shards(cfg) -> None:
@@ -130,6 +141,7 @@ def build_skeleton(config, cfg):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype,
                                                  attn_implementation=cfg.model.attn_implementation)
+        mtp.attach_mtp_layers(model)  # its Linears go 4-bit below and its experts as they load, like a decoder layer's
     if cfg.quantization.load_in_4bit:
         _swap_in_linear4bit(model, cfg.quantization, compute_dtype)
     return model
@@ -175,6 +187,12 @@ def _group_by_layer(weight_map: dict[str, str]) -> list[list[str]]:
         match = LAYER_KEY.match(key)
         groups[-1 if match is None else int(match.group(1))].append(key)
     return [sorted(groups[layer]) for layer in sorted(groups)]
+
+
+def _layer_of(key: str) -> int:
+    """The layer index of a checkpoint key (MTP layers past the decoder layers); -1 outside the layers."""
+    match = LAYER_KEY.match(key)
+    return -1 if match is None else int(match.group(1))
 
 
 def _read_tensors(cfg, weight_map: dict[str, str], keys: list[str]) -> dict[str, torch.Tensor]:
@@ -251,14 +269,16 @@ def load_model(cfg, device=None, shard=None):
     model = build_skeleton(config, cfg)
     weight_map = _weight_map(cfg)
     for keys in _group_by_layer(weight_map):
+        layer = _layer_of(keys[0])
         tensors = _fuse_experts(_read_tensors(cfg, weight_map, keys))
-        for key in list(tensors):
-            if not _belongs_to(model, key):
-                del tensors[key]  # e.g. the MTP layer, which transformers does not load either
+        for hub_key in list(tensors):
+            key = mtp.kit_name(hub_key, config.num_hidden_layers)  # the MTP layer's keys as MtpModel names them
+            if key is None or not _belongs_to(model, key):
+                del tensors[hub_key]  # the MTP layer's copies of the embedding and lm_head: the trunk's are used
                 continue
-            _place(model, key, tensors.pop(key), device, cfg, compute_dtype)
+            _place(model, key, tensors.pop(hub_key), device, cfg, compute_dtype)
             if shard is not None:
-                shard.keep_local_rows(model, key)
+                shard.keep_local_rows(model, key, layer)
         del tensors
     missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
@@ -283,7 +303,8 @@ def _belongs_to(model, key: str) -> bool:
 # ---------------------------------------------------------------------------
 
 def prepare_for_training(model, cfg):
-    """Freeze the base, turn on checkpointing, wrap with LoRA. Nothing large is upcast."""
+    """Freeze the base, turn on checkpointing, wrap with LoRA (the MTP layer's too with mtp.train). Nothing large is
+    upcast."""
     from glmkit.model.lora import apply_lora
 
     for param in model.parameters():
@@ -293,7 +314,7 @@ def prepare_for_training(model, cfg):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    return apply_lora(model, cfg.lora)
+    return apply_lora(model, cfg.lora, train_mtp=cfg.mtp.train)
 
 
 # ---------------------------------------------------------------------------
@@ -303,6 +324,8 @@ def prepare_for_training(model, cfg):
 def group_of(name: str) -> str:
     if "lora_" in name:
         return "lora"
+    if mtp.is_mtp_name(name):
+        return "mtp"
     if ".mlp.experts." in name:
         return "routed_experts"
     if ".mlp.shared_experts." in name:
@@ -385,7 +408,7 @@ def audit_model(model) -> dict:
         group["params"] += params
         group["bytes"] += nbytes
         group["quantized_params"] += params if quantized else 0
-        if group_of(name) == "routed_experts" and not quantized:
+        if is_routed_expert(name) and not quantized:  # the MTP layer's experts too
             unquantized_experts += params
         if name in linear_weights and not quantized:
             unquantized_linear += params
@@ -402,8 +425,14 @@ def audit_model(model) -> dict:
     }
 
 
+def is_routed_expert(name: str) -> bool:
+    """A fused routed-expert parameter (a decoder layer's or the MTP layer's)."""
+    return ".mlp.experts." in name and "lora_" not in name
+
+
 def trainable_by_group(model) -> dict[str, int]:
-    """Trainable (LoRA) parameters by the group of the layer they adapt; the three LoRA can target always listed."""
+    """Trainable (LoRA) parameters by the group of the layer they adapt; the three LoRA can target always listed,
+    and `mtp` when the MTP layer is trained (all its LoRA: attention, experts, eh_proj)."""
     counts = {"attention": 0, "routed_experts": 0, "shared_experts": 0}
     for name, param in model.named_parameters():
         if param.requires_grad:

@@ -10,16 +10,21 @@ Attention (and other Linear) targets go to peft as listed. Routed-expert targets
 full parameter names, which is how it finds a 4-bit parametrized tensor, with their own rank
 and alpha (`lora.expert_r` / `lora.expert_alpha`) as a `rank_pattern` / `alpha_pattern` a plain
 `PeftModel.from_pretrained` honours too; glmkit.model.expert_lora supplies their forward.
+
+The MTP layer (glmkit/model/mtp.py) gets the same targets when `mtp.train` is on; otherwise it is set
+aside while peft wraps the model, so the adapter is exactly what it would be for a model without one.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from torch import nn
 
 from glmkit.model.errors import LoraTargetError
+from glmkit.model.mtp import is_mtp_name, set_aside
 
 ALL_LINEAR = "all-linear"
 
@@ -60,10 +65,11 @@ def _suffixes(names, depth: int) -> str:
     return ", ".join(sorted({".".join(n.split(".")[-depth:]) for n in names}))
 
 
-def resolve_targets(model, lora) -> LoraTargets:
-    """Every name in lora.target_modules / lora.target_parameters must match; raise naming the key."""
-    linears = linear_modules(model)
-    experts = expert_parameters(model)
+def resolve_targets(model, lora, train_mtp: bool = False) -> LoraTargets:
+    """Every name in lora.target_modules / lora.target_parameters must match; raise naming the key.
+    The MTP layer's modules count only with `train_mtp`."""
+    linears = [n for n in linear_modules(model) if train_mtp or not is_mtp_name(n)]
+    experts = {n: shape for n, shape in expert_parameters(model).items() if train_mtp or not is_mtp_name(n)}
     problems = []
     wanted = list(lora.target_modules)
     modules = []
@@ -109,17 +115,18 @@ def peft_config(lora, targets: LoraTargets):
     return config
 
 
-def apply_lora(model, lora):
-    """Wrap `model` with peft LoRA on the resolved targets; the adapter loads into a plain model too."""
+def apply_lora(model, lora, train_mtp: bool = False):
+    """Wrap `model` with peft LoRA on the resolved targets (the MTP layer's with `train_mtp`); the adapter loads into
+    a plain model too."""
     import warnings
 
     from peft import get_peft_model
 
     from glmkit.model.expert_lora import use_factored_experts
 
-    targets = resolve_targets(model, lora)
+    targets = resolve_targets(model, lora, train_mtp)
     config = peft_config(lora, targets)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), nullcontext() if train_mtp else set_aside(model):
         # peft checks the patterns against module names only and warns that the parameter patterns "did not
         # match any targeted module and were ignored"; they are applied (the expert shapes show the rank).
         warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")

@@ -29,6 +29,12 @@ An adapter without expert LoRA (attention only) is already what the servers load
 is a copy of the peft adapter. Options the per-expert layout cannot express (DoRA, LoRA bias,
 modules_to_save, trainable tokens, ...) are refused in one line before anything is written.
 The factors keep the adapter's stored dtype (peft saves fp32); the folding is done in fp32.
+
+The MTP layer: vLLM and SGLang draft speculative tokens with the base checkpoint's MTP layer
+(`model.layers.<num_hidden_layers>.*`) and apply a LoRA adapter to the main model only, never to the
+draft layer. So an adapter trained with `mtp.train` is exported without its MTP LoRA (it would be
+dropped, or refused as an unknown module), and the export's README names the route that does serve
+the adapted draft head: `use_adapter.py --merge`, which folds it into the checkpoint's MTP layer.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import shutil
 import torch
 
 from glmkit.model.adapter import ADAPTER_PREFIX, Delta, MergeError, _adapter_config, _meta_skeleton, plan_deltas
+from glmkit.model.mtp import is_mtp_name
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PARTIAL_MARKER = ".glmkit-export-partial"
@@ -64,6 +71,30 @@ Base model: {model_dir}. Layout: {layout}. Rank {rank} (a server's max LoRA rank
 
 Then ask for model "{name}" (vLLM) or pass "lora_path": "{name}" (SGLang).
 """
+# Appended to the README when the base model has an MTP layer: what the servers do with it and this adapter.
+MTP_README = """
+## Speculative decoding with the MTP layer
+
+{model_dir} has a multi-token-prediction layer, which the servers draft with
+(vLLM: `--speculative-config.method mtp --speculative-config.num_speculative_tokens 1`; SGLang:
+`--speculative-algorithm EAGLE --speculative-num-steps 1 --speculative-eagle-topk 1
+--speculative-num-draft-tokens 2`). They load it from the base checkpoint and apply this LoRA to the main
+model only, never to the draft layer.
+"""
+MTP_TRAINED_README = """
+The adapter {adapter_dir} also trained the MTP layer (`mtp.train`); that part is not in this export, since no
+server would apply it. To serve the adapted draft head, merge instead and serve the merged folder with the
+commands above (without `--enable-lora`):
+
+    python use_adapter.py --config {config} --adapter {adapter_dir} --merge MERGED_DIR
+    vllm serve MERGED_DIR --speculative-config.method mtp --speculative-config.num_speculative_tokens 1
+"""
+MTP_UNTRAINED_README = """
+The MTP layer was not trained with this adapter: the servers draft with the base model's, which was trained
+against the base model's hidden states, so fewer drafts are accepted after continued pre-training (each
+set's `mtp_acceptance` in eval_log.jsonl measures by how much). `mtp.train: true` trains it alongside;
+its adapter is served through `use_adapter.py --merge`.
+"""
 
 
 class ServingExportError(ValueError):
@@ -85,12 +116,16 @@ def check_expressible(config: dict, adapter_dir: str) -> None:
                                      f"keys for experts.gate_up_proj and experts.down_proj only")
 
 
-def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str) -> dict:
-    """Write adapter_dir's LoRA to out_dir in the layout vLLM / SGLang load; return a summary of what was written."""
+def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str, config_path: str | None = None) -> dict:
+    """Write adapter_dir's LoRA to out_dir in the layout vLLM / SGLang load; return a summary of what was written.
+    `config_path`: the training config, for the merge command the README names when the MTP layer was trained."""
     config = _adapter_config(adapter_dir)
     check_expressible(config, adapter_dir)
+    mtp_trained = _has_mtp_lora(adapter_dir)
     if config.get("target_parameters") or _has_fused_expert_factors(adapter_dir):
         tensors, serving_config, summary = per_expert_adapter(model_dir, adapter_dir, config)
+    elif mtp_trained:
+        tensors, serving_config, summary = trunk_adapter(adapter_dir, config)
     else:
         tensors, serving_config = None, None
         ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
@@ -112,9 +147,42 @@ def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str) -> dict:
         fh.write(SERVING_README.format(name=name, model_dir=model_dir, rank=summary["rank"],
                                        vllm_rank=vllm_rank, path=os.path.abspath(out_dir),
                                        layout=summary["layout"]))
+        if _base_has_mtp(model_dir):
+            fh.write(MTP_README.format(model_dir=model_dir))
+            fh.write(MTP_TRAINED_README.format(adapter_dir=adapter_dir, config=config_path or "CONFIG.yaml")
+                     if mtp_trained else MTP_UNTRAINED_README)
     os.remove(os.path.join(partial, PARTIAL_MARKER))
     os.replace(partial, out_dir)  # an empty out_dir is replaced; a non-empty one was refused
-    return {**summary, "out_dir": out_dir}
+    return {**summary, "out_dir": out_dir, "mtp_lora_left_out": mtp_trained}
+
+
+def _has_mtp_lora(adapter_dir: str) -> bool:
+    """Whether the adapter holds LoRA on the MTP layer (trained with mtp.train)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as fh:
+        return any(is_mtp_name(key) for key in fh.keys())
+
+
+def _base_has_mtp(model_dir: str) -> bool:
+    from glmkit.hub.mtp_layout import announced_mtp_layers
+
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+        return announced_mtp_layers(json.load(fh)) > 0
+
+
+def trunk_adapter(adapter_dir: str, config: dict) -> tuple[dict, dict, dict]:
+    """(tensors, adapter_config, summary): the peft adapter without its MTP LoRA (no expert LoRA to rewrite)."""
+    from safetensors.torch import load_file
+
+    tensors = {k: v for k, v in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items()
+               if not is_mtp_name(k)}
+    trunk_config = {**config, "target_parameters": [p for p in config.get("target_parameters") or []
+                                                     if not is_mtp_name(p)] or None}
+    ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
+    summary = {"layout": "plain peft adapter (no routed-expert LoRA), without its MTP LoRA", "rank": max(ranks),
+               "tensors": len(tensors), "expert_layers": 0}
+    return tensors, trunk_config, summary
 
 
 def _has_fused_expert_factors(adapter_dir: str) -> bool:
@@ -145,6 +213,7 @@ def per_expert_adapter(model_dir: str, adapter_dir: str, config: dict) -> tuple[
         deltas = plan_deltas(adapter_dir, skeleton, model_dir)
     except MergeError as exc:
         raise ServingExportError(str(exc)) from None
+    deltas = [d for d in deltas if not is_mtp_name(d.target)]  # no server applies LoRA to the MTP draft layer
     rank = max(d.rank for d in deltas)
     tensors: dict[str, torch.Tensor] = {}
     modules: list[str] = []

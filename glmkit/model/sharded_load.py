@@ -77,8 +77,9 @@ class ShardedLoad:
     _held: int = 0  # packed bytes held now (pieces, and the shards of layers already sharded)
     _layer_bytes: dict[int, int] = field(default_factory=dict)
 
-    def keep_local_rows(self, model, key: str) -> None:
-        """Called as soon as `key` has been placed (and quantized): cut its packed tensor to this rank's rows."""
+    def keep_local_rows(self, model, key: str, layer: int | None = None) -> None:
+        """Called as soon as `key` has been placed (and quantized): cut its packed tensor to this rank's rows.
+        `layer`: the checkpoint layer it came from (the MTP layer's keys name it only in the checkpoint)."""
         found = packed_tensor_of(model, key)
         if found is None:
             return
@@ -90,8 +91,9 @@ class ShardedLoad:
         # clone: a view would keep the whole tensor alive
         param.data = local_rows(param.data, self.rank, self.world).clone()
         self._held += tensor_bytes(param)
-        match = LAYER_KEY.match(key)
-        layer = int(match.group(1)) if match else -1
+        if layer is None:
+            match = LAYER_KEY.match(key)
+            layer = int(match.group(1)) if match else -1
         self._layer_bytes[layer] = self._layer_bytes.get(layer, 0) + full
         if layer >= 0:
             self.largest_layer_4bit_bytes = max(self.largest_layer_4bit_bytes, self._layer_bytes[layer])

@@ -100,7 +100,7 @@ def attention_extra_bytes(a: Arch, attn: str, micro_batch: int, seq: int, c: int
     return 0
 
 
-def loss_bytes(a: Arch, tokens: int, c: int) -> dict:
+def loss_bytes(a: Arch, tokens: int, c: int, heads: int = 1) -> dict:
     """The chunked loss the trainer runs (glmkit/train/loss.py), and what the full-vocabulary one would hold.
 
     Chunked: the target tokens' hidden states and their gradient ([tokens, hidden] each),
@@ -108,17 +108,22 @@ def loss_bytes(a: Arch, tokens: int, c: int) -> dict:
     log-softmax (forward) or softmax-minus-one-hot (backward). Full: [tokens, vocab]
     logits, the fp32 upcast and the shifted slice's reshaped copy in forward; in backward
     the saved log-softmax, the gradient it receives and the one it passes on, all fp32.
+    `heads` = 2 with mtp.train: the MTP layer's hidden states go through lm_head too (one chunk at a time
+    still, the two losses one after the other).
     """
     chunk = min(tokens, chunk_tokens_for(a.vocab))
     return {
         "loss_chunk_tokens": chunk,
-        "logits_and_loss_bytes": 2 * tokens * a.hidden * c + chunk * a.vocab * (c + 8),
+        "logits_and_loss_bytes": heads * 2 * tokens * a.hidden * c + chunk * a.vocab * (c + 8),
         "full_vocab_loss_bytes": tokens * a.vocab * max(c + 8, 12),
     }
 
 
 def layer_breakdown(model, a: Arch, cfg, targets: list[LoraTarget]) -> list[dict]:
-    """Per decoder layer: activations per token, and its expert bytes in compute dtype."""
+    """Per decoder layer (and the MTP layer, with mtp.train): activations per token, its expert bytes in compute
+    dtype."""
+    from glmkit.model.mtp import mtp_layers
+
     c = DTYPES[cfg.quantization.compute_dtype].itemsize
     lora_per_layer: dict[int, int] = defaultdict(int)
     for t in targets:
@@ -126,12 +131,17 @@ def layer_breakdown(model, a: Arch, cfg, targets: list[LoraTarget]) -> list[dict
             # lora_A's input (a dropout copy plus its mask when dropout > 0) and its r outputs.
             dropout = (c + 1) * t.in_features if cfg.lora.dropout > 0 else 0
             lora_per_layer[t.layer] += dropout + c * cfg.lora.r
+    blocks = list(model.model.layers)
+    if cfg.mtp.train:  # trained, the MTP layer runs forward and backward every micro-step, like one more layer
+        blocks += [layer.mtp_block for layer in mtp_layers(model)]
     layers = []
-    for index, layer in enumerate(model.model.layers):
+    for index, layer in enumerate(blocks):
         experts = getattr(layer.mlp, "experts", None)
         moe = experts is not None
         expert_numel = sum(p.numel() for p in experts.parameters()) if moe else 0
         per_token = attention_per_token(a, c) + (moe_per_token(a, c) if moe else dense_mlp_per_token(a, c))
+        if index >= len(model.model.layers):  # MTP: enorm/hnorm and eh_proj's [embedding; hidden] input
+            per_token += 2 * _norm_per_token(a, c) + 2 * c * a.hidden
         expert_lora = expert_lora_activations(a, c, [t for t in targets if t.expert and t.layer == index], cfg.lora)
         layers.append({"index": index, "moe": moe,
                        "per_token": per_token + lora_per_layer[index] + expert_lora["per_token"],
@@ -175,7 +185,7 @@ def activation_plan(model, a: Arch, cfg, targets: list[LoraTarget], tensors: lis
     expert_lora = [layer["expert_lora_transient_bytes"] for layer in layers]
     # Linear4bit dequantizes its weight transiently, one layer at a time.
     largest_linear = max((t.numel for t in tensors if t.is_linear_weight), default=0) * c if q.load_in_4bit else 0
-    loss = loss_bytes(a, tokens, c)
+    loss = loss_bytes(a, tokens, c, heads=2 if cfg.mtp.train else 1)
     if cfg.memory.gradient_checkpointing:
         boundaries = (len(layers) + 1) * tokens * a.hidden * c  # each layer's input, and the embeddings
         # Recomputing one layer in backward: its activations, as much again in gradients, its experts.

@@ -2,7 +2,8 @@
 
 The model is built on the meta device (shapes only, no storage) from `paths.model_dir`'s
 config.json, or from the published architecture built into the kit (GLM-4.5-Air, GLM-4.5,
-GLM-4.6, chosen by model.name_or_path) when the weights are not downloaded yet. Every tensor is then priced the way it will be held:
+GLM-4.6, GLM-4.7, chosen by model.name_or_path) when the weights are not downloaded yet. Every tensor, the MTP
+layer's included, is then priced the way it will be held:
 
 - 4-bit tensors exactly as bitsandbytes 0.50 stores them (`functional.quantize_4bit`):
   packed data, one absmax per block, and with double quantization the absmax as uint8
@@ -137,8 +138,8 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
         raise PlanError(f"{type(model).__name__} has no model.layers; the plan covers decoder-only models")
     tensors = enumerate_tensors(model)
     groups = price_groups(tensors, q)
-    check_lora_targets(model, cfg.lora)
-    targets = lora_targets(model, cfg.lora)
+    check_lora_targets(model, cfg.lora, cfg.mtp.train)
+    targets = lora_targets(model, cfg.lora, cfg.mtp.train)
     a = arch_of(hf_config)
     act = activation_plan(model, a, cfg, targets, tensors)
     strategy = config_strategy(cfg)
@@ -206,20 +207,20 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
         "fits": total <= gpu,
         "max_micro_batch_per_gpu": max_micro_batch,
         "plain_path_fits": plain_total <= gpu,
-        "notes": _notes(cfg, source, strategy, n, assumed),
+        "notes": _notes(cfg, source, strategy, n, assumed) + _mtp_notes(cfg, groups),
     }
     plan["advice"] = None if plan["fits"] else fitting_change(cfg, plan, total_for, weights, gpu)
     plan["verdict"] = verdict_line(plan)
     return plan
 
 
-def check_lora_targets(model, lora) -> None:
+def check_lora_targets(model, lora, train_mtp: bool = False) -> None:
     """The trainer's rule (glmkit.model.lora): every listed target must match, or there is no plan to make."""
     from glmkit.model.errors import LoraTargetError
     from glmkit.model.lora import resolve_targets
 
     try:
-        resolve_targets(model, lora)
+        resolve_targets(model, lora, train_mtp)
     except LoraTargetError as exc:
         raise PlanError(str(exc)) from None
 
@@ -247,6 +248,18 @@ def _expert_lora_lines(plan: dict) -> list[str]:
             f"{_gb(16 * by_group['routed_experts'])}"]
 
 
+def _mtp_notes(cfg, groups: dict) -> list[str]:
+    """What the MTP layer costs: its 4-bit weights always (it is measured at every eval), more with mtp.train."""
+    mtp = groups.get("mtp", {})
+    if not mtp.get("params"):
+        return []
+    trained = ("mtp.train: its LoRA, gradients and AdamW state, and one more layer's activations and lm_head pass "
+               "per micro-step are counted" if cfg.mtp.train else
+               "mtp.train is off: measured at every eval (speculative acceptance), not trained")
+    return [f"the MTP layer ({mtp['params']:,} params) is loaded like a decoder layer: {_gb(mtp['bytes'])}; "
+            f"{trained}"]
+
+
 def _notes(cfg, source: str, strategy: str, n: int, assumed: bool = False) -> list[str]:
     notes = []
     if assumed:
@@ -255,8 +268,7 @@ def _notes(cfg, source: str, strategy: str, n: int, assumed: bool = False) -> li
                      f"distributed.num_processes to plan for another count")
     if source == "builtin":
         notes.append(f"{cfg.paths.model_dir} has no config.json yet: planned with the "
-                     f"{builtin_name(cfg.model.name_or_path)} architecture built into the kit (MTP layer not "
-                     f"loaded by transformers, not counted)")
+                     f"{builtin_name(cfg.model.name_or_path)} architecture built into the kit")
         if cfg.model.name_or_path.rstrip("/") not in BUILTIN_ARCHITECTURES:
             notes.append(f"model.name_or_path is {cfg.model.name_or_path}, not one of "
                          f"{', '.join(BUILTIN_ARCHITECTURES)}: download it to plan its own architecture")

@@ -21,8 +21,8 @@ QLORA_BITS_PER_PARAM = 4.127
 # The plain transformers path: BitsAndBytesConfig has no block size; bitsandbytes defaults to 64.
 PLAIN_BLOCKSIZE = 64
 
-# zai-org/GLM-4.5-Air's published config.json (the keys transformers' Glm4MoeConfig reads).
-# Its MTP layer (num_nextn_predict_layers: 1) is not built by transformers, so not planned.
+# zai-org/GLM-4.5-Air's published config.json (the keys transformers' Glm4MoeConfig reads). Its MTP layer
+# (num_nextn_predict_layers: 1) is loaded by the kit and planned like a decoder layer (glmkit/model/mtp.py).
 GLM45_AIR_CONFIG = {
     "vocab_size": 151552,
     "hidden_size": 4096,
@@ -69,9 +69,10 @@ GLM45_CONFIG = {
     "use_qk_norm": True,
 }
 GLM46_CONFIG = {**GLM45_CONFIG, "max_position_embeddings": 202752}
+GLM47_CONFIG = GLM46_CONFIG  # zai-org/GLM-4.7 has GLM-4.6's architecture
 # model.name_or_path -> the architecture the plan uses before the checkpoint is downloaded
 BUILTIN_ARCHITECTURES = {GLM45_AIR_NAME: GLM45_AIR_CONFIG, "zai-org/GLM-4.5": GLM45_CONFIG,
-                         "zai-org/GLM-4.6": GLM46_CONFIG}
+                         "zai-org/GLM-4.6": GLM46_CONFIG, "zai-org/GLM-4.7": GLM47_CONFIG}
 
 
 def builtin_name(name_or_path: str) -> str:
@@ -130,15 +131,19 @@ def load_architecture(cfg):
 
 
 def build_meta_model(hf_config, compute_dtype: str):
-    """The model with shapes and dtypes but no storage: enough to price every tensor."""
+    """The model with shapes and dtypes but no storage, its MTP layer included: enough to price every tensor."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from glmkit.model.mtp import attach_mtp_layers
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # from_config chatter is noise in a plan
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[compute_dtype])
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[compute_dtype])
+            attach_mtp_layers(model)
+            return model
     except (ValueError, KeyError) as exc:
         raise PlanError(f"transformers can't build a {getattr(hf_config, 'model_type', '?')!r} model: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -156,13 +161,15 @@ class TensorInfo:
     group: str
     numel: int
     dtype_bytes: int
-    layer: int | None       # decoder layer index, None outside the layers
+    layer: int | None       # decoder layer index (the MTP layer's as the checkpoint numbers it), None outside
     is_linear_weight: bool  # weight of an nn.Linear other than lm_head: 4-bit in both kit and plain path
     is_expert: bool         # a fused 3-D routed-expert parameter: 4-bit only in the kit
 
 
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
+def _layer_index(name: str, num_hidden_layers: int) -> int | None:
+    from glmkit.model.mtp import hub_name
+
+    parts = hub_name(name, num_hidden_layers).split(".")
     for i, part in enumerate(parts[:-1]):
         if part == "layers" and parts[i + 1].isdigit():
             return int(parts[i + 1])
@@ -171,17 +178,18 @@ def _layer_index(name: str) -> int | None:
 
 def enumerate_tensors(model) -> list[TensorInfo]:
     """Every parameter, plus the persistent router buffer the audit counts."""
+    layers = model.config.num_hidden_layers
     linear_weights = {f"{name}.weight" for name, module in model.named_modules()
                       if isinstance(module, nn.Linear) and not name.endswith("lm_head")}
     tensors = []
     for name, param in model.named_parameters():
         is_expert = ".mlp.experts." in name and param.dim() == 3
         tensors.append(TensorInfo(name, group_of(name), param.numel(), param.element_size(),
-                                  _layer_index(name), name in linear_weights, is_expert))
+                                  _layer_index(name, layers), name in linear_weights, is_expert))
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             tensors.append(TensorInfo(name, group_of(name), buf.numel(), buf.element_size(),
-                                      _layer_index(name), False, False))
+                                      _layer_index(name, layers), False, False))
     return tensors
 
 
@@ -228,8 +236,9 @@ def price_groups(tensors: list[TensorInfo], q) -> dict:
         g["params"] += t.numel
         g["quantized_params"] += t.numel if _kit_quantized(t, q) else 0
         g["bytes"] += kit_bytes(t, q)
-        g["plain_path_bytes"] += _plain_bytes(t, q, upcast=False)
-        g["plain_path_upcast_bytes"] += _plain_bytes(t, q, upcast=True)
+        plain = t.group != "mtp"  # transformers' from_pretrained does not load the MTP layer
+        g["plain_path_bytes"] += _plain_bytes(t, q, upcast=False) if plain else 0
+        g["plain_path_upcast_bytes"] += _plain_bytes(t, q, upcast=True) if plain else 0
         g["qlora_floor_bytes"] += _floor_bytes(t)
     for g in groups.values():
         g["qlora_floor_bytes"] = int(round(g["qlora_floor_bytes"]))
@@ -249,23 +258,28 @@ class LoraTarget:
     expert: bool = False    # a fused 3-D routed-expert parameter (glmkit.model.expert_lora), at lora.expert_r
 
 
-def lora_targets(model, lora) -> list[LoraTarget]:
-    """LoRA on a Linear adds r*(in+out); on a 3-D expert parameter [E, a, b], E*r*(a+b) at the expert rank."""
+def lora_targets(model, lora, train_mtp: bool = False) -> list[LoraTarget]:
+    """LoRA on a Linear adds r*(in+out); on a 3-D expert parameter [E, a, b], E*r*(a+b) at the expert rank.
+    The MTP layer's modules count with `train_mtp` (mtp.train) only."""
     from glmkit.model.lora import expert_rank, matches
+    from glmkit.model.mtp import is_mtp_name
 
     modules = list(lora.target_modules)
     all_linear = "all-linear" in modules
+    layers = model.config.num_hidden_layers
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or (is_mtp_name(name) and not train_mtp):
             continue
         if (all_linear and not name.endswith("lm_head")) or matches(name, modules):
-            found.append(LoraTarget(name, _layer_index(name), module.in_features,
+            found.append(LoraTarget(name, _layer_index(name, layers), module.in_features,
                                     lora.r * (module.in_features + module.out_features)))
     for name, param in model.named_parameters():
+        if is_mtp_name(name) and not train_mtp:
+            continue
         if lora.target_parameters and matches(name, lora.target_parameters):
             shape = tuple(param.shape)
             experts, a, b = shape if len(shape) == 3 else (1, *shape)
-            found.append(LoraTarget(name, _layer_index(name), b, experts * expert_rank(lora)[0] * (a + b),
+            found.append(LoraTarget(name, _layer_index(name, layers), b, experts * expert_rank(lora)[0] * (a + b),
                                     expert=True))
     return found

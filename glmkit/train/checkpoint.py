@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from glmkit.config.keys import critical_keys, flatten, keys_checked_otherwise
+from glmkit.config.keys import config_fields, critical_keys, flatten, keys_checked_otherwise
 from glmkit.config.load import move_renamed_keys
+from glmkit.config.parse import field_default
 from glmkit.config.strategy import strategy
 from glmkit.run.checkpoint_names import (
     COMPLETE,
@@ -353,6 +354,8 @@ class Checkpointer:
 def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(critical keys that differ, harmless keys that differ) between two flat config dicts."""
     critical_set = set(critical_keys()) | {"world_size"}
+    # A checkpoint written before a key existed ran with that key's default (e.g. mtp.train: false).
+    saved = {**{key: field_default(f) for key, f in config_fields() if key not in saved}, **saved}
     elsewhere = set(keys_checked_otherwise())  # paths.data_path: by the data fingerprint, after the data is read
     changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and k not in elsewhere]
     return [k for k in changed if k in critical_set], [k for k in changed if k not in critical_set]

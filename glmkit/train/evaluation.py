@@ -6,6 +6,10 @@ loss picks the best adapter and ranks checkpoints. An eval record carries each s
 `<set>/loss`, `<set>/perplexity`, `<set>/tokens` (trackers: `eval/<set>/loss`), plus the
 selection set's as `val_loss`, `perplexity`, `val_tokens`, the fields logs had before eval sets
 existed (the held-out split's, with the default selection).
+
+A model with an MTP layer (glmkit/model/mtp.py) is measured with it at every eval, trained or not: each
+set's `<set>/mtp_acceptance` (the share of drafts greedy speculative decoding would accept) and
+`<set>/mtp_loss` (glmkit/train/mtp.py), so the drift of the draft head shows while the trunk moves.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from glmkit.model.mtp import has_mtp
+from glmkit.train.mtp import eval_sums
 from glmkit.train.step import loss_sum, target_tokens
 
 
@@ -23,6 +29,9 @@ class EvalResult:
     val_loss: float
     perplexity: float
     val_tokens: int
+    mtp_loss: float | None = None        # None: the model has no MTP layer
+    mtp_acceptance: float | None = None  # accepted drafts / positions with an MTP target
+    mtp_positions: int = 0
 
 
 def batches_here(rows, accelerator, micro_batch: int) -> int:
@@ -39,26 +48,40 @@ def evaluate(model, val_rows, collator, accelerator, micro_batch: int, on_batch=
     was_training = model.training
     model.eval()
     shard = range(accelerator.process_index, len(val_rows), accelerator.num_processes)
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    with_mtp = has_mtp(model)
+    # loss sum, its tokens; MTP loss sum, positions, accepted drafts
+    total = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     # before any forward: a collective between forwards would meet another rank's all-gather
     missing = _missing_forwards(model, accelerator, -(-len(shard) // micro_batch))
     for start in range(0, len(shard), micro_batch):
         batch = collator([val_rows[i] for i in shard[start:start + micro_batch]])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        total[0] += loss_sum(model, batch).double()
+        if with_mtp:
+            sums = eval_sums(model, batch)
+            total[0] += sums.lm_loss.double()
+            total[2:] += torch.tensor([sums.mtp_loss.item(), sums.mtp_positions, sums.mtp_accepted],
+                                      dtype=torch.float64, device=total.device)
+        else:
+            total[0] += loss_sum(model, batch).double()
         total[1] += target_tokens(batch)
         if on_batch is not None:
             on_batch()
     for _ in range(missing):
         # FSDP gathers each layer with every rank at once: a rank whose shard ran out joins with an unused batch
-        batch = collator([val_rows[0]])
-        loss_sum(model, {k: v.to(accelerator.device) for k, v in batch.items()})
+        batch = {k: v.to(accelerator.device) for k, v in collator([val_rows[0]]).items()}
+        eval_sums(model, batch) if with_mtp else loss_sum(model, batch)
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
     tokens = int(total[1].item())
     val_loss = float(total[0].item()) / tokens if tokens else float("nan")
     perplexity = math.exp(val_loss) if val_loss < 700 else float("inf")
-    return EvalResult(val_loss=val_loss, perplexity=perplexity, val_tokens=tokens)
+    if not with_mtp:
+        return EvalResult(val_loss=val_loss, perplexity=perplexity, val_tokens=tokens)
+    positions = int(total[3].item())
+    return EvalResult(val_loss=val_loss, perplexity=perplexity, val_tokens=tokens,
+                      mtp_loss=float(total[2].item()) / positions if positions else float("nan"),
+                      mtp_acceptance=float(total[4].item()) / positions if positions else float("nan"),
+                      mtp_positions=positions)
 
 
 def evaluate_sets(model, eval_rows: dict, collator, accelerator, micro_batch: int,
@@ -69,13 +92,17 @@ def evaluate_sets(model, eval_rows: dict, collator, accelerator, micro_batch: in
             for name, rows in eval_rows.items()}
 
 
-def eval_line(step: int, losses: dict[str, float], baseline: dict[str, float], seconds: float) -> str:
-    """The console's line for a finished eval: every set's loss and its change since the step-0 baseline."""
+def eval_line(step: int, losses: dict[str, float], baseline: dict[str, float], seconds: float,
+              acceptance: dict[str, float] | None = None) -> str:
+    """The console's line for a finished eval: every set's loss and its change since the step-0 baseline, and
+    the MTP layer's speculative acceptance where the model has one."""
     parts = []
     for name, loss in losses.items():
         since = baseline.get(name)
         change = f" ({loss - since:+.4f} since step 0)" if since is not None and step > 0 else ""
-        parts.append(f"{name} {loss:.4f}{change}")
+        accepted = (acceptance or {}).get(name)
+        drafts = f", MTP acceptance {accepted:.1%}" if accepted is not None and math.isfinite(accepted) else ""
+        parts.append(f"{name} {loss:.4f}{change}{drafts}")
     label = "baseline eval (step 0, before any update)" if step == 0 else f"eval at step {step}"
     return f"{label}, {seconds:.1f} s: " + "; ".join(parts)
 
@@ -88,6 +115,9 @@ def eval_record(results: dict[str, EvalResult], select_by: str) -> dict:
     for name, result in results.items():
         fields.update({f"{name}/loss": result.val_loss, f"{name}/perplexity": result.perplexity,
                        f"{name}/tokens": result.val_tokens})
+        if result.mtp_acceptance is not None:
+            fields.update({f"{name}/mtp_acceptance": result.mtp_acceptance, f"{name}/mtp_loss": result.mtp_loss,
+                           f"{name}/mtp_positions": result.mtp_positions})
     return fields
 
 

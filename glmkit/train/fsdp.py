@@ -1,4 +1,5 @@
-"""FSDP2 for the 4-bit model: every decoder layer its own `fully_shard` unit, the frozen NF4 data sharded.
+"""FSDP2 for the 4-bit model: every decoder layer (and the MTP layer) its own `fully_shard` unit, the frozen NF4 data
+sharded.
 
 torch's `fully_shard` (FSDP2) turns each parameter of a unit into a DTensor sharded on dim 0
 and all-gathers a unit's parameters, of any dtypes, into one flat byte buffer just before its
@@ -34,9 +35,11 @@ STRATEGY = "fsdp"
 
 
 def decoder_layers(model) -> list[nn.Module]:
-    """The decoder layers of a (peft-wrapped) causal LM: the units FSDP gathers one at a time."""
+    """The decoder layers of a (peft-wrapped) causal LM, then its MTP layers: the units FSDP gathers one at a time."""
+    from glmkit.model.mtp import mtp_layers
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return list(base.model.layers)
+    return list(base.model.layers) + mtp_layers(base)
 
 
 def _keep_quant_state_on_module(model) -> None:

@@ -113,6 +113,26 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: tor
     return total
 
 
+@torch.no_grad()
+def loss_and_greedy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross_entropy(head(hidden), targets), argmax of each row's logits), chunk by chunk, no gradient.
+
+    For evaluations that also need the greedy tokens (glmkit/train/mtp.py): the same chunks and the same
+    arithmetic as ChunkedLinearCrossEntropy's forward, so the loss is the training loss's to the bit."""
+    chunk = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
+    total = torch.zeros((), dtype=loss_dtype(hidden), device=hidden.device)
+    greedy = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        rows = hidden[start:start + chunk]
+        logits = F.linear(rows, head.weight, head.bias) if type(head) is nn.Linear else head(rows)
+        total += F.cross_entropy(logits.to(total.dtype), targets[start:start + chunk], ignore_index=IGNORE_INDEX,
+                                 reduction="sum")
+        greedy[start:start + chunk] = logits.argmax(dim=-1)
+        del logits
+    return total, greedy
+
+
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """[B, L] -> [B, L]: the token each position predicts (the next label), IGNORE_INDEX at the end."""
     ignore = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)

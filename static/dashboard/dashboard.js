@@ -179,8 +179,22 @@ function fmtChange(change, pct) {
   return `${sign}${Math.abs(change).toFixed(4)}${isNum(pct) ? ` (${sign}${Math.abs(pct).toFixed(1)}%)` : ""}`;
 }
 
+// The MTP layer's speculative acceptance on a set: the latest share of drafts accepted and its change
+// from step 0 in points (red when below the base model's: serving with MTP drafts has slowed).
+function fmtAcceptance(set) {
+  if (!isNum(set.latest_acceptance)) return dash;
+  const latest = `${(100 * set.latest_acceptance).toFixed(1)}%`;
+  if (!isNum(set.acceptance_change)) return latest;
+  const points = 100 * set.acceptance_change;
+  const sign = points > 0 ? "+" : points < 0 ? "−" : "±";
+  return `${latest} (${sign}${Math.abs(points).toFixed(1)} pt)`;
+}
+
 function renderEvalSets(sets) {
   $("evalsets-table").hidden = sets.length === 0;
+  const mtp = sets.some((set) => isNum(set.latest_acceptance));
+  for (const cell of document.querySelectorAll("#evalsets-table th.mtp")) cell.hidden = !mtp;
+  $("mtp-plot").hidden = !mtp;
   $("evalsets-rows").replaceChildren(...sets.map((set) => {
     const row = el("tr", set.selected ? "selected" : "");
     row.dataset.set = set.name;
@@ -191,6 +205,10 @@ function renderEvalSets(sets) {
     row.append(name, el("td", "num baseline", fmtFixed(set.baseline_loss)),
       el("td", "num latest", fmtFixed(set.latest_loss)), change, el("td", "num best", fmtFixed(set.best_loss)),
       el("td", "num best-step", isNum(set.best_step) ? fmtInt(set.best_step) : dash));
+    if (mtp) {
+      const drift = set.acceptance_change;
+      row.append(el("td", `num mtp ${drift < 0 ? "trend-up" : drift > 0 ? "trend-down" : ""}`, fmtAcceptance(set)));
+    }
     return row;
   }));
 }
