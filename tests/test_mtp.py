@@ -72,6 +72,7 @@ def demo_texts(corpus: str, count: int) -> list[str]:
 # Acceptance, by hand
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_tiny_checkpoint_mtp_layer_and_the_trainer_records(mtp_run):
     """Every eval (step 0 included) measures each set's acceptance and MTP loss; a trained step logs its MTP loss."""
     evals = records(mtp_run.out, "eval_log.jsonl")
@@ -166,6 +167,7 @@ def test_targets_stay_inside_documents():
 # mtp.train: transformers' own MTP loss on the same weights, and plain peft
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_mtp_loss_equals_transformers_own_on_the_same_weights(mtp_run, make_config, tiny_model_dir, demo_corpus):
     """The trained adapter on the base without 4-bit (the same weights both sides): the kit's MTP loss on a packed
     batch equals transformers' MtpModel loss path (forward_layer, _project_to_logits, its ForCausalLM loss with
@@ -217,6 +219,7 @@ def test_mtp_loss_equals_transformers_own_on_the_same_weights(mtp_run, make_conf
 # Exact resume
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_sigkill_then_resume_is_bit_identical(mtp_run, make_config, tmp_path):
     config = make_config(SETTINGS)
     killed = run_cli(["train_qlora.py", "--config", config], env={"GLMKIT_FAULT_KILL_AT": "mid_step:6"})
@@ -238,6 +241,7 @@ def test_sigkill_then_resume_is_bit_identical(mtp_run, make_config, tmp_path):
 # Outputs: the merge into layer N, generate(use_mtp=True), the serving export
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_merge_folds_the_mtp_lora_into_layer_n_and_generate_with_mtp_matches_greedy(mtp_run, tiny_model_dir,
                                                                                      tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -271,6 +275,7 @@ def test_merge_folds_the_mtp_lora_into_layer_n_and_generate_with_mtp_matches_gre
     assert speculative.tolist() == greedy.tolist()
 
 
+@pytest.mark.trains
 def test_serving_export_leaves_the_mtp_lora_out_and_names_the_merge(mtp_run, tmp_path):
     adapter = os.path.join(mtp_run.out, f"final-checkpoint-{STEPS}")
     out = tmp_path / "served"
@@ -291,6 +296,7 @@ def test_serving_export_leaves_the_mtp_lora_out_and_names_the_merge(mtp_run, tmp
 # A model folder whose config and weights disagree: one line, exit 2, wherever it is used
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_config_and_weights_that_disagree_are_one_line_in_the_trainer_verify_and_merge(
         mtp_run, make_config, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -326,6 +332,7 @@ def test_config_and_weights_that_disagree_are_one_line_in_the_trainer_verify_and
     assert not os.path.exists(tmp_path / "m1") and not os.path.exists(tmp_path / "m2")
 
 
+@pytest.mark.trains
 def test_mtp_keys_are_checked_at_load_and_reach_the_trackers(mtp_run, make_config):
     from glmkit.config.load import load_config
     from glmkit.config.schema import ConfigError
