@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     tiny = os.path.join(benchlib.REPO_ROOT, "models", "tiny-glm4-moe")
     common = {"lora.dropout": 0.0, "optimization.micro_batch_per_gpu": 4, "optimization.grad_accum_steps": 1,
               "optimization.warmup_steps": 10, "logging.eval_interval": args.eval_interval,
-              "logging.checkpoint_interval": args.eval_interval, "logging.keep_top_k": 1,
+              "checkpoint.interval": args.eval_interval, "checkpoint.keep_top_k": 1,
               "logging.expert_stats_interval": 1000}
 
     # 1. the pre-training stand-in: trunk and MTP layer trained together on prose, then merged into a new base

@@ -272,6 +272,7 @@ def test_merge_refuses_a_model_that_does_not_fit_the_adapter(expert_run, tiny_mo
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
     config.moe_intermediate_size = 32
+    config.num_nextn_predict_layers = 0  # transformers saves no MTP layer: the config must not announce one
     other = tmp_path / "narrow-experts"
     AutoModelForCausalLM.from_config(config).save_pretrained(other)
     line = one_line_error(run_cli(["use_adapter.py", "--config", expert_run["config"], "--set",

@@ -23,7 +23,7 @@ from glmkit.run.logs import latest_per_step, read_jsonl
 STEPS = 8
 # The shipped recipe's LoRA (training_config.yaml) and mtp defaults, with the MTP layer trained.
 SETTINGS = {"mtp.train": True, "lora.r": 16, "lora.alpha": 32, "training.max_steps": STEPS,
-            "logging.eval_interval": 4, "logging.checkpoint_interval": 4, "logging.keep_top_k": 2,
+            "logging.eval_interval": 4, "checkpoint.interval": 4, "checkpoint.keep_top_k": 2,
             "logging.expert_stats_interval": 4}
 MTP_LAYER = 3  # the tiny model has 3 decoder layers: its MTP layer is model.layers.3
 

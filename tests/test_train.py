@@ -163,7 +163,7 @@ def test_merge_and_sample(finished_run, tmp_path):
                       "--max-new-tokens", "8"])
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert lines[0] == "prompt:       The module" and lines[1].startswith("continuation: ") and lines[1][14:].strip()
+    assert lines[0] == "prompt:       This module provides" and lines[1].startswith("continuation: ") and lines[1][14:].strip()
     assert "is the tiny CPU demo model (random weights" in lines[2]  # its noise is called noise
 
 
