@@ -250,7 +250,10 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | N
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    weight_map = checkpoint_weight_map(model_dir)  # first: a base that disagrees with itself is the thing to fix
+    from glmkit.model.load import load_model_config
+
+    load_model_config(model_dir)  # first: a folder that holds no GLM model at all
+    weight_map = checkpoint_weight_map(model_dir)  # then a base that disagrees with itself is the thing to fix
     deltas = check_fits(model_dir, adapter_dir, merging=True)
     finder = _DeltaFinder(deltas, _Factors(os.path.join(adapter_dir, "adapter_model.safetensors")),
                           _num_hidden_layers(model_dir))
