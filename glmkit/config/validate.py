@@ -56,6 +56,10 @@ def validate(cfg: Config) -> list[str]:
              f"warmup ({o.warmup_steps}) plus decay ({o.decay_steps}) exceeds training.max_steps "
              f"({cfg.training.max_steps}); shorten the decay or the warmup")
     d = cfg.distributed
+    problems.extend(sequence_parallel_problems(cfg))
+    need(not cfg.memory.offload_activations or cfg.memory.gradient_checkpointing, "memory.offload_activations",
+         "moves what gradient checkpointing keeps to host memory: turn on memory.gradient_checkpointing, or set "
+         "offload_activations: false")
     if d.accelerate_config in REMOVED_STRATEGIES:
         need(False, "distributed.accelerate_config",
              f"{d.accelerate_config} is no longer offered (ZeRO-3 could not partition the kit's 4-bit experts, and "
@@ -122,6 +126,34 @@ def eval_problems(cfg: Config) -> list[str]:
         hint = f"did you mean {guess[0]}? " if guess else ""
         problems.append(f"eval.select_by: {select!r} is not an eval set; {hint}use "
                         f"{' or '.join(choices) or HELD_OUT_SET + ' (with training.val_fraction > 0)'}")
+    return problems
+
+
+def sequence_parallel_problems(cfg: Config) -> list[str]:
+    """distributed.sequence_parallel against the keys it depends on. The KV heads and the launched process
+    count are checked where they are known (glmkit/train/sequence_parallel.py, the memory plan)."""
+    size = cfg.distributed.sequence_parallel
+    if size == 1:
+        return []
+    problems = []
+    attn = cfg.model.attn_implementation
+    if attn != "varlen":
+        why = {"sdpa": "sdpa's 4-D block mask covers whole rows, not this process's slice",
+               "eager": "eager attention's mask covers whole rows, not this process's slice",
+               "flash_attention_2": "flash_attention_2 finds documents from the slice's position_ids alone"}[attn]
+        problems.append(f"model.attn_implementation: sequence_parallel {size} needs varlen (each process attends "
+                        f"over the whole row's segment boundaries after the all-to-all); {why}: set "
+                        f"attn_implementation: varlen or distributed.sequence_parallel: 1")
+    processes = cfg.distributed.num_processes
+    if processes and processes % size:
+        problems.append(f"distributed.sequence_parallel: {size} does not divide distributed.num_processes "
+                        f"({processes}); the processes form groups of {size} that share rows: use a divisor of "
+                        f"{processes}")
+    length = cfg.training.max_seq_length
+    if length % size:
+        problems.append(f"training.max_seq_length: {length} is not a multiple of distributed.sequence_parallel "
+                        f"({size}); each process holds an equal slice of a row: use {length - length % size} or "
+                        f"{length - length % size + size}")
     return problems
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glmkit.train.sequence_parallel import single_process_layout
 from glmkit.train.step import loss_sum, target_tokens
 
 
@@ -26,24 +27,30 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, val_rows, collator, accelerator, micro_batch: int) -> EvalResult:
+def evaluate(model, val_rows, collator, accelerator, micro_batch: int, layout=None) -> EvalResult:
+    """`layout`: the run's SequenceParallel (glmkit/train/sequence_parallel.py); None: every process its own rows.
+    The rows are dealt among its groups, and each process evaluates its slice of them."""
+    layout = layout or single_process_layout(accelerator)
     # The unwrapped model: DDP's forward syncs buffers, and the shards may differ by a batch.
     model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
-    shard = range(accelerator.process_index, len(val_rows), accelerator.num_processes)
+    shard = range(layout.data_rank, len(val_rows), layout.data_groups)
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     # before any forward: a collective between forwards would meet another rank's all-gather
     missing = _missing_forwards(model, accelerator, -(-len(shard) // micro_batch))
+
+    def on_device(rows):
+        return layout.local_batch({k: v.to(accelerator.device) for k, v in collator(rows).items()})
+
     for start in range(0, len(shard), micro_batch):
-        batch = collator([val_rows[i] for i in shard[start:start + micro_batch]])
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = on_device([val_rows[i] for i in shard[start:start + micro_batch]])
         total[0] += loss_sum(model, batch).double()
         total[1] += target_tokens(batch)
     for _ in range(missing):
         # FSDP gathers each layer with every rank at once: a rank whose shard ran out joins with an unused batch
-        batch = collator([val_rows[0]])
-        loss_sum(model, {k: v.to(accelerator.device) for k, v in batch.items()})
+        # (a whole group at once: its processes hold the same rows, so they run short together)
+        loss_sum(model, on_device([val_rows[0]]))
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
     tokens = int(total[1].item())
@@ -52,9 +59,11 @@ def evaluate(model, val_rows, collator, accelerator, micro_batch: int) -> EvalRe
     return EvalResult(val_loss=val_loss, perplexity=perplexity, val_tokens=tokens)
 
 
-def evaluate_sets(model, eval_rows: dict, collator, accelerator, micro_batch: int) -> dict[str, EvalResult]:
+def evaluate_sets(model, eval_rows: dict, collator, accelerator, micro_batch: int,
+                  layout=None) -> dict[str, EvalResult]:
     """{set name: its result}, in the sets' order."""
-    return {name: evaluate(model, rows, collator, accelerator, micro_batch) for name, rows in eval_rows.items()}
+    return {name: evaluate(model, rows, collator, accelerator, micro_batch, layout)
+            for name, rows in eval_rows.items()}
 
 
 def eval_record(results: dict[str, EvalResult], select_by: str) -> dict:
