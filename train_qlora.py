@@ -239,8 +239,8 @@ def train(cfg, args, accelerator, logs) -> int:
         return 0
     rows_per_step = cfg.optimization.micro_batch_per_gpu * cfg.optimization.grad_accum_steps * layout.data_groups
     tokens_per_step = rows_per_step * cfg.training.max_seq_length
-    groups = f"{layout.data_groups} group" + ("s" if layout.data_groups > 1 else "")
-    dealt = f"{world} processes" if layout.size == 1 else f"{groups} of {layout.size} processes"
+    shared = f"{layout.data_groups} group" + ("s" if layout.data_groups > 1 else "") + f" of {layout.size} processes"
+    dealt = f"{world} processes" if layout.size == 1 else shared
     accelerator.print(f"effective batch: {cfg.optimization.micro_batch_per_gpu} micro x "
                       f"{cfg.optimization.grad_accum_steps} accum x {dealt} = {rows_per_step} rows, up to "
                       f"{tokens_per_step:,} tokens per optimizer step; {total_steps} steps")

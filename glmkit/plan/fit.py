@@ -131,9 +131,10 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     check_lora_targets(model, cfg.lora)
     targets = lora_targets(model, cfg.lora)
     a = arch_of(hf_config)
-    act = activation_plan(model, a, cfg, targets, tensors)
     strategy = config_strategy(cfg)
     n = num_processes or default_num_processes(cfg)
+    check_sequence_parallel(cfg, a, n)
+    act = activation_plan(model, a, cfg, targets, tensors)
 
     lora_params = sum(t.params for t in targets)
     lora = {"lora_params": lora_params, "lora_bytes": 4 * lora_params,
@@ -148,9 +149,13 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     else:
         gpu, gpu_source = detected_gpu_memory() or (int(cfg.distributed.gpu_memory_gb * GB),
                                                      "distributed.gpu_memory_gb")
-    # Everything but the activations is independent of the micro-batch.
-    max_micro_batch = largest_micro_batch(lambda mb: total - act["activation_bytes"] + activation_plan(
-        model, a, cfg, targets, tensors, micro_batch=mb)["activation_bytes"] <= gpu)
+    # Everything but the activations is independent of the micro-batch and of sequence parallelism.
+    def total_with(**change) -> int:
+        return total - act["activation_bytes"] + activation_plan(model, a, cfg, targets, tensors,
+                                                                 **change)["activation_bytes"]
+
+    max_micro_batch = largest_micro_batch(lambda mb: total_with(micro_batch=mb) <= gpu)
+    long_rows = sequence_parallel_options(cfg, a, n, total_with, gpu)
     plain_upcast = sum(g["plain_path_upcast_bytes"] for g in groups.values())
     # Down the plain path the experts are resident already (nothing to dequantize), in fp32.
     plain_weights = plain_upcast if strategy == "ddp" else plain_upcast // n
@@ -189,11 +194,51 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
         "headroom_bytes": gpu - total,
         "fits": total <= gpu,
         "max_micro_batch_per_gpu": max_micro_batch,
+        "offload_activations": cfg.memory.offload_activations,
+        "sequence_parallel_options": long_rows,
         "plain_path_fits": plain_total <= gpu,
         "notes": _notes(cfg, source, strategy, n),
     }
     plan["verdict"] = verdict_line(plan)
     return plan
+
+
+def check_sequence_parallel(cfg, a, n: int) -> None:
+    """The trainer's rules (glmkit/model/load.py, glmkit/train/sequence_parallel.py), as plan errors."""
+    from glmkit.model.sequence_parallel import check_heads
+
+    size = cfg.distributed.sequence_parallel
+    problem = check_heads(a.heads, a.kv_heads, size)
+    if problem:
+        raise PlanError(f"distributed.sequence_parallel: {size}: {problem}")
+    if n % size:
+        raise PlanError(f"distributed.sequence_parallel: {size} does not divide the {n} processes planned for; "
+                        f"set distributed.num_processes (or --num_processes) to a multiple of it")
+
+
+def sequence_parallel_options(cfg, a, n: int, total_with, gpu: int) -> list[dict]:
+    """Per GPU at every sequence_parallel this launch allows (it divides the processes and the heads), with
+    activation offload as configured and, on top, with it turned on: which P makes this row length fit."""
+    from glmkit.model.sequence_parallel import check_heads
+
+    sizes = [p for p in (1, 2, 4, 8) if n % p == 0 and not check_heads(a.heads, a.kv_heads, p)]
+    offloads = [cfg.memory.offload_activations]
+    if not cfg.memory.offload_activations and cfg.memory.gradient_checkpointing:
+        offloads.append(True)
+    options = []
+    for offload in offloads:
+        for size in sizes:
+            total = total_with(sequence_parallel=size, offload=offload)
+            options.append({"sequence_parallel": size, "offload_activations": offload,
+                            "tokens_per_gpu": cfg.optimization.micro_batch_per_gpu * cfg.training.max_seq_length // size,
+                            "total_bytes_per_gpu": total, "fits": total <= gpu})
+    return options
+
+
+def smallest_fitting(plan: dict) -> dict | None:
+    """The option that fits with the fewest processes per row, without offload if that fits too."""
+    fitting = [o for o in plan.get("sequence_parallel_options", []) if o["fits"]]
+    return min(fitting, key=lambda o: (o["offload_activations"], o["sequence_parallel"]), default=None)
 
 
 def check_lora_targets(model, lora) -> None:
@@ -270,6 +315,15 @@ def _advice(plan: dict) -> str:
         if plan["max_micro_batch_per_gpu"]:
             return f"lower optimization.micro_batch_per_gpu to {plan['max_micro_batch_per_gpu']}"
         return "lower optimization.micro_batch_per_gpu"
+    option = smallest_fitting(plan)  # the plan does not fit: any option that does changes something
+    if option:
+        change = []
+        if option["sequence_parallel"] != plan["sequence_parallel"]:
+            change.append(f"distributed.sequence_parallel: {option['sequence_parallel']}")
+        if option["offload_activations"] and not plan["offload_activations"]:
+            change.append("memory.offload_activations: true")
+        return (f"set {' and '.join(change)} ({_gb(option['total_bytes_per_gpu'])} per GPU, "
+                f"{option['tokens_per_gpu']:,} tokens each; docs/LONG_CONTEXT.md)")
     if plan["strategy"] == "ddp" and plan["weights_bytes"] > 0.5 * plan["gpu_memory_bytes"]:
         return "shard the weights: distributed.accelerate_config: fsdp (docs/MEMORY_AND_SCALING.md)"
     return "lower training.max_seq_length"
@@ -279,7 +333,7 @@ def verdict_line(plan: dict) -> str:
     """One line: does it fit, how much per GPU, and what dominates."""
     total, gpu = plan["total_bytes_per_gpu"], plan["gpu_memory_bytes"]
     setup = (f"{plan['strategy']} x {plan['num_processes']}, micro batch {plan['micro_batch_per_gpu']} x "
-             f"{plan['max_seq_length']} tokens; weights {_gb(plan['per_gpu']['weights'])}, "
+             f"{plan['max_seq_length']} tokens{_shared_rows(plan)}; weights {_gb(plan['per_gpu']['weights'])}, "
              f"activations {_gb(plan['activation_bytes'])}")
     if not plan["fits"]:
         return (f"memory plan: DOES NOT FIT - needs {_gb(total)} per GPU, has {_gb(gpu)} ({setup}); "
@@ -289,13 +343,35 @@ def verdict_line(plan: dict) -> str:
             f"{plan['max_micro_batch_per_gpu']} fit")
 
 
+def _shared_rows(plan: dict) -> str:
+    if plan["sequence_parallel"] == 1:
+        return ""
+    return f" shared by {plan['sequence_parallel']} GPUs ({plan['tokens_per_micro_batch']:,} each)"
+
+
+def _long_row_lines(plan: dict) -> list[str]:
+    """Per GPU at each sequence_parallel (and with activation offload), when a row is longer than one GPU holds
+    or the config already splits rows."""
+    options = plan["sequence_parallel_options"]
+    if plan["sequence_parallel"] == 1 and plan["fits"] or len(options) < 2:
+        return []
+    lines = ["", f"  {'sequence_parallel':<20}{'offload':<10}{'tokens per GPU':>16}{'per GPU':>12}"]
+    for option in options:
+        mark = "   <- this config" if (option["sequence_parallel"], option["offload_activations"]) == (
+            plan["sequence_parallel"], plan["offload_activations"]) else ""
+        lines.append((f"  {option['sequence_parallel']:<20}{'on' if option['offload_activations'] else 'off':<10}"
+                      f"{option['tokens_per_gpu']:>16,}{_gb(option['total_bytes_per_gpu']):>12}"
+                      f"{'  fits' if option['fits'] else '':<6}{mark}").rstrip())
+    return lines
+
+
 def format_plan(plan: dict) -> str:
     q = plan["quantization"]
     where = f"built-in {plan['model'].split('/')[-1]} architecture" if plan["source"] == "builtin" else f"{plan['model_dir']}/config.json"
     lines = [
         f"Memory plan for {plan['model']} ({where})",
         f"  {plan['strategy']} over {plan['num_processes']} process(es); micro batch "
-        f"{plan['micro_batch_per_gpu']} x {plan['max_seq_length']} tokens; gradient checkpointing "
+        f"{plan['micro_batch_per_gpu']} x {plan['max_seq_length']} tokens{_shared_rows(plan)}; gradient checkpointing "
         f"{'on' if plan['gradient_checkpointing'] else 'OFF'}; "
         + (f"{q['quant_type'].upper()}{' + double quant' if q['double_quant'] else ''}, blocksize "
            f"{q['blocksize']}, experts {'4-bit' if q['quantize_experts'] else q['compute_dtype']}"
@@ -330,11 +406,16 @@ def format_plan(plan: dict) -> str:
             lines += _expert_lora_lines(plan)
         if key == "activations":
             lines += [
-                f"      {'layer inputs kept by checkpointing':<38}{_gb(plan['layer_boundaries_bytes']):>12}",
+                f"      {'layer inputs kept by checkpointing':<38}{_gb(plan['layer_boundaries_bytes']):>12}"
+                + (f"   (+ {_gb(plan['offloaded_activation_bytes'])} in pinned host memory: offload_activations)"
+                   if plan["offloaded_activation_bytes"] else ""),
                 f"      {'one layer recomputed + its gradients':<38}{_gb(plan['layer_peak_bytes']):>12}",
                 f"      {'  of which dequantized experts':<38}{_gb(plan['dequantized_experts_bytes']):>12}",
                 *([f"      {'  of which expert LoRA factors':<38}{_gb(plan['expert_lora_transient_bytes']):>12}"]
                   if plan.get("expert_lora_transient_bytes") else []),
+                *([f"      {'  of which sequence-parallel exchange':<38}{_gb(plan['sequence_parallel_bytes']):>12}"
+                   f"   (the attention output twice, the slice's q, k, v, send + receive buffers)"]
+                  if plan["sequence_parallel_bytes"] else []),
                 f"      {'attention beyond q, k, v, output':<38}{_gb(plan['attention_extra_bytes']):>12}"
                 f"   ({plan['attn_implementation']})",
                 f"      {'lm_head + loss, chunked':<38}{_gb(plan['logits_and_loss_bytes']):>12}"
@@ -345,6 +426,7 @@ def format_plan(plan: dict) -> str:
                  f"({plan['gpu_memory_source']})")
     lines.append(f"  largest micro_batch_per_gpu that fits at {plan['max_seq_length']} tokens: "
                  f"{plan['max_micro_batch_per_gpu']} (this config: {plan['micro_batch_per_gpu']})")
+    lines += _long_row_lines(plan)
     lines += [
         "",
         f"  Plain transformers path (BitsAndBytesConfig leaves the fused experts in {q['compute_dtype']}, then "
