@@ -9,7 +9,8 @@ demo corpus on the spot. The same seed gives the same files.
 Variants (`download_model.py --tiny [VARIANT]`): `air`, GLM-4.5-Air's shape (one dense layer, no
 QK-norm); `glm4.6`, GLM-4.6's / GLM-4.5's (the first three layers dense, QK-norm on every
 layer's queries and keys, routed_scaling_factor 2.5), so the kit's loader, LoRA targets, FSDP
-units and memory plan are exercised on that architecture too.
+units and memory plan are exercised on that architecture too; `air-8kv`, `air` with GLM-4.5-Air's
+8 KV heads (16 query heads of 16 dims), which sequence parallelism can split 2, 4 or 8 ways.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TINY_VOCAB_SIZE = 2048
 TINY_VARIANTS = {
     "air": {},
     "glm4.6": {"num_hidden_layers": 5, "first_k_dense_replace": 3, "use_qk_norm": True, "routed_scaling_factor": 2.5},
+    "air-8kv": {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 16},
 }
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
