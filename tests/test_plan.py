@@ -243,6 +243,15 @@ def test_activation_offload_moves_the_layer_inputs_to_host_memory(tmp_path):
     assert offload["total_bytes_per_gpu"] == ddp["total_bytes_per_gpu"] - moved
 
 
+def test_the_128k_recipe_fits_four_h200():
+    cfg = load_config(os.path.join(ROOT, "configs", "glm45-air-128k.yaml"),
+                      [f"paths.model_dir={os.path.join(ROOT, 'no-such-model-dir')}"])
+    plan = planmod.build_plan(cfg, gpu_memory_bytes=int(141 * GB))  # distributed.num_processes: 4
+    assert (plan["num_processes"], plan["sequence_parallel"], plan["max_seq_length"]) == (4, 4, 131072)
+    assert plan["fits"] and plan["max_micro_batch_per_gpu"] == cfg.optimization.micro_batch_per_gpu == 1
+    assert round(plan["total_bytes_per_gpu"] / GB, 1) == 117.2
+
+
 def test_sequence_parallel_the_launch_cannot_split_is_a_plan_error(tmp_path, tiny_model_dir):
     from glmkit.plan.weights import PlanError
 

@@ -248,8 +248,8 @@ class MemorySection:
     gradient_checkpointing: bool = setting(True, "non-reentrant activation checkpointing")
     offload_activations: bool = setting(
         False, "CUDA only: keep the layer inputs checkpointing saves in pinned host memory instead of on the GPU "
-        "(frees layers x tokens x hidden x 2 bytes per GPU, 12.6 GB at 32k tokens per rank on GLM-4.5-Air) for a "
-        "copy each way per layer: a slower step; needs `gradient_checkpointing`")
+        "(frees (layers - 1) x tokens x hidden x 2 bytes per GPU, 12.1 GB at 32k tokens per GPU on GLM-4.5-Air) for "
+        "a copy each way per layer: a slower step; needs `gradient_checkpointing`")
 
 
 @dataclass
