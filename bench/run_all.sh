@@ -7,13 +7,13 @@
 #   bench/run_all.sh            # all of them
 #   bench/run_all.sh loading    # only those named (data_efficiency vs_trainer memory_plan loading overheads
 #                               #   expert_lora packed_attention loss_memory data_prep cache_verify
-#                               #   long_document sharded_load)
+#                               #   long_document sharded_load sequence_parallel)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 ALL=(memory_plan data_efficiency vs_trainer overheads loading sharded_load expert_lora packed_attention loss_memory data_prep
-     cache_verify long_document)
+     cache_verify long_document sequence_parallel)
 
 if [[ $# -gt 0 ]]; then
   selected=("$@")

@@ -14,6 +14,9 @@ segment attends causally to itself only, with K/V left at their own head count (
   segment of one length in one causal sdpa call, K/V not expanded (`enable_gqa`). It is
   the reference the tests hold against the masked sdpa path, and it skips the masked-out
   work on CPU too.
+- Under sequence parallelism (`distributed.sequence_parallel`) a process holds a slice of
+  every row; an all-to-all before and after gives this function its share of the heads over
+  whole rows (glmkit/model/sequence_parallel.py), so it runs unchanged.
 
 The collator builds `cu_seqlens` / `max_seqlen` from the per-document positions
 (`packed_segments`); `model_kwargs` turns them into the keyword arguments transformers

@@ -22,7 +22,7 @@ from torch import nn
 
 from glmkit.model import attention
 from glmkit.model.errors import ModelLoadError
-from glmkit.model.sequence_parallel import check_heads
+from glmkit.model.sequence_parallel import check_heads, sizes_that_split
 
 SUPPORTED_MODEL_TYPES = ("glm4_moe",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -72,7 +72,7 @@ def check_sequence_parallel_heads(config, size: int, where: str) -> None:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     problem = check_heads(heads, kv_heads, size)
     if problem:
-        works = [p for p in (1, 2, 4, 8) if not check_heads(heads, kv_heads, p)]
+        works = sizes_that_split(heads, kv_heads)
         raise ModelLoadError(f"distributed.sequence_parallel: {size}: {problem} ({where}); use "
                              f"{', '.join(map(str, works))}")
 

@@ -52,9 +52,20 @@ def this_slice_every_head(output: torch.Tensor, group) -> torch.Tensor:
     return _Exchange.apply(output, group, 1, 2)
 
 
+# distributed.sequence_parallel's choices (the config's Literal): a group of up to 8 fits one node's NVLink.
+SIZES = (1, 2, 4, 8)
+
+
 def check_heads(query_heads: int, kv_heads: int, size: int) -> str | None:
     """Why P processes cannot split these heads, or None when they can."""
     if kv_heads % size or query_heads % size:
         return (f"the model has {kv_heads} KV heads ({query_heads} query heads), which {size} processes cannot "
                 f"share out evenly")
     return None
+
+
+def sizes_that_split(query_heads: int | None = None, kv_heads: int | None = None,
+                     processes: int | None = None) -> list[int]:
+    """The sizes in SIZES that split these heads and divide this many processes (each when given)."""
+    return [p for p in SIZES if (processes is None or processes % p == 0)
+            and (query_heads is None or not check_heads(query_heads, kv_heads, p))]

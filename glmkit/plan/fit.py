@@ -219,9 +219,9 @@ def check_sequence_parallel(cfg, a, n: int) -> None:
 def sequence_parallel_options(cfg, a, n: int, total_with, gpu: int) -> list[dict]:
     """Per GPU at every sequence_parallel this launch allows (it divides the processes and the heads), with
     activation offload as configured and, on top, with it turned on: which P makes this row length fit."""
-    from glmkit.model.sequence_parallel import check_heads
+    from glmkit.model.sequence_parallel import sizes_that_split
 
-    sizes = [p for p in (1, 2, 4, 8) if n % p == 0 and not check_heads(a.heads, a.kv_heads, p)]
+    sizes = sizes_that_split(a.heads, a.kv_heads, n)
     offloads = [cfg.memory.offload_activations]
     if not cfg.memory.offload_activations and cfg.memory.gradient_checkpointing:
         offloads.append(True)

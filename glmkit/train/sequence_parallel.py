@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from glmkit.model.sequence_parallel import sizes_that_split
 from glmkit.train.loss import shifted_targets
-
-SIZES = (1, 2, 4, 8)
 
 
 class SequenceParallelError(ValueError):
@@ -73,10 +72,6 @@ def single_process_layout(accelerator) -> SequenceParallel:
     return SequenceParallel(1, 0, None, accelerator.process_index, accelerator.num_processes)
 
 
-def possible_sizes(processes: int, heads: int | None = None, kv_heads: int | None = None) -> list[int]:
-    return [p for p in SIZES if processes % p == 0 and (heads is None or (heads % p == 0 and kv_heads % p == 0))]
-
-
 def setup_sequence_parallel(cfg, accelerator) -> SequenceParallel:
     """This process's place, after checking P divides the launched processes (the KV heads: check_model_dir).
 
@@ -85,7 +80,7 @@ def setup_sequence_parallel(cfg, accelerator) -> SequenceParallel:
     if size == 1:
         return single_process_layout(accelerator)
     if world % size:
-        works = ", ".join(map(str, possible_sizes(world)))
+        works = ", ".join(map(str, sizes_that_split(processes=world)))
         raise SequenceParallelError(
             f"distributed.sequence_parallel: {size} does not divide the {world} processes of this launch: each "
             f"group of {size} processes shares rows; use {works}, or launch a multiple of {size} processes")
