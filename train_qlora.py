@@ -254,7 +254,6 @@ def train(cfg, args, accelerator, logs) -> int:
                bad_lines=corpus.bad_line_count, train_rows=len(corpus.train_rows), val_rows=len(corpus.val_rows),
                eval_sets={name: len(rows) for name, rows in data.eval_rows.items()},
                resumed_from=resume.path, device=str(accelerator.device), ddp_sync=sync_report(model),
-               sequence_parallel=layout.size,
                strategy=strategy(cfg), resident_by_rank=resident_bytes_by_rank(model, accelerator, built.loaded),
                **planned_memory)
     if resume.path:  # last of all, so nothing draws from the random streams it restores

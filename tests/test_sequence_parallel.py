@@ -193,7 +193,8 @@ def test_two_processes_sharing_rows_give_the_one_process_losses(runs):
     tokens = [[r["tokens"] for r in latest_per_step(log(out, "training_log"))] for out in (one, sp2)]
     assert tokens[0] == tokens[1]
     start = [e for e in log(sp2, "events_log") if e["event"] == "run_start"][0]
-    assert start["world_size"] == 2 and start["sequence_parallel"] == 2 and start["effective_batch"] == 4
+    assert start["world_size"] == 2 and start["config"]["distributed"]["sequence_parallel"] == 2
+    assert start["effective_batch"] == 4  # rows per step: 2 micro x 2 accum x 1 group
     assert "2 micro x 2 accum x 1 group of 2 processes = 4 rows" in result.stdout
 
 
@@ -204,7 +205,7 @@ def test_a_checkpoint_written_at_p2_resumes_at_p1_keeping_the_rows_per_step(runs
             "optimization.grad_accum_steps 2 -> 1 keeps 4 rows per optimizer step") in result.stdout + result.stderr
     assert_close(losses(out), losses(runs.get("one")[0]), [3, 4])
     start = [e for e in log(out, "events_log") if e["event"] == "run_start"][0]
-    assert start["sequence_parallel"] == 1 and start["effective_batch"] == 4
+    assert start["config"]["distributed"]["sequence_parallel"] == 1 and start["effective_batch"] == 4
 
 
 def test_a_change_of_p_that_cannot_keep_the_rows_is_refused_naming_what_works():

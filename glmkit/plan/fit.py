@@ -31,6 +31,7 @@ import torch
 from glmkit.config.cli import add_config_arguments, config_from_args
 from glmkit.config.strategy import strategy as config_strategy
 from glmkit.model.load import group_of
+from glmkit.model.sequence_parallel import check_heads, sizes_that_split
 from glmkit.plan.activations import activation_plan, arch_of
 from glmkit.plan.weights import (
     BUILTIN_ARCHITECTURES,
@@ -205,8 +206,6 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
 
 def check_sequence_parallel(cfg, a, n: int) -> None:
     """The trainer's rules (glmkit/model/load.py, glmkit/train/sequence_parallel.py), as plan errors."""
-    from glmkit.model.sequence_parallel import check_heads
-
     size = cfg.distributed.sequence_parallel
     problem = check_heads(a.heads, a.kv_heads, size)
     if problem:
@@ -219,8 +218,6 @@ def check_sequence_parallel(cfg, a, n: int) -> None:
 def sequence_parallel_options(cfg, a, n: int, total_with, gpu: int) -> list[dict]:
     """Per GPU at every sequence_parallel this launch allows (it divides the processes and the heads), with
     activation offload as configured and, on top, with it turned on: which P makes this row length fit."""
-    from glmkit.model.sequence_parallel import sizes_that_split
-
     sizes = sizes_that_split(a.heads, a.kv_heads, n)
     offloads = [cfg.memory.offload_activations]
     if not cfg.memory.offload_activations and cfg.memory.gradient_checkpointing:
