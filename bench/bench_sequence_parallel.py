@@ -10,10 +10,13 @@ the same thing), NF4 experts, gradient checkpointing, fp32 on the CPU. One packe
 - P=2: two processes over gloo each hold half of it (distributed.sequence_parallel: 2, DDP over the two), the
        all-to-all around every attention trading heads for tokens (glmkit/model/sequence_parallel.py).
 
-Per rank and measured step (after --warmup steps): the peak of anonymous resident memory during forward + backward
-above what the process held just before it (sampled every 5 ms, after malloc_trim), beside the plan's
-activation_bytes for the same config; the step's time; the time spent inside the exchanges (each timed) and the bytes
-a rank sends. Both ways compute the same loss (checked, 1e-5). One math thread per rank, so P=1 runs on one core and
+Per rank, after --warmup steps:
+- memory, one more step under torch's memory profiler: the peak of live tensor bytes during forward + backward above
+  what was live before it (on a GPU, max_memory_allocated less the memory allocated at the start), beside the
+  plan's activation_bytes for the same config; and the peak of anonymous resident memory above the step's start
+  (sampled every 5 ms, after malloc_trim), which adds what glibc keeps of freed memory;
+- time, --steps unprofiled steps: the step's time, the time spent inside the exchanges (each timed) and the bytes a
+  rank sends. Both ways compute the same loss (checked, 1e-5). One math thread per rank, so P=1 runs on one core and
 P=2 on two: the step times are not a speed comparison. CPU gloo is not NVLink: the all-to-all's share of the step is
 this machine's; docs/LONG_CONTEXT.md works out the bytes for GLM-4.5-Air at 128k.
 
@@ -29,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import benchlib
 import midmodel  # noqa: E402
@@ -44,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--model-dir", default=DEFAULT_DIR, help="where to write the checkpoint (git-ignored scratch/)")
     p.add_argument("--length", type=int, default=4096, help="tokens per row")
     p.add_argument("--warmup", type=int, default=1, help="steps before the measured ones")
-    p.add_argument("--steps", type=int, default=2, help="measured steps")
+    p.add_argument("--steps", type=int, default=1, help="timed steps (then one more, profiled for memory)")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     p.add_argument("--out", default=benchlib.default_out("sequence_parallel"))
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
@@ -98,6 +102,34 @@ def timed_exchanges():
     return totals
 
 
+def live_tensor_peak(profiler) -> int:
+    """The most bytes of tensors allocated during a profiled step that were live at once (on a GPU:
+    max_memory_allocated less what was allocated at the start). The profiler's allocation events, matched by
+    address: a free it did not see (another thread's) is taken from a new allocation at the same address, and frees
+    of tensors older than the step are left out, so the number is what the step itself adds."""
+    from torch._C._profiler import _EventType
+
+    allocations = []
+
+    def collect(events):
+        for event in events:
+            if event.tag == _EventType.Allocation:
+                allocations.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
+            else:
+                collect(event.children)
+
+    collect(profiler.profiler.kineto_results.experimental_event_tree())
+    live, total, peak = {}, 0, 0
+    for _, address, size in sorted(allocations):
+        if size > 0:
+            total += size - live.get(address, 0)
+            live[address] = size
+        elif address in live:
+            total -= live.pop(address)
+        peak = max(peak, total)
+    return peak
+
+
 def worker(args) -> None:
     """One rank (started by torch.distributed.run): load, warm up, measure."""
     import ctypes
@@ -128,10 +160,13 @@ def worker(args) -> None:
     from transformers import AutoTokenizer
 
     collate = make_collator(AutoTokenizer.from_pretrained(args.model_dir), cfg)
+    from torch.profiler import ProfilerActivity, profile
+
     exchanged = timed_exchanges()
     libc = ctypes.CDLL("libc.so.6")
-    steps = []
-    for index, row in enumerate(rows(args.length, args.warmup + args.steps)):
+    steps, memory = [], {}
+    for index, row in enumerate(rows(args.length, args.warmup + args.steps + 1)):
+        profiled = index == args.warmup + args.steps  # the last step: memory, under the profiler
         batch = layout.local_batch(collate([row]))
         tokens = accelerator.reduce(torch.tensor(target_tokens(batch)), "sum")
         model.zero_grad(set_to_none=True)
@@ -139,18 +174,21 @@ def worker(args) -> None:
         before = MemorySampler.read()["anon"]
         exchanged.update(seconds=0.0, sent_bytes=0, calls=0)
         start = time.perf_counter()
-        with MemorySampler() as sampler:
+        tracing = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if profiled else nullcontext()
+        with MemorySampler() as sampler, tracing as tracer:
             loss = loss_sum(model, batch)
             (loss * accelerator.num_processes / tokens).backward()
         seconds = time.perf_counter() - start
         step_loss = (accelerator.reduce(loss.detach().double(), "sum") / tokens).item()
-        if index >= args.warmup:
-            steps.append({"seconds": seconds, "peak_above_start_bytes": sampler.peak["anon"] - before,
-                          "loss": step_loss, "exchange_seconds": exchanged["seconds"],
+        if profiled:
+            memory = {"tensor_peak_above_start_bytes": live_tensor_peak(tracer),
+                      "rss_peak_above_start_bytes": sampler.peak["anon"] - before, "loss": step_loss}
+        elif index >= args.warmup:
+            steps.append({"seconds": seconds, "loss": step_loss, "exchange_seconds": exchanged["seconds"],
                           "exchange_sent_bytes": exchanged["sent_bytes"], "exchanges": exchanged["calls"]})
     keys = ("activation_bytes", "layer_boundaries_bytes", "layer_peak_bytes", "dequantized_experts_bytes",
             "logits_and_loss_bytes", "sequence_parallel_bytes", "tokens_per_micro_batch")
-    result = {"size": size, "rank": accelerator.process_index, "steps": steps,
+    result = {"size": size, "rank": accelerator.process_index, "steps": steps, "memory": memory,
               "plan": {key: plan[key] for key in keys}}
     with open(f"{args.result}.rank{accelerator.process_index}.json", "w", encoding="utf-8") as fh:
         json.dump(result, fh)
@@ -196,35 +234,36 @@ def main(argv=None) -> int:
     if not existed and not args.keep:
         shutil.rmtree(args.model_dir, ignore_errors=True)
 
-    one_loss = [s["loss"] for s in results[1][0]["steps"]]
+    one_loss = [s["loss"] for s in results[1][0]["steps"]] + [results[1][0]["memory"]["loss"]]
     for rank in results[2]:
-        for got, want in zip((s["loss"] for s in rank["steps"]), one_loss):
+        for got, want in zip([s["loss"] for s in rank["steps"]] + [rank["memory"]["loss"]], one_loss):
             assert abs(got - want) <= 1e-5 * abs(want), ("P=2 computed another loss than P=1", got, want)
     table_rows, summary = [], {}
     for size, ranks in results.items():
         for rank in ranks:
-            peak = benchlib.median([s["peak_above_start_bytes"] for s in rank["steps"]])
+            peak = rank["memory"]["tensor_peak_above_start_bytes"]
+            rss = rank["memory"]["rss_peak_above_start_bytes"]
             seconds = benchlib.median([s["seconds"] for s in rank["steps"]])
             exchange = benchlib.median([s["exchange_seconds"] for s in rank["steps"]])
             planned = rank["plan"]["activation_bytes"]
             summary[f"P={size} rank {rank['rank']}"] = {
-                "tokens": rank["plan"]["tokens_per_micro_batch"], "peak_above_start_bytes": peak,
-                "plan_activation_bytes": planned, "measured_over_plan": peak / planned, "step_seconds": seconds,
-                "exchange_seconds": exchange, "exchange_share": exchange / seconds,
-                "exchange_sent_bytes": rank["steps"][0]["exchange_sent_bytes"],
+                "tokens": rank["plan"]["tokens_per_micro_batch"], "tensor_peak_above_start_bytes": peak,
+                "rss_peak_above_start_bytes": rss, "plan_activation_bytes": planned,
+                "measured_over_plan": peak / planned, "step_seconds": seconds, "exchange_seconds": exchange,
+                "exchange_share": exchange / seconds, "exchange_sent_bytes": rank["steps"][0]["exchange_sent_bytes"],
                 "exchanges": rank["steps"][0]["exchanges"], "plan": rank["plan"]}
             table_rows.append([f"P={size}, rank {rank['rank']}", f"{rank['plan']['tokens_per_micro_batch']:,}",
-                               gb(peak), gb(planned), f"{peak / planned:.2f}", f"{seconds:.1f} s",
+                               gb(peak), gb(planned), f"{peak / planned:.2f}", gb(rss), f"{seconds:.1f} s",
                                f"{exchange / seconds:.1%}" if size > 1 else "-",
                                f"{rank['steps'][0]['exchange_sent_bytes'] / 1e6:.0f} MB" if size > 1 else "-"])
-    one = summary["P=1 rank 0"]["peak_above_start_bytes"]
-    two = max(v["peak_above_start_bytes"] for k, v in summary.items() if k.startswith("P=2"))
+    one = summary["P=1 rank 0"]["tensor_peak_above_start_bytes"]
+    two = max(v["tensor_peak_above_start_bytes"] for k, v in summary.items() if k.startswith("P=2"))
     print(benchlib.machine_line(info))
     print(f"mid-size model: {description['params']['total'] / 1e9:.2f}B params; one row of {args.length:,} tokens, "
-          f"fp32, checkpointing; {args.steps} measured step(s) after {args.warmup}")
-    print(benchlib.table(["", "tokens held", "step peak (measured)", "plan: activations", "measured / plan",
-                          "step (fwd+bwd)", "all-to-all share", "sent per step"], table_rows))
-    print(f"\nper-rank peak at P=2 / P=1: {two / one:.2f}")
+          f"fp32, checkpointing; {args.steps} timed step(s) after {args.warmup}, then one profiled")
+    print(benchlib.table(["", "tokens held", "tensor peak", "plan: activations", "tensor peak / plan",
+                          "RSS peak", "step (fwd+bwd)", "all-to-all share", "sent per step"], table_rows))
+    print(f"\nper-rank tensor peak at P=2 / P=1: {two / one:.2f}")
     benchlib.write_json(args.out, {"machine": info, "model": description, "length": args.length,
                                    "warmup": args.warmup, "steps": args.steps, "results": summary,
                                    "p2_over_p1_peak": two / one})
