@@ -23,7 +23,7 @@ from glmkit.hub import download as hub
 from glmkit.hub import verify as model_files
 
 # glmkit.demo.tiny.TINY_VARIANTS' names (not imported here: it needs torch, which only --tiny does)
-TINY_VARIANT_NAMES = ("air", "glm4.6", "glm4.7")
+TINY_VARIANT_NAMES = ("air", "glm4.6", "glm4.7", "air-8kv")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--tiny", nargs="?", const="air", choices=TINY_VARIANT_NAMES, metavar="VARIANT",
                       help="write a scaled-down checkpoint, offline, then verify it: air (GLM-4.5-Air's shape, "
                            "the default), glm4.6 or glm4.7 (GLM-4.6's / GLM-4.7's / GLM-4.5's: QK-norm, three dense "
-                           "layers); each with its MTP layer")
+                           "layers), air-8kv (GLM-4.5-Air's 8 KV heads: distributed.sequence_parallel up to 8); each "
+                           "with its MTP layer")
     parser.add_argument("--min-free-gb", type=float, default=None, metavar="GB",
                         help="require this much free disk space instead of the computed need (0 skips the check)")
     parser.add_argument("--deep", action="store_true",

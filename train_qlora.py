@@ -44,10 +44,11 @@ from glmkit.train.distributed import LaunchMismatch, check_launched_strategy, ex
 from glmkit.train.faults import maybe_kill
 from glmkit.train.loop_state import LoopState
 from glmkit.train.progress import close_progress_bars
+from glmkit.train.sequence_parallel import SequenceParallelError
 
 # Errors that a user fixes by changing input: one clear line and exit 2, no traceback.
 USER_ERRORS = (ResumeError, CheckpointError, DataError, ModelLoadError, FloatingPointError, DoesNotFit,
-               RunLocked, WriteFailed, LaunchMismatch)
+               RunLocked, WriteFailed, LaunchMismatch, SequenceParallelError)
 
 
 def parse_args(argv=None):
@@ -83,6 +84,7 @@ class RunData:
     eval_rows: dict               # {set name: rows}: the held-out split `val`, then eval.sets (empty ones left out)
     steps_per_epoch: int
     total_steps: int
+    layout: object                # glmkit.train.sequence_parallel.SequenceParallel: whose rows, which slice of them
 
 
 @dataclass
@@ -93,8 +95,9 @@ class RunModel:
     loaded: object                # glmkit.model.sharded_load.ShardedLoad under fsdp on several processes, else None
 
 
-def setup_data(cfg, accelerator, logs, resume_path: str | None, allow_data_change: bool) -> RunData:
-    """Tokenize (or map the cached) corpus on every process, and lay it out in micro-batches of rows."""
+def setup_data(cfg, accelerator, logs, resume_path: str | None, allow_data_change: bool, layout) -> RunData:
+    """Tokenize (or map the cached) corpus on every process, and lay it out in micro-batches of rows, dealt
+    among the processes (among groups of them under sequence parallelism: `layout`)."""
     from transformers import AutoTokenizer
 
     from glmkit.data.prepare import prepare_for_run
@@ -111,13 +114,13 @@ def setup_data(cfg, accelerator, logs, resume_path: str | None, allow_data_chang
     train_loader = torch.utils.data.DataLoader(corpus.train_rows, batch_size=opt.micro_batch_per_gpu, shuffle=True,
                                                collate_fn=collator, num_workers=cfg.performance.num_workers,
                                                pin_memory=cfg.performance.pin_memory)
-    world = accelerator.num_processes
-    steps_per_epoch = math.ceil(len(corpus.train_rows) / (opt.micro_batch_per_gpu * world)) // opt.grad_accum_steps
+    steps_per_epoch = (math.ceil(len(corpus.train_rows) / (opt.micro_batch_per_gpu * layout.data_groups))
+                       // opt.grad_accum_steps)
     if steps_per_epoch < 1:
         raise DataError(f"{cfg.paths.data_path}: {len(corpus.train_rows)} training rows do not fill one optimizer "
                         f"step; add data or lower optimization.grad_accum_steps / micro_batch_per_gpu")
     total_steps = cfg.training.max_steps or cfg.training.epochs * steps_per_epoch
-    return RunData(tokenizer, corpus, collator, train_loader, eval_rows, steps_per_epoch, total_steps)
+    return RunData(tokenizer, corpus, collator, train_loader, eval_rows, steps_per_epoch, total_steps, layout)
 
 
 def setup_model(cfg, accelerator) -> RunModel:
@@ -140,10 +143,13 @@ def setup_model(cfg, accelerator) -> RunModel:
     return RunModel(model, audit, loaded)
 
 
-def prepare_with_accelerate(cfg, accelerator, model, optimizer, train_loader):
+def prepare_with_accelerate(cfg, accelerator, model, optimizer, data: RunData):
     """Hand the parts to Accelerate: (model, optimizer, train_loader) as the loop uses them."""
     from glmkit.train.ddp import exclude_frozen_from_sync
     from glmkit.train.fsdp import STRATEGY as FSDP
+    from glmkit.train.sequence_parallel import deal_among_groups
+
+    train_loader = deal_among_groups(accelerator, data.train_loader, data.layout)  # P = 1: left to prepare
 
     if strategy(cfg) == FSDP:  # the data loader only: the model is sharded already; the optimizer is saved by DCP
         return model, optimizer, accelerator.prepare(train_loader)
@@ -174,10 +180,11 @@ def run_eval(step: int, model, data: RunData, accelerator, cfg, logs, state: Loo
 
     started = time.time()
     micro_batch = cfg.optimization.micro_batch_per_gpu
-    total = sum(batches_here(rows, accelerator, micro_batch) for rows in data.eval_rows.values())
+    total = sum(batches_here(rows, data.layout, micro_batch) for rows in data.eval_rows.values())
     with eval_bar(accelerator, step, total) as bar:
         results = evaluate_sets(model, data.eval_rows, data.collator, accelerator, micro_batch,
-                                on_batch=lambda name: bar.set_description(f"eval {name}", refresh=False) or bar.update())
+                                on_batch=lambda name: bar.set_description(f"eval {name}", refresh=False) or bar.update(),
+                                layout=data.layout)
     record = eval_record(results, cfg.eval.select_by)
     losses = {name: r.val_loss for name, r in results.items()}
     logs.write("eval", step, **record)
@@ -194,7 +201,7 @@ def run_eval(step: int, model, data: RunData, accelerator, cfg, logs, state: Loo
 # ---------------------------------------------------------------------------
 
 def train(cfg, args, accelerator, logs) -> int:
-    from glmkit.model.load import check_model_dir, format_audit, is_demo_model
+    from glmkit.model.load import check_activation_offload, check_model_dir, format_audit, is_demo_model
     from glmkit.plan.fit import memory_gate
     from glmkit.run.trackers import start_trackers
     from glmkit.train.checkpoint import (
@@ -213,6 +220,7 @@ def train(cfg, args, accelerator, logs) -> int:
     from glmkit.train.preemption import Preemption
     from glmkit.train.progress import StepClock, gpu_memory, progress_bar
     from glmkit.train.router_stats import RouterStats
+    from glmkit.train.sequence_parallel import setup_sequence_parallel
     from glmkit.train.step import check_nan_budget, mtp_fields, next_group, step_groups, train_step
     from glmkit.train.summary import run_summary
 
@@ -227,14 +235,15 @@ def train(cfg, args, accelerator, logs) -> int:
         accelerator.print(f"restored {cfg.paths.best_adapter_dir} from {restored} (a kill interrupted its swap)")
     check_best_adapter_dir(cfg.paths.best_adapter_dir)
     check_model_dir(cfg)
+    check_activation_offload(cfg, accelerator.device)
     planned_memory = memory_gate(cfg, accelerator, args.force)
-    data = setup_data(cfg, accelerator, logs, resume.path, args.allow_data_change)
+    layout = setup_sequence_parallel(cfg, accelerator)  # distributed.sequence_parallel: who shares which rows
+    data = setup_data(cfg, accelerator, logs, resume.path, args.allow_data_change, layout)
     built = setup_model(cfg, accelerator)
     optimizer, scheduler = make_optimizer_and_scheduler(built.model, cfg, data.total_steps)
 
     # ---- accelerate.prepare, the checkpointer, and the loop's starting state ------------------------------------
-    model, optimizer, train_loader = prepare_with_accelerate(cfg, accelerator, built.model, optimizer,
-                                                             data.train_loader)
+    model, optimizer, train_loader = prepare_with_accelerate(cfg, accelerator, built.model, optimizer, data)
     stats = RouterStats(model, accelerator.is_main_process)
     accelerator.register_for_checkpointing(scheduler, stats)
     sharded_state = ShardedState(model, optimizer) if strategy(cfg) == FSDP else None
@@ -246,10 +255,12 @@ def train(cfg, args, accelerator, logs) -> int:
         accelerator.print(f"{resume.path} is at step {state.step} of {total_steps}: the run has already "
                           f"finished. Raise training.max_steps to train further.")
         return 0
-    rows_per_step = cfg.optimization.micro_batch_per_gpu * cfg.optimization.grad_accum_steps * world
+    rows_per_step = cfg.optimization.micro_batch_per_gpu * cfg.optimization.grad_accum_steps * layout.data_groups
     tokens_per_step = rows_per_step * cfg.training.max_seq_length
+    shared = f"{layout.data_groups} group" + ("s" if layout.data_groups > 1 else "") + f" of {layout.size} processes"
+    dealt = f"{world} processes" if layout.size == 1 else shared
     accelerator.print(f"effective batch: {cfg.optimization.micro_batch_per_gpu} micro x "
-                      f"{cfg.optimization.grad_accum_steps} accum x {world} processes = {rows_per_step} rows, up to "
+                      f"{cfg.optimization.grad_accum_steps} accum x {dealt} = {rows_per_step} rows, up to "
                       f"{tokens_per_step:,} tokens per optimizer step; {total_steps} steps")
     accelerator.print(format_audit(built.audit))
     if accelerator.is_main_process:  # from here on every JSONL record also goes to logging.report_to
@@ -276,7 +287,7 @@ def train(cfg, args, accelerator, logs) -> int:
     progress = progress_bar(accelerator, state.step, total_steps)
     clock = StepClock(state.elapsed_seconds)
     model.train()
-    groups = step_groups(train_loader, cfg.optimization.grad_accum_steps, state.epoch)
+    groups = step_groups(train_loader, cfg.optimization.grad_accum_steps, state.epoch, layout)
     while state.step < total_steps:
         # -- step: forward/backward over the micro-batches, token-weighted, then one update
         epoch, group = next_group(groups)

@@ -227,7 +227,8 @@ def test_world_size_change_that_cannot_keep_the_batch_is_refused_naming_what_wor
     from glmkit.train.world_size import WorldSizeChange, keep_global_batch, worlds_that_keep
 
     saved = {"world_size": 4, "optimization.micro_batch_per_gpu": 2, "optimization.grad_accum_steps": 3}
-    cfg = SimpleNamespace(optimization=SimpleNamespace(micro_batch_per_gpu=2, grad_accum_steps=3))
+    cfg = SimpleNamespace(optimization=SimpleNamespace(micro_batch_per_gpu=2, grad_accum_steps=3),
+                          distributed=SimpleNamespace(sequence_parallel=1))
     assert keep_global_batch(saved, cfg, 4) is None and cfg.optimization.grad_accum_steps == 3
     accum, message = keep_global_batch(saved, cfg, 6)  # the decision is returned; the config is left alone
     assert accum == 2 and "3 -> 2 keeps 24 rows" in message and cfg.optimization.grad_accum_steps == 3

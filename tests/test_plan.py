@@ -225,6 +225,65 @@ def test_largest_micro_batch_that_fits(tmp_path, air):
     assert air_plan(tmp_path, gpu_memory_bytes=int(60 * GB))["max_micro_batch_per_gpu"] == 0
 
 
+# ---------------------------------------------------------------------------
+# Long rows: sequence parallelism and activation offload (docs/LONG_CONTEXT.md)
+# ---------------------------------------------------------------------------
+
+LONG = "training.max_seq_length=131072"
+
+
+def test_a_128k_row_on_four_h200_fits_only_shared_by_four_gpus(tmp_path):
+    alone = air_plan(tmp_path, LONG)
+    assert not alone["fits"] and round(alone["total_bytes_per_gpu"] / GB, 1) == 255.7
+    assert alone["verdict"].endswith("; set distributed.sequence_parallel: 4 (117.2 GB per GPU, 32,768 tokens each; "
+                                     "docs/LONG_CONTEXT.md)")
+    options = {(o["sequence_parallel"], o["offload_activations"]): o for o in alone["sequence_parallel_options"]}
+    assert list(options) == [(1, False), (2, False), (4, False), (1, True), (2, True), (4, True)]
+    assert [key for key, o in options.items() if o["fits"]] == [(4, False), (4, True)]
+    assert round(options[(2, False)]["total_bytes_per_gpu"] / GB, 1) == 168.9
+    ddp = air_plan(tmp_path, LONG, "distributed.sequence_parallel=4")
+    fsdp = air_plan(tmp_path, LONG, "distributed.sequence_parallel=4", "distributed.accelerate_config=fsdp")
+    assert (round(ddp["total_bytes_per_gpu"] / GB, 1), round(fsdp["total_bytes_per_gpu"] / GB, 1)) == (117.2, 77.6)
+    assert ddp["fits"] and fsdp["fits"] and "shared by 4 GPUs (32,768 each)" in ddp["verdict"]
+    # A GPU holds a quarter of the row (32,768 tokens) plus the exchange around attention: the attention output
+    # twice, kept for backward (and as much again in gradients); q, k, v of the slice and one exchange's buffers.
+    c, q, kv, tokens = 2, 96 * 128, 8 * 128, 32768
+    assert ddp["tokens_per_micro_batch"] == tokens
+    assert ddp["sequence_parallel_bytes"] == 2 * c * q * tokens + c * (q + 2 * kv) * tokens + 2 * c * q * tokens
+    quarter = air_plan(tmp_path, "training.max_seq_length=32768")
+    assert ddp["activation_bytes"] == quarter["activation_bytes"] + ddp["sequence_parallel_bytes"]
+
+
+def test_activation_offload_moves_the_layer_inputs_to_host_memory(tmp_path):
+    ddp = air_plan(tmp_path, LONG, "distributed.sequence_parallel=4")
+    offload = air_plan(tmp_path, LONG, "distributed.sequence_parallel=4", "memory.offload_activations=true")
+    # every checkpointed layer's input but the one recomputed; the last layer's output stays: 45 of 47 boundaries
+    moved = 45 * 32768 * 4096 * 2
+    assert offload["offloaded_activation_bytes"] == moved and round(moved / GB, 1) == 12.1
+    assert offload["layer_boundaries_bytes"] == 2 * 32768 * 4096 * 2
+    assert offload["total_bytes_per_gpu"] == ddp["total_bytes_per_gpu"] - moved
+
+
+def test_the_128k_recipe_fits_four_h200():
+    cfg = load_config(os.path.join(ROOT, "configs", "glm45-air-128k.yaml"),
+                      [f"paths.model_dir={os.path.join(ROOT, 'no-such-model-dir')}"])
+    plan = planmod.build_plan(cfg, gpu_memory_bytes=int(141 * GB))  # distributed.num_processes: 4
+    assert (plan["num_processes"], plan["sequence_parallel"], plan["max_seq_length"]) == (4, 4, 131072)
+    assert plan["fits"] and plan["max_micro_batch_per_gpu"] == cfg.optimization.micro_batch_per_gpu == 1
+    assert round(plan["total_bytes_per_gpu"] / GB, 1) == 117.2
+
+
+def test_sequence_parallel_the_launch_cannot_split_is_a_plan_error(tmp_path, tiny_model_dir):
+    from glmkit.plan.weights import PlanError
+
+    with pytest.raises(PlanError, match=r"sequence_parallel: 4 does not divide the 2 processes planned for"):
+        air_plan(tmp_path, "distributed.sequence_parallel=4", num_processes=2)
+    cfg = load_config(TINY_CONFIG, [f"paths.model_dir={tiny_model_dir}", "distributed.sequence_parallel=4",
+                                    "distributed.num_processes=4"])
+    with pytest.raises(PlanError, match=r"sequence_parallel: 4: the model has 2 KV heads \(4 query heads\)"):
+        planmod.build_plan(cfg, num_processes=4)
+
+
 def test_shipped_recipe_uses_a_micro_batch_the_plan_supports():
     cfg = load_config(os.path.join(ROOT, "training_config.yaml"),
                       [f"paths.model_dir={os.path.join(ROOT, 'no-such-model-dir')}"])

@@ -295,6 +295,10 @@ class CheckpointSection:
 class MemorySection:
     """Activation memory."""
     gradient_checkpointing: bool = setting(True, "non-reentrant activation checkpointing")
+    offload_activations: bool = setting(
+        False, "CUDA only: keep the layer inputs checkpointing saves in pinned host memory instead of on the GPU "
+        "(frees (layers - 1) x tokens x hidden x 2 bytes per GPU, 12.1 GB at 32k tokens per GPU on GLM-4.5-Air) for "
+        "a copy each way per layer: a slower step; needs `gradient_checkpointing`")
 
 
 @dataclass
@@ -314,6 +318,10 @@ class DistributedSection:
     accelerate_config: Optional[str] = setting(None, "`ddp` (a 4-bit replica per GPU) · `fsdp` (FSDP2, every "
                                                      "state sharded; resumable at another world size) · a path")
     gpu_memory_gb: float = setting(141.0, "memory the plan's verdict checks against", gt=0)
+    sequence_parallel: Literal[1, 2, 4, 8] = setting(
+        1, "processes that share each row, each holding length/P of its tokens (Ulysses: an all-to-all over the "
+        "heads around attention): activation memory per GPU / P for P x fewer rows per step; must divide the "
+        "KV heads and the processes; needs `model.attn_implementation: varlen` (docs/LONG_CONTEXT.md)")
 
 
 # Config's fields that are not sections of the file.

@@ -57,6 +57,10 @@ def validate(cfg: Config) -> list[str]:
              f"warmup ({o.warmup_steps}) plus decay ({o.decay_steps}) exceeds training.max_steps "
              f"({cfg.training.max_steps}); shorten the decay or the warmup")
     d = cfg.distributed
+    problems.extend(sequence_parallel_problems(cfg))
+    need(not cfg.memory.offload_activations or cfg.memory.gradient_checkpointing, "memory.offload_activations",
+         "moves what gradient checkpointing keeps to host memory: turn on memory.gradient_checkpointing, or set "
+         "offload_activations: false")
     if d.accelerate_config in REMOVED_STRATEGIES:
         need(False, "distributed.accelerate_config",
              f"{d.accelerate_config} is no longer offered (ZeRO-3 could not partition the kit's 4-bit experts, and "
@@ -129,10 +133,43 @@ def eval_problems(cfg: Config) -> list[str]:
 def mtp_problems(cfg: Config) -> list[str]:
     """The MTP keys that only mean something with mtp.train (whether the model has an MTP layer is checked at
     load, glmkit/model/load.py)."""
+    problems = []
     if cfg.mtp.grad_to_trunk and not cfg.mtp.train:
-        return ["mtp.grad_to_trunk: needs mtp.train: true (without it there is no MTP loss to send to the trunk); "
-                "set mtp.train: true or mtp.grad_to_trunk: false"]
-    return []
+        problems.append("mtp.grad_to_trunk: needs mtp.train: true (without it there is no MTP loss to send to the "
+                        "trunk); set mtp.train: true or mtp.grad_to_trunk: false")
+    if cfg.mtp.train and cfg.distributed.sequence_parallel > 1:
+        problems.append(f"mtp.train: the MTP layer predicts two tokens ahead, across the slices that "
+                        f"distributed.sequence_parallel {cfg.distributed.sequence_parallel} cuts each row into; train "
+                        f"it in a run with sequence_parallel 1 (docs/MTP.md)")
+    return problems
+
+
+def sequence_parallel_problems(cfg: Config) -> list[str]:
+    """distributed.sequence_parallel against the keys it depends on. The KV heads and the launched process
+    count are checked where they are known (glmkit/train/sequence_parallel.py, the memory plan)."""
+    size = cfg.distributed.sequence_parallel
+    if size == 1:
+        return []
+    problems = []
+    attn = cfg.model.attn_implementation
+    if attn != "varlen":
+        why = {"sdpa": "sdpa's 4-D block mask covers whole rows, not this process's slice",
+               "eager": "eager attention's mask covers whole rows, not this process's slice",
+               "flash_attention_2": "flash_attention_2 finds documents from the slice's position_ids alone"}[attn]
+        problems.append(f"model.attn_implementation: sequence_parallel {size} needs varlen (each process attends "
+                        f"over the whole row's segment boundaries after the all-to-all); {why}: set "
+                        f"attn_implementation: varlen or distributed.sequence_parallel: 1")
+    processes = cfg.distributed.num_processes
+    if processes and processes % size:
+        problems.append(f"distributed.sequence_parallel: {size} does not divide distributed.num_processes "
+                        f"({processes}); the processes form groups of {size} that share rows: use a divisor of "
+                        f"{processes}")
+    length = cfg.training.max_seq_length
+    if length % size:
+        problems.append(f"training.max_seq_length: {length} is not a multiple of distributed.sequence_parallel "
+                        f"({size}); each process holds an equal slice of a row: use {length - length % size} or "
+                        f"{length - length % size + size}")
+    return problems
 
 
 def tracker_name_problems(names: list[str]) -> list[str]:

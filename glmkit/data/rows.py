@@ -244,12 +244,16 @@ def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Collator:
-    def __init__(self, pad_id: int, packing: bool, padding: str, max_seq_length: int, attn_implementation: str):
+    def __init__(self, pad_id: int, packing: bool, padding: str, max_seq_length: int, attn_implementation: str,
+                 pad_to_multiple_of: int = 1):
         self.pad_id = pad_id
         self.packing = packing
         self.padding = padding
         self.max_seq_length = max_seq_length
         self.attn_implementation = attn_implementation
+        # distributed.sequence_parallel: rows are cut into that many equal slices (packed rows are
+        # max_seq_length long, which validation makes a multiple of it)
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         return self._packed(rows) if self.packing else self._padded(rows)
@@ -271,6 +275,7 @@ class Collator:
 
     def _padded(self, rows):
         length = self.max_seq_length if self.padding == "max_length" else max(len(r["input_ids"]) for r in rows)
+        length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         real = torch.zeros((len(rows), length), dtype=torch.bool)
         trained = torch.zeros((len(rows), length), dtype=torch.bool)
@@ -301,12 +306,15 @@ def _trained(rows: list[dict], real: torch.Tensor) -> torch.Tensor:
 
 def make_collator(tokenizer, cfg) -> Collator:
     t = cfg.training
-    return Collator(tokenizer.pad_token_id, t.packing, t.padding, t.max_seq_length, cfg.model.attn_implementation)
+    return Collator(tokenizer.pad_token_id, t.packing, t.padding, t.max_seq_length, cfg.model.attn_implementation,
+                    pad_to_multiple_of=cfg.distributed.sequence_parallel)
 
 
 def model_inputs(batch: dict) -> dict:
-    """The batch minus bookkeeping the model does not take; segment boundaries as the model's kwargs."""
-    inputs = {k: v for k, v in batch.items() if k not in ("token_mask", "labels", "cu_seqlens", "max_seqlen")}
+    """The batch minus bookkeeping the model does not take; segment boundaries as the model's kwargs (and a
+    slice of rows' `sequence_group` passed on to the attention, glmkit/train/sequence_parallel.py)."""
+    bookkeeping = ("token_mask", "labels", "targets", "cu_seqlens", "max_seqlen")
+    inputs = {k: v for k, v in batch.items() if k not in bookkeeping}
     if "cu_seqlens" in batch:
         inputs.update(varlen_kwargs(batch["cu_seqlens"], batch["max_seqlen"]))
     return inputs

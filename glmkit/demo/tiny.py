@@ -19,7 +19,8 @@ QK-norm; its MTP layer keeps copies of the embedding and lm_head, as GLM-4.5-Air
 `glm4.6` and `glm4.7`, GLM-4.6's / GLM-4.7's / GLM-4.5's (the first three layers dense, QK-norm
 on every layer's queries and keys, routed_scaling_factor 2.5; an MTP layer without those
 copies, the other layout on the Hub), so the kit's loader, LoRA targets, FSDP units and memory
-plan are exercised on that architecture too.
+plan are exercised on that architecture too; `air-8kv`, `air` with GLM-4.5-Air's
+8 KV heads (16 query heads of 16 dims), which sequence parallelism can split 2, 4 or 8 ways.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ TINY_VARIANTS = {
     "air": {},
     "glm4.6": GLM46_SHAPE,
     "glm4.7": GLM46_SHAPE,  # GLM-4.7 has GLM-4.6's architecture
+    "air-8kv": {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 16},
 }
 # Variants whose MTP layer stores copies of the trunk's embedding and lm_head (GLM-4.5-Air's checkpoint does).
-MTP_WITH_TRUNK_COPIES = {"air"}
+MTP_WITH_TRUNK_COPIES = {"air", "air-8kv"}
 # Added to the seed for the MTP layer's own generator.
 MTP_SEED_OFFSET = 1_000_003
 EOS_TOKEN = "<|endoftext|>"

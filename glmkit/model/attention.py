@@ -14,6 +14,9 @@ segment attends causally to itself only, with K/V left at their own head count (
   segment of one length in one causal sdpa call, K/V not expanded (`enable_gqa`). It is
   the reference the tests hold against the masked sdpa path, and it skips the masked-out
   work on CPU too.
+- Under sequence parallelism (`distributed.sequence_parallel`) a process holds a slice of
+  every row; an all-to-all before and after gives this function its share of the heads over
+  whole rows (glmkit/model/sequence_parallel.py), so it runs unchanged.
 
 The collator builds `cu_seqlens` / `max_seqlen` from the per-document positions
 (`packed_segments`); `model_kwargs` turns them into the keyword arguments transformers
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from glmkit.model.sequence_parallel import this_slice_every_head, whole_rows_some_heads
 
 NAME = "varlen"
 # dtypes the CUDA flash kernel takes; fp32 on CUDA runs the per-segment path.
@@ -104,21 +109,34 @@ def _segments_by_length(query, key, value, cu_seqlens, scale):
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+                             scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None,
+                             sequence_group=None, **kwargs):
     """transformers' attention-function signature: query [B, Hq, L, D], key/value [B, Hkv, L, D]
     -> ([B, L, Hq, D], None). Without cu_seqlens (generation, an unpacked row) each row is one
-    causal sequence, which is what sdpa does without a mask."""
+    causal sequence, which is what sdpa does without a mask.
+
+    With `sequence_group` the rows are split over that group's processes (sequence parallelism) and L is
+    this process's slice; cu_seqlens are the whole rows'. The heads are traded for the rest of the rows
+    before attention and back after (glmkit/model/sequence_parallel.py)."""
     if cu_seq_lens_q is None:
+        if sequence_group is not None:
+            raise ValueError("sequence-parallel attention needs the whole rows' cu_seqlens")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if dropout:
         raise ValueError("varlen attention has no attention dropout; the model's attention_dropout must be 0")
+    # -- sequence parallel: this process's heads of the whole rows
+    if sequence_group is not None:
+        query, key, value = (whole_rows_some_heads(t, sequence_group) for t in (query, key, value))
     batch, heads, length, dim = query.shape
     flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
-    out = segment_attention(*flat, cu_seq_lens_q, int(max_length_q), scaling)
-    return out.view(batch, length, heads, dim), None
+    out = segment_attention(*flat, cu_seq_lens_q, int(max_length_q), scaling).view(batch, length, heads, dim)
+    # -- sequence parallel: back to this process's slice, every head
+    if sequence_group is not None:
+        out = this_slice_every_head(out, sequence_group)
+    return out, None
 
 
 def register() -> None:

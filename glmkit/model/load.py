@@ -22,6 +22,7 @@ from torch import nn
 
 from glmkit.model import attention, mtp
 from glmkit.model.errors import ModelLoadError
+from glmkit.model.sequence_parallel import check_heads, sizes_that_split
 
 SUPPORTED_MODEL_TYPES = ("glm4_moe",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -76,6 +77,7 @@ def check_model_dir(cfg) -> None:
     if limit and cfg.training.max_seq_length > limit:
         raise ModelLoadError(f"training.max_seq_length {cfg.training.max_seq_length} exceeds the model's "
                              f"max_position_embeddings ({limit}) in {cfg.paths.model_dir}; lower it")
+    check_sequence_parallel_heads(config, cfg.distributed.sequence_parallel, cfg.paths.model_dir)
     check_shards(cfg)
     check_mtp_layer(cfg, config)
     # The skeleton on the meta device knows every name: a LoRA target that matches nothing fails here.
@@ -88,6 +90,25 @@ def check_mtp_layer(cfg, config) -> None:
     if cfg.mtp.train and not mtp.num_mtp_layers(config):
         raise ModelLoadError(f"mtp.train is true but {cfg.paths.model_dir} has no MTP layer (num_nextn_predict_layers "
                              f"0); set mtp.train: false")
+
+
+def check_sequence_parallel_heads(config, size: int, where: str) -> None:
+    """distributed.sequence_parallel must split the model's query and KV heads evenly (glmkit/model/sequence_parallel.py)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    problem = check_heads(heads, kv_heads, size)
+    if problem:
+        works = sizes_that_split(heads, kv_heads)
+        raise ModelLoadError(f"distributed.sequence_parallel: {size}: {problem} ({where}); use "
+                             f"{', '.join(map(str, works))}")
+
+
+def check_activation_offload(cfg, device) -> None:
+    """memory.offload_activations copies to pinned host memory from a CUDA GPU; on the CPU it has nothing to
+    free, and torch's pinned copy fails there."""
+    if cfg.memory.offload_activations and device.type != "cuda":
+        raise ModelLoadError(f"memory.offload_activations needs a CUDA GPU (this process runs on {device.type}, "
+                             f"where activations are in host memory already): set it to false")
 
 
 def check_shards(cfg) -> None:
@@ -311,7 +332,9 @@ def prepare_for_training(model, cfg):
         param.requires_grad_(False)
     if cfg.memory.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs and with bitsandbytes' parametrization hooks.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # offload: the layer inputs it keeps go to pinned host memory (transformers' save_on_cpu), CUDA only.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              offload=cfg.memory.offload_activations)
         model.enable_input_require_grads()
     model.config.use_cache = False
     return apply_lora(model, cfg.lora, train_mtp=cfg.mtp.train)

@@ -100,6 +100,23 @@ def attention_extra_bytes(a: Arch, attn: str, micro_batch: int, seq: int, c: int
     return 0
 
 
+def sequence_parallel_bytes(a: Arch, tokens: int, c: int, size: int) -> dict:
+    """What Ulysses sequence parallelism (glmkit/model/sequence_parallel.py) adds to a layer on a process that holds
+    `tokens` (its slices of the micro-batch's rows); nothing when `size` is 1.
+
+    - saved: the attention output twice. The kernel keeps its output, this process's heads of the whole rows, for
+      backward, and o_proj keeps its input, this slice's tokens with every head: one tensor without the exchange,
+      two with it (q, k and v are kept once, exchanged: the same bytes as this slice's).
+    - transient, while a layer's attention runs: the slice's q, k and v, still held by the attention module that
+      made them, and the send and receive buffers of one exchange of the widest tensor (q, the output, or their
+      gradients: heads x head_dim per token).
+    """
+    if size == 1:
+        return {"saved": 0, "transient": 0}
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    return {"saved": c * q * tokens, "transient": c * (q + 2 * kv) * tokens + 2 * c * q * tokens}
+
+
 def loss_bytes(a: Arch, tokens: int, c: int, heads: int = 1) -> dict:
     """The chunked loss the trainer runs (glmkit/train/loss.py), and what the full-vocabulary one would hold.
 
@@ -171,14 +188,22 @@ def expert_lora_activations(a: Arch, c: int, targets: list[LoraTarget], lora) ->
 
 
 def activation_plan(model, a: Arch, cfg, targets: list[LoraTarget], tensors: list[TensorInfo],
-                    micro_batch: int | None = None) -> dict:
+                    micro_batch: int | None = None, sequence_parallel: int | None = None,
+                    offload: bool | None = None) -> dict:
+    """One process's activations; `micro_batch`, `sequence_parallel` and `offload` override the config's.
+
+    With sequence parallelism P a process holds 1/P of every row (length / P tokens of it) through the whole
+    model, plus the exchange around attention (sequence_parallel_bytes)."""
     c = DTYPES[cfg.quantization.compute_dtype].itemsize
     q = cfg.quantization
     mb, seq = micro_batch or cfg.optimization.micro_batch_per_gpu, cfg.training.max_seq_length
-    tokens = mb * seq
+    size = sequence_parallel or cfg.distributed.sequence_parallel
+    offload = cfg.memory.offload_activations if offload is None else offload
+    tokens = mb * seq // size  # this process's tokens of the micro-batch
     layers = layer_breakdown(model, a, cfg, targets)
     attention = attention_extra_bytes(a, cfg.model.attn_implementation, mb, seq, c)
-    saved = [layer["per_token"] * tokens + attention for layer in layers]
+    exchange = sequence_parallel_bytes(a, tokens, c, size)
+    saved = [layer["per_token"] * tokens + attention + exchange["saved"] for layer in layers]
     # bitsandbytes' parametrization dequantizes a whole fused expert tensor when it is read, and
     # the expert matmuls keep (views of) it for backward: one layer's experts in compute dtype.
     dequant = [layer["expert_compute_bytes"] if (q.load_in_4bit and q.quantize_experts) else 0 for layer in layers]
@@ -186,18 +211,30 @@ def activation_plan(model, a: Arch, cfg, targets: list[LoraTarget], tensors: lis
     # Linear4bit dequantizes its weight transiently, one layer at a time.
     largest_linear = max((t.numel for t in tensors if t.is_linear_weight), default=0) * c if q.load_in_4bit else 0
     loss = loss_bytes(a, tokens, c, heads=2 if cfg.mtp.train else 1)
+    offloaded = 0
     if cfg.memory.gradient_checkpointing:
-        boundaries = (len(layers) + 1) * tokens * a.hidden * c  # each layer's input, and the embeddings
+        boundary = tokens * a.hidden * c
+        boundaries = (len(layers) + 1) * boundary  # each layer's input, and the last layer's output
+        if offload:
+            # transformers' offload (save_on_cpu around each checkpointed layer) keeps every layer's input in
+            # pinned host memory; on the GPU stay the last layer's output and the input of the layer recomputed.
+            offloaded = (len(layers) - 1) * boundary
+            boundaries -= offloaded
         # Recomputing one layer in backward: its activations, as much again in gradients, its experts.
         peak = max(2 * s + d + x for s, d, x in zip(saved, dequant, expert_lora)) + largest_linear
+        peak += exchange["transient"]
         dequant_held = max(dequant, default=0)
     else:
         # Autograd keeps every layer's activations, and every MoE layer's dequantized experts.
         boundaries = 0
         peak = sum(saved) + max(saved, default=0) + sum(dequant) + max(expert_lora, default=0) + largest_linear
+        peak += exchange["transient"]
         dequant_held = sum(dequant)
     return {
-        "tokens_per_micro_batch": tokens,
+        "tokens_per_micro_batch": tokens,  # this process's: length / sequence_parallel of each row
+        "sequence_parallel": size,
+        "sequence_parallel_bytes": exchange["saved"] * 2 + exchange["transient"] if size > 1 else 0,
+        "offloaded_activation_bytes": offloaded,
         "layer_boundaries_bytes": boundaries,
         "layer_peak_bytes": peak,
         "dequantized_experts_bytes": dequant_held,

@@ -32,6 +32,7 @@ import torch
 from glmkit.config.cli import add_config_arguments, config_from_args
 from glmkit.config.strategy import strategy as config_strategy
 from glmkit.model.load import group_of
+from glmkit.model.sequence_parallel import check_heads, sizes_that_split
 from glmkit.plan.activations import activation_plan, arch_of
 from glmkit.plan.weights import (
     BUILTIN_ARCHITECTURES,
@@ -141,9 +142,10 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     check_lora_targets(model, cfg.lora, cfg.mtp.train)
     targets = lora_targets(model, cfg.lora, cfg.mtp.train)
     a = arch_of(hf_config)
-    act = activation_plan(model, a, cfg, targets, tensors)
     strategy = config_strategy(cfg)
     n, assumed = (num_processes, False) if num_processes else planned_processes(cfg)
+    check_sequence_parallel(cfg, a, n)
+    act = activation_plan(model, a, cfg, targets, tensors)
 
     lora_params = sum(t.params for t in targets)
     lora = {"lora_params": lora_params, "lora_bytes": 4 * lora_params,
@@ -158,15 +160,19 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
     else:
         gpu, gpu_source = detected_gpu_memory() or (int(cfg.distributed.gpu_memory_gb * GB),
                                                      "distributed.gpu_memory_gb")
+    # Everything but the activations is independent of the micro-batch and of sequence parallelism.
+    def total_with(**change) -> int:
+        return total - act["activation_bytes"] + activation_plan(model, a, cfg, targets, tensors,
+                                                                 **change)["activation_bytes"]
+
     def total_for(strategy_: str, n_: int, micro_batch: int, config=cfg) -> int:
         """Bytes per GPU with another strategy, process count, micro-batch or config (the advice's what-ifs)."""
         activations = activation_plan(model, a, config, targets, tensors, micro_batch=micro_batch)
         return sum(per_gpu_plan(strategy_, n_, weights, _largest_layer_bytes(tensors, q), lora, activations,
                                 replicated=sum(replicated_bytes(t, q) for t in tensors)).values())
 
-    # Everything but the activations is independent of the micro-batch.
-    max_micro_batch = largest_micro_batch(lambda mb: total - act["activation_bytes"] + activation_plan(
-        model, a, cfg, targets, tensors, micro_batch=mb)["activation_bytes"] <= gpu)
+    max_micro_batch = largest_micro_batch(lambda mb: total_with(micro_batch=mb) <= gpu)
+    long_rows = sequence_parallel_options(cfg, a, n, total_with, gpu)
     plain_upcast = sum(g["plain_path_upcast_bytes"] for g in groups.values())
     # Down the plain path the experts are resident already (nothing to dequantize), in fp32.
     plain_weights = plain_upcast if strategy == "ddp" else plain_upcast // n
@@ -206,12 +212,48 @@ def build_plan(cfg, gpu_memory_bytes: int | None = None, num_processes: int | No
         "headroom_bytes": gpu - total,
         "fits": total <= gpu,
         "max_micro_batch_per_gpu": max_micro_batch,
+        "offload_activations": cfg.memory.offload_activations,
+        "sequence_parallel_options": long_rows,
         "plain_path_fits": plain_total <= gpu,
         "notes": _notes(cfg, source, strategy, n, assumed) + _mtp_notes(cfg, groups),
     }
     plan["advice"] = None if plan["fits"] else fitting_change(cfg, plan, total_for, weights, gpu)
     plan["verdict"] = verdict_line(plan)
     return plan
+
+
+def check_sequence_parallel(cfg, a, n: int) -> None:
+    """The trainer's rules (glmkit/model/load.py, glmkit/train/sequence_parallel.py), as plan errors."""
+    size = cfg.distributed.sequence_parallel
+    problem = check_heads(a.heads, a.kv_heads, size)
+    if problem:
+        raise PlanError(f"distributed.sequence_parallel: {size}: {problem}")
+    if n % size:
+        raise PlanError(f"distributed.sequence_parallel: {size} does not divide the {n} processes planned for; "
+                        f"set distributed.num_processes (or --num_processes) to a multiple of it")
+
+
+def sequence_parallel_options(cfg, a, n: int, total_with, gpu: int) -> list[dict]:
+    """Per GPU at every sequence_parallel this launch allows (it divides the processes and the heads), with
+    activation offload as configured and, on top, with it turned on: which P makes this row length fit."""
+    sizes = sizes_that_split(a.heads, a.kv_heads, n)
+    offloads = [cfg.memory.offload_activations]
+    if not cfg.memory.offload_activations and cfg.memory.gradient_checkpointing:
+        offloads.append(True)
+    options = []
+    for offload in offloads:
+        for size in sizes:
+            total = total_with(sequence_parallel=size, offload=offload)
+            options.append({"sequence_parallel": size, "offload_activations": offload,
+                            "tokens_per_gpu": cfg.optimization.micro_batch_per_gpu * cfg.training.max_seq_length // size,
+                            "total_bytes_per_gpu": total, "fits": total <= gpu})
+    return options
+
+
+def smallest_fitting(plan: dict) -> dict | None:
+    """The option that fits with the fewest processes per row, without offload if that fits too."""
+    fitting = [o for o in plan.get("sequence_parallel_options", []) if o["fits"]]
+    return min(fitting, key=lambda o: (o["offload_activations"], o["sequence_parallel"]), default=None)
 
 
 def check_lora_targets(model, lora, train_mtp: bool = False) -> None:
@@ -311,6 +353,16 @@ def fitting_change(cfg, plan: dict, total_for, weights: int, gpu: int) -> str:
             return "turn on memory.gradient_checkpointing"
     if micro > 1 and plan["max_micro_batch_per_gpu"]:
         return f"lower optimization.micro_batch_per_gpu to {plan['max_micro_batch_per_gpu']}"
+    option = smallest_fitting(plan)  # long rows: the fewest processes per row that fit (sequence parallelism)
+    if option:
+        change = []
+        if option["sequence_parallel"] != plan["sequence_parallel"]:
+            change.append(f"distributed.sequence_parallel: {option['sequence_parallel']}")
+        if option["offload_activations"] and not plan["offload_activations"]:
+            change.append("memory.offload_activations: true")
+        if change:
+            return (f"set {' and '.join(change)} ({_gb(option['total_bytes_per_gpu'])} per GPU, "
+                    f"{option['tokens_per_gpu']:,} tokens each; docs/LONG_CONTEXT.md)")
     if strategy == "ddp" and n > 1 and fits("fsdp", n, 1):
         largest = largest_micro_batch(lambda mb: fits("fsdp", n, mb), limit=micro)
         what = ("the 4-bit weights alone ({}) do not fit one GPU: shard them".format(_gb(weights))
@@ -338,7 +390,7 @@ def verdict_line(plan: dict) -> str:
     total, gpu = plan["total_bytes_per_gpu"], plan["gpu_memory_bytes"]
     assumed = " assumed: no GPU here;" if plan.get("num_processes_assumed") else ","
     setup = (f"{plan['strategy']} x {plan['num_processes']}{assumed} micro batch {plan['micro_batch_per_gpu']} x "
-             f"{plan['max_seq_length']} tokens; weights {_gb(plan['per_gpu']['weights'])}, "
+             f"{plan['max_seq_length']} tokens{_shared_rows(plan)}; weights {_gb(plan['per_gpu']['weights'])}, "
              f"activations {_gb(plan['activation_bytes'])}")
     if not plan["fits"]:
         return f"memory plan: DOES NOT FIT - needs {_gb(total)} per GPU, has {_gb(gpu)} ({setup}); {plan['advice']}"
@@ -347,13 +399,35 @@ def verdict_line(plan: dict) -> str:
             f"{plan['max_micro_batch_per_gpu']} fit")
 
 
+def _shared_rows(plan: dict) -> str:
+    if plan["sequence_parallel"] == 1:
+        return ""
+    return f" shared by {plan['sequence_parallel']} GPUs ({plan['tokens_per_micro_batch']:,} each)"
+
+
+def _long_row_lines(plan: dict) -> list[str]:
+    """Per GPU at each sequence_parallel (and with activation offload), when a row is longer than one GPU holds
+    or the config already splits rows."""
+    options = plan["sequence_parallel_options"]
+    if plan["sequence_parallel"] == 1 and plan["fits"] or len(options) < 2:
+        return []
+    lines = ["", f"  {'sequence_parallel':<20}{'offload':<10}{'tokens per GPU':>16}{'per GPU':>12}"]
+    for option in options:
+        mark = "   <- this config" if (option["sequence_parallel"], option["offload_activations"]) == (
+            plan["sequence_parallel"], plan["offload_activations"]) else ""
+        lines.append((f"  {option['sequence_parallel']:<20}{'on' if option['offload_activations'] else 'off':<10}"
+                      f"{option['tokens_per_gpu']:>16,}{_gb(option['total_bytes_per_gpu']):>12}"
+                      f"{'  fits' if option['fits'] else '':<6}{mark}").rstrip())
+    return lines
+
+
 def format_plan(plan: dict) -> str:
     q = plan["quantization"]
     where = f"built-in {plan['model'].split('/')[-1]} architecture" if plan["source"] == "builtin" else f"{plan['model_dir']}/config.json"
     lines = [
         f"Memory plan for {plan['model']} ({where})",
         f"  {plan['strategy']} over {plan['num_processes']} process(es); micro batch "
-        f"{plan['micro_batch_per_gpu']} x {plan['max_seq_length']} tokens; gradient checkpointing "
+        f"{plan['micro_batch_per_gpu']} x {plan['max_seq_length']} tokens{_shared_rows(plan)}; gradient checkpointing "
         f"{'on' if plan['gradient_checkpointing'] else 'OFF'}; "
         + (f"{q['quant_type'].upper()}{' + double quant' if q['double_quant'] else ''}, blocksize "
            f"{q['blocksize']}, experts {'4-bit' if q['quantize_experts'] else q['compute_dtype']}"
@@ -388,11 +462,16 @@ def format_plan(plan: dict) -> str:
             lines += _expert_lora_lines(plan)
         if key == "activations":
             lines += [
-                f"      {'layer inputs kept by checkpointing':<38}{_gb(plan['layer_boundaries_bytes']):>12}",
+                f"      {'layer inputs kept by checkpointing':<38}{_gb(plan['layer_boundaries_bytes']):>12}"
+                + (f"   (+ {_gb(plan['offloaded_activation_bytes'])} in pinned host memory: offload_activations)"
+                   if plan["offloaded_activation_bytes"] else ""),
                 f"      {'one layer recomputed + its gradients':<38}{_gb(plan['layer_peak_bytes']):>12}",
                 f"      {'  of which dequantized experts':<38}{_gb(plan['dequantized_experts_bytes']):>12}",
                 *([f"      {'  of which expert LoRA factors':<38}{_gb(plan['expert_lora_transient_bytes']):>12}"]
                   if plan.get("expert_lora_transient_bytes") else []),
+                *([f"      {'  of which sequence-parallel exchange':<38}{_gb(plan['sequence_parallel_bytes']):>12}"
+                   f"   (the attention output twice, the slice's q, k, v, send + receive buffers)"]
+                  if plan["sequence_parallel_bytes"] else []),
                 f"      {'attention beyond q, k, v, output':<38}{_gb(plan['attention_extra_bytes']):>12}"
                 f"   ({plan['attn_implementation']})",
                 f"      {'lm_head + loss, chunked':<38}{_gb(plan['logits_and_loss_bytes']):>12}"
@@ -403,6 +482,7 @@ def format_plan(plan: dict) -> str:
                  f"({plan['gpu_memory_source']})")
     lines.append(f"  largest micro_batch_per_gpu that fits at {plan['max_seq_length']} tokens: "
                  f"{plan['max_micro_batch_per_gpu']} (this config: {plan['micro_batch_per_gpu']})")
+    lines += _long_row_lines(plan)
     lines += [
         "",
         f"  Plain transformers path (BitsAndBytesConfig leaves the fused experts in {q['compute_dtype']}, then "

@@ -21,6 +21,7 @@ import torch
 
 from glmkit.model.mtp import has_mtp
 from glmkit.train.mtp import eval_sums
+from glmkit.train.sequence_parallel import single_process_layout
 from glmkit.train.step import loss_sum, target_tokens
 
 
@@ -34,28 +35,36 @@ class EvalResult:
     mtp_positions: int = 0
 
 
-def batches_here(rows, accelerator, micro_batch: int) -> int:
-    """How many micro-batches of `rows` this process evaluates (its shard is every num_processes-th row)."""
-    shard = range(accelerator.process_index, len(rows), accelerator.num_processes)
+def batches_here(rows, layout, micro_batch: int) -> int:
+    """How many micro-batches of `rows` this process evaluates (its group's shard: every data_groups-th row)."""
+    shard = range(layout.data_rank, len(rows), layout.data_groups)
     return -(-len(shard) // micro_batch)
 
 
 @torch.no_grad()
-def evaluate(model, val_rows, collator, accelerator, micro_batch: int, on_batch=None) -> EvalResult:
-    """The token-weighted loss of `val_rows`, every process a shard; `on_batch()` after each micro-batch here."""
+def evaluate(model, val_rows, collator, accelerator, micro_batch: int, on_batch=None, layout=None) -> EvalResult:
+    """The token-weighted loss of `val_rows`; `on_batch()` after each micro-batch here. `layout`: the run's
+    SequenceParallel (glmkit/train/sequence_parallel.py); None: every process its own rows. The rows are dealt
+    among its groups, and each process evaluates its slice of them."""
+    layout = layout or single_process_layout(accelerator)
     # The unwrapped model: DDP's forward syncs buffers, and the shards may differ by a batch.
     model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
-    shard = range(accelerator.process_index, len(val_rows), accelerator.num_processes)
-    with_mtp = has_mtp(model)
+    shard = range(layout.data_rank, len(val_rows), layout.data_groups)
+    # The MTP layer's targets lie two tokens ahead, across a slice's end: it is measured without sequence
+    # parallelism only (distributed.sequence_parallel 1; docs/MTP.md).
+    with_mtp = has_mtp(model) and layout.size == 1
     # loss sum, its tokens; MTP loss sum, positions, accepted drafts
     total = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     # before any forward: a collective between forwards would meet another rank's all-gather
     missing = _missing_forwards(model, accelerator, -(-len(shard) // micro_batch))
+
+    def on_device(rows):
+        return layout.local_batch({k: v.to(accelerator.device) for k, v in collator(rows).items()})
+
     for start in range(0, len(shard), micro_batch):
-        batch = collator([val_rows[i] for i in shard[start:start + micro_batch]])
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = on_device([val_rows[i] for i in shard[start:start + micro_batch]])
         if with_mtp:
             sums = eval_sums(model, batch)
             total[0] += sums.lm_loss.double()
@@ -68,7 +77,8 @@ def evaluate(model, val_rows, collator, accelerator, micro_batch: int, on_batch=
             on_batch()
     for _ in range(missing):
         # FSDP gathers each layer with every rank at once: a rank whose shard ran out joins with an unused batch
-        batch = {k: v.to(accelerator.device) for k, v in collator([val_rows[0]]).items()}
+        # (a whole group at once: its processes hold the same rows, so they run short together)
+        batch = on_device([val_rows[0]])
         eval_sums(model, batch) if with_mtp else loss_sum(model, batch)
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
@@ -85,10 +95,10 @@ def evaluate(model, val_rows, collator, accelerator, micro_batch: int, on_batch=
 
 
 def evaluate_sets(model, eval_rows: dict, collator, accelerator, micro_batch: int,
-                  on_batch=None) -> dict[str, EvalResult]:
+                  on_batch=None, layout=None) -> dict[str, EvalResult]:
     """{set name: its result}, in the sets' order; `on_batch(set name)` after each micro-batch on this process."""
     return {name: evaluate(model, rows, collator, accelerator, micro_batch,
-                           on_batch=(lambda name=name: on_batch(name)) if on_batch else None)
+                           on_batch=(lambda name=name: on_batch(name)) if on_batch else None, layout=layout)
             for name, rows in eval_rows.items()}
 
 

@@ -139,10 +139,22 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], ignore], dim=1)
 
 
+def batch_targets(batch: dict) -> torch.Tensor:
+    """[B, L]: the token each position of a batch predicts. A slice of a row (sequence parallelism,
+    glmkit/train/sequence_parallel.py) carries its `targets`, shifted over the whole row; else from `labels`."""
+    return batch["targets"] if "targets" in batch else shifted_targets(batch["labels"])
+
+
 def next_token_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                         chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed next-token loss from final hidden states [B, L, H]; only positions with a target go through lm_head."""
-    targets = shifted_targets(labels).reshape(-1)
+    return target_loss_sum(hidden, head, shifted_targets(labels), chunk_tokens)
+
+
+def target_loss_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                    chunk_tokens: int | None = None) -> torch.Tensor:
+    """Summed loss of hidden states [B, L, H] against `targets` [B, L] (IGNORE_INDEX: no target there)."""
+    targets = targets.reshape(-1)
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     return linear_cross_entropy_sum(flat.index_select(0, rows), head, targets.index_select(0, rows), chunk_tokens)
@@ -189,4 +201,4 @@ def causal_lm_loss_sum(model, batch: dict, chunk_tokens: int | None = None) -> t
     """The training and evaluation loss of a batch: summed over its target tokens, fp32."""
     with head_skipped(output_head(model)) as head:
         hidden = model(**model_inputs(batch), use_cache=False).logits
-    return next_token_loss_sum(hidden, head, batch["labels"], chunk_tokens)
+    return target_loss_sum(hidden, head, batch_targets(batch), chunk_tokens)

@@ -19,7 +19,7 @@ import torch
 
 from glmkit.data.rows import IGNORE_INDEX
 from glmkit.train.faults import injected_nan, maybe_kill
-from glmkit.train.loss import causal_lm_loss_sum
+from glmkit.train.loss import batch_targets, causal_lm_loss_sum
 from glmkit.train.mtp import lm_and_mtp_loss_sums, mtp_target_tokens
 
 
@@ -41,7 +41,7 @@ def loss_sum(model, batch: dict) -> torch.Tensor:
 
 
 def target_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return int((batch_targets(batch) != IGNORE_INDEX).sum())
 
 
 def count_tokens(group: list[dict], accelerator) -> tuple[torch.Tensor, int]:
@@ -51,14 +51,16 @@ def count_tokens(group: list[dict], accelerator) -> tuple[torch.Tensor, int]:
     return totals[0], int(totals[1].item())
 
 
-def step_groups(loader, grad_accum: int, epoch: int):
-    """Yield (epoch, [micro-batches]) forever; an epoch's incomplete last group is dropped."""
+def step_groups(loader, grad_accum: int, epoch: int, layout=None):
+    """Yield (epoch, [micro-batches]) forever; an epoch's incomplete last group is dropped.
+
+    `layout` (glmkit/train/sequence_parallel.py): each micro-batch is this process's slice of its rows."""
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         batches = iter(loader)
         while len(group := list(islice(batches, grad_accum))) == grad_accum:
-            yield epoch, group
+            yield epoch, [layout.local_batch(batch) for batch in group] if layout else group
         epoch += 1
 
 
@@ -95,7 +97,9 @@ def train_step(model, group: list[dict], *, accelerator, optimizer, scheduler, s
         with accelerator.accumulate(model):
             if stats is not None:
                 stats.begin_microbatch(batch["token_mask"])
-            # Undo Accelerate's 1/accum and DDP's 1/world: the step's loss is sum / all target tokens.
+            # Undo Accelerate's 1/accum and DDP's 1/world: the step's loss is sum / all target tokens. With
+            # sequence parallelism `loss` is this process's slice of the rows, and the average over every
+            # process sums a group's partial gradients (glmkit/train/sequence_parallel.py).
             if train_mtp:
                 loss, draft = lm_and_mtp_loss_sums(model, batch, mtp.grad_to_trunk)
                 mtp_total += draft.detach().double()
