@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 # Quick ones first, so a broken setup shows in seconds; data_prep, the longest, last.
 ALL=(memory_plan overheads vs_trainer data_efficiency loss_memory packed_attention loading sharded_load
-     expert_lora cache_verify long_document dashboard chat_prep sequence_parallel data_prep)
+     expert_lora cache_verify long_document dashboard chat_prep sequence_parallel mtp_drift data_prep)
 
 if [[ $# -gt 0 ]]; then
   selected=("$@")
