@@ -156,7 +156,8 @@ def train(cfg, args, accelerator, logs) -> int:
     sharded_state = fsdp.ShardedState(model, optimizer) if sharded else None
     checkpointer = ckpt.Checkpointer(accelerator, model, tokenizer, cfg, logs, stats, total_steps, corpus.fingerprint,
                                      sharded_state)
-    state = (ckpt.checkpoint_state(resume_path) if resume_path else LoopState()).selecting_by(ev_cfg.select_by)
+    state = (ckpt.checkpoint_state(resume_path) if resume_path else LoopState()).selecting_by(ev_cfg.select_by,
+                                                                                              corpus.changed_sets)
     if state.step >= total_steps:
         accelerator.print(f"{resume_path} is at step {state.step} of {total_steps}: the run has already "
                           f"finished. Raise training.max_steps to train further.")

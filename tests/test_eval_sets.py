@@ -162,6 +162,43 @@ def test_sigkill_then_resume_with_eval_sets_and_wsd_matches_the_uninterrupted_ru
         assert strip(resumed) == strip(uninterrupted), name  # every set's loss, every lr: to the bit
 
 
+def test_an_edited_eval_set_is_refused_on_resume_unless_allowed(eval_run, tmp_path, tiny_model_dir, demo_corpus):
+    """The eval sets are in the data fingerprint: the run selected by `code` refuses to compare a rewritten
+    code.jsonl's loss with the old file's best; --allow-data-change goes on, says so, and picks a new best."""
+    import shutil
+
+    from glmkit.run.checkpoint_names import read_meta
+
+    for name in ("run", "best"):
+        shutil.copytree(os.path.join(os.path.dirname(eval_run["out"]), name), tmp_path / name)
+    config = eval_config(tmp_path, tiny_model_dir, demo_corpus, **{"training.max_steps": 7})
+    newest = str(tmp_path / "run" / "final-checkpoint-6")
+    recorded = read_meta(newest)["data_fingerprint"]["eval_sets"]
+    assert [(e["name"], e["documents"]) for e in recorded] == [("general", 6), ("code", 5)]
+    unchanged = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "training.max_steps=6"])
+    assert unchanged.returncode == 0 and "already finished" in unchanged.stdout, unchanged.stderr[-2000:]
+
+    write_jsonl(tmp_path / "code.jsonl", CODE[:4] + ["def f4(x):\n    return x - 4\n"])  # one document edited
+    refused = run_cli(["train_qlora.py", "--config", config, "--resume"])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot resume {newest}: eval.sets changed since it was saved: eval set 'code' "
+                           f"({tmp_path / 'code.jsonl'}) differs (5 -> 5 documents). "), line
+    assert "--allow-data-change" in line and "general" not in line
+
+    allowed = run_cli(["train_qlora.py", "--config", config, "--resume", "--allow-data-change"])
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert (f"resuming {newest} on changed data (--allow-data-change): eval set 'code' ({tmp_path / 'code.jsonl'}) "
+            f"differs (5 -> 5 documents); the best adapter is picked anew by the changed set 'code'") in allowed.stdout
+    events = read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl"))
+    changed = [e for e in events if e["event"] == "data_changed"]
+    assert len(changed) == 1 and changed[0]["step"] == 6 and "eval set 'code'" in changed[0]["changes"][0]
+    # The old best (step 3, on the old file) is not compared with: step 7's eval on the new file is the best.
+    assert [e["step"] for e in events if e["event"] == "best_updated"] == [3, 7]
+    with open(tmp_path / "best" / "best.json", encoding="utf-8") as fh:
+        assert json.load(fh)["step"] == 7
+
+
 # ---------------------------------------------------------------------------
 # The schedule, and bad input: one line each
 # ---------------------------------------------------------------------------

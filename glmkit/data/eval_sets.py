@@ -25,7 +25,7 @@ import numpy as np
 from glmkit.data.rows import Rows, load_layout, pack_layout, save_layout
 from glmkit.data.sources import DataError
 
-EVAL_ROWS_VERSION = 1
+EVAL_ROWS_VERSION = 2  # 2: summary.json holds the documents' content hash (the data fingerprint's)
 LAYOUT = "eval"
 
 
@@ -61,6 +61,7 @@ def write_rows(rows_dir: str, spec: str, stores, training_digests: np.ndarray, m
     save_layout(tmp, LAYOUT, layout)
     summary = {"version": EVAL_ROWS_VERSION, "path": spec, "rows": len(layout[0]) - 1, "docs": int(len(lengths)),
                "tokens": int(lengths.sum()), "overlap": overlap,
+               "sha256": hashlib.sha256(np.ascontiguousarray(digests).tobytes()).hexdigest(),  # in file order
                "files": [{k: s.meta[k] for k in ("path", "docs", "tokens", "bad_lines", "bad_examples")}
                          for s in stores]}
     with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as fh:

@@ -64,6 +64,7 @@ class PreparedData:
     cache_dir: str
     prepared_here: bool  # this process tokenized or laid out rows (the others only mapped them)
     eval_sets: list[eval_sets.EvalSetData] = field(default_factory=list)  # eval.sets, in config order
+    changed_sets: list[str] = field(default_factory=list)  # sets whose documents a --allow-data-change resume changed
 
     @property
     def bad_line_count(self) -> int:
@@ -71,7 +72,10 @@ class PreparedData:
 
     @property
     def fingerprint(self) -> dict:
-        return self.summary["fingerprint"]
+        """The training data's (cached with the rows) and every eval set's, as a checkpoint records it."""
+        return {**self.summary["fingerprint"],
+                "eval_sets": [data_fingerprint.eval_set_entry(e.name, e.spec, e.summary["docs"], e.summary["sha256"])
+                              for e in self.eval_sets]}
 
 
 def tokenizer_workers(cfg) -> int:
@@ -444,9 +448,11 @@ def prepare_for_run(cfg, tokenizer, accelerator, logs, resume_path: str | None, 
     accelerator.print(format_summary(prepared, time.time() - started))
     if resume_path:
         meta = read_meta(resume_path)
-        changes = data_fingerprint.check_resume(resume_path, meta.get("data_fingerprint"), prepared.fingerprint,
-                                                allow_data_change, accelerator.print)
+        saved = meta.get("data_fingerprint")
+        changes = data_fingerprint.check_resume(resume_path, saved, prepared.fingerprint, allow_data_change,
+                                                accelerator.print, cfg.eval.select_by)
         if changes:
             logs.event("data_changed", meta.get("step", 0), checkpoint=resume_path, changes=changes,
                        allowed_by=data_fingerprint.OPT_IN_FLAG)
+            prepared.changed_sets = data_fingerprint.changed_sets(saved, prepared.fingerprint)
     return prepared
