@@ -24,6 +24,7 @@ import numpy as np
 
 from glmkit.data.rows import Rows, load_layout, pack_layout, save_layout
 from glmkit.data.sources import DataError
+from glmkit.run.durable import rename_durably
 
 EVAL_ROWS_VERSION = 2  # 2: summary.json holds the documents' content hash (the data fingerprint's)
 LAYOUT = "eval"
@@ -69,7 +70,7 @@ def write_rows(rows_dir: str, spec: str, stores, training_digests: np.ndarray, m
     if os.path.isdir(rows_dir):
         shutil.rmtree(tmp)
     else:
-        os.rename(tmp, rows_dir)
+        rename_durably(tmp, rows_dir)  # on disk before it is visible (a power cut)
 
 
 def load(name: str, spec: str, rows_dir: str, token_arrays, max_seq_length: int, pad: int, packing: bool,

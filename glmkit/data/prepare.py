@@ -51,6 +51,7 @@ from glmkit.data import sources
 from glmkit.data import token_store
 from glmkit.data.rows import Rows, load_layout, pack_layout, save_layout
 from glmkit.data.sources import DataError
+from glmkit.run.durable import rename_durably
 
 ROWS_VERSION = 1
 SHOWN_BAD_LINES = 20
@@ -375,7 +376,7 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
     if os.path.isdir(rows_dir):  # the same rows, kept while their token stores were rebuilt
         shutil.rmtree(tmp)
     else:
-        os.rename(tmp, rows_dir)
+        rename_durably(tmp, rows_dir)  # on disk before it is visible (a power cut)
 
 
 # ---------------------------------------------------------------------------
