@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -384,3 +385,78 @@ def test_ranks_exit_when_their_launcher_is_killed(make_config, tmp_path):
         for pid in left:  # do not leave them training on a failure
             os.kill(pid, signal.SIGKILL)
     assert not left, (tmp_path / "launch.log").read_text()[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# Power cuts: what is renamed into place is on disk first, and a damaged copy is found before it is read
+# ---------------------------------------------------------------------------
+
+SYNCED = re.compile(r"\b(?:fsync|fdatasync)\(\d+<(?P<path>[^>]*)>")
+RENAMED = re.compile(r"\brename(?:at2?)?\((?:[^,]*, )?\"(?P<src>[^\"]+)\", (?:[^,]*, )?\"(?P<dst>[^\"]+)\"")
+
+
+def sync_trace(path) -> list[tuple]:
+    """[("fsync", path) | ("rename", src, dst)] in the order an `strace -f -y` log shows them."""
+    events = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if (match := SYNCED.search(line)) and "resumed>" not in line:
+                events.append(("fsync", match["path"]))
+            elif (match := RENAMED.search(line)) and line.rstrip().endswith("= 0"):
+                events.append(("rename", match["src"], match["dst"]))
+    return events
+
+
+def test_every_folder_renamed_into_place_is_flushed_first_and_its_parent_after(make_config, tmp_path):
+    """A token store, the rows, the best adapter and the checkpoints: every file and the folder fsynced before
+    the rename that makes them visible, the parent folder (output_dir, ...) after it (strace of a real run)."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed: the fsync and rename calls cannot be watched")
+    config = make_config(SHORT_RUN)
+    trace = tmp_path / "strace.txt"
+    result = subprocess.run(["strace", "-f", "-qq", "-y", "-o", str(trace), "-e",
+                             "trace=fsync,fdatasync,rename,renameat,renameat2", sys.executable, "train_qlora.py",
+                             "--config", config], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = sync_trace(trace)
+    scratch = tmp_path / "scratch" / "tokenized"
+    targets = [os.path.join(scratch, kind, name) for kind in ("files", "rows") for name in os.listdir(scratch / kind)]
+    targets += [str(tmp_path / "best"), str(tmp_path / "run" / "checkpoint-1"), str(tmp_path / "run" / "final-checkpoint-1")]
+    for target in targets:
+        renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == target]
+        assert renames, f"no rename into {target}"
+        at, src = renames[-1], events[renames[-1]][1]
+        synced_before = {e[1] for e in events[:at] if e[0] == "fsync"}
+        files = [os.path.join(src, os.path.relpath(os.path.join(root, n), target))
+                 for root, _, names in os.walk(target) for n in names]
+        assert files and not [f for f in files if f not in synced_before], (target, synced_before)
+        assert src in synced_before, f"the folder {src} was not flushed before its rename"
+        assert ("fsync", os.path.dirname(target)) in events[at + 1:], f"{os.path.dirname(target)} not flushed after"
+
+
+@pytest.mark.parametrize("action, damage", [("--merge", "zeroed tail"), ("--sample", "cut to 0 bytes"),
+                                            ("--export-serving", "zeroed tail")])
+def test_a_damaged_best_adapter_is_one_line_naming_the_file(expert_run, tmp_path, action, damage):
+    """A power cut's images of a completed best adapter: --merge wrote a merged model from the damaged weights
+    (exit 0), --sample stopped on a SafetensorError traceback. Each now refuses before reading a weight."""
+    best = tmp_path / "best"
+    shutil.copytree(expert_run["best"], best)
+    weights = best / "adapter_model.safetensors"
+    size = os.path.getsize(weights)
+    if damage == "cut to 0 bytes":
+        os.truncate(weights, 0)
+    else:  # the size kept, the last 4,000 bytes zeros
+        with open(weights, "r+b") as fh:
+            fh.seek(size - 4000)
+            fh.write(b"\0" * 4000)
+    out = tmp_path / "out"
+    result = run_cli(["use_adapter.py", "--config", expert_run["config"], "--adapter", str(best), action,
+                      "The module" if action == "--sample" else str(out)])
+    assert_one_line_failure(result)
+    says = (f"has 0 bytes, {size:,} were written" if damage == "cut to 0 bytes"
+            else "does not match its checksum (its content changed after it was written)")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the adapter {best} is damaged: adapter_model.safetensors {says}; point --adapter at another copy "
+        f"of it (each checkpoint-N folder of the run holds its step's adapter)")
+    assert sorted(os.listdir(tmp_path)) == ["best"]  # no output, no partial folder

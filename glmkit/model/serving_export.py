@@ -37,7 +37,15 @@ import shutil
 
 import torch
 
-from glmkit.model.adapter import ADAPTER_PREFIX, Delta, MergeError, _adapter_config, _meta_skeleton, plan_deltas
+from glmkit.model.adapter import (
+    ADAPTER_PREFIX,
+    Delta,
+    MergeError,
+    _adapter_config,
+    _meta_skeleton,
+    check_adapter,
+    plan_deltas,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PARTIAL_MARKER = ".glmkit-export-partial"
@@ -84,6 +92,7 @@ def check_expressible(config: dict, adapter_dir: str) -> None:
 
 def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str) -> dict:
     """Write adapter_dir's LoRA to out_dir in the layout vLLM / SGLang load; return a summary of what was written."""
+    check_adapter(adapter_dir)
     config = _adapter_config(adapter_dir)
     check_expressible(config, adapter_dir)
     if config.get("target_parameters") or _has_fused_expert_factors(adapter_dir):

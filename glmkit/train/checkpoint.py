@@ -2,7 +2,8 @@
 
 A checkpoint is written into `.tmp-checkpoint-<step>/` and renamed to `checkpoint-<step>/`
 only after everything (Accelerate state, adapter, tokenizer, resolved config, meta) is on
-disk and a `COMPLETE` marker listing every file's size and sha256 has been written. A folder
+disk and a `COMPLETE` marker listing every file's size and sha256 (glmkit/run/manifest.py) has
+been written, every file and the folder flushed (glmkit/run/swap.py). A folder
 without the marker is never resumed from and is cleaned up; a folder whose files no longer
 match their marker is skipped by `--resume` (with a warning) in favour of the newest one that
 verifies. Only the LoRA adapter is saved, never the 4-bit base.
@@ -10,7 +11,6 @@ verifies. Only the LoRA adapter is saved, never the 4-bit base.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,6 +22,7 @@ import yaml
 
 from glmkit.config.schema import critical_keys, flatten, keys_checked_otherwise, strategy
 from glmkit.run.checkpoint_names import (
+    BEST_ADAPTER_MARKER,
     COMPLETE,
     META,
     checkpoint_path,
@@ -31,6 +32,7 @@ from glmkit.run.checkpoint_names import (
     parse_checkpoint_name,
     read_meta,
 )
+from glmkit.run.manifest import adapter_folder_problem, file_manifest, manifest_problem
 from glmkit.run.swap import recover, swap_in
 from glmkit.run.writes import WriteFailed, guarded_write
 from glmkit.train.faults import maybe_fail_write, maybe_kill
@@ -38,8 +40,6 @@ from glmkit.train.loop_state import LoopState
 from glmkit.train.world_size import MOVED_KEYS, WorldSizeChange, keep_global_batch
 
 RESOLVED_CONFIG = "training_config.resolved.yaml"
-# Written into the best-adapter folder: only a folder carrying it (or an empty one) is ever replaced.
-BEST_ADAPTER_MARKER = "best.json"
 # Beside paths.output_dir's checkpoint-N while it is rewritten (glmkit/run/swap.py): the new one, the old one.
 TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"
 
@@ -114,22 +114,6 @@ def check_free_space(directory: str, needed_bytes: int) -> None:
 # The completion marker: every file's size and sha256, verified before a resume loads anything
 # ---------------------------------------------------------------------------
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _manifest(folder: str) -> dict[str, dict]:
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            full = os.path.join(root, name)
-            with open(full, "rb") as fh:
-                os.fsync(fh.fileno())
-            files[os.path.relpath(full, folder)] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
-    return files
-
-
 def verify(path: str) -> str | None:
     """None if the checkpoint is whole; otherwise what is wrong with it, in a few words."""
     try:
@@ -138,14 +122,9 @@ def verify(path: str) -> str | None:
     except (OSError, ValueError):
         return f"its {COMPLETE} marker is missing or unreadable"
     listed = marker.get("files", {}) if isinstance(marker, dict) else {}  # markers before 2026-12 list no files
-    for name, expected in listed.items():
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            return f"{name} is missing"
-        if os.path.getsize(full) != expected["size"]:
-            return f"{name} has {os.path.getsize(full)} bytes, {expected['size']} were written"
-        if _sha256(full) != expected["sha256"]:
-            return f"{name} does not match its checksum"
+    problem = manifest_problem(path, listed)
+    if problem:
+        return problem
     try:
         read_meta(path)
         with open(os.path.join(path, RESOLVED_CONFIG), encoding="utf-8") as fh:
@@ -162,13 +141,12 @@ def finalize(tmp_dir: str, final_dir: str, meta: dict, config_dict: dict) -> Non
         json.dump(meta, fh, indent=2)
     with open(os.path.join(tmp_dir, RESOLVED_CONFIG), "w", encoding="utf-8") as fh:
         yaml.safe_dump(config_dict, fh, sort_keys=False)
-    marker = {"time": time.time(), "files": _manifest(tmp_dir)}
+    marker = {"time": time.time(), "files": file_manifest(tmp_dir)}
     with open(os.path.join(tmp_dir, COMPLETE), "w", encoding="utf-8") as fh:
         json.dump(marker, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    # A rerun that reaches the same step (--resume_from an earlier checkpoint) replaces it whole; a kill
-    # at any instant leaves the old or the new copy, and recover_interrupted_swaps restores a missing one.
+    # swap_in flushes every file and the folder first, and output_dir after. A rerun that reaches the same
+    # step (--resume_from an earlier checkpoint) replaces it whole; a kill at any instant leaves the old or
+    # the new copy, and recover_interrupted_swaps restores a missing one.
     parent, name = os.path.split(final_dir)
     swap_in(tmp_dir, final_dir, old=os.path.join(parent, OLD_PREFIX + name))
 
@@ -185,8 +163,9 @@ def retention_victims(checkpoints: list[tuple[int, str, float | None]], keep_top
 
 
 def best_adapter_is_whole(path: str) -> bool:
-    """Its marker is written last, so a folder carrying it holds a complete adapter."""
-    return os.path.isfile(os.path.join(path, BEST_ADAPTER_MARKER))
+    """Its marker is written last, listing every file's size and sha256: a folder carrying it, whose files
+    match the list, holds a complete adapter."""
+    return os.path.isfile(os.path.join(path, BEST_ADAPTER_MARKER)) and adapter_folder_problem(path) is None
 
 
 def recover_best_adapter(target: str) -> str | None:
@@ -341,11 +320,12 @@ class Checkpointer:
                            intact=lambda: f"{before}; {self._intact()}", fix="resume with --resume"):
             self.accelerator.unwrap_model(self.model).save_pretrained(tmp, state_dict=adapter)
             self.tokenizer.save_pretrained(tmp)
+            # Last, listing every other file's size and sha256: use_adapter.py checks them before it reads one.
             with open(os.path.join(tmp, BEST_ADAPTER_MARKER), "w", encoding="utf-8") as fh:
                 json.dump({"step": step, "val_loss": val_loss, "eval_set": eval_set, "time": time.time(),
-                           "written_by": "glmkit"}, fh)
+                           "written_by": "glmkit", "files": file_manifest(tmp)}, fh)
                 fh.write("\n")
-            swap_in(tmp, target)
+            swap_in(tmp, target)  # every file and the folder flushed first, the parent folder after
 
 
 # ---------------------------------------------------------------------------
