@@ -37,6 +37,7 @@ from glmkit.train.distributed import (
     check_launched_strategy,
     check_shared_output_dir,
     exit_with_parent,
+    lost_peer,
     make_accelerator,
 )
 from glmkit.train.faults import maybe_kill
@@ -158,7 +159,8 @@ def train(cfg, args, accelerator, logs) -> int:
                                      sharded_state)
     state = (ckpt.checkpoint_state(resume_path) if resume_path else LoopState()).selecting_by(ev_cfg.select_by,
                                                                                               corpus.changed_sets)
-    if state.step >= total_steps:
+    # A checkpoint of the last step that is not the final one (stopped before its final save) is finished below.
+    if ckpt.run_finished(resume_path, state.step, total_steps):
         accelerator.print(f"{resume_path} is at step {state.step} of {total_steps}: the run has already "
                           f"finished. Raise training.max_steps to train further.")
         return 0
@@ -167,6 +169,9 @@ def train(cfg, args, accelerator, logs) -> int:
                       f"processes = {rows_per_step} rows, up to {rows_per_step * t.max_seq_length:,} tokens per "
                       f"optimizer step; {total_steps} steps")
     accelerator.print(modeling.format_audit(audit))
+    # From run_start on, SIGTERM, SIGINT and SIGHUP (a hung-up terminal) end the run at a step boundary, saved and
+    # logged (`preempted`, `run_end`). Before it nothing is lost: every write so far is atomic, or a finished cache.
+    preemption = Preemption()
     if accelerator.is_main_process:  # from here on every JSONL record also goes to logging.report_to
         logs.trackers = start_trackers(cfg, state.step, state.tracker_runs, logs, world)
         state = replace(state, tracker_runs=logs.trackers.runs)
@@ -194,7 +199,6 @@ def train(cfg, args, accelerator, logs) -> int:
                    losses={name: r.val_loss for name, r in ev.items()}, baseline=True)
 
     # ---- the loop -----------------------------------------------------------------------------
-    preemption = Preemption()
     progress = progress_bar(accelerator, state.step, total_steps)
     clock = StepClock(state.elapsed_seconds)
     model.train()
@@ -241,8 +245,11 @@ def train(cfg, args, accelerator, logs) -> int:
         if agree(accelerator, logs.failed is not None):
             raise logs.failed or WriteFailed("the main process could not write the run logs (its message says why)")
 
-        # -- checkpoint, and preemption
-        preempted = preemption.requested(accelerator)
+        # -- checkpoint, and preemption (asked at the last step, the run finishes: the final save is next)
+        asked = preemption.requested(accelerator)
+        preempted = asked and step < total_steps
+        if asked and not preempted:
+            accelerator.print(f"{preemption.signal_name or 'a peer process'} at the last step: finishing the run")
         if step % lg.checkpoint_interval == 0 or preempted:
             checkpointer.save(state)
         clock.exclude_side_work()
@@ -305,6 +312,9 @@ def main(argv=None) -> int:
         close_progress_bars()
         if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
             logs.error(exc, None, accelerator.process_index)
+        if line := lost_peer(exc, accelerator, cfg.paths.output_dir):  # a peer killed: the kit's line, no traceback
+            print(f"error: {line}", file=sys.stderr)
+            return 1
         raise
     finally:
         logs.close()

@@ -460,3 +460,189 @@ def test_a_damaged_best_adapter_is_one_line_naming_the_file(expert_run, tmp_path
         f"error: the adapter {best} is damaged: adapter_model.safetensors {says}; point --adapter at another copy "
         f"of it (each checkpoint-N folder of the run holds its step's adapter)")
     assert sorted(os.listdir(tmp_path)) == ["best"]  # no output, no partial folder
+
+
+# ---------------------------------------------------------------------------
+# A hostile model folder: an index naming a shard outside it
+# ---------------------------------------------------------------------------
+
+def hostile_model(tiny_model_dir, folder, where: str) -> tuple[str, str, str]:
+    """A copy of the tiny model whose index maps one tensor to a real shard outside the folder, named by `../`
+    or by its absolute path. Returns (model dir, the outside shard, the index's name for it)."""
+    model = os.path.join(folder, "model")
+    shutil.copytree(tiny_model_dir, model)
+    index_path = os.path.join(model, "model.safetensors.index.json")
+    with open(index_path, encoding="utf-8") as fh:
+        index = json.load(fh)
+    tensor = "model.embed_tokens.weight"
+    outside = os.path.join(folder, "outside.safetensors")
+    shutil.copyfile(os.path.join(model, index["weight_map"][tensor]), outside)
+    named = "../outside.safetensors" if where == "relative" else outside
+    index["weight_map"][tensor] = named
+    with open(index_path, "w", encoding="utf-8") as fh:
+        json.dump(index, fh)
+    return model, outside, named
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_sample_refuses_an_index_naming_a_shard_outside_the_model_folder(expert_run, tiny_model_dir, tmp_path,
+                                                                         where):
+    """--sample loaded such a shard; like the trainer, --merge and --verify-only it now refuses in one line,
+    by the same check (glmkit.hub.verify.shard_map), and nothing opens the outside file (strace)."""
+    model, outside, named = hostile_model(tiny_model_dir, tmp_path, where)
+    index = os.path.join(model, "model.safetensors.index.json")
+    says = (f"{index}: maps model.embed_tokens.weight to {named!r}, which is not a file in this folder; a weight_map "
+            f"names shard files beside the index only")
+    watch = ["strace", "-f", "-qq", "-o", str(tmp_path / "openat.txt"), "-e", "trace=open,openat"] \
+        if shutil.which("strace") else []
+    sample = subprocess.run([*watch, sys.executable, "use_adapter.py", "--config", expert_run["config"], "--set",
+                             f"paths.model_dir={model}", "--sample", "The module"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert_one_line_failure(sample)
+    assert sample.stderr.strip().splitlines()[-1] == (f"error: {says}; `python download_model.py --verify-only` "
+                                                      f"lists what to fix")
+    if watch:
+        assert "outside.safetensors" not in (tmp_path / "openat.txt").read_text()
+    if where == "relative":  # the others refuse by the same words
+        merge = run_cli(["use_adapter.py", "--config", expert_run["config"], "--set", f"paths.model_dir={model}",
+                         "--merge", str(tmp_path / "merged")])
+        assert_one_line_failure(merge)
+        assert merge.stderr.strip().splitlines()[-1].startswith(f"error: {says}; ")
+        verify = run_cli(["download_model.py", "--config", expert_run["config"], "--set", f"paths.model_dir={model}",
+                          "--verify-only"])
+        assert verify.returncode != 0 and says in verify.stdout + verify.stderr, verify.stdout + verify.stderr
+        train = run_cli(["train_qlora.py", "--config", expert_run["config"], "--set", f"paths.model_dir={model}",
+                         "--set", f"paths.output_dir={tmp_path / 'run'}", "--set",
+                         f"paths.best_adapter_dir={tmp_path / 'best'}", "--set", f"paths.scratch_dir={tmp_path / 'scratch'}"])
+        assert_one_line_failure(train)
+        assert last_line(train).startswith(f"error: {says}; ")
+
+
+# ---------------------------------------------------------------------------
+# A dropped SSH session: the terminal hangs up under a running run
+# ---------------------------------------------------------------------------
+
+def _take_terminal():  # in the child, after setsid: the pty becomes its controlling terminal, as a login's does
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class Terminal:
+    """A command run on a pseudo-terminal as its controlling terminal, as an SSH session runs it. `hang_up()`
+    closes the terminal as sshd does when the connection drops: the kernel sends SIGHUP to the foreground
+    process group, and every later write to the terminal fails."""
+
+    def __init__(self, cmd: list[str], env: dict):
+        import threading
+
+        self.master, slave = os.openpty()
+        self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave,
+                                        start_new_session=True, preexec_fn=_take_terminal)
+        os.close(slave)
+        self.output, self._stop = bytearray(), threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:  # keep the terminal drained, or the run blocks on a full terminal buffer
+        import select
+
+        while not self._stop.is_set():
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                self.output += data
+
+    def hang_up(self) -> None:
+        self._stop.set()
+        self._reader.join()
+        os.close(self.master)
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+def run_then_hang_up(cmd: list[str], logs, env: dict, after_steps: int = 3) -> Terminal:
+    terminal = Terminal(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **env})
+    deadline = time.monotonic() + 300
+    while len(read_jsonl(str(logs / "training_log.jsonl"))) < after_steps:
+        assert terminal.process.poll() is None and time.monotonic() < deadline, terminal.text()[-3000:]
+        time.sleep(0.2)
+    terminal.hang_up()
+    return terminal
+
+
+LONG_RUN = {**SHORT_RUN, "training.max_steps": 400, "logging.eval_interval": 200, "logging.checkpoint_interval": 200}
+
+
+def assert_preempted_by_hangup(out, ranks: int) -> None:
+    from glmkit.train.checkpoint import verify
+
+    events = read_jsonl(str(out / "logs" / "events_log.jsonl"))
+    assert [e["event"] for e in events[-2:]] == ["preempted", "run_end"], events[-3:]
+    assert events[-2]["signal"] == "SIGHUP" and events[-1]["status"] == "preempted"
+    step = events[-1]["step"]
+    assert len(read_jsonl(str(out / "logs" / "training_log.jsonl"))) == step  # saved where it stopped: nothing lost
+    assert verify(str(out / f"checkpoint-{step}")) is None
+    assert os.path.isfile(out / f"checkpoint-{step}" / f"random_states_{ranks - 1}.pkl")  # every rank's state
+    assert read_jsonl(str(out / "logs" / "error_log.jsonl")) == []
+
+
+def test_a_hung_up_terminal_preempts_the_trainer(make_config, tmp_path):
+    """`python train_qlora.py` in the foreground of an SSH session that drops: it used to die at once (no
+    checkpoint, no run_end, a dashboard "stalled" for good); now SIGHUP is a preemption, and the trainer writes
+    nothing more to the gone terminal (each write would fail with EIO)."""
+    config = make_config(LONG_RUN)
+    terminal = run_then_hang_up([sys.executable, "train_qlora.py", "--config", config], tmp_path / "run" / "logs", {})
+    assert terminal.process.wait(timeout=300) == 0
+    assert_preempted_by_hangup(tmp_path / "run", ranks=1)
+
+
+def test_a_hung_up_terminal_preempts_every_rank_through_the_launcher(make_config, tmp_path):
+    """The kit's launcher with two ranks (each in a session of its own, out of the terminal's reach): the
+    launcher takes the SIGHUP, passes it to both ranks, which save together and exit 0, and so does it."""
+    config = make_config(LONG_RUN)
+    terminal = run_then_hang_up([sys.executable, *KIT_LAUNCH, "train_qlora.py", "--config", config],
+                                tmp_path / "run" / "logs", CPU_ENV)
+    ranks = [pid for pid in descendants(terminal.process.pid) if alive(pid)]
+    assert terminal.process.wait(timeout=300) == 0
+    assert not [pid for pid in ranks if alive(pid)]
+    assert_preempted_by_hangup(tmp_path / "run", ranks=2)
+
+
+# ---------------------------------------------------------------------------
+# A rank SIGKILLed (the OOM killer's way): the kit says which, and records it
+# ---------------------------------------------------------------------------
+
+def test_a_killed_rank_is_named_by_the_launcher_and_in_the_error_log(make_config, tmp_path):
+    config = make_config({**SHORT_RUN, "training.max_steps": 400, "logging.eval_interval": 200,
+                          "logging.checkpoint_interval": 200})
+    logs = tmp_path / "run" / "logs"
+    with open(tmp_path / "launch.log", "w") as log:
+        launcher = subprocess.Popen([sys.executable, *KIT_LAUNCH, "train_qlora.py", "--config", config], cwd=ROOT,
+                                    env={**os.environ, **CPU_ENV, "TOKENIZERS_PARALLELISM": "false"},
+                                    stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while len(read_jsonl(str(logs / "training_log.jsonl"))) < 3:
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "launch.log").read_text()
+            time.sleep(0.2)
+        from glmkit.launch.accelerate import children
+
+        rank1 = [pid for pid in children(launcher.pid) if b"RANK=1" in  # the ranks: the launcher's own children
+                 open(f"/proc/{pid}/environ", "rb").read().split(b"\0")]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGKILL)
+        assert launcher.wait(timeout=300) == 128 + signal.SIGKILL
+    said = (tmp_path / "launch.log").read_text()
+    assert (f"launch: rank 1 (pid {rank1[0]}) was killed by SIGKILL: a killed process writes nothing itself (out "
+            f"of memory? `dmesg | grep -i kill` lists the kernel's kills)") in said
+    assert "error: rank 0: another process of this run is gone (a collective lost its connection: " in said
+    assert "Traceback" not in said
+    killed = [e for e in read_jsonl(str(logs / "error_log.jsonl")) if e["rank"] == 1]
+    assert len(killed) == 1 and killed[0]["type"] == "ProcessKilled" and "was killed by SIGKILL" in killed[0]["message"]
+    assert killed[0]["step"] >= 3

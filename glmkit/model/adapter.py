@@ -62,6 +62,7 @@ def load_base_with_adapter(model_dir: str, adapter_dir: str, dtype=torch.bfloat1
 
     check_adapter(adapter_dir)
     check_fits(model_dir, adapter_dir, merging=False)  # a mismatch is one line, as for --merge, not a peft traceback
+    checkpoint_weight_map(model_dir)  # every shard the index names checked (in this folder, whole), as --merge does
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     return PeftModel.from_pretrained(base, adapter_dir), _tokenizer(model_dir, adapter_dir)
 

@@ -321,9 +321,10 @@ class Checkpointer:
             self.accelerator.unwrap_model(self.model).save_pretrained(tmp, state_dict=adapter)
             self.tokenizer.save_pretrained(tmp)
             # Last, listing every other file's size and sha256: use_adapter.py checks them before it reads one.
+            marker = {"step": step, "val_loss": val_loss, "eval_set": eval_set, "time": time.time(),
+                      "written_by": "glmkit", "files": file_manifest(tmp)}
             with open(os.path.join(tmp, BEST_ADAPTER_MARKER), "w", encoding="utf-8") as fh:
-                json.dump({"step": step, "val_loss": val_loss, "eval_set": eval_set, "time": time.time(),
-                           "written_by": "glmkit", "files": file_manifest(tmp)}, fh)
+                json.dump(marker, fh)
                 fh.write("\n")
             swap_in(tmp, target)  # every file and the folder flushed first, the parent folder after
 
@@ -341,11 +342,21 @@ def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
 
 
 def _newest_that_verifies(output_dir: str, print_fn) -> str | None:
+    """The newest checkpoint whose files match its marker, after a warning for each newer damaged one; None
+    when there is none at all. When every checkpoint is damaged, one line says so (ResumeError)."""
+    damaged = []
     for _, path in reversed(list_checkpoints(output_dir)):
         problem = verify(path)
         if problem is None:
+            for skipped, why in damaged:
+                print_fn(f"warning: skipping damaged checkpoint {skipped}: {why}")
             return path
-        print_fn(f"warning: skipping damaged checkpoint {path}: {problem}")
+        damaged.append((path, problem))
+    if damaged:
+        newest, why = damaged[0]
+        raise ResumeError(f"--resume: every checkpoint in {output_dir} is damaged ({len(damaged)} of them; the "
+                          f"newest, {newest}: {why}), so there is nothing to continue from; restore one from a "
+                          f"copy, or start a new run in another paths.output_dir")
     return None
 
 
@@ -399,6 +410,15 @@ def resume_checkpoint(cfg, args, accelerator) -> str | None:
         accelerator.print(f"resuming {path} with changed settings (allowed): {', '.join(harmless)}")
     accelerator.print(f"resuming from {path}")
     return path
+
+
+def run_finished(path: str | None, step: int, total_steps: int) -> bool:
+    """Whether resuming `path` (at `step`) has nothing left to do: past the last step, or at it with the final
+    checkpoint written. A plain checkpoint of the last step (a run stopped between its last update and its
+    final save) is not finished: the resume writes the final checkpoint and ends the run as finished."""
+    if path is None or step < total_steps:
+        return False
+    return step > total_steps or bool(read_meta(path).get("final"))
 
 
 def saved_grad_accum(path: str) -> int:

@@ -1,4 +1,5 @@
-"""Preemption: a scheduler's SIGTERM/SIGINT becomes a checkpoint at the next step boundary."""
+"""Preemption: a scheduler's SIGTERM, a Ctrl-C's SIGINT or a hung-up terminal's SIGHUP becomes a checkpoint at
+the next step boundary, on every process together (glmkit/run/hangup.py says why SIGHUP needs more)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,24 @@ import signal
 
 import torch
 
+from glmkit.run.hangup import detach_from_terminal, terminal_fds
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 
 class Preemption:
+    """Installed before run_start is logged: a signal from then on stops the run at the next step boundary."""
+
     def __init__(self):
         self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self._terminal = terminal_fds()  # noted now: after a hangup the terminal no longer says it is one
+        for sig in SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail with EIO from here on
+            detach_from_terminal(self._terminal)
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def requested(self, accelerator) -> bool:
         """True on every process if any process was signalled (so all of them save together)."""
