@@ -116,8 +116,8 @@ def train(cfg, args, accelerator, logs) -> int:
     if accelerator.is_main_process and (restored := ckpt.recover_best_adapter(cfg.paths.best_adapter_dir)):
         accelerator.print(f"restored {cfg.paths.best_adapter_dir} from {restored} (a kill interrupted its swap)")
     ckpt.check_best_adapter_dir(cfg.paths.best_adapter_dir)
+    planned_memory = memory_gate(cfg, accelerator, args.force)  # first: priced on the meta device, nothing allocated
     modeling.check_model_dir(cfg)
-    planned_memory = memory_gate(cfg, accelerator, args.force)
     tokenizer = AutoTokenizer.from_pretrained(cfg.paths.model_dir)
     corpus = all_or_none(accelerator, prepare.prepare_for_run, cfg, tokenizer, accelerator, logs, resume_path,
                          args.allow_data_change)

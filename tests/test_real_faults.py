@@ -646,3 +646,26 @@ def test_a_killed_rank_is_named_by_the_launcher_and_in_the_error_log(make_config
     killed = [e for e in read_jsonl(str(logs / "error_log.jsonl")) if e["rank"] == 1]
     assert len(killed) == 1 and killed[0]["type"] == "ProcessKilled" and "was killed by SIGKILL" in killed[0]["message"]
     assert killed[0]["step"] >= 3
+
+
+# ---------------------------------------------------------------------------
+# A model far bigger than the machine, on CPU: refused by the memory plan before anything is allocated
+# ---------------------------------------------------------------------------
+
+def test_a_model_bigger_than_host_memory_is_refused_on_cpu_before_allocating(tiny_model_dir, demo_corpus, tmp_path):
+    """hidden_size 10**9 made the CPU trainer try to allocate 8 TB (a raw traceback): the plan was checked on
+    GPUs only. Under an address-space cap, so that a regression fails here instead of swapping the machine."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_size": 10**9}))
+    run_config = write_tiny_config(tmp_path, str(model), demo_corpus, SHORT_RUN)
+    cap = ["prlimit", "--as=8000000000"] if shutil.which("prlimit") else []
+    result = subprocess.run([*cap, sys.executable, "train_qlora.py", "--config", run_config], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert_one_line_failure(result)
+    line = last_line(result)
+    assert line.startswith("error: memory plan: DOES NOT FIT in host memory - 1 process(es) x "), line
+    assert "the model's weights alone take" in line and line.endswith("; pass --force to start anyway")
+    assert not os.path.exists(tmp_path / "run" / "logs" / "events_log.jsonl") or not read_jsonl(
+        str(tmp_path / "run" / "logs" / "events_log.jsonl"))  # no run_start: nothing was loaded

@@ -52,6 +52,7 @@ from glmkit.data import token_store
 from glmkit.data.rows import Rows, load_layout, pack_layout, save_layout
 from glmkit.data.sources import DataError
 from glmkit.run.durable import rename_durably
+from glmkit.run.host_memory import available_bytes as _available_memory
 
 ROWS_VERSION = 1
 SHOWN_BAD_LINES = 20
@@ -254,15 +255,6 @@ def _unit_interval(words: np.ndarray, salt: np.uint64) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            fields = dict(line.split(":", 1) for line in fh)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 def layout_bytes(epoch_docs: int, epoch_tokens: int, max_seq_length: int, packing: bool) -> int:
