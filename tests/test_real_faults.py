@@ -534,11 +534,11 @@ class Terminal:
     closes the terminal as sshd does when the connection drops: the kernel sends SIGHUP to the foreground
     process group, and every later write to the terminal fails."""
 
-    def __init__(self, cmd: list[str], env: dict):
+    def __init__(self, cmd: list[str], env: dict, cwd=ROOT):
         import threading
 
         self.master, slave = os.openpty()
-        self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=slave, stdout=slave, stderr=slave,
+        self.process = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
                                         start_new_session=True, preexec_fn=_take_terminal)
         os.close(slave)
         self.output, self._stop = bytearray(), threading.Event()
@@ -601,6 +601,29 @@ def test_a_hung_up_terminal_preempts_the_trainer(make_config, tmp_path):
     terminal = run_then_hang_up([sys.executable, "train_qlora.py", "--config", config], tmp_path / "run" / "logs", {})
     assert terminal.process.wait(timeout=300) == 0
     assert_preempted_by_hangup(tmp_path / "run", ranks=1)
+
+
+def test_under_nohup_the_run_outlives_the_terminal(make_config, tmp_path):
+    """`nohup` asks for the run to survive the hangup: the trainer keeps SIGHUP ignored and trains on."""
+    if shutil.which("nohup") is None:
+        pytest.skip("nohup is not installed")
+    config = make_config(LONG_RUN)
+    logs = tmp_path / "run" / "logs"
+    terminal = Terminal(["nohup", sys.executable, os.path.join(ROOT, "train_qlora.py"), "--config", config],
+                        env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while len(read_jsonl(str(logs / "training_log.jsonl"))) < 3:
+        assert terminal.process.poll() is None and time.monotonic() < deadline, terminal.text()[-3000:]
+        time.sleep(0.2)
+    terminal.hang_up()
+    at_hangup = len(read_jsonl(str(logs / "training_log.jsonl")))
+    while len(read_jsonl(str(logs / "training_log.jsonl"))) < at_hangup + 3:
+        assert terminal.process.poll() is None and time.monotonic() < deadline, (tmp_path / "nohup.out").read_text()
+        time.sleep(0.2)
+    terminal.process.send_signal(signal.SIGTERM)  # a scheduler's stop, which it still honours
+    assert terminal.process.wait(timeout=300) == 0
+    events = read_jsonl(str(logs / "events_log.jsonl"))
+    assert events[-2]["event"] == "preempted" and events[-2]["signal"] == "SIGTERM"
 
 
 def test_a_hung_up_terminal_preempts_every_rank_through_the_launcher(make_config, tmp_path):

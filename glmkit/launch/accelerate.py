@@ -64,9 +64,10 @@ def forward_hangup() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGHUP)
 
-    signal.signal(signal.SIGHUP, handle)
-    # torch elastic (several processes) would install its own SIGHUP handler over this one.
+    # torch elastic (several processes) would install its own SIGHUP handler over this one (or over `nohup`'s).
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGQUIT")
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under `nohup` the run outlives the terminal
+        signal.signal(signal.SIGHUP, handle)
 
 
 class ProcessKilled(RuntimeError):

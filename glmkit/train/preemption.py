@@ -19,7 +19,9 @@ class Preemption:
         self.signal_name = None
         self._terminal = terminal_fds()  # noted now: after a hangup the terminal no longer says it is one
         for sig in SIGNALS:
-            signal.signal(sig, self._handle)
+            # An ignored SIGHUP or SIGINT was ignored on purpose (`nohup`, a background job): it stays ignored.
+            if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail with EIO from here on
