@@ -14,11 +14,13 @@ restart; "size only" is the same store with meta.json's tokens checksum removed,
 
 Part 2 (--restart-gib N): a real corpus of N GiB of JSONL (the frozen demo corpus' documents, numbered so each
 is unique, in 8 shards), prepared once cold with the tiny tokenizer, then `train_qlora.py --prepare-data` run
---repeats times on the warm cache, each a new process as a restart is. --baseline-repo PATH runs the same in
-another checkout (e.g. `git archive` of the commit before), with its own cache, for old beside new.
+--repeats times on the warm cache, each a new process as a restart is; and, in one process, `prepare_data` (the
+trainer's data step) and the store checks alone, --repeats times. --baseline-repo PATH runs the same in another
+checkout (e.g. `git archive` of the commit before), with its own cache, for old beside new. --keep leaves the
+corpus and caches; --reuse times them again without the cold preparations.
 
     .venv/bin/python bench/bench_cache_verify.py [--docs 250000 1000000] [--repeats 5] [--keep]
-    .venv/bin/python bench/bench_cache_verify.py --docs --restart-gib 1 --baseline-repo /tmp/before
+    .venv/bin/python bench/bench_cache_verify.py --docs --restart-gib 1 --baseline-repo /tmp/before [--keep] [--reuse]
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--restart-gib", type=float, default=None, help="also time a cached restart of a corpus this big")
     p.add_argument("--baseline-repo", default=None, help="with --restart-gib: another checkout to time the same way")
-    p.add_argument("--keep", action="store_true", help="keep the synthetic stores and the corpus")
+    p.add_argument("--keep", action="store_true", help="keep the synthetic stores, the corpus and its caches")
+    p.add_argument("--reuse", action="store_true", help="--restart-gib: time the corpus and caches --keep left")
     p.add_argument("--out", default=benchlib.default_out("cache_verify"))
     return p.parse_args(argv)
 
@@ -170,6 +173,26 @@ def restart_config(repo: str, name: str, model_dir: str, corpus: str) -> str:
     return path
 
 
+# The trainer's data step in one process of `repo`, on a warm cache: prepare_data, then the store checks alone.
+IN_PROCESS = r"""
+import json, sys, time
+from glmkit.config.schema import load_config
+from glmkit.data import prepare, token_store
+cfg = load_config(sys.argv[1])
+tokenizer = prepare.load_tokenizer(cfg)
+found = {"prepare_s": [], "store_check_s": []}
+for _ in range(int(sys.argv[2])):
+    started = time.perf_counter()
+    prepared = prepare.prepare_data(cfg, tokenizer, show_progress=False)
+    found["prepare_s"].append(time.perf_counter() - started)
+    assert not prepared.prepared_here
+    started = time.perf_counter()
+    assert all(token_store.damage(f["store"]) is None for f in prepared.summary["files"])
+    found["store_check_s"].append(time.perf_counter() - started)
+print(json.dumps(found))
+"""
+
+
 def prepare_once(repo: str, config: str) -> tuple[float, str]:
     env = {**os.environ, "PYTHONPATH": repo, "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
@@ -181,26 +204,34 @@ def prepare_once(repo: str, config: str) -> tuple[float, str]:
     return elapsed, done.stdout + done.stderr
 
 
-def restart(repo: str, name: str, model_dir: str, corpus: str, repeats: int) -> dict:
+def restart(repo: str, name: str, model_dir: str, corpus: str, repeats: int, reuse: bool) -> dict:
     config = restart_config(repo, name, model_dir, corpus)
-    cold, _ = prepare_once(repo, config)
+    cold = None if reuse else prepare_once(repo, config)[0]
     warm = []
     for _ in range(repeats):
         seconds, output = prepare_once(repo, config)
         assert "(the cache was warm)" in output, output[-2000:]
         warm.append(seconds)
+    done = subprocess.run([sys.executable, "-c", IN_PROCESS, config, str(repeats)], cwd=repo, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": repo, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        raise SystemExit(f"the in-process timing failed in {repo}: {done.stderr[-2000:]}")
+    in_process = json.loads(done.stdout.strip().splitlines()[-1])
     store_bytes = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in
                       os.walk(os.path.join(WORK, name, "scratch", "tokenized", "files")) for f in files
                       if f == "tokens.u32")
-    return {"repo": repo, "cold_s": cold, "warm_s": benchlib.summary(warm), "raw": warm,
-            "tokens_u32_bytes": store_bytes}
+    return {"repo": repo, "cold_s": cold, "warm_s": benchlib.summary(warm), "tokens_u32_bytes": store_bytes,
+            "prepare_s": benchlib.summary(in_process["prepare_s"]),
+            "store_check_s": benchlib.summary(in_process["store_check_s"]),
+            "raw": {"warm_s": warm, **in_process}, "loadavg_after": list(os.getloadavg())}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     info = benchlib.machine_info()
-    shutil.rmtree(WORK, ignore_errors=True)
-    os.makedirs(WORK)
+    if not args.reuse:
+        shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK, exist_ok=True)
     results = {"command": " ".join(sys.argv), "machine": info, "checks": checks(args.docs, args.repeats)}
     print(benchlib.machine_line(info))
     if results["checks"]:
@@ -214,18 +245,21 @@ def main(argv=None) -> int:
     if args.restart_gib:
         from glmkit.demo.tiny import write_tiny_checkpoint
 
-        model_dir = os.path.join(WORK, "model")
-        write_tiny_checkpoint(model_dir, seed=0)
-        corpus = write_corpus(os.path.join(WORK, "corpus"), args.restart_gib)
+        model_dir, corpus = os.path.join(WORK, "model"), os.path.join(WORK, "corpus")
+        if not args.reuse:
+            write_tiny_checkpoint(model_dir, seed=0)
+            write_corpus(corpus, args.restart_gib)
         repos = ([("before", os.path.abspath(args.baseline_repo))] if args.baseline_repo else []) + \
             [("this checkout", benchlib.REPO_ROOT)]
-        results["restart"] = {label: restart(repo, f"restart-{i}", model_dir, corpus, args.repeats)
+        results["restart"] = {label: restart(repo, f"restart-{i}", model_dir, corpus, args.repeats, args.reuse)
                               for i, (label, repo) in enumerate(repos)}
-        print(f"\na cached restart of {args.restart_gib:g} GiB of JSONL: train_qlora.py --prepare-data on a warm cache")
-        print(benchlib.table(["code", "tokens.u32 MiB", "cold s", "warm s (median)", "p25-p75"],
-                             [[label, f"{r['tokens_u32_bytes'] / 2**20:,.0f}", f"{r['cold_s']:.1f}",
-                               f"{r['warm_s']['median']:.2f}", f"{r['warm_s']['p25']:.2f}-{r['warm_s']['p75']:.2f}"]
-                              for label, r in results["restart"].items()]))
+        print(f"\na cached restart of {args.restart_gib:g} GiB of JSONL (medians of {args.repeats})")
+        print(benchlib.table(["code", "tokens.u32 MiB", "cold prepare s", "--prepare-data, new process s",
+                              "prepare_data in process s", "store checks s"],
+                             [[label, f"{r['tokens_u32_bytes'] / 2**20:,.0f}",
+                               "reused" if r["cold_s"] is None else f"{r['cold_s']:.0f}",
+                               f"{r['warm_s']['median']:.2f}", f"{r['prepare_s']['median']:.2f}",
+                               f"{r['store_check_s']['median']:.2f}"] for label, r in results["restart"].items()]))
     benchlib.write_json(args.out, results)
     if not args.keep:
         shutil.rmtree(WORK, ignore_errors=True)

@@ -21,8 +21,8 @@ overwritten) fails `damage` and is rebuilt: a half-zeroed tokens.u32 of the righ
 
 Why CRC-32 in blocks for tokens.u32 (about 4 bytes a token, the bulk of the cache): every warm start
 reads it whole, so the check must cost little more than the read. zlib's CRC-32 ran at 1.4 GB/s on one
-core here, SHA-256 at 0.7 GB/s (with SHA-NI), BLAKE2b at 0.6 GB/s; blocks are checked on every core at
-once (zlib releases the GIL). A 1 GiB corpus' store verifies in well under the 5 s a warm start may take
+core here, SHA-256 at 0.7 GB/s (with SHA-NI), BLAKE2b at 0.5-0.6 GB/s; blocks are checked on every core
+at once (zlib releases the GIL). A 1 GiB corpus' stores verify in about 0.9 s on two busy cores
 (docs/BENCHMARKS.md). CRC-32 finds any damage of a block but for one pattern in 4 billion; it is no
 defence against a deliberate edit, which is not what it is for.
 """
