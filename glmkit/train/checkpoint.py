@@ -314,7 +314,8 @@ class Checkpointer:
         check_best_adapter_dir(target)
         tmp = f"{target}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        before = (f"the previous best adapter in {target} is intact" if best_adapter_is_whole(target)
+        before = (f"the previous best adapter in {target} is intact"  # (its marker: no hashing at every eval)
+                  if os.path.isfile(os.path.join(target, BEST_ADAPTER_MARKER))
                   else "no best adapter was written before")
         with guarded_write("the best adapter", target, partial=tmp, passes=(CheckpointError,),
                            intact=lambda: f"{before}; {self._intact()}", fix="resume with --resume"):
