@@ -39,7 +39,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -447,5 +447,5 @@ def prepare_for_run(cfg, tokenizer, accelerator, logs, resume_path: str | None, 
         if changes:
             logs.event("data_changed", meta.get("step", 0), checkpoint=resume_path, changes=changes,
                        allowed_by=data_fingerprint.OPT_IN_FLAG)
-            prepared.changed_sets = data_fingerprint.changed_sets(saved, prepared.fingerprint)
+            prepared = replace(prepared, changed_sets=data_fingerprint.changed_sets(saved, prepared.fingerprint))
     return prepared
