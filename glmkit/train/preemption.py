@@ -19,8 +19,9 @@ class Preemption:
         self.signal_name = None
         self._terminal = terminal_fds()  # noted now: after a hangup the terminal no longer says it is one
         for sig in SIGNALS:
-            # An ignored SIGHUP or SIGINT was ignored on purpose (`nohup`, a background job): it stays ignored.
-            if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+            # An ignored SIGHUP was ignored on purpose (`nohup`): the run outlives the terminal. (A background
+            # job's ignored SIGINT is not a request: a `kill -INT` still means stop.)
+            if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN:
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
