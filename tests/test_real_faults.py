@@ -527,6 +527,8 @@ def _take_terminal():  # in the child, after setsid: the pty becomes its control
     import termios
 
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    for sig in (signal.SIGHUP, signal.SIGINT):  # a login's defaults, whatever the test runner ignores (nohup)
+        signal.signal(sig, signal.SIG_DFL)
 
 
 class Terminal:
