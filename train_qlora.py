@@ -40,7 +40,13 @@ from glmkit.run.trackers import require_installed
 from glmkit.run.writes import WriteFailed
 from glmkit.train.checkpoint import CheckpointError, ResumeError
 from glmkit.train.consensus import all_or_none, any_process
-from glmkit.train.distributed import LaunchMismatch, check_launched_strategy, exit_with_parent, make_accelerator
+from glmkit.train.distributed import (
+    LaunchMismatch,
+    check_launched_strategy,
+    exit_with_parent,
+    lost_peer,
+    make_accelerator,
+)
 from glmkit.train.faults import maybe_kill
 from glmkit.train.loop_state import LoopState
 from glmkit.train.progress import close_progress_bars
@@ -210,6 +216,7 @@ def train(cfg, args, accelerator, logs) -> int:
         checkpoint_state,
         decide_resume,
         recover_best_adapter,
+        run_finished,
     )
     from glmkit.train.ddp import sync_report
     from glmkit.train.distributed import check_shared_output_dir
@@ -234,9 +241,9 @@ def train(cfg, args, accelerator, logs) -> int:
     if accelerator.is_main_process and (restored := recover_best_adapter(cfg.paths.best_adapter_dir)):
         accelerator.print(f"restored {cfg.paths.best_adapter_dir} from {restored} (a kill interrupted its swap)")
     check_best_adapter_dir(cfg.paths.best_adapter_dir)
+    planned_memory = memory_gate(cfg, accelerator, args.force)  # first: priced on the meta device, nothing allocated
     check_model_dir(cfg)
     check_activation_offload(cfg, accelerator.device)
-    planned_memory = memory_gate(cfg, accelerator, args.force)
     layout = setup_sequence_parallel(cfg, accelerator)  # distributed.sequence_parallel: who shares which rows
     data = setup_data(cfg, accelerator, logs, resume.path, args.allow_data_change, layout)
     built = setup_model(cfg, accelerator)
@@ -249,9 +256,11 @@ def train(cfg, args, accelerator, logs) -> int:
     sharded_state = ShardedState(model, optimizer) if strategy(cfg) == FSDP else None
     checkpointer = Checkpointer(accelerator, model, data.tokenizer, cfg, logs, stats, data.total_steps,
                                 data.corpus.fingerprint, sharded_state)
-    state = (checkpoint_state(resume.path) if resume.path else LoopState()).selecting_by(cfg.eval.select_by)
+    state = (checkpoint_state(resume.path) if resume.path else LoopState()).selecting_by(cfg.eval.select_by,
+                                                                                          data.corpus.changed_sets)
     total_steps, world = data.total_steps, accelerator.num_processes
-    if state.step >= total_steps:
+    # A checkpoint of the last step that is not the final one (stopped before its final save) is finished below.
+    if run_finished(resume.path, state.step, total_steps):
         accelerator.print(f"{resume.path} is at step {state.step} of {total_steps}: the run has already "
                           f"finished. Raise training.max_steps to train further.")
         return 0
@@ -263,6 +272,9 @@ def train(cfg, args, accelerator, logs) -> int:
                       f"{cfg.optimization.grad_accum_steps} accum x {dealt} = {rows_per_step} rows, up to "
                       f"{tokens_per_step:,} tokens per optimizer step; {total_steps} steps")
     accelerator.print(format_audit(built.audit))
+    # From run_start on, SIGTERM, SIGINT and SIGHUP (a hung-up terminal) end the run at a step boundary, saved and
+    # logged (`preempted`, `run_end`). Before it nothing is lost: every write so far is atomic, or a finished cache.
+    preemption = Preemption()
     if accelerator.is_main_process:  # from here on every JSONL record also goes to logging.report_to
         logs.trackers = start_trackers(cfg, state.step, state.tracker_runs, logs, world)
         state = replace(state, tracker_runs=logs.trackers.runs)
@@ -283,7 +295,6 @@ def train(cfg, args, accelerator, logs) -> int:
         state = run_eval(0, model, data, accelerator, cfg, logs, state)
 
     # ---- the loop ----------------------------------------------------------------------------------------------
-    preemption = Preemption()
     progress = progress_bar(accelerator, state.step, total_steps)
     clock = StepClock(state.elapsed_seconds)
     model.train()
@@ -328,8 +339,11 @@ def train(cfg, args, accelerator, logs) -> int:
         if any_process(accelerator, logs.failed is not None):
             raise logs.failed or WriteFailed("the main process could not write the run logs (its message says why)")
 
-        # -- checkpoint, and preemption; the last step's checkpoint is the final one, written once below
-        preempted = preemption.requested(accelerator) and step < total_steps
+        # -- checkpoint, and preemption; a signal at the last step finishes the run: the final save is next
+        asked = preemption.requested(accelerator)
+        preempted = asked and step < total_steps
+        if asked and not preempted:
+            accelerator.print(f"{preemption.signal_name or 'a peer process'} at the last step: finishing the run")
         if (step % cfg.checkpoint.interval == 0 and step < total_steps) or preempted:
             checkpointer.save(state)
         clock.exclude_side_work()
@@ -416,6 +430,9 @@ def main(argv=None) -> int:
         close_progress_bars()
         if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
             logs.error(exc, None, accelerator.process_index)
+        if line := lost_peer(exc, accelerator, cfg.paths.output_dir):  # a peer killed: the kit's line, no traceback
+            print(f"error: {line}", file=sys.stderr)
+            return 1
         raise
     finally:
         logs.close()

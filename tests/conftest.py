@@ -136,8 +136,8 @@ def shared_folder(tmp_path_factory, name: str, build) -> pathlib.Path:
     return folder
 
 
-# Both are built in a fresh process, as `download_model.py --tiny` and `python -m glmkit.demo.corpus` do:
-# the tokenizer and the corpus come from pydoc renderings, which pytest's own imports would change.
+# Both are built in a fresh process, as `download_model.py --tiny` and `python -m glmkit.demo.corpus` do. Both come
+# from inputs the repository fixes (the frozen corpus, seeded weights); PINNED_INPUTS holds their hashes.
 
 def write_tiny_model_in_fresh_process(path: str, env: dict | None = None) -> None:
     code = f"from glmkit.demo.tiny import write_tiny_checkpoint; write_tiny_checkpoint({path!r}, seed=0)"
@@ -149,6 +149,41 @@ def write_demo_corpus_in_fresh_process(path: str, max_docs: int, env: dict | Non
     code = f"from glmkit.demo.corpus import write_demo_corpus; write_demo_corpus({path!r}, max_docs={max_docs})"
     result = run_cli(["-c", code], env=env)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# What every number the suite pins (tests/test_train.py, tests/test_eval_sets.py) is computed from: the demo corpus
+# the tests train on (its first 400 documents), the tiny model's tokenizer and its weights, by sha256. They depend
+# only on the repository (the frozen corpus, a seeded init; torch's vectorised normal_ on any AVX2 or newer CPU), so
+# a machine that builds other inputs is told which one differs before any loss is compared.
+PINNED_INPUTS = {
+    "the demo corpus (400 documents)": "64078ff2a591c142fae907b7e37efdd1819812c9c2a87516f80bab5baf9e1f66",
+    "the tiny model's tokenizer.json": "3c5da4ed8b9c81cd831639169d71a9e7ab38cd3d555d723566d7503d5f4b2e46",
+    "the tiny model's weights (every *.safetensors shard)": "bc9be8a5f8544fd1fd029deaab644d340a3c670492a28aab95d3479d8b8978d4",
+}
+
+
+def pinned_input_hashes(model_dir: str, corpus: str) -> dict[str, str]:
+    """The sha256 of each input PINNED_INPUTS names, as built here (`cat FILES | sha256sum` gives the same)."""
+    import hashlib
+
+    def digest(paths) -> str:
+        h = hashlib.sha256()
+        for path in paths:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    shards = sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    return dict(zip(PINNED_INPUTS, (digest([corpus]), digest([os.path.join(model_dir, "tokenizer.json")]),
+                                    digest(shards))))
+
+
+def assert_pinned_inputs(model_dir: str, corpus: str) -> None:
+    """Fail naming the input, if one differs from what the pinned numbers were computed from."""
+    differ = [f"{name}: sha256 {found[:16]}..., the pins were computed from {PINNED_INPUTS[name][:16]}..."
+              for name, found in pinned_input_hashes(model_dir, corpus).items() if found != PINNED_INPUTS[name]]
+    assert not differ, "inputs of the pinned numbers differ on this machine: " + "; ".join(differ)
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,22 @@ def test_malformed_lines_are_counted_and_skipped(run):
     assert client.get("/api/series/loss").get_json()["x"] == list(range(1, 9))
 
 
+def test_a_negative_step_never_wipes_the_history(run):
+    """One valid line with "step": -5 counted as a resume from before step 1 and emptied /api/series/loss;
+    so did a resume event from step -5. Both are dropped (the line counted as bad), the history stays."""
+    run.steps(1, 5)
+    client = make_client(run)
+    assert client.get("/api/series/loss").get_json()["x"] == [1, 2, 3, 4, 5]
+    run.train(-5)  # the trainer's own record shape: the fast parser reads it too
+    run.event("resume", -5, from_step=-5, checkpoint="checkpoint-x")
+    run.steps(6, 8)
+    assert client.get("/api/series/loss").get_json()["x"] == list(range(1, 9))
+    s = stats(client)
+    assert s["step"] == 8 and s["bad_lines_by_file"]["training_log.jsonl"] == 1
+    run.append_raw("train", json.dumps({"step": -5, "loss": 1.0, "time": run.tick()}) + "\n")  # alone in a block
+    assert client.get("/api/series/loss").get_json()["x"] == list(range(1, 9))
+
+
 def test_unfinished_last_line_is_held_back_until_complete(run):
     run.steps(1, 3)
     line = json.dumps({"step": 4, "time": time.time(), "loss": 0.5, "lr": 1e-4, "grad_norm": 1.0,

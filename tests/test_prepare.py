@@ -260,7 +260,8 @@ def test_config_shapes_of_data_path(tmp_path):
 # ---------------------------------------------------------------------------
 
 def test_damaged_cache_is_rebuilt_and_stores_of_changed_files_are_removed(tmp_path, config_for, demo_corpus, capfd):
-    """A truncated tokens.u32 used to be "warm": --prepare-data exit 0, then an IndexError mid-run."""
+    """A truncated tokens.u32 used to be "warm": --prepare-data exit 0, then an IndexError mid-run; so did one
+    zeroed at its size (a power cut's image), which trained on token id 0."""
     texts = demo_texts(demo_corpus)
     kept = write_shard(tmp_path / "other" / "kept.jsonl", texts[:40])
     prepared(config_for(kept, name="other.yaml"))  # another run's store over a file that stays as it is
@@ -281,6 +282,15 @@ def test_damaged_cache_is_rebuilt_and_stores_of_changed_files_are_removed(tmp_pa
     tokens = os.path.join(store, "tokens.u32")
     damaged_then_rebuilt(lambda: os.truncate(tokens, os.path.getsize(tokens) - 4),
                          f"data: token store {store} is damaged (tokens.u32 holds ")
+    size = os.path.getsize(tokens)
+
+    def power_cut_image():  # what an unsynced write can come back as: the full size, a third of it zeros
+        with open(tokens, "r+b") as fh:
+            fh.seek(size // 3)
+            fh.write(b"\0" * (size // 3))
+
+    damaged_then_rebuilt(power_cut_image, f"data: token store {store} is damaged (tokens.u32 does not match its "
+                                          f"checksum in bytes 0 to {size:,} of {size:,}); rebuilding it\n")
     digests = os.path.join(store, "digests.b16")
 
     def flip_a_byte():
@@ -305,6 +315,27 @@ def test_damaged_cache_is_rebuilt_and_stores_of_changed_files_are_removed(tmp_pa
     stores = {json.load(open(files_dir / name / "meta.json"))["path"] for name in os.listdir(files_dir)}
     assert stores == {kept, shard} and not os.path.exists(store) and not os.path.exists(first.cache_dir)
     assert len(os.listdir(tmp_path / "scratch" / "tokenized" / "rows")) == 2 and changed.cache_dir != first.cache_dir
+
+
+def test_the_tokens_checksum_is_per_block_and_names_the_damaged_one(tmp_path):
+    """Fed in pieces that straddle block boundaries, as the writer feeds it; verified block by block."""
+    import numpy as np
+
+    from glmkit.data.token_store import BlockCrc, _tokens_damage
+
+    data = np.random.default_rng(0).integers(0, 2**32, 2600, dtype=np.uint32)  # 10,400 bytes
+    crc = BlockCrc(block_bytes=4000)
+    for piece in np.split(data, [7, 1000, 1001, 2600]):
+        crc.update(piece)
+    path = tmp_path / "tokens.u32"
+    path.write_bytes(data.tobytes())
+    recorded = crc.record()
+    assert len(recorded["blocks"]) == 3 and _tokens_damage(str(path), recorded) is None
+    with open(path, "r+b") as fh:
+        fh.seek(4100)
+        fh.write(b"\0" * 8)
+    assert _tokens_damage(str(path), recorded) == ("tokens.u32 does not match its checksum in bytes 4,000 to 8,000 "
+                                                   "of 10,400")
 
 
 @pytest.mark.parametrize("layout", ["same path twice", "a folder and a file inside it", "a glob and a file"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -389,3 +390,312 @@ def test_ranks_exit_when_their_launcher_is_killed(make_config, tmp_path):
         for pid in left:  # do not leave them training on a failure
             os.kill(pid, signal.SIGKILL)
     assert not left, (tmp_path / "launch.log").read_text()[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# Power cuts: what is renamed into place is on disk first, and a damaged copy is found before it is read
+# ---------------------------------------------------------------------------
+
+SYNCED = re.compile(r"\b(?:fsync|fdatasync)\(\d+<(?P<path>[^>]*)>")
+RENAMED = re.compile(r"\brename(?:at2?)?\((?:[^,]*, )?\"(?P<src>[^\"]+)\", (?:[^,]*, )?\"(?P<dst>[^\"]+)\"")
+
+
+def sync_trace(path) -> list[tuple]:
+    """[("fsync", path) | ("rename", src, dst)] in the order an `strace -f -y` log shows them."""
+    events = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if (match := SYNCED.search(line)) and "resumed>" not in line:
+                events.append(("fsync", match["path"]))
+            elif (match := RENAMED.search(line)) and line.rstrip().endswith("= 0"):
+                events.append(("rename", match["src"], match["dst"]))
+    return events
+
+
+def test_every_folder_renamed_into_place_is_flushed_first_and_its_parent_after(make_config, tmp_path):
+    """A token store, the rows, the best adapter and the checkpoints: every file and the folder fsynced before
+    the rename that makes them visible, the parent folder (output_dir, ...) after it (strace of a real run)."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed: the fsync and rename calls cannot be watched")
+    config = make_config(SHORT_RUN)
+    trace = tmp_path / "strace.txt"
+    result = subprocess.run(["strace", "-f", "-qq", "-y", "-o", str(trace), "-e",
+                             "trace=fsync,fdatasync,rename,renameat,renameat2", sys.executable, "train_qlora.py",
+                             "--config", config], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = sync_trace(trace)
+    scratch = tmp_path / "scratch" / "tokenized"
+    targets = [os.path.join(scratch, kind, name) for kind in ("files", "rows") for name in os.listdir(scratch / kind)]
+    targets += [str(tmp_path / "best"), str(tmp_path / "run" / "checkpoint-1"), str(tmp_path / "run" / "final-checkpoint-1")]
+    for target in targets:
+        renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == target]
+        assert renames, f"no rename into {target}"
+        at, src = renames[-1], events[renames[-1]][1]
+        synced_before = {e[1] for e in events[:at] if e[0] == "fsync"}
+        files = [os.path.join(src, os.path.relpath(os.path.join(root, n), target))
+                 for root, _, names in os.walk(target) for n in names]
+        assert files and not [f for f in files if f not in synced_before], (target, synced_before)
+        assert src in synced_before, f"the folder {src} was not flushed before its rename"
+        assert ("fsync", os.path.dirname(target)) in events[at + 1:], f"{os.path.dirname(target)} not flushed after"
+
+
+@pytest.mark.parametrize("action, damage", [("--merge", "zeroed tail"), ("--sample", "cut to 0 bytes"),
+                                            ("--export-serving", "zeroed tail")])
+def test_a_damaged_best_adapter_is_one_line_naming_the_file(expert_run, tmp_path, action, damage):
+    """A power cut's images of a completed best adapter: --merge wrote a merged model from the damaged weights
+    (exit 0), --sample stopped on a SafetensorError traceback. Each now refuses before reading a weight."""
+    best = tmp_path / "best"
+    shutil.copytree(expert_run["best"], best)
+    weights = best / "adapter_model.safetensors"
+    size = os.path.getsize(weights)
+    if damage == "cut to 0 bytes":
+        os.truncate(weights, 0)
+    else:  # the size kept, the last 4,000 bytes zeros
+        with open(weights, "r+b") as fh:
+            fh.seek(size - 4000)
+            fh.write(b"\0" * 4000)
+    out = tmp_path / "out"
+    result = run_cli(["use_adapter.py", "--config", expert_run["config"], "--adapter", str(best), action,
+                      "The module" if action == "--sample" else str(out)])
+    assert_one_line_failure(result)
+    says = (f"has 0 bytes, {size:,} were written" if damage == "cut to 0 bytes"
+            else "does not match its checksum (its content changed after it was written)")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the adapter {best} is damaged: adapter_model.safetensors {says}; point --adapter at another copy "
+        f"of it (each checkpoint-N folder of the run holds its step's adapter)")
+    assert sorted(os.listdir(tmp_path)) == ["best"]  # no output, no partial folder
+
+
+# ---------------------------------------------------------------------------
+# A hostile model folder: an index naming a shard outside it
+# ---------------------------------------------------------------------------
+
+def hostile_model(tiny_model_dir, folder, where: str) -> tuple[str, str, str]:
+    """A copy of the tiny model whose index maps one tensor to a real shard outside the folder, named by `../`
+    or by its absolute path. Returns (model dir, the outside shard, the index's name for it)."""
+    model = os.path.join(folder, "model")
+    shutil.copytree(tiny_model_dir, model)
+    index_path = os.path.join(model, "model.safetensors.index.json")
+    with open(index_path, encoding="utf-8") as fh:
+        index = json.load(fh)
+    tensor = "model.embed_tokens.weight"
+    outside = os.path.join(folder, "outside.safetensors")
+    shutil.copyfile(os.path.join(model, index["weight_map"][tensor]), outside)
+    named = "../outside.safetensors" if where == "relative" else outside
+    index["weight_map"][tensor] = named
+    with open(index_path, "w", encoding="utf-8") as fh:
+        json.dump(index, fh)
+    return model, outside, named
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_sample_refuses_an_index_naming_a_shard_outside_the_model_folder(expert_run, tiny_model_dir, tmp_path,
+                                                                         where):
+    """--sample loaded such a shard; like the trainer, --merge and --verify-only it now refuses in one line,
+    by the same check (glmkit.hub.verify.shard_map), and nothing opens the outside file (strace)."""
+    model, outside, named = hostile_model(tiny_model_dir, tmp_path, where)
+    index = os.path.join(model, "model.safetensors.index.json")
+    says = (f"{index}: maps model.embed_tokens.weight to {named!r}, which is not a file in this folder; a weight_map "
+            f"names shard files beside the index only")
+    watch = ["strace", "-f", "-qq", "-o", str(tmp_path / "openat.txt"), "-e", "trace=open,openat"] \
+        if shutil.which("strace") else []
+    sample = subprocess.run([*watch, sys.executable, "use_adapter.py", "--config", expert_run["config"], "--set",
+                             f"paths.model_dir={model}", "--sample", "The module"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert_one_line_failure(sample)
+    assert sample.stderr.strip().splitlines()[-1] == (f"error: {says}; `python download_model.py --verify-only` "
+                                                      f"lists what to fix")
+    if watch:
+        assert "outside.safetensors" not in (tmp_path / "openat.txt").read_text()
+    if where == "relative":  # the others refuse by the same words
+        merge = run_cli(["use_adapter.py", "--config", expert_run["config"], "--set", f"paths.model_dir={model}",
+                         "--merge", str(tmp_path / "merged")])
+        assert_one_line_failure(merge)
+        assert merge.stderr.strip().splitlines()[-1].startswith(f"error: {says}; ")
+        verify = run_cli(["download_model.py", "--config", expert_run["config"], "--set", f"paths.model_dir={model}",
+                          "--verify-only"])
+        assert verify.returncode != 0 and says in verify.stdout + verify.stderr, verify.stdout + verify.stderr
+        train = run_cli(["train_qlora.py", "--config", expert_run["config"], "--set", f"paths.model_dir={model}",
+                         "--set", f"paths.output_dir={tmp_path / 'run'}", "--set",
+                         f"paths.best_adapter_dir={tmp_path / 'best'}", "--set", f"paths.scratch_dir={tmp_path / 'scratch'}"])
+        assert_one_line_failure(train)
+        assert last_line(train).startswith(f"error: {says}; ")
+
+
+# ---------------------------------------------------------------------------
+# A dropped SSH session: the terminal hangs up under a running run
+# ---------------------------------------------------------------------------
+
+def _take_terminal():  # in the child, after setsid: the pty becomes its controlling terminal, as a login's does
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    for sig in (signal.SIGHUP, signal.SIGINT):  # a login's defaults, whatever the test runner ignores (nohup)
+        signal.signal(sig, signal.SIG_DFL)
+
+
+class Terminal:
+    """A command run on a pseudo-terminal as its controlling terminal, as an SSH session runs it. `hang_up()`
+    closes the terminal as sshd does when the connection drops: the kernel sends SIGHUP to the foreground
+    process group, and every later write to the terminal fails."""
+
+    def __init__(self, cmd: list[str], env: dict, cwd=ROOT):
+        import threading
+
+        self.master, slave = os.openpty()
+        self.process = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
+                                        start_new_session=True, preexec_fn=_take_terminal)
+        os.close(slave)
+        self.output, self._stop = bytearray(), threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:  # keep the terminal drained, or the run blocks on a full terminal buffer
+        import select
+
+        while not self._stop.is_set():
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                self.output += data
+
+    def hang_up(self) -> None:
+        self._stop.set()
+        self._reader.join()
+        os.close(self.master)
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+def run_then_hang_up(cmd: list[str], logs, env: dict, after_steps: int = 3) -> Terminal:
+    terminal = Terminal(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **env})
+    deadline = time.monotonic() + 300
+    while len(read_jsonl(str(logs / "training_log.jsonl"))) < after_steps:
+        assert terminal.process.poll() is None and time.monotonic() < deadline, terminal.text()[-3000:]
+        time.sleep(0.2)
+    terminal.hang_up()
+    return terminal
+
+
+LONG_RUN = {**SHORT_RUN, "training.max_steps": 400, "logging.eval_interval": 200, "checkpoint.interval": 200}
+
+
+def assert_preempted_by_hangup(out, ranks: int) -> None:
+    from glmkit.train.checkpoint import verify
+
+    events = read_jsonl(str(out / "logs" / "events_log.jsonl"))
+    assert [e["event"] for e in events[-2:]] == ["preempted", "run_end"], events[-3:]
+    assert events[-2]["signal"] == "SIGHUP" and events[-1]["status"] == "preempted"
+    step = events[-1]["step"]
+    assert len(read_jsonl(str(out / "logs" / "training_log.jsonl"))) == step  # saved where it stopped: nothing lost
+    assert verify(str(out / f"checkpoint-{step}")) is None
+    assert os.path.isfile(out / f"checkpoint-{step}" / f"random_states_{ranks - 1}.pkl")  # every rank's state
+    assert read_jsonl(str(out / "logs" / "error_log.jsonl")) == []
+
+
+def test_a_hung_up_terminal_preempts_the_trainer(make_config, tmp_path):
+    """`python train_qlora.py` in the foreground of an SSH session that drops: it used to die at once (no
+    checkpoint, no run_end, a dashboard "stalled" for good); now SIGHUP is a preemption, and the trainer writes
+    nothing more to the gone terminal (each write would fail with EIO)."""
+    config = make_config(LONG_RUN)
+    terminal = run_then_hang_up([sys.executable, "train_qlora.py", "--config", config], tmp_path / "run" / "logs", {})
+    assert terminal.process.wait(timeout=300) == 0
+    assert_preempted_by_hangup(tmp_path / "run", ranks=1)
+
+
+def test_under_nohup_the_run_outlives_the_terminal(make_config, tmp_path):
+    """`nohup` asks for the run to survive the hangup: the trainer keeps SIGHUP ignored and trains on."""
+    if shutil.which("nohup") is None:
+        pytest.skip("nohup is not installed")
+    config = make_config(LONG_RUN)
+    logs = tmp_path / "run" / "logs"
+    terminal = Terminal(["nohup", sys.executable, os.path.join(ROOT, "train_qlora.py"), "--config", config],
+                        env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while len(read_jsonl(str(logs / "training_log.jsonl"))) < 3:
+        assert terminal.process.poll() is None and time.monotonic() < deadline, terminal.text()[-3000:]
+        time.sleep(0.2)
+    terminal.hang_up()
+    at_hangup = len(read_jsonl(str(logs / "training_log.jsonl")))
+    while len(read_jsonl(str(logs / "training_log.jsonl"))) < at_hangup + 3:
+        assert terminal.process.poll() is None and time.monotonic() < deadline, (tmp_path / "nohup.out").read_text()
+        time.sleep(0.2)
+    terminal.process.send_signal(signal.SIGTERM)  # a scheduler's stop, which it still honours
+    assert terminal.process.wait(timeout=300) == 0
+    events = read_jsonl(str(logs / "events_log.jsonl"))
+    assert events[-2]["event"] == "preempted" and events[-2]["signal"] == "SIGTERM"
+
+
+def test_a_hung_up_terminal_preempts_every_rank_through_the_launcher(make_config, tmp_path):
+    """The kit's launcher with two ranks (each in a session of its own, out of the terminal's reach): the
+    launcher takes the SIGHUP, passes it to both ranks, which save together and exit 0, and so does it."""
+    config = make_config(LONG_RUN)
+    terminal = run_then_hang_up([sys.executable, *KIT_LAUNCH, "train_qlora.py", "--config", config],
+                                tmp_path / "run" / "logs", CPU_ENV)
+    ranks = [pid for pid in descendants(terminal.process.pid) if alive(pid)]
+    assert terminal.process.wait(timeout=300) == 0
+    assert not [pid for pid in ranks if alive(pid)]
+    assert_preempted_by_hangup(tmp_path / "run", ranks=2)
+
+
+# ---------------------------------------------------------------------------
+# A rank SIGKILLed (the OOM killer's way): the kit says which, and records it
+# ---------------------------------------------------------------------------
+
+def test_a_killed_rank_is_named_by_the_launcher_and_in_the_error_log(make_config, tmp_path):
+    config = make_config({**SHORT_RUN, "training.max_steps": 400, "logging.eval_interval": 200,
+                          "checkpoint.interval": 200})
+    logs = tmp_path / "run" / "logs"
+    with open(tmp_path / "launch.log", "w") as log:
+        launcher = subprocess.Popen([sys.executable, *KIT_LAUNCH, "train_qlora.py", "--config", config], cwd=ROOT,
+                                    env={**os.environ, **CPU_ENV, "TOKENIZERS_PARALLELISM": "false"},
+                                    stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while len(read_jsonl(str(logs / "training_log.jsonl"))) < 3:
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "launch.log").read_text()
+            time.sleep(0.2)
+        from glmkit.launch.accelerate import children
+
+        rank1 = [pid for pid in children(launcher.pid) if b"RANK=1" in  # the ranks: the launcher's own children
+                 open(f"/proc/{pid}/environ", "rb").read().split(b"\0")]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGKILL)
+        assert launcher.wait(timeout=300) == 128 + signal.SIGKILL
+    said = (tmp_path / "launch.log").read_text()
+    assert (f"launch: rank 1 (pid {rank1[0]}) was killed by SIGKILL: a killed process writes nothing itself (out "
+            f"of memory? `dmesg | grep -i kill` lists the kernel's kills)") in said
+    assert "error: rank 0: another process of this run is gone (a collective lost its connection: " in said
+    assert "Traceback" not in said
+    killed = [e for e in read_jsonl(str(logs / "error_log.jsonl")) if e["rank"] == 1]
+    assert len(killed) == 1 and killed[0]["type"] == "ProcessKilled" and "was killed by SIGKILL" in killed[0]["message"]
+    assert killed[0]["step"] >= 3
+
+
+# ---------------------------------------------------------------------------
+# A model far bigger than the machine, on CPU: refused by the memory plan before anything is allocated
+# ---------------------------------------------------------------------------
+
+def test_a_model_bigger_than_host_memory_is_refused_on_cpu_before_allocating(tiny_model_dir, demo_corpus, tmp_path):
+    """hidden_size 10**9 made the CPU trainer try to allocate 8 TB (a raw traceback): the plan was checked on
+    GPUs only. Under an address-space cap, so that a regression fails here instead of swapping the machine."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_size": 10**9}))
+    run_config = write_tiny_config(tmp_path, str(model), demo_corpus, SHORT_RUN)
+    cap = ["prlimit", "--as=8000000000"] if shutil.which("prlimit") else []
+    result = subprocess.run([*cap, sys.executable, "train_qlora.py", "--config", run_config], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert_one_line_failure(result)
+    line = last_line(result)
+    assert line.startswith("error: memory plan: DOES NOT FIT in host memory - 1 process(es) x "), line
+    assert "the model's weights alone take" in line and line.endswith("; pass --force to start anyway")
+    assert not os.path.exists(tmp_path / "run" / "logs" / "events_log.jsonl") or not read_jsonl(
+        str(tmp_path / "run" / "logs" / "events_log.jsonl"))  # no run_start: nothing was loaded

@@ -346,6 +346,68 @@ def test_resume_from_a_damaged_checkpoint_is_one_line_before_the_model_loads(mak
     assert len(read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl"))) == starts  # no run_start: nothing loaded
 
 
+def test_every_checkpoint_damaged_is_one_line_that_says_so(make_config, tmp_path, short_run):
+    """A power cut's image (zeros at the files' full size) in every checkpoint: --resume used to print a warning
+    per checkpoint, then "no complete checkpoint ...; starting from step 0", then refuse to start over them."""
+    config = copy_of_finished_run(short_run, tmp_path, make_config, SHORT)
+    out = tmp_path / "run"
+    damaged = sorted(n for n in os.listdir(out) if "checkpoint-" in n)
+    assert damaged == ["checkpoint-3", "final-checkpoint-3"]
+    for name in damaged:
+        weights = out / name / "adapter_model.safetensors"
+        size = os.path.getsize(weights)
+        with open(weights, "r+b") as fh:
+            fh.seek(size // 3)
+            fh.write(b"\0" * (size // 3))
+    result = run_cli(["train_qlora.py", "--config", config, "--resume"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    said = (result.stdout + result.stderr).strip().splitlines()
+    assert said[-1] == (f"error: --resume: every checkpoint in {out} is damaged (2 of them; the newest, "
+                        f"{out / 'final-checkpoint-3'}: adapter_model.safetensors does not match its checksum (its "
+                        f"content changed after it was written)), so there is nothing to continue from; restore one "
+                        f"from a copy, or start a new run in another paths.output_dir")
+    assert not [line for line in said if "starting from step 0" in line or "already holds checkpoints" in line
+                or line.startswith("warning: skipping")]
+    assert sorted(n for n in os.listdir(out) if "checkpoint-" in n) == damaged  # nothing removed
+
+
+def test_ctrl_c_at_the_last_step_finishes_the_run(make_config, tmp_path):
+    """A real SIGINT in the middle of the last step: the run used to save checkpoint-3 and end "preempted", and
+    the relaunch said "already finished", so it stayed preempted for good. Now it finishes there and then."""
+    config = make_config(SHORT)
+    result = run_cli(["train_qlora.py", "--config", config], env={"GLMKIT_FAULT_KILL_AT": "mid_step:3:SIGINT"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "SIGINT at the last step: finishing the run" in result.stdout
+    events = read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl"))
+    assert "preempted" not in [e["event"] for e in events]
+    assert events[-1]["event"] == "run_end" and events[-1]["status"] == "finished"
+    assert events[-1]["final_checkpoint"] == str(tmp_path / "run" / "final-checkpoint-3")
+    again = run_cli(["train_qlora.py", "--config", config, "--resume"])
+    assert again.returncode == 0 and "already finished" in again.stdout + again.stderr
+
+
+def test_a_run_stopped_before_its_final_save_is_finished_by_the_relaunch(make_config, tmp_path, short_run):
+    """What the last-step Ctrl-C used to leave (checkpoint-3 of 3, no final checkpoint, run_end "preempted"):
+    the relaunch writes the final checkpoint and ends the run as finished instead of saying it already was."""
+    config = copy_of_finished_run(short_run, tmp_path, make_config, SHORT)
+    out = tmp_path / "run"
+    shutil.rmtree(out / "final-checkpoint-3")
+    with open(out / "logs" / "events_log.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"step": 3, "time": time.time(), "event": "preempted", "signal": "SIGINT"}) + "\n")
+        fh.write(json.dumps({"step": 3, "time": time.time(), "event": "run_end", "status": "preempted",
+                             "final_checkpoint": None}) + "\n")
+    resumed = run_cli(["train_qlora.py", "--config", config, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "already finished" not in resumed.stdout + resumed.stderr
+    from glmkit.train.checkpoint import verify
+
+    assert verify(str(out / "final-checkpoint-3")) is None
+    events = read_jsonl(str(out / "logs" / "events_log.jsonl"))
+    assert events[-1]["event"] == "run_end" and events[-1]["status"] == "finished"
+    training = read_jsonl(str(out / "logs" / "training_log.jsonl"))
+    assert [r["step"] for r in training] == [1, 2, 3]  # nothing trained again
+
+
 def test_best_adapter_dir_holding_foreign_files_is_never_replaced(make_config, tmp_path):
     precious = tmp_path / "mine"
     precious.mkdir()

@@ -292,3 +292,64 @@ def test_vllm_max_lora_rank_is_one_vllm_accepts():
     assert [vllm_max_lora_rank(r) for r in (1, 4, 8, 12, 16, 300, 512)] == [1, 8, 8, 16, 16, 320, 512]
     with pytest.raises(ServingExportError, match=r"rank 600 is above vLLM's largest --max-lora-rank \(512\)"):
         vllm_max_lora_rank(600)
+
+
+# ---------------------------------------------------------------------------
+# The shipped LoRA settings: lora.expert_r null (= r), so gate and up share one A and nothing is padded
+# ---------------------------------------------------------------------------
+
+def test_export_with_the_shipped_lora_settings_equals_peft_deltas(make_config, tiny_model_dir, tmp_path):
+    """training_config.yaml's lora section with the experts turned on (dropout 0, as they require): expert_r and
+    expert_alpha null. Every exported per-expert and attention factor pair must give peft's own delta."""
+    import yaml
+    from conftest import EXPERTS, ROOT
+    from transformers import AutoModelForCausalLM
+
+    from glmkit.config.load import load_config
+    from glmkit.model.lora import apply_lora
+
+    shipped = yaml.safe_load(open(os.path.join(ROOT, "training_config.yaml"), encoding="utf-8"))["lora"]
+    assert shipped["expert_r"] is None and shipped["expert_alpha"] is None
+    config = make_config({**{f"lora.{k}": v for k, v in shipped.items()}, "lora.dropout": 0.0,
+                          "lora.target_parameters": EXPERTS})
+    cfg = load_config(config)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg.lora)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give every factor a value, so a wrong pairing shows
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    adapter = str(tmp_path / "adapter")
+    model.save_pretrained(adapter)
+
+    out = tmp_path / "served"
+    result = run_cli(["use_adapter.py", "--config", config, "--adapter", adapter, "--export-serving", str(out)])
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    served_config = json.load(open(out / "adapter_config.json"))
+    assert served_config["r"] == served_config["lora_alpha"] == shipped["r"]  # scale 1: alpha / r folded into B
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+
+    def exported(module: str) -> torch.Tensor:
+        prefix = f"base_model.model.{module}"
+        return tensors[f"{prefix}.lora_B.weight"].float() @ tensors[f"{prefix}.lora_A.weight"].float()
+
+    layers = model.base_model.model.model.layers
+    compared = 0
+    for n, layer in enumerate(layers):
+        for proj in ATTENTION:
+            peft_delta = getattr(layer.self_attn, proj).get_delta_weight("default")
+            assert torch.allclose(exported(f"model.layers.{n}.self_attn.{proj}"), peft_delta, atol=1e-6)
+            compared += 1
+        if not hasattr(layer.mlp, "experts"):
+            continue
+        down, gate_up = layer.mlp.experts, layer.mlp.experts.base_layer  # peft nests gate_up_proj innermost
+        gate_up_delta = gate_up.get_delta_weight("default")  # [E, 2I, H] like the fused parameter
+        down_delta = down.get_delta_weight("default")        # [E, H, I]
+        half = gate_up_delta.shape[1] // 2
+        for e in range(gate_up_delta.shape[0]):
+            prefix = f"model.layers.{n}.mlp.experts.{e}"
+            assert torch.allclose(exported(f"{prefix}.gate_proj"), gate_up_delta[e, :half], atol=1e-6)
+            assert torch.allclose(exported(f"{prefix}.up_proj"), gate_up_delta[e, half:], atol=1e-6)
+            assert torch.allclose(exported(f"{prefix}.down_proj"), down_delta[e], atol=1e-6)
+            compared += 3
+    assert compared == 3 * 4 + 2 * 8 * 3

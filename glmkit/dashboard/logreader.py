@@ -158,8 +158,10 @@ def parse_lines(block: bytes) -> tuple[list, int]:
 
 
 def is_step_record(value) -> bool:
+    """A record of a step the trainer writes: `step` an integer >= 0. A lower step would count as a resume
+    from before the first step and supersede every row (one stray `"step": -5` line wiped a loss curve)."""
     step = value.get("step") if isinstance(value, dict) else None
-    return isinstance(step, int) and not isinstance(step, bool)
+    return isinstance(step, int) and not isinstance(step, bool) and step >= 0
 
 
 def _number(value) -> float:
@@ -189,7 +191,7 @@ class TableSink:
 
     def feed(self, block: bytes) -> int:
         columns = parse_uniform_block(block, self.table.fields, integers=("step",), coarse=("time",), lazy=self.lazy)
-        if columns is not None:
+        if columns is not None and not (columns["step"] < 0).any():  # a negative step: the careful path drops it
             self._note_latest(block)
             self.table.append(columns)
             return 0

@@ -16,7 +16,7 @@ from glmkit.run.logs import LOG_FILES
 
 from .evalsets import EvalSink
 from .experts import ExpertSink
-from .logreader import JsonlTail, RecordSink, TableSink
+from .logreader import JsonlTail, RecordSink, TableSink, is_step_record
 
 # Events are read first: a resume event must be seen no later than the records
 # the resumed run writes after it.
@@ -79,7 +79,7 @@ class RunMonitor:
             if event.get("event") != "resume":
                 continue
             from_step, when = event.get("from_step"), event.get("time")
-            if isinstance(from_step, int) and isinstance(when, (int, float)):
+            if is_step_record({"step": from_step}) and isinstance(when, (int, float)):
                 for table in (self.train.table, *self.eval.tables(), self.experts.table):
                     table.supersede(from_step, when)
 

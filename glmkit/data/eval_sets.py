@@ -28,8 +28,9 @@ import numpy as np
 from glmkit.data.chat import COUNTS
 from glmkit.data.rows import Rows, load_layout, pack_layout, save_layout
 from glmkit.data.sources import DataError
+from glmkit.run.durable import rename_durably
 
-EVAL_ROWS_VERSION = 2  # 2: chat documents kept whole; chat counts
+EVAL_ROWS_VERSION = 3  # 2: chat documents kept whole; chat counts. 3: summary.json holds the documents' content hash
 LAYOUT = "eval"
 
 
@@ -67,6 +68,7 @@ def write_rows(rows_dir: str, spec: str, stores, training_digests: np.ndarray, m
     save_layout(tmp, LAYOUT, layout)
     summary = {"version": EVAL_ROWS_VERSION, "path": spec, "rows": len(layout[0]) - 1, "docs": int(len(lengths)),
                "tokens": int(lengths.sum()), "overlap": overlap,
+               "sha256": hashlib.sha256(np.ascontiguousarray(digests).tobytes()).hexdigest(),  # in file order
                "files": [{k: s.meta[k] for k in ("path", "docs", "tokens", "bad_lines", "bad_examples")}
                          for s in stores]}
     if any("chat" in s.meta for s in stores):
@@ -77,7 +79,7 @@ def write_rows(rows_dir: str, spec: str, stores, training_digests: np.ndarray, m
     if os.path.isdir(rows_dir):
         shutil.rmtree(tmp)
     else:
-        os.rename(tmp, rows_dir)
+        rename_durably(tmp, rows_dir)  # on disk before it is visible (a power cut)
 
 
 def load(name: str, spec: str, rows_dir: str, token_arrays, max_seq_length: int, pad: int, packing: bool,

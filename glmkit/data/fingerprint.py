@@ -1,18 +1,21 @@
 """The data fingerprint a checkpoint records, and the resume check that compares it.
 
 The fingerprint is the configured sources with their weights (and, for chat sources, their format,
-train_on and long_conversations: what is trained), every input file's path, size and
-mtime, and a hash of the validation documents' contents. Resuming over a corpus whose
-fingerprint differs would train on other rows and re-draw the validation split (so "best val
-loss" would compare different sets): it is refused, naming paths.data_path and what changed,
-unless the run is started with --allow-data-change, which continues deliberately and writes
-a `data_changed` event.
+train_on and long_conversations: what is trained), every input file's path, size and mtime, a hash of
+the validation documents' contents, and each eval set's name, path and a hash of its documents'
+contents. Resuming over a corpus whose fingerprint differs would train on other rows and re-draw the
+validation split, and an edited eval set would be measured on other documents (so "best val loss"
+would compare different sets): it is refused, naming the key (paths.data_path, eval.sets) and what
+changed, unless the run is started with --allow-data-change, which continues deliberately, writes a
+`data_changed` event, and picks the best adapter anew when the selection set is one that changed.
+Adding or removing an eval set changes no earlier measurement and is not refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+from glmkit.config.schema import HELD_OUT_SET
 from glmkit.data.sources import DataError
 
 SHOWN_CHANGES = 8
@@ -29,8 +32,30 @@ def fingerprint(configured_sources, val_documents: int, sorted_val_digests: byte
     }
 
 
+def eval_set_entry(name: str, spec: str, documents: int, sha256: str) -> dict:
+    """One eval set in the fingerprint: its documents by content, so a rewritten file is seen whatever its mtime."""
+    return {"name": name, "path": spec, "documents": documents, "sha256": sha256}
+
+
+def eval_set_differences(saved: list | None, current: list) -> list[str]:
+    """Eval sets present in both whose documents differ (a checkpoint from before eval sets were recorded: none)."""
+    before = {entry["name"]: entry for entry in saved or []}
+    return [f"eval set {entry['name']!r} ({entry['path']}) differs ({before[entry['name']]['documents']} -> "
+            f"{entry['documents']} documents)"
+            for entry in current if entry["name"] in before and before[entry["name"]]["sha256"] != entry["sha256"]]
+
+
+def changed_sets(saved: dict | None, current: dict) -> list[str]:
+    """The eval sets (`val`: the held-out split) whose documents differ: a best loss on one is not comparable."""
+    if saved is None:
+        return []
+    names = [HELD_OUT_SET] if saved["val_sha256"] != current["val_sha256"] else []
+    before = {entry["name"]: entry["sha256"] for entry in saved.get("eval_sets") or []}
+    return names + [e["name"] for e in current.get("eval_sets") or [] if before.get(e["name"], e["sha256"]) != e["sha256"]]
+
+
 def differences(saved: dict, current: dict) -> list[str]:
-    """What changed between two fingerprints, one short phrase each (empty: the same data)."""
+    """What changed in the training data between two fingerprints, one short phrase each (empty: the same)."""
     changes = []
     # Sources are compared by weight and files, not by how they are spelled: a glob that matches the same
     # files as the folder it replaces is the same data.
@@ -68,20 +93,29 @@ def _weights(weights) -> str:
     return "[" + ", ".join(f"{w:g}" for w in weights) + "]"
 
 
-def check_resume(checkpoint: str, saved: dict | None, current: dict, allow_change: bool, print_line) -> list[str]:
+def check_resume(checkpoint: str, saved: dict | None, current: dict, allow_change: bool, print_line,
+                 select_by: str = HELD_OUT_SET) -> list[str]:
     """Refuse a resume over changed data unless allowed; the changes (to log) when it goes ahead anyway."""
     if saved is None:
         print_line(f"{checkpoint} records no data fingerprint (an older checkpoint): the data is not checked")
         return []
-    changes = differences(saved, current)
+    training = differences(saved, current)
+    evaluated = eval_set_differences(saved.get("eval_sets"), current.get("eval_sets") or [])
+    changes = training + evaluated
     if not changes:
         return []
     shown = "; ".join(changes[:SHOWN_CHANGES]) + (f"; and {len(changes) - SHOWN_CHANGES} more"
                                                   if len(changes) > SHOWN_CHANGES else "")
     if not allow_change:
-        raise DataError(f"cannot resume {checkpoint}: the data of paths.data_path changed since it was saved: "
-                        f"{shown}. Restore the data, start a new run in another paths.output_dir, or pass "
-                        f"{OPT_IN_FLAG} to continue on the changed data deliberately (the rows and the "
-                        f"validation split change with it)")
-    print_line(f"resuming {checkpoint} on changed data ({OPT_IN_FLAG}): {shown}")
+        what = " and ".join(key for key, changed in (("the data of paths.data_path", training),
+                                                       ("eval.sets", evaluated)) if changed)
+        consequence = ", ".join(part for part, changed in (
+            ("the rows and the validation split change with it", training),
+            ("the changed eval sets are measured on other documents", evaluated)) if changed)
+        raise DataError(f"cannot resume {checkpoint}: {what} changed since it was saved: {shown}. Restore the "
+                        f"data, start a new run in another paths.output_dir, or pass {OPT_IN_FLAG} to continue on "
+                        f"the changed data deliberately ({consequence})")
+    anew = (f"; the best adapter is picked anew by the changed set {select_by!r}"
+            if select_by in changed_sets(saved, current) else "")
+    print_line(f"resuming {checkpoint} on changed data ({OPT_IN_FLAG}): {shown}{anew}")
     return changes

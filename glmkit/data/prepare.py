@@ -40,7 +40,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -52,6 +52,8 @@ from glmkit.data import chat, sources
 from glmkit.data import token_store
 from glmkit.data.rows import Rows, load_layout, pack_layout, save_layout
 from glmkit.data.sources import DataError
+from glmkit.run.durable import rename_durably
+from glmkit.run.host_memory import available_bytes as _available_memory
 
 ROWS_VERSION = 2  # 2: chat documents kept whole in rows; files name their source; chat counts
 SHOWN_BAD_LINES = 20
@@ -65,6 +67,7 @@ class PreparedData:
     cache_dir: str
     prepared_here: bool  # this process tokenized or laid out rows (the others only mapped them)
     eval_sets: list[eval_sets.EvalSetData] = field(default_factory=list)  # eval.sets, in config order
+    changed_sets: list[str] = field(default_factory=list)  # sets whose documents a --allow-data-change resume changed
 
     @property
     def bad_line_count(self) -> int:
@@ -72,7 +75,10 @@ class PreparedData:
 
     @property
     def fingerprint(self) -> dict:
-        return self.summary["fingerprint"]
+        """The training data's (cached with the rows) and every eval set's, as a checkpoint records it."""
+        return {**self.summary["fingerprint"],
+                "eval_sets": [data_fingerprint.eval_set_entry(e.name, e.spec, e.summary["docs"], e.summary["sha256"])
+                              for e in self.eval_sets]}
 
     @property
     def chat_counts(self) -> dict:
@@ -290,15 +296,6 @@ def _unit_interval(words: np.ndarray, salt: np.uint64) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            fields = dict(line.split(":", 1) for line in fh)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def layout_bytes(epoch_docs: int, epoch_tokens: int, max_seq_length: int, packing: bool) -> int:
     """Memory the epoch's row layout takes while it is built: per document its id, start and length (8 bytes
     each); per piece (at most one per document plus one per row) an int64 start and a uint32 length, twice
@@ -419,7 +416,7 @@ def _write_rows(rows_dir: str, configured, files, stores, cfg) -> None:
     if os.path.isdir(rows_dir):  # the same rows, kept while their token stores were rebuilt
         shutil.rmtree(tmp)
     else:
-        os.rename(tmp, rows_dir)
+        rename_durably(tmp, rows_dir)  # on disk before it is visible (a power cut)
 
 
 def _trained_tokens(store) -> int:
@@ -516,9 +513,11 @@ def prepare_for_run(cfg, tokenizer, accelerator, logs, resume_path: str | None, 
     accelerator.print(format_summary(prepared, time.time() - started))
     if resume_path:
         meta = read_meta(resume_path)
-        changes = data_fingerprint.check_resume(resume_path, meta.get("data_fingerprint"), prepared.fingerprint,
-                                                allow_data_change, accelerator.print)
+        saved = meta.get("data_fingerprint")
+        changes = data_fingerprint.check_resume(resume_path, saved, prepared.fingerprint, allow_data_change,
+                                                accelerator.print, cfg.eval.select_by)
         if changes:
             logs.event("data_changed", meta.get("step", 0), checkpoint=resume_path, changes=changes,
                        allowed_by=data_fingerprint.OPT_IN_FLAG)
+            prepared = replace(prepared, changed_sets=data_fingerprint.changed_sets(saved, prepared.fingerprint))
     return prepared

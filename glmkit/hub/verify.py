@@ -139,9 +139,13 @@ def shard_map(model_dir: str) -> tuple[dict[str, list[str]], Optional[tuple[str,
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return {}, (index_path, f"not valid JSON ({exc.__class__.__name__})")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(v, str) and v and os.path.basename(v) == v for v in weight_map.values()):
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) and v for v in weight_map.values()):
         return {}, (index_path, "has no valid weight_map (tensor name -> shard file in this folder)")
+    # Every shard a file of this very folder: `../x.safetensors` or `/abs/x` would read weights from elsewhere.
+    elsewhere = next(((t, v) for t, v in weight_map.items() if os.path.basename(v) != v or v in (".", "..")), None)
+    if elsewhere:
+        return {}, (index_path, f"maps {elsewhere[0]} to {elsewhere[1]!r}, which is not a file in this folder; a "
+                                f"weight_map names shard files beside the index only")
     by_shard: dict[str, list[str]] = {}
     for tensor, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(tensor)

@@ -41,12 +41,33 @@ class MergeError(ValueError):
     """The adapter, the base or the output folder can't be merged as asked; one line says why."""
 
 
+def check_adapter(adapter_dir: str) -> None:
+    """Refuse a damaged adapter folder in one line naming the file, before anything reads it.
+
+    The kit's folders (the best adapter, a checkpoint) list every file's size and sha256 in their marker
+    (glmkit/run/manifest.py): a power cut's zeros or a cut-short file fail that. Any folder's weights file
+    must also hold together as safetensors (its header and extent), which a cut-short one does not."""
+    from glmkit.hub.shards import check_file
+    from glmkit.run.manifest import adapter_folder_problem
+
+    problem = adapter_folder_problem(adapter_dir)
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if problem is None and os.path.isfile(weights):
+        problem = check_file(weights)
+        problem = problem and f"adapter_model.safetensors: {problem}"
+    if problem:
+        raise MergeError(f"the adapter {adapter_dir} is damaged: {problem}; point --adapter at another copy of it "
+                         f"(each checkpoint-N folder of the run holds its step's adapter)")
+
+
 def load_base_with_adapter(model_dir: str, adapter_dir: str, dtype=torch.bfloat16):
     """The base model in `dtype` (not 4-bit) with the adapter on top, as plain transformers + peft load it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    check_adapter(adapter_dir)
     check_fits(model_dir, adapter_dir, merging=False)  # a mismatch is one line, as for --merge, not a peft traceback
+    checkpoint_weight_map(model_dir)  # every shard the index names checked (in this folder, whole), as --merge does
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     return PeftModel.from_pretrained(base, adapter_dir), _tokenizer(model_dir, adapter_dir)
 
@@ -253,6 +274,7 @@ def merge(model_dir: str, adapter_dir: str, out_dir: str, dtype: torch.dtype | N
     from glmkit.model.load import load_model_config
 
     load_model_config(model_dir)  # first: a folder that holds no GLM model at all
+    check_adapter(adapter_dir)  # then an adapter damaged since it was written
     weight_map = checkpoint_weight_map(model_dir)  # then a base that disagrees with itself is the thing to fix
     deltas = check_fits(model_dir, adapter_dir, merging=True)
     finder = _DeltaFinder(deltas, _Factors(os.path.join(adapter_dir, "adapter_model.safetensors")),

@@ -46,7 +46,15 @@ import shutil
 
 import torch
 
-from glmkit.model.adapter import ADAPTER_PREFIX, Delta, MergeError, _adapter_config, _meta_skeleton, plan_deltas
+from glmkit.model.adapter import (
+    ADAPTER_PREFIX,
+    Delta,
+    MergeError,
+    _adapter_config,
+    _meta_skeleton,
+    check_adapter,
+    plan_deltas,
+)
 from glmkit.model.mtp import is_mtp_name
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -119,6 +127,7 @@ def check_expressible(config: dict, adapter_dir: str) -> None:
 def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str, config_path: str | None = None) -> dict:
     """Write adapter_dir's LoRA to out_dir in the layout vLLM / SGLang load; return a summary of what was written.
     `config_path`: the training config, for the merge command the README names when the MTP layer was trained."""
+    check_adapter(adapter_dir)
     config = _adapter_config(adapter_dir)
     check_expressible(config, adapter_dir)
     mtp_trained = _has_mtp_lora(adapter_dir)
@@ -274,13 +283,16 @@ def _expert_shapes(skeleton, experts_module: str) -> dict[str, tuple[int, int]]:
 
 
 def _put(tensors: dict, module: str, a: torch.Tensor, b: torch.Tensor, rank: int, dtype: torch.dtype) -> None:
-    """A [r, in] and B [out, r], zero-padded to `rank`, under peft's key names."""
+    """A [r, in] and B [out, r], zero-padded to `rank`, under peft's key names.
+
+    Each is a copy of its own: unpadded, an expert's A is a view of the fused factor that gate and up share
+    (and so is every other expert's), and safetensors refuses tensors that share memory."""
     r = a.shape[0]
     if r < rank:
         a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])])
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], dim=1)
-    tensors[f"{ADAPTER_PREFIX}{module}.lora_A.weight"] = a.to(dtype).contiguous()
-    tensors[f"{ADAPTER_PREFIX}{module}.lora_B.weight"] = b.to(dtype).contiguous()
+    tensors[f"{ADAPTER_PREFIX}{module}.lora_A.weight"] = a.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    tensors[f"{ADAPTER_PREFIX}{module}.lora_B.weight"] = b.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def _prepare_output(out_dir: str, model_dir: str, adapter_dir: str) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 
@@ -50,6 +51,7 @@ from glmkit.plan.weights import (
     price_groups,
     replicated_bytes,
 )
+from glmkit.run.host_memory import available_bytes
 
 # CUDA context, cuBLAS workspaces, NCCL buffers and allocator fragmentation, per GPU.
 RUNTIME_OVERHEAD_BYTES = int(3 * GB)
@@ -519,7 +521,29 @@ def memory_gate(cfg, accelerator, force: bool) -> dict:
         accelerator.print(verdict_line(plan))
         if not plan["fits"] and not force:
             raise DoesNotFit(f"{verdict_line(plan)}; pass --force to start anyway")
+    else:  # on CPU the processes share the host's memory: the same plan against what the host has left
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        refusal = None if force else host_memory_refusal(plan, local, available_bytes())
+        flag = torch.tensor([1 if refusal else 0], device=accelerator.device)
+        if accelerator.reduce(flag, "max").item():  # every process stops together, whatever it read
+            raise DoesNotFit(refusal or "memory plan: another process of this run found that it does not fit "
+                                        "in host memory (its line says why); pass --force to start anyway")
     return {"planned_memory": {k: plan.get(k) for k in ("total_bytes_per_gpu", "weights_bytes", "fits", "strategy")}}
+
+
+def host_memory_refusal(plan: dict, processes: int, available: int | None) -> str | None:
+    """The one line refusing a CPU run whose `processes` on this machine need more memory than it has left
+    (MemAvailable), each priced like one GPU of the plan but with no CUDA context; None when it fits."""
+    each = plan["total_bytes_per_gpu"] - RUNTIME_OVERHEAD_BYTES
+    if available is None or processes * each <= available:
+        return None
+    weights = plan["per_gpu"]["weights"]
+    advice = (f"the model's weights alone take {_gb(weights)} per process: train a smaller model (paths.model_dir "
+              f"{plan['model_dir']}) or use a machine with more memory" if processes * weights > available else
+              "lower optimization.micro_batch_per_gpu or training.max_seq_length")
+    return (f"memory plan: DOES NOT FIT in host memory - {processes} process(es) x {_gb(each)} = "
+            f"{_gb(processes * each)}, {_gb(available)} available (weights {_gb(weights)}, activations "
+            f"{_gb(plan['activation_bytes'])} per process); {advice}; pass --force to start anyway")
 
 
 def run_plan_cli(cfg, as_json: bool) -> int:

@@ -13,6 +13,8 @@ import os
 import re
 
 COMPLETE = "COMPLETE"  # written last: a folder without it is unfinished
+# Written last into paths.best_adapter_dir: only a folder carrying it (or an empty one) is ever replaced.
+BEST_ADAPTER_MARKER = "best.json"
 META = "trainer_meta.json"
 CHECKPOINT_NAME = re.compile(r"(final-)?checkpoint-([0-9]+)")
 # A step fits in int64; longer digit runs are not names this kit wrote (and int() of 4,301+ digits raises).

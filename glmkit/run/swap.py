@@ -5,6 +5,11 @@ two folders trade places in one `renameat2(RENAME_EXCHANGE)` call: there is no m
 Where the filesystem cannot exchange (EINVAL/ENOSYS: some network filesystems, other kernels), it falls
 back to two renames, target -> old then new -> target; a kill between them leaves no target but both
 folders whole, and `recover` (run before the next write) puts the newest whole one back.
+
+A power cut is the other way to lose a folder: a rename can reach the disk before the files it makes
+visible. So `swap_in` flushes every file of the new folder and the folder itself before it renames
+anything, and the parent folder after (glmkit/run/durable.py): once `swap_in` returns, the new folder is
+on disk under its name, whole.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import errno
 import os
 import shutil
 from collections.abc import Callable
+
+from glmkit.run.durable import fsync_parent, fsync_tree
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -39,18 +46,24 @@ def exchange(a: str, b: str) -> bool:
 
 
 def swap_in(new: str, target: str, old: str | None = None) -> None:
-    """Put folder `new` at `target`, replacing what is there; afterwards `new` no longer exists."""
+    """Put folder `new` at `target`, replacing what is there; afterwards `new` no longer exists.
+
+    Durable: `new`'s files and the folder are flushed before the rename, the parent folder after it."""
     old = old or f"{target}.old"
+    fsync_tree(new)
     if not os.path.lexists(target):
         os.rename(new, target)
+        fsync_parent(target)
         return
     if exchange(new, target):  # `new` now names the previous folder
+        fsync_parent(target)
         shutil.rmtree(new, ignore_errors=True)
         return
     if os.path.lexists(old):
         shutil.rmtree(old)
     os.rename(target, old)
     os.rename(new, target)
+    fsync_parent(target)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -65,5 +78,6 @@ def recover(target: str, new: str, old: str, is_whole: Callable[[str], bool]) ->
     for candidate in (new, old):
         if os.path.isdir(candidate) and not os.path.islink(candidate) and is_whole(candidate):
             os.rename(candidate, target)
+            fsync_parent(target)
             return candidate
     return None

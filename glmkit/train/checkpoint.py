@@ -2,7 +2,8 @@
 
 A checkpoint is written into `.tmp-checkpoint-<step>/` and renamed to `checkpoint-<step>/`
 only after everything (Accelerate state, adapter, tokenizer, resolved config, meta) is on
-disk and a `COMPLETE` marker listing every file's size and sha256 has been written. A folder
+disk and a `COMPLETE` marker listing every file's size and sha256 (glmkit/run/manifest.py) has
+been written, every file and the folder flushed (glmkit/run/swap.py). A folder
 without the marker is never resumed from and is cleaned up; a folder whose files no longer
 match their marker is skipped by `--resume` (with a warning) in favour of the newest one that
 verifies. Only the LoRA adapter is saved, never the 4-bit base.
@@ -10,7 +11,6 @@ verifies. Only the LoRA adapter is saved, never the 4-bit base.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,6 +25,7 @@ from glmkit.config.load import move_renamed_keys
 from glmkit.config.parse import field_default
 from glmkit.config.strategy import strategy
 from glmkit.run.checkpoint_names import (
+    BEST_ADAPTER_MARKER,
     COMPLETE,
     META,
     checkpoint_path,
@@ -34,6 +35,7 @@ from glmkit.run.checkpoint_names import (
     parse_checkpoint_name,
     read_meta,
 )
+from glmkit.run.manifest import adapter_folder_problem, file_manifest, manifest_problem
 from glmkit.run.swap import recover, swap_in
 from glmkit.run.writes import WriteFailed, guarded_write
 from glmkit.train.consensus import any_process
@@ -42,8 +44,6 @@ from glmkit.train.loop_state import LoopState
 from glmkit.train.world_size import MOVED_KEYS, WorldSizeChange, keep_global_batch
 
 RESOLVED_CONFIG = "training_config.resolved.yaml"
-# Written into the best-adapter folder: only a folder carrying it (or an empty one) is ever replaced.
-BEST_ADAPTER_MARKER = "best.json"
 # Beside paths.output_dir's checkpoint-N while it is rewritten (glmkit/run/swap.py): the new one, the old one.
 TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"
 
@@ -118,22 +118,6 @@ def check_free_space(directory: str, needed_bytes: int) -> None:
 # The completion marker: every file's size and sha256, verified before a resume loads anything
 # ---------------------------------------------------------------------------
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _manifest(folder: str) -> dict[str, dict]:
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            full = os.path.join(root, name)
-            with open(full, "rb") as fh:
-                os.fsync(fh.fileno())
-            files[os.path.relpath(full, folder)] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
-    return files
-
-
 def verify(path: str) -> str | None:
     """None if the checkpoint is whole; otherwise what is wrong with it, in a few words."""
     try:
@@ -142,14 +126,9 @@ def verify(path: str) -> str | None:
     except (OSError, ValueError):
         return f"its {COMPLETE} marker is missing or unreadable"
     listed = marker.get("files", {}) if isinstance(marker, dict) else {}  # markers before 2026-12 list no files
-    for name, expected in listed.items():
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            return f"{name} is missing"
-        if os.path.getsize(full) != expected["size"]:
-            return f"{name} has {os.path.getsize(full)} bytes, {expected['size']} were written"
-        if _sha256(full) != expected["sha256"]:
-            return f"{name} does not match its checksum"
+    problem = manifest_problem(path, listed)
+    if problem:
+        return problem
     try:
         read_meta(path)
         with open(os.path.join(path, RESOLVED_CONFIG), encoding="utf-8") as fh:
@@ -166,13 +145,12 @@ def finalize(tmp_dir: str, final_dir: str, meta: dict, config_dict: dict) -> Non
         json.dump(meta, fh, indent=2)
     with open(os.path.join(tmp_dir, RESOLVED_CONFIG), "w", encoding="utf-8") as fh:
         yaml.safe_dump(config_dict, fh, sort_keys=False)
-    marker = {"time": time.time(), "files": _manifest(tmp_dir)}
+    marker = {"time": time.time(), "files": file_manifest(tmp_dir)}
     with open(os.path.join(tmp_dir, COMPLETE), "w", encoding="utf-8") as fh:
         json.dump(marker, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    # A rerun that reaches the same step (--resume_from an earlier checkpoint) replaces it whole; a kill
-    # at any instant leaves the old or the new copy, and recover_interrupted_swaps restores a missing one.
+    # swap_in flushes every file and the folder first, and output_dir after. A rerun that reaches the same
+    # step (--resume_from an earlier checkpoint) replaces it whole; a kill at any instant leaves the old or
+    # the new copy, and recover_interrupted_swaps restores a missing one.
     parent, name = os.path.split(final_dir)
     swap_in(tmp_dir, final_dir, old=os.path.join(parent, OLD_PREFIX + name))
 
@@ -189,8 +167,9 @@ def retention_victims(checkpoints: list[tuple[int, str, float | None]], keep_top
 
 
 def best_adapter_is_whole(path: str) -> bool:
-    """Its marker is written last, so a folder carrying it holds a complete adapter."""
-    return os.path.isfile(os.path.join(path, BEST_ADAPTER_MARKER))
+    """Its marker is written last, listing every file's size and sha256: a folder carrying it, whose files
+    match the list, holds a complete adapter."""
+    return os.path.isfile(os.path.join(path, BEST_ADAPTER_MARKER)) and adapter_folder_problem(path) is None
 
 
 def recover_best_adapter(target: str) -> str | None:
@@ -334,17 +313,20 @@ class Checkpointer:
         check_best_adapter_dir(target)
         tmp = f"{target}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        before = (f"the previous best adapter in {target} is intact" if best_adapter_is_whole(target)
+        before = (f"the previous best adapter in {target} is intact"  # (its marker: no hashing at every eval)
+                  if os.path.isfile(os.path.join(target, BEST_ADAPTER_MARKER))
                   else "no best adapter was written before")
         with guarded_write("the best adapter", target, partial=tmp, passes=(CheckpointError,),
                            intact=lambda: f"{before}; {self._intact()}", fix="resume with --resume"):
             self.accelerator.unwrap_model(self.model).save_pretrained(tmp, state_dict=adapter)
             self.tokenizer.save_pretrained(tmp)
+            # Last, listing every other file's size and sha256: use_adapter.py checks them before it reads one.
+            marker = {"step": step, "val_loss": val_loss, "eval_set": eval_set, "time": time.time(),
+                      "written_by": "glmkit", "files": file_manifest(tmp)}
             with open(os.path.join(tmp, BEST_ADAPTER_MARKER), "w", encoding="utf-8") as fh:
-                json.dump({"step": step, "val_loss": val_loss, "eval_set": eval_set, "time": time.time(),
-                           "written_by": "glmkit"}, fh)
+                json.dump(marker, fh)
                 fh.write("\n")
-            swap_in(tmp, target)
+            swap_in(tmp, target)  # every file and the folder flushed first, the parent folder after
 
 
 # ---------------------------------------------------------------------------
@@ -362,11 +344,21 @@ def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
 
 
 def _newest_that_verifies(output_dir: str, print_fn) -> str | None:
+    """The newest checkpoint whose files match its marker, after a warning for each newer damaged one; None
+    when there is none at all. When every checkpoint is damaged, one line says so (ResumeError)."""
+    damaged = []
     for _, path in reversed(list_checkpoints(output_dir)):
         problem = verify(path)
         if problem is None:
+            for skipped, why in damaged:
+                print_fn(f"warning: skipping damaged checkpoint {skipped}: {why}")
             return path
-        print_fn(f"warning: skipping damaged checkpoint {path}: {problem}")
+        damaged.append((path, problem))
+    if damaged:
+        newest, why = damaged[0]
+        raise ResumeError(f"--resume: every checkpoint in {output_dir} is damaged ({len(damaged)} of them; the "
+                          f"newest, {newest}: {why}), so there is nothing to continue from; restore one from a "
+                          f"copy, or start a new run in another paths.output_dir")
     return None
 
 
@@ -434,6 +426,15 @@ def decide_resume(cfg, accelerator, resume: bool, resume_from: str | None) -> Re
         accelerator.print(f"resuming {path} with changed settings (allowed): {', '.join(harmless)}")
     accelerator.print(f"resuming from {path}")
     return ResumeDecision(path, grad_accum)
+
+
+def run_finished(path: str | None, step: int, total_steps: int) -> bool:
+    """Whether resuming `path` (at `step`) has nothing left to do: past the last step, or at it with the final
+    checkpoint written. A plain checkpoint of the last step (a run stopped between its last update and its
+    final save) is not finished: the resume writes the final checkpoint and ends the run as finished."""
+    if path is None or step < total_steps:
+        return False
+    return step > total_steps or bool(read_meta(path).get("final"))
 
 
 def saved_grad_accum(path: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -98,3 +99,24 @@ def check_shared_output_dir(accelerator, output_dir: str) -> None:
         raise ResumeError(f"paths.output_dir {output_dir} is not the same folder for every process: {blind} "
                           f"of {accelerator.num_processes} cannot see what the main process writes there. Put it on "
                           f"storage all nodes share (NFS, Lustre, ...); checkpoints hold every process's state")
+
+
+# What torch's collectives raise when the process at the other end is gone (gloo: the socket; NCCL: the abort).
+_PEER_GONE = re.compile(r"Connection (reset|closed) by peer|Broken pipe|NCCL communicator was aborted|"
+                        r"remote process exited|ncclRemoteError")
+
+
+def lost_peer(exc: BaseException, accelerator, output_dir: str) -> str | None:
+    """One line for a surviving process whose collective lost another process of the run (SIGKILLed, OOM-killed,
+    its node gone), instead of the backend's traceback; None for any other error. The killed process writes
+    nothing itself: the launcher (glmkit/launch/accelerate.py) names it and records it in the error log."""
+    found = _PEER_GONE.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    if accelerator.num_processes == 1 or found is None:
+        return None
+    from glmkit.run.checkpoint_names import latest_checkpoint
+
+    latest = latest_checkpoint(output_dir)
+    return (f"rank {accelerator.process_index}: another process of this run is gone (a collective lost its "
+            f"connection: {found.group(0)}); the launcher's line names it; "
+            + (f"the latest complete checkpoint, {latest}, is intact; " if latest else "")
+            + "relaunch to resume")

@@ -1,6 +1,7 @@
 """Fault injection for the crash tests.
 
-GLMKIT_FAULT_KILL_AT=<point>:<step> SIGKILLs this process there; GLMKIT_FAULT_DISK_FULL_AT=
+GLMKIT_FAULT_KILL_AT=<point>:<step>[:<SIGNAL>] sends this process SIGKILL (or the signal named, e.g.
+SIGINT: a Ctrl-C at a precise moment) there; GLMKIT_FAULT_DISK_FULL_AT=
 checkpoint_write:<step> makes that checkpoint's write fail with ENOSPC (kept for the resume-after-failure
 test on machines where no tmpfs can be mounted; tests/test_real_faults.py fills a real disk instead);
 GLMKIT_FAULT_UNSHARED_OUTPUT=1 shows every process but the main one a private output folder,
@@ -17,9 +18,10 @@ import signal
 
 
 def maybe_kill(point: str, step: int) -> None:
-    spec = os.environ.get("GLMKIT_FAULT_KILL_AT")
-    if spec and spec == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    spec = os.environ.get("GLMKIT_FAULT_KILL_AT", "")
+    at, _, name = spec.partition(f"{point}:{step}")
+    if spec and not at and name in ("", *(f":{s.name}" for s in signal.Signals)):
+        os.kill(os.getpid(), signal.Signals[name[1:]] if name else signal.SIGKILL)
 
 
 def maybe_fail_write(point: str, step: int, path: str) -> None:

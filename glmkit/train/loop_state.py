@@ -39,11 +39,12 @@ class LoopState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in meta.items() if k in names})
 
-    def selecting_by(self, eval_set: str) -> "LoopState":
+    def selecting_by(self, eval_set: str, changed_sets=()) -> "LoopState":
         """This state ranking the best adapter by `eval_set`. A best found on another set (eval.select_by
-        changed on resume) is not comparable, so it is forgotten and the next eval sets a new best."""
+        changed on resume), or on this set before its documents changed (`changed_sets`: a resume with
+        --allow-data-change), is not comparable, so it is forgotten and the next eval sets a new best."""
         ranked_by = self.best_eval_set or HELD_OUT_SET  # checkpoints from before eval sets ranked by val
-        if self.best_val_loss is None or ranked_by == eval_set:
+        if self.best_val_loss is None or (ranked_by == eval_set and eval_set not in changed_sets):
             return dataclasses.replace(self, best_eval_set=eval_set)
         return dataclasses.replace(self, best_eval_set=eval_set, best_val_loss=None, best_step=None)
 
