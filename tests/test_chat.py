@@ -462,3 +462,19 @@ def test_sft_after_cpt_recipe_and_chatting_with_the_result(replay_run, tmp_path)
                          "--max-new-tokens", "5", "--dtype", "float32", *extra])
         assert reply.returncode == 0, reply.stderr[-2000:]
         assert reply.stdout.startswith("[gMASK]<sop><|system|>\nBe brief.<|user|>\nWhat is json?<|assistant|>")
+
+
+def test_a_chat_eval_sets_reading_is_in_the_data_fingerprint():
+    """Another train_on measures other tokens of the same conversations: a resume sees it as a changed eval set."""
+    from glmkit.data.fingerprint import changed_sets, eval_set_differences, eval_set_entry
+
+    reading = "chat (train_on {}, long_conversations split)"
+    old = eval_set_entry("talk", "data/talk.jsonl", 5, "ab" * 32, reading.format("assistant"))
+    new = eval_set_entry("talk", "data/talk.jsonl", 5, "ab" * 32, reading.format("all"))
+    assert eval_set_differences([old], [old]) == []
+    assert eval_set_differences([old], [new]) == [f"eval set 'talk' read as {reading.format('assistant')} -> "
+                                                  f"{reading.format('all')}"]
+    fingerprint = {"val_sha256": "v"}
+    assert changed_sets({**fingerprint, "eval_sets": [old]}, {**fingerprint, "eval_sets": [new]}) == ["talk"]
+    text = eval_set_entry("plain", "data/plain.jsonl", 5, "cd" * 32)
+    assert "reading" not in text  # a text set's entry is as before chat data existed: older checkpoints match

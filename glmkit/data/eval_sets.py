@@ -40,6 +40,7 @@ class EvalSetData:
     spec: str       # the configured path, file, folder or glob
     rows: Rows
     summary: dict   # rows, docs, tokens, overlap (documents also trained on), files
+    reading: str | None = None  # a chat set's: what its loss counts (glmkit/data/fingerprint.py); None: text
 
 
 def rows_key(name: str, store_dirs: list[str], training_rows_dir: str, max_seq_length: int, packing: bool) -> str:
@@ -83,7 +84,7 @@ def write_rows(rows_dir: str, spec: str, stores, training_digests: np.ndarray, m
 
 
 def load(name: str, spec: str, rows_dir: str, token_arrays, max_seq_length: int, pad: int, packing: bool,
-         index: int, trained_bits=None) -> EvalSetData:
+         index: int, trained_bits=None, reading: str | None = None) -> EvalSetData:
     """One prepared set, refused (one line, with the count) if it shares documents with the training data."""
     with open(os.path.join(rows_dir, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
@@ -92,7 +93,7 @@ def load(name: str, spec: str, rows_dir: str, token_arrays, max_seq_length: int,
                         f"documents are also training documents in paths.data_path; remove them from the eval "
                         f"set (or from the training data): an eval set must be held out to measure anything")
     rows = Rows(token_arrays, load_layout(rows_dir, LAYOUT), max_seq_length, pad, packing, trained_bits)
-    return EvalSetData(name, spec, rows, summary)
+    return EvalSetData(name, spec, rows, summary, reading)
 
 
 def resolve(index: int, name: str, path: str, text_field: str, entry=None):

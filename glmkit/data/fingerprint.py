@@ -32,17 +32,33 @@ def fingerprint(configured_sources, val_documents: int, sorted_val_digests: byte
     }
 
 
-def eval_set_entry(name: str, spec: str, documents: int, sha256: str) -> dict:
-    """One eval set in the fingerprint: its documents by content, so a rewritten file is seen whatever its mtime."""
-    return {"name": name, "path": spec, "documents": documents, "sha256": sha256}
+def eval_set_entry(name: str, spec: str, documents: int, sha256: str, reading: str | None = None) -> dict:
+    """One eval set in the fingerprint: its documents by content, so a rewritten file is seen whatever its mtime,
+    and for a chat set what its loss counts (`reading`: another train_on measures other tokens)."""
+    return {"name": name, "path": spec, "documents": documents, "sha256": sha256,
+            **({"reading": reading} if reading else {})}
+
+
+def _measured(entry: dict) -> tuple:
+    return entry["sha256"], entry.get("reading", "text")
 
 
 def eval_set_differences(saved: list | None, current: list) -> list[str]:
-    """Eval sets present in both whose documents differ (a checkpoint from before eval sets were recorded: none)."""
+    """Eval sets present in both whose documents (or a chat set's reading) differ (a checkpoint from before eval sets
+    were recorded: none)."""
     before = {entry["name"]: entry for entry in saved or []}
-    return [f"eval set {entry['name']!r} ({entry['path']}) differs ({before[entry['name']]['documents']} -> "
-            f"{entry['documents']} documents)"
-            for entry in current if entry["name"] in before and before[entry["name"]]["sha256"] != entry["sha256"]]
+    changes = []
+    for entry in current:
+        old = before.get(entry["name"])
+        if old is None or _measured(old) == _measured(entry):
+            continue
+        if old["sha256"] != entry["sha256"]:
+            changes.append(f"eval set {entry['name']!r} ({entry['path']}) differs ({old['documents']} -> "
+                           f"{entry['documents']} documents)")
+        else:
+            changes.append(f"eval set {entry['name']!r} read as {old.get('reading', 'text')} -> "
+                           f"{entry.get('reading', 'text')}")
+    return changes
 
 
 def changed_sets(saved: dict | None, current: dict) -> list[str]:
@@ -50,8 +66,8 @@ def changed_sets(saved: dict | None, current: dict) -> list[str]:
     if saved is None:
         return []
     names = [HELD_OUT_SET] if saved["val_sha256"] != current["val_sha256"] else []
-    before = {entry["name"]: entry["sha256"] for entry in saved.get("eval_sets") or []}
-    return names + [e["name"] for e in current.get("eval_sets") or [] if before.get(e["name"], e["sha256"]) != e["sha256"]]
+    before = {entry["name"]: _measured(entry) for entry in saved.get("eval_sets") or []}
+    return names + [e["name"] for e in current.get("eval_sets") or [] if before.get(e["name"], _measured(e)) != _measured(e)]
 
 
 def differences(saved: dict, current: dict) -> list[str]:
@@ -87,6 +103,11 @@ def differences(saved: dict, current: dict) -> list[str]:
 def _reading(source) -> str:
     """How a chat source is read, in a few words (text sources have no such key: older fingerprints match)."""
     return f"chat (train_on {source.train_on}, long_conversations {source.long_conversations})"
+
+
+def reading_of(entry) -> str | None:
+    """An eval.sets entry's reading, as a training source's (None: a text set)."""
+    return _reading(entry) if entry.format == "chat" else None
 
 
 def _weights(weights) -> str:

@@ -77,8 +77,8 @@ class PreparedData:
     def fingerprint(self) -> dict:
         """The training data's (cached with the rows) and every eval set's, as a checkpoint records it."""
         return {**self.summary["fingerprint"],
-                "eval_sets": [data_fingerprint.eval_set_entry(e.name, e.spec, e.summary["docs"], e.summary["sha256"])
-                              for e in self.eval_sets]}
+                "eval_sets": [data_fingerprint.eval_set_entry(e.name, e.spec, e.summary["docs"], e.summary["sha256"],
+                                                              e.reading) for e in self.eval_sets]}
 
     @property
     def chat_counts(self) -> dict:
@@ -168,7 +168,7 @@ def prepare_data(cfg, tokenizer, show_progress: bool = True) -> PreparedData:
     for i, (e, src, folder) in enumerate(zip(cfg.eval.sets, eval_configured, eval_dirs, strict=True)):
         keys = [(f.path, chat_settings(src, t)) for f in src.files]
         named.append(eval_sets.load(e.name, e.path, folder, [tokens[k] for k in keys], t.max_seq_length, pad,
-                                    t.packing, i, [bits[k] for k in keys]))
+                                    t.packing, i, [bits[k] for k in keys], data_fingerprint.reading_of(e)))
     for eval_set in named:
         check_bad_lines(eval_set.summary["files"], t.skip_bad_lines)
     return PreparedData(rows["train"], rows["val"], summary, rows_dir, prepared_here, named)
