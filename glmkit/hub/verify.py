@@ -13,9 +13,9 @@ from typing import Optional
 
 from glmkit.hub import shards
 from glmkit.hub.download import (
+    ARCHITECTURE_OF_MODEL_TYPE,
     DEFAULT_TIMEOUT,
     HF_LOCAL_CACHE,
-    ARCHITECTURE_OF_MODEL_TYPE,
     INDEX_FILE,
     SINGLE_FILE,
     TOKENIZER_FILES,

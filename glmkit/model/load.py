@@ -23,6 +23,7 @@ from torch import nn
 from glmkit.hub.download import SUPPORTED_MODEL_TYPES
 from glmkit.model import attention, mtp
 from glmkit.model.errors import ModelLoadError
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Where every parameter belongs (see group_of); the audit and the memory plan report the same groups.
 # The MTP layer (glmkit/model/mtp.py) is a group of its own, whatever its parts: what loading it costs, in one line.
