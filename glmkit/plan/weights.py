@@ -261,10 +261,10 @@ class LoraTarget:
 def lora_targets(model, lora, train_mtp: bool = False) -> list[LoraTarget]:
     """LoRA on a Linear adds r*(in+out); on a 3-D expert parameter [E, a, b], E*r*(a+b) at the expert rank.
     The MTP layer's modules count with `train_mtp` (mtp.train) only."""
-    from glmkit.model.lora import expert_rank, matches
+    from glmkit.model.lora import expert_rank, matches, peft_module_names
     from glmkit.model.mtp import is_mtp_name
 
-    modules = list(lora.target_modules)
+    modules = peft_module_names(model, lora.target_modules)  # `attention`: the model's own projections
     all_linear = "all-linear" in modules
     layers = model.config.num_hidden_layers
     found = []
