@@ -21,9 +21,9 @@ passes down to every attention call (the same names its flash-attention path rea
 
 Values may be narrower (or wider) than queries and keys: multi-head latent attention
 (GLM-4.7-Flash's class, Glm4MoeLiteAttention) allows a v head dim other than the q/k one
-(DeepSeek-V3: 128 against 192). sdpa takes that as it is; the flash kernel takes one head dim
-for all three, so there the narrower side is zero-padded and the output cropped back
-(`with_matched_head_dims`), as transformers' own flash-attention path does.
+(DeepSeek-V3: 128 against 192). The flash kernel takes one head dim for all three, and sdpa on
+CPU takes its memory-lean kernel only then, so the narrower side is zero-padded and the output
+cropped back (`with_matched_head_dims`), as transformers' own flash-attention path does.
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ def uses_flash_kernel(query: torch.Tensor, value: torch.Tensor | None = None) ->
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
                       max_seqlen: int, scale: float | None) -> torch.Tensor:
     """Causal attention within each segment. query/key [T, Hq|Hkv, D], value [T, Hkv, Dv] -> [T, Hq, Dv]."""
-    if uses_flash_kernel(query, value):
-        return with_matched_head_dims(_flash_varlen, query, key, value, cu_seqlens, max_seqlen, scale)
-    return _segments_by_length(query, key, value, cu_seqlens, scale)
+    # Both paths pad a v head dim other than q/k's: the flash kernel needs one head dim, and sdpa on CPU would
+    # otherwise fall back to its math kernel, which keeps every segment's L x L probabilities for backward.
+    attend = _flash_varlen if uses_flash_kernel(query, value) else _segments_by_length
+    return with_matched_head_dims(attend, query, key, value, cu_seqlens, max_seqlen, scale)
 
 
 def _flash_varlen(query, key, value, cu_seqlens, max_seqlen, scale):
@@ -108,8 +109,9 @@ def with_matched_head_dims(attend, query, key, value, cu_seqlens, max_seqlen, sc
     return attend(F.pad(query, pad), F.pad(key, pad), value, cu_seqlens, max_seqlen, scale)
 
 
-def _segments_by_length(query, key, value, cu_seqlens, scale):
-    """The portable path: one causal sdpa call per distinct segment length (v's head dim may differ from q/k's)."""
+def _segments_by_length(query, key, value, cu_seqlens, max_seqlen, scale):
+    """The portable path: one causal sdpa call per distinct segment length (`max_seqlen` unused: the flash kernel's
+    arguments)."""
     bounds = cu_seqlens.tolist()
     starts_by_length: dict[int, list[int]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
