@@ -13,7 +13,7 @@ from glmkit.config.keys import config_fields, critical_keys, keys_checked_otherw
 from glmkit.config.load import load_config
 from glmkit.config.schema import ConfigError
 
-SHIPPED = ["training_config.yaml", "configs/tiny.yaml"]
+SHIPPED = ["training_config.yaml", "configs/tiny.yaml", "configs/glm47_flash.yaml"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -27,7 +27,13 @@ def test_real_recipe_is_the_documented_one():
     cfg = load_config(os.path.join(ROOT, "training_config.yaml"))
     assert cfg.model.name_or_path == "zai-org/GLM-4.5-Air"
     assert (cfg.quantization.quant_type, cfg.quantization.double_quant, cfg.quantization.quantize_experts) == ("nf4", True, True)
-    assert cfg.lora.r == 16 and cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # `attention`: on GLM-4.5-Air's architecture q_proj, k_proj, v_proj, o_proj, as the recipe always had
+    assert cfg.lora.r == 16 and cfg.lora.target_modules == ["attention"]
+    from glmkit.model.lora import peft_module_names
+    from glmkit.plan.weights import GLM45_AIR_NAME, build_meta_model, builtin_config
+
+    air = build_meta_model(builtin_config(GLM45_AIR_NAME), "bfloat16")
+    assert peft_module_names(air, cfg.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert cfg.training.max_seq_length == 4096
 
 
@@ -128,7 +134,7 @@ def test_resume_critical_keys_come_from_the_field_declarations():
 
 
 @pytest.mark.parametrize("yaml_file", ["training_config.yaml", "configs/tiny.yaml", "configs/cpt_chat_replay.yaml",
-                                       "configs/sft_after_cpt.yaml"])
+                                       "configs/sft_after_cpt.yaml", "configs/glm47_flash.yaml"])
 def test_every_yaml_key_is_present_and_commented(yaml_file):
     """The one YAML a user edits says, beside each key, what it trades off."""
     lines = open(os.path.join(ROOT, yaml_file), encoding="utf-8").read().splitlines()
