@@ -271,7 +271,7 @@ def test_the_flash_recipe_fits_one_80gb_gpu():
 
 STEPS = 4
 # configs/glm47_flash.yaml's LoRA (r 16, alpha 32, attention), with the routed experts (dropout 0 then) and MTP layer
-SETTINGS = {"training.max_steps": STEPS, "training.max_seq_length": 512, "training.val_fraction": 0.05,
+SETTINGS = {"training.max_steps": STEPS, "training.max_seq_length": 256, "training.val_fraction": 0.05,
             "lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.0, "lora.target_modules": ["attention"], "mtp.train": True,
             "lora.target_parameters": ["gate_up_proj", "down_proj"], "lora.expert_r": 4, "lora.expert_alpha": 8,
             "logging.eval_interval": 2, "checkpoint.interval": 2, "checkpoint.keep_top_k": 3,
@@ -443,10 +443,11 @@ def test_serving_export_refuses_kv_b_proj_lora_and_names_vllms_class(chain, tmp_
     config = json.load(open(os.path.join(adapter, "adapter_config.json")))
     config["target_modules"] = [m for m in config["target_modules"] if m != "kv_b_proj"]
     (without / "adapter_config.json").write_text(json.dumps(config))
-    result = run_cli(["use_adapter.py", "--config", str(folder / "config.yaml"), "--adapter", str(without),
-                      "--export-serving", str(tmp_path / "served")])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "the servers' class: Glm4MoeLiteForCausalLM" in result.stdout
+    from glmkit.model.serving_export import export_for_serving
+
+    done = export_for_serving(load_config(str(folder / "config.yaml")).paths.model_dir, str(without),
+                              str(tmp_path / "served"))
+    assert done["architecture"] == "Glm4MoeLiteForCausalLM" and done["expert_layers"] == 2
     readme = (tmp_path / "served" / "README.md").read_text()
     assert "(Glm4MoeLiteForCausalLM: the class vLLM and SGLang serve it with)" in readme
     served = load_file(str(tmp_path / "served" / "adapter_model.safetensors"))
