@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Download model.name_or_path (GLM-4.5-Air, GLM-4.6, GLM-4.5) into paths.model_dir and verify it (or verify / write a tiny test checkpoint).
+"""Download model.name_or_path (GLM-4.5-Air, GLM-4.5/4.6/4.7, GLM-4.7-Flash) into paths.model_dir and verify it
+(or verify / write a tiny test checkpoint).
 
     python download_model.py                      # download model.name_or_path @ model.revision, then verify
     python download_model.py --verify-only        # re-check an existing paths.model_dir (headers, seconds)
@@ -23,7 +24,7 @@ from glmkit.hub import download as hub
 from glmkit.hub import verify as model_files
 
 # glmkit.demo.tiny.TINY_VARIANTS' names (not imported here: it needs torch, which only --tiny does)
-TINY_VARIANT_NAMES = ("air", "glm4.6", "glm4.7", "air-8kv")
+TINY_VARIANT_NAMES = ("air", "glm4.6", "glm4.7", "air-8kv", "glm4.7-flash", "glm4.7-flash-narrow-v")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--tiny", nargs="?", const="air", choices=TINY_VARIANT_NAMES, metavar="VARIANT",
                       help="write a scaled-down checkpoint, offline, then verify it: air (GLM-4.5-Air's shape, "
                            "the default), glm4.6 or glm4.7 (GLM-4.6's / GLM-4.7's / GLM-4.5's: QK-norm, three dense "
-                           "layers), air-8kv (GLM-4.5-Air's 8 KV heads: distributed.sequence_parallel up to 8); each "
-                           "with its MTP layer")
+                           "layers), air-8kv (GLM-4.5-Air's 8 KV heads: distributed.sequence_parallel up to 8), "
+                           "glm4.7-flash (GLM-4.7-Flash's: multi-head latent attention), "
+                           "glm4.7-flash-narrow-v (the same, v head dim below q/k's); each with its MTP layer")
     parser.add_argument("--min-free-gb", type=float, default=None, metavar="GB",
                         help="require this much free disk space instead of the computed need (0 skips the check)")
     parser.add_argument("--deep", action="store_true",
@@ -91,7 +93,7 @@ def write_tiny(model_dir: str, variant: str = "air") -> None:
         raise hub.HubError(f"--tiny needs glmkit.demo.tiny.write_tiny_checkpoint, which could not be imported "
                            f"({exc}); update the checkout") from None
     os.makedirs(model_dir, exist_ok=True)
-    print(f"writing a tiny {hub.SUPPORTED_ARCHITECTURES[0]} checkpoint into {model_dir}", flush=True)
+    print(f"writing a tiny {variant}-shaped checkpoint into {model_dir}", flush=True)
     write_tiny_checkpoint(model_dir, seed=0, variant=variant)
 
 
@@ -117,7 +119,7 @@ def report(model_dir: str, rerun: str, deep_cfg=None, timeout: float = hub.DEFAU
     if problems:
         return 1
     how = " (every file's hash matches the Hub's)" if deep_cfg is not None else ""
-    print(f"verified: {model_dir} is a complete {hub.SUPPORTED_ARCHITECTURES[0]} checkpoint{how}")
+    print(f"verified: {model_dir} is a complete {model_files.architecture_of(model_dir)} checkpoint{how}")
     return 0
 
 

@@ -61,8 +61,9 @@ def main(argv=None) -> int:
             print(f"merged {adapter_dir} into {cfg.paths.model_dir}: {out}")
         elif args.export_serving:
             done = export_for_serving(cfg.paths.model_dir, adapter_dir, args.export_serving, cfg.source_path)
-            print(f"exported {adapter_dir} for serving: {done['out_dir']} ({done['layout']}, rank {done['rank']}); "
-                  f"{os.path.join(done['out_dir'], 'README.md')} has the vLLM and SGLang commands")
+            print(f"exported {adapter_dir} for serving: {done['out_dir']} ({done['layout']}, rank {done['rank']}; "
+                  f"the servers' class: {done['architecture']}); {os.path.join(done['out_dir'], 'README.md')} has "
+                  f"the vLLM and SGLang commands")
             if done["mtp_lora_left_out"]:
                 print("the adapter's MTP-layer LoRA is not in the export (servers apply LoRA to the main model only); "
                       "--merge serves it: see the export's README")

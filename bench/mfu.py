@@ -10,14 +10,22 @@ router of each MoE layer, lm_head; not the embedding, which is a lookup):
 
     forward, weights               2 N
     backward, activation grads     2 N          (no weight grads for the frozen base)
-    attention scores, forward      A = 2 * layers * heads * head_dim * s
-                                   (QK^T and PV, 2 FLOPs per multiply-add, causal: a token
-                                    attends to s/2 positions on average; s = max_seq_length)
+    attention scores, forward      A = layers * heads * (qk_head_dim + v_head_dim) * s
+                                   (QK^T over the q/k head dim and PV over the v head dim, 2 FLOPs
+                                    per multiply-add, causal: a token attends to s/2 positions on
+                                    average; s = max_seq_length; = 2 * layers * heads * head_dim * s
+                                    when both are head_dim, as in GLM-4.5-Air)
     attention scores, backward     2 A          (dQ, dK, dV, dP: twice the forward)
     LoRA weights                   ignored      (r * (d_in + d_out) per adapter: < 1% here)
 
     model FLOPs per token    = 4 N + 3 A
     hardware FLOPs per token = 6 N + 4 A   with gradient checkpointing (one more forward)
+
+GLM-4.7-Flash's multi-head latent attention (MLA) multiplies by other weights: the query down- and
+up-projections (hidden -> q_lora_rank -> heads x (nope + rope)), the key/value down-projection
+(hidden -> kv_lora_rank + rope) and up-projection (kv_lora_rank -> heads x (nope + v)), and o_proj
+(heads x v -> hidden); its q/k head dim is nope + rope (256), not the 64 transformers calls head_dim.
+N counts exactly the parameters the audit puts in each group (tests/test_glm47_flash.py).
 
 MFU = tokens/s x model FLOPs per token / peak FLOP/s; HFU the same with hardware FLOPs. The
 peak is the dense bf16 tensor-core figure of the GPU's datasheet (no 2:4 sparsity): H100 SXM
@@ -28,6 +36,7 @@ no matmul FLOPs, is not counted: MFU is lower than for a bf16 model by construct
 
     python bench/mfu.py flops --model-dir models/tiny-glm4-moe --seq-len 256
     python bench/mfu.py flops --glm45-air --seq-len 4096
+    python bench/mfu.py flops --builtin zai-org/GLM-4.7-Flash --seq-len 4096
     python bench/mfu.py report --name tiny --log runs/x/logs/training_log.jsonl \\
         --model-dir models/tiny-glm4-moe --seq-len 256 --out bench/results/gpu_smoke.json
 """
@@ -66,14 +75,35 @@ def _get(config, key, default=None):
     return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
 
+def attention_per_layer(config) -> tuple[int, int, int]:
+    """(parameters of one layer's attention projections, q/k head dim, v head dim), grouped-query or MLA."""
+    h, heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
+    kv_lora = _get(config, "kv_lora_rank")
+    if kv_lora:  # multi-head latent attention (glm4_moe_lite)
+        nope, rope, v = _get(config, "qk_nope_head_dim"), _get(config, "qk_rope_head_dim"), _get(config, "v_head_dim")
+        q_lora = _get(config, "q_lora_rank")
+        query = h * q_lora + q_lora * heads * (nope + rope) if q_lora else h * heads * (nope + rope)
+        key_value = h * (kv_lora + rope) + kv_lora * heads * (nope + v)
+        return query + key_value + heads * v * h, nope + rope, v
+    kv, hd = _get(config, "num_key_value_heads"), _get(config, "head_dim")
+    q, kvd = heads * hd, kv * hd
+    return h * q + 2 * h * kvd + q * h, hd, hd
+
+
+def dense_layers(config) -> int:
+    """Decoder layers with a dense MLP instead of experts: first_k_dense_replace, or mlp_layer_types' count."""
+    types = _get(config, "mlp_layer_types")
+    return types.count("dense") if types else _get(config, "first_k_dense_replace", 0)
+
+
 def active_params(config) -> dict:
-    """Parameters a token multiplies by, per term, from a Glm4Moe config (object or dict)."""
+    """Parameters a token multiplies by, per term, from a Glm4Moe or Glm4MoeLite config (object or dict)."""
     h = _get(config, "hidden_size")
     layers = _get(config, "num_hidden_layers")
-    dense = _get(config, "first_k_dense_replace", 0)
-    heads, kv, hd = _get(config, "num_attention_heads"), _get(config, "num_key_value_heads"), _get(config, "head_dim")
-    q, kvd = heads * hd, kv * hd
-    attention = layers * (h * q + 2 * h * kvd + q * h)
+    dense = dense_layers(config)
+    heads = _get(config, "num_attention_heads")
+    per_layer, qk_dim, v_dim = attention_per_layer(config)
+    attention = layers * per_layer
     dense_mlp = dense * 3 * h * _get(config, "intermediate_size")
     expert = 3 * h * _get(config, "moe_intermediate_size")
     moe_layers = layers - dense
@@ -85,13 +115,13 @@ def active_params(config) -> dict:
     terms = {"attention": attention, "dense_mlp": dense_mlp, "routed_experts_top_k": routed,
              "shared_experts": shared, "router": router, "lm_head": lm_head}
     return {"terms": terms, "active": sum(terms.values()), "routed_experts_total": total_routed,
-            "layers": layers, "heads": heads, "head_dim": hd}
+            "layers": layers, "heads": heads, "head_dim": qk_dim, "v_head_dim": v_dim}
 
 
 def flops_per_token(config, seq_len: int, gradient_checkpointing: bool = True) -> dict:
     p = active_params(config)
     n = p["active"]
-    attn_fwd = 2 * p["layers"] * p["heads"] * p["head_dim"] * seq_len
+    attn_fwd = p["layers"] * p["heads"] * (p["head_dim"] + p["v_head_dim"]) * seq_len
     model = 4 * n + 3 * attn_fwd
     hardware = model + (2 * n + attn_fwd if gradient_checkpointing else 0)
     return {"active_params": n, "active_param_terms": p["terms"], "attention_fwd_flops": attn_fwd,
@@ -99,14 +129,14 @@ def flops_per_token(config, seq_len: int, gradient_checkpointing: bool = True) -
             "gradient_checkpointing": gradient_checkpointing,
             "formula": "model = 4N + 3A (fwd 2N + activation-grad bwd 2N, attention fwd A + bwd 2A); "
                        "hardware = model + 2N + A with gradient checkpointing; "
-                       "A = 2 * layers * heads * head_dim * seq_len (causal)"}
+                       "A = layers * heads * (qk_head_dim + v_head_dim) * seq_len (causal)"}
 
 
-def load_model_config(model_dir: str | None, glm45_air: bool):
-    if glm45_air:
-        from glmkit.plan.weights import GLM45_AIR_CONFIG
+def load_model_config(model_dir: str | None, glm45_air: bool, builtin: str | None = None):
+    if glm45_air or builtin:
+        from glmkit.plan.weights import BUILTIN_ARCHITECTURES, GLM45_AIR_NAME
 
-        return dict(GLM45_AIR_CONFIG)
+        return dict(BUILTIN_ARCHITECTURES[builtin or GLM45_AIR_NAME])
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -172,6 +202,8 @@ def main(argv=None) -> int:
     fl = sub.add_parser("flops", help="FLOPs per token of a model")
     fl.add_argument("--model-dir")
     fl.add_argument("--glm45-air", action="store_true", help="GLM-4.5-Air's published architecture")
+    fl.add_argument("--builtin", metavar="NAME", help="a published architecture built into the kit, e.g. "
+                                                      "zai-org/GLM-4.7-Flash")
     fl.add_argument("--seq-len", type=int, required=True)
     fl.add_argument("--no-gradient-checkpointing", action="store_true")
     fl.add_argument("--tokens-per-sec", type=float, help="also print MFU at this throughput")
@@ -189,9 +221,13 @@ def main(argv=None) -> int:
     rp.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cmd == "flops":
-        if not (args.model_dir or args.glm45_air):
-            p.error("flops needs --model-dir or --glm45-air")
-        f = flops_per_token(load_model_config(args.model_dir, args.glm45_air), args.seq_len,
+        if not (args.model_dir or args.glm45_air or args.builtin):
+            p.error("flops needs --model-dir, --glm45-air or --builtin NAME")
+        from glmkit.plan.weights import BUILTIN_ARCHITECTURES
+
+        if args.builtin and args.builtin not in BUILTIN_ARCHITECTURES:
+            p.error(f"--builtin {args.builtin}: not built in; one of {', '.join(BUILTIN_ARCHITECTURES)}")
+        f = flops_per_token(load_model_config(args.model_dir, args.glm45_air, args.builtin), args.seq_len,
                             not args.no_gradient_checkpointing)
         if args.tokens_per_sec:
             peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_for(args.gpu_name)

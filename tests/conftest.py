@@ -191,6 +191,28 @@ def tiny_model_dir(tmp_path_factory):
     return str(shared_folder(tmp_path_factory, "tiny-model", lambda folder: write_tiny_model_in_fresh_process(str(folder))))
 
 
+def write_tiny_variant_in_fresh_process(path: str, variant: str, tokenizer_from: str) -> None:
+    """`download_model.py --tiny VARIANT`'s checkpoint, the tokenizer reused from `tokenizer_from` (no BPE training)."""
+    code = (f"from glmkit.demo.tiny import write_tiny_checkpoint; write_tiny_checkpoint({path!r}, seed=0, "
+            f"variant={variant!r}, tokenizer_from={tokenizer_from!r})")
+    result = run_cli(["-c", code])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.fixture(scope="session")
+def tiny_flash_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny GLM-4.7-Flash (glm4_moe_lite: MLA attention, q/k head dim = v head dim as in the real model)."""
+    return str(shared_folder(tmp_path_factory, "tiny-flash", lambda folder: write_tiny_variant_in_fresh_process(
+        str(folder), "glm4.7-flash", tiny_model_dir)))
+
+
+@pytest.fixture(scope="session")
+def tiny_flash_narrow_v_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny GLM-4.7-Flash with v head dim 16 against q/k's 32 (DeepSeek-V3's shape of MLA)."""
+    return str(shared_folder(tmp_path_factory, "tiny-flash-narrow-v", lambda folder: write_tiny_variant_in_fresh_process(
+        str(folder), "glm4.7-flash-narrow-v", tiny_model_dir)))
+
+
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     folder = shared_folder(tmp_path_factory, "data",

@@ -72,6 +72,39 @@ def test_segment_attention_equals_per_document_attention_with_gqa():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("qk_dim, v_dim", [(32, 16), (16, 32), (24, 24)])
+def test_a_v_head_dim_other_than_qk_is_padded_and_cropped_exactly(qk_dim, v_dim):
+    """MLA lets v's head dim differ from q/k's (DeepSeek-V3: 128 vs 192); the flash kernel takes one. The narrower side
+    zero-padded and the output cropped gives what per-document attention at the real dims gives, gradients too (the
+    kit's path on CPU as on CUDA; the scale stays the real q/k width's)."""
+    torch.manual_seed(1)
+    lengths = [5, 17, 17, 40]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = sum(lengths)
+    query = torch.randn(total, 4, qk_dim, requires_grad=True)
+    key = torch.randn(total, 4, qk_dim, requires_grad=True)
+    value = torch.randn(total, 4, v_dim, requires_grad=True)
+    seen = []
+
+    def one_head_dim(q, k, v, cu, longest, scale):  # a kernel that, like flash, takes a single head dim
+        assert q.shape[-1] == k.shape[-1] == v.shape[-1]
+        seen.append(scale)
+        return attention._segments_by_length(q, k, v, cu, longest, scale)
+
+    out = attention.with_matched_head_dims(one_head_dim, query, key, value, cu_seqlens, max(lengths), None)
+    assert out.shape == (total, 4, v_dim) and seen == [qk_dim ** -0.5 if qk_dim != v_dim else None]
+    weights = torch.randn(total, 4, v_dim)
+    grads = torch.autograd.grad((out * weights).sum(), (query, key, value))
+    ref = reference_attention(query, key, value, cu_seqlens, qk_dim ** -0.5)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (query, key, value))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the kit's own call pads on CPU too (sdpa's lean kernel wants one head dim as well) and gives the same
+    torch.testing.assert_close(attention.segment_attention(query, key, value, cu_seqlens, max(lengths), None), ref,
+                               rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # The tiny model: varlen vs masked sdpa, loss and every LoRA gradient
 # ---------------------------------------------------------------------------

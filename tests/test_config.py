@@ -14,7 +14,7 @@ from glmkit.config.load import load_config
 from glmkit.config.schema import ConfigError
 
 SHIPPED = ["training_config.yaml", "configs/tiny.yaml", "configs/glm45-air-128k.yaml", "configs/cpt_chat_replay.yaml",
-           "configs/sft_after_cpt.yaml"]
+           "configs/sft_after_cpt.yaml", "configs/glm47_flash.yaml"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -28,7 +28,13 @@ def test_real_recipe_is_the_documented_one():
     cfg = load_config(os.path.join(ROOT, "training_config.yaml"))
     assert cfg.model.name_or_path == "zai-org/GLM-4.5-Air"
     assert (cfg.quantization.quant_type, cfg.quantization.double_quant, cfg.quantization.quantize_experts) == ("nf4", True, True)
-    assert cfg.lora.r == 16 and cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # `attention`: on GLM-4.5-Air's architecture q_proj, k_proj, v_proj, o_proj, as the recipe always had
+    assert cfg.lora.r == 16 and cfg.lora.target_modules == ["attention"]
+    from glmkit.model.lora import peft_module_names
+    from glmkit.plan.weights import GLM45_AIR_NAME, build_meta_model, builtin_config
+
+    air = build_meta_model(builtin_config(GLM45_AIR_NAME), "bfloat16")
+    assert peft_module_names(air, cfg.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert cfg.training.max_seq_length == 4096
 
 

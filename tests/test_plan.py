@@ -410,8 +410,8 @@ def test_without_gpus_the_plan_assumes_the_recipes_node_and_says_so(tmp_path):
      ["model.name_or_path=zai-org/GLM-4.6", "distributed.accelerate_config=fsdp", "distributed.num_processes=2",
       "optimization.micro_batch_per_gpu=3"]),
     # too many rows: the largest micro-batch that fits
-    (["optimization.micro_batch_per_gpu=32"], 4, "lower optimization.micro_batch_per_gpu to 12",
-     ["optimization.micro_batch_per_gpu=12"]),
+    (["optimization.micro_batch_per_gpu=32"], 4, "lower optimization.micro_batch_per_gpu to 11",
+     ["optimization.micro_batch_per_gpu=11"]),
 ])
 def test_the_advice_names_a_change_that_fits(tmp_path, overrides, processes, advice, applied):
     """A plan that does not fit names one change, and that change, applied, fits (never advice that cannot)."""

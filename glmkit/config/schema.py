@@ -229,8 +229,10 @@ class LoraSection:
     alpha: int = setting(32, "scale = alpha / r", critical=True, gt=0)
     dropout: float = setting(0.05, "dropout on the adapter input; 0 for fully deterministic runs", ge=0, lt=1)
     target_modules: list[str] = setting(
-        help="Linear modules to adapt (q/k/v/o_proj; shared experts and the dense MLP optional)",
-        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], critical=True)
+        help="Linear modules to adapt: `attention` = every projection of the model's attention (q/k/v/o_proj on "
+             "GLM-4.5-Air, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj on GLM-4.7-Flash), or names; "
+             "shared experts and the dense MLP (gate_proj, up_proj, down_proj) optional",
+        factory=lambda: ["attention"], critical=True)
     target_parameters: list[str] = setting(
         help="fused routed-expert parameters to adapt (mlp.experts.gate_up_proj, mlp.experts.down_proj); "
              "needs dropout 0", factory=list, critical=True)

@@ -37,7 +37,8 @@ def validate(cfg: Config) -> list[str]:
          "model.attn_implementation", "flash_attention_2 needs the flash-attn package, which does not import "
          "here; use varlen (torch's own flash-attention varlen kernel, nothing to install)")
     need(bool(lo.target_modules or lo.target_parameters), "lora.target_modules",
-         "LoRA needs at least one target; list modules such as q_proj, v_proj")
+         "LoRA needs at least one target; list modules such as attention (every attention projection) or "
+         "o_proj")
     # peft's LoRA on a 3-D parameter adds B_e A_e to the weight, which has no place for dropout on the
     # input; an adapter saved with dropout > 0 and target_parameters can't even be loaded by PeftModel.
     need(not lo.target_parameters or lo.dropout == 0, "lora.dropout",

@@ -1,4 +1,4 @@
-"""An offline, CPU-sized GLM-4.5-Air (or GLM-4.6 / GLM-4.7): same class, same checkpoint layout, minutes not days.
+"""An offline, CPU-sized GLM-4.5-Air (or GLM-4.6 / 4.7 / 4.7-Flash): same class, same checkpoint layout, minutes not days.
 
 The checkpoint is a `Glm4MoeForCausalLM` with a dense first layer, sigmoid-routed experts
 plus a shared expert, partial rotary embeddings and grouped-query attention, saved as
@@ -21,6 +21,13 @@ on every layer's queries and keys, routed_scaling_factor 2.5; an MTP layer witho
 copies, the other layout on the Hub), so the kit's loader, LoRA targets, FSDP units and memory
 plan are exercised on that architecture too; `air-8kv`, `air` with GLM-4.5-Air's
 8 KV heads (16 query heads of 16 dims), which sequence parallelism can split 2, 4 or 8 ways.
+`glm4.7-flash`: GLM-4.7-Flash's (transformers'
+`Glm4MoeLiteForCausalLM`): the same MoE half, with multi-head latent attention (MLA: `q_a_proj` ->
+`q_b_proj` for the queries, `kv_a_proj_with_mqa` -> `kv_b_proj` for keys and values from one latent,
+`o_proj`; no bias, every head its own keys), q/k head dim 24 + 8 = v head dim 32 as the real
+192 + 64 = 256; its MTP layer at `model.layers.3.*` with the embedding and lm_head copies, as on the
+Hub. `glm4.7-flash-narrow-v`: the same with v head dim 16 against q/k's 32 (DeepSeek-V3's 128 against
+192), which the class allows and the kit's attention must handle.
 """
 
 from __future__ import annotations
@@ -35,14 +42,22 @@ from glmkit.model.load import DEMO_MODEL_KEY
 TINY_VOCAB_SIZE = 2048
 # variant -> the keys where it differs from GLM-4.5-Air's shape
 GLM46_SHAPE = {"num_hidden_layers": 5, "first_k_dense_replace": 3, "use_qk_norm": True, "routed_scaling_factor": 2.5}
+# GLM-4.7-Flash's published config at tiny size: MLA ranks in the real ratio to the hidden size (768 and 512 of 2048),
+# as many key/value heads as query heads, full rotary on the rope part, no attention bias, scaling 1.8.
+FLASH_SHAPE = {"model_type": "glm4_moe_lite", "num_key_value_heads": 4, "q_lora_rank": 48, "kv_lora_rank": 32,
+               "qk_nope_head_dim": 24, "qk_rope_head_dim": 8, "v_head_dim": 32, "attention_bias": False,
+               "partial_rotary_factor": 1.0, "routed_scaling_factor": 1.8, "num_nextn_predict_layers": 1}
 TINY_VARIANTS = {
     "air": {},
     "glm4.6": GLM46_SHAPE,
     "glm4.7": GLM46_SHAPE,  # GLM-4.7 has GLM-4.6's architecture
     "air-8kv": {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 16},
+    "glm4.7-flash": FLASH_SHAPE,
+    "glm4.7-flash-narrow-v": {**FLASH_SHAPE, "v_head_dim": 16},
 }
-# Variants whose MTP layer stores copies of the trunk's embedding and lm_head (GLM-4.5-Air's checkpoint does).
-MTP_WITH_TRUNK_COPIES = {"air", "air-8kv"}
+# Variants whose MTP layer stores copies of the trunk's embedding and lm_head (GLM-4.5-Air's and GLM-4.7-Flash's
+# checkpoints do).
+MTP_WITH_TRUNK_COPIES = {"air", "air-8kv", "glm4.7-flash", "glm4.7-flash-narrow-v"}
 # Added to the seed for the MTP layer's own generator.
 MTP_SEED_OFFSET = 1_000_003
 EOS_TOKEN = "<|endoftext|>"
@@ -140,8 +155,14 @@ For each function call, output the function name and arguments within the follow
 """
 
 
+def model_class(model_type: str):
+    """The transformers causal-LM class of a model type the tiny checkpoints come in."""
+    from transformers import Glm4MoeForCausalLM, Glm4MoeLiteForCausalLM
+
+    return {"glm4_moe": Glm4MoeForCausalLM, "glm4_moe_lite": Glm4MoeLiteForCausalLM}[model_type]
+
+
 def tiny_model_config(vocab_size: int, eos_token_id: int, pad_token_id: int, variant: str = "air"):
-    from transformers import Glm4MoeConfig
 
     # GLM-4.5-Air's structure (first layer dense, 1 shared + routed experts, top-k over
     # sigmoid scores, partial rotary 0.5, GQA, QKV bias) at a size a laptop CPU trains.
@@ -170,7 +191,11 @@ def tiny_model_config(vocab_size: int, eos_token_id: int, pad_token_id: int, var
         pad_token_id=pad_token_id,
         bos_token_id=None,
     )
-    config = Glm4MoeConfig(**{**shape, **TINY_VARIANTS[variant]})
+    differences = dict(TINY_VARIANTS[variant])
+    model_type = differences.pop("model_type", "glm4_moe")
+    if model_type == "glm4_moe_lite":
+        del shape["head_dim"]  # Glm4MoeLiteConfig reads head_dim as qk_rope_head_dim; its head dims are given above
+    config = model_class(model_type).config_class(**{**shape, **differences})
     setattr(config, DEMO_MODEL_KEY, True)  # config.json says it: tools tell users its text is noise by design
     return config
 
@@ -201,7 +226,7 @@ def write_tiny_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "
     """Write the tiny model + tokenizer into `model_dir`, laid out like the Hub checkpoint.
 
     `tokenizer_from`: a folder holding a tiny checkpoint's tokenizer, reused instead of training one."""
-    from transformers import AutoTokenizer, Glm4MoeForCausalLM
+    from transformers import AutoTokenizer
 
     if variant not in TINY_VARIANTS:
         raise ValueError(f"no tiny variant {variant!r}; there are {', '.join(TINY_VARIANTS)}")
@@ -209,7 +234,7 @@ def write_tiny_checkpoint(model_dir: str, seed: int = 0, max_shard_size: str = "
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from else train_tokenizer()
     config = tiny_model_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, variant)
     torch.manual_seed(seed)
-    model = Glm4MoeForCausalLM(config).to(torch.bfloat16)
+    model = model_class(config.model_type)(config).to(torch.bfloat16)
     save_with_uneven_routing(model, tokenizer, model_dir, max_shard_size, mtp_seed=seed + MTP_SEED_OFFSET,
                              mtp_trunk_copies=variant in MTP_WITH_TRUNK_COPIES)
 
@@ -220,8 +245,9 @@ def save_with_uneven_routing(model, tokenizer, model_dir: str, max_shard_size: s
     with the MTP layer(s) the config announces (drawn from `mtp_seed`, after everything else)."""
     with torch.no_grad():
         # A small spread in the correction bias, as a trained router has, so routing is uneven.
-        for layer in model.model.layers[model.config.first_k_dense_replace:]:
-            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.01)
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):  # the MoE layers
+                layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.01)
     mtp_tensors = mtp_layer_tensors(model, mtp_seed, mtp_trunk_copies)
     model.generation_config.do_sample = False
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(STOP_TOKENS)

@@ -1,4 +1,5 @@
-"""Get GLM-4.5-Air from the Hugging Face Hub into `paths.model_dir`, and check that what is there is usable.
+"""Get a GLM checkpoint (GLM-4.5-Air, 4.5, 4.6, 4.7, 4.7-Flash) from the Hugging Face Hub into `paths.model_dir`,
+and check that what is there is usable.
 
 Downloading is `huggingface_hub.snapshot_download(local_dir=...)`. What a rerun reuses, per the installed
 huggingface_hub 2.4 source:
@@ -33,14 +34,20 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Optional
 
-SUPPORTED_ARCHITECTURES = ("Glm4MoeForCausalLM",)
-SUPPORTED_MODEL_TYPES = ("glm4_moe",)
+# What the kit trains, as config.json names it: GLM-4.5-Air, GLM-4.5, GLM-4.6 and GLM-4.7 (transformers' glm4_moe), and
+# GLM-4.7-Flash (glm4_moe_lite: the same MoE half, multi-head latent attention). Each architecture with its model type.
+ARCHITECTURE_OF_MODEL_TYPE = {"glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM"}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURE_OF_MODEL_TYPE)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_OF_MODEL_TYPE.values())
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"  # unsharded checkpoints (small models) have no index
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # either one, plus tokenizer_config.json
 GB = 1e9  # decimal, as the Hub shows sizes
-# Used only when the Hub's file listing can't be had: GLM-4.5-Air in bf16 is about 220 GB.
+# Used only when the Hub's file listing can't be had: GLM-4.5-Air in bf16 is about 220 GB; the repos the kit knows
+# by name have their own (bf16, every parameter with the MTP layer and its copies: 2 bytes each, rounded up).
 FALLBACK_REPO_BYTES = 220 * GB
+KNOWN_REPO_BYTES = {"zai-org/GLM-4.7-Flash": 63 * GB, "zai-org/GLM-4.5": 720 * GB, "zai-org/GLM-4.6": 720 * GB,
+                    "zai-org/GLM-4.7": 720 * GB}
 # Keep some room beyond the weights so the disk is not filled to the last byte (logs, checkpoints, the OS).
 MARGIN_BYTES = 1 * GB
 MARGIN_FRACTION = 0.02
@@ -121,7 +128,7 @@ def download(repo_id: str, revision: str, model_dir: str, *, min_free_gb: Option
             raise HubError(explain_hub_error(exc, repo_id, revision, endpoint, timeout)) from None
         # The listing failed but the Hub may still serve files: go on with the size estimate.
         print(f"warning: could not list {repo_id} ({_first_line(exc)}); "
-              f"assuming {FALLBACK_REPO_BYTES / GB:.0f} GB for the disk-space check", flush=True)
+              f"assuming {fallback_repo_bytes(repo_id) / GB:.0f} GB for the disk-space check", flush=True)
         remote = None
 
     if remote is not None and remote.gated and _token() is None:
@@ -130,7 +137,7 @@ def download(repo_id: str, revision: str, model_dir: str, *, min_free_gb: Option
         for name in drop_mismatched_files(model_dir, remote.sizes):
             print(f"{name}: size differs from the Hub's; fetching it again", flush=True)
 
-    check_disk_space(model_dir, remote, min_free_gb)
+    check_disk_space(model_dir, remote, min_free_gb, repo_id)
     # Passing the commit (not the branch) makes every file come from the snapshot we sized above.
     pinned = remote.commit if remote is not None else revision
     commit_note = f" (commit {pinned[:12]})" if remote is not None else ""
@@ -179,7 +186,13 @@ def bytes_still_needed(model_dir: str, sizes: dict[str, int]) -> int:
                if not (os.path.isfile(p := os.path.join(model_dir, name)) and os.path.getsize(p) == size))
 
 
-def check_disk_space(model_dir: str, remote: Optional[RemoteRepo], min_free_gb: Optional[float]) -> None:
+def fallback_repo_bytes(repo_id: Optional[str]) -> float:
+    """The size assumed for `repo_id` when its listing can't be had: its own for a repo the kit knows, else Air's."""
+    return KNOWN_REPO_BYTES.get((repo_id or "").rstrip("/"), FALLBACK_REPO_BYTES)
+
+
+def check_disk_space(model_dir: str, remote: Optional[RemoteRepo], min_free_gb: Optional[float],
+                     repo_id: Optional[str] = None) -> None:
     """Refuse (HubError) when the disk under `model_dir` can't hold what is still to be downloaded."""
     free = free_bytes(model_dir)
     if min_free_gb is not None:
@@ -188,7 +201,7 @@ def check_disk_space(model_dir: str, remote: Optional[RemoteRepo], min_free_gb: 
         if remote is not None:
             missing, source = bytes_still_needed(model_dir, remote.sizes), "still to download"
         else:
-            missing = max(FALLBACK_REPO_BYTES - footprint(model_dir)[0], 0)
+            missing = max(fallback_repo_bytes(repo_id) - footprint(model_dir)[0], 0)
             source = "estimated still to download"
         if missing == 0:
             return  # nothing left to fetch: never block a finished download

@@ -1,6 +1,6 @@
 """Does a checkpoint's config.json agree with its weights about the multi-token-prediction (MTP) layer?
 
-GLM-4.5-Air, GLM-4.5, GLM-4.6 and GLM-4.7 ship one MTP layer after their decoder layers, stored as
+GLM-4.5-Air, GLM-4.5, GLM-4.6, GLM-4.7 and GLM-4.7-Flash ship one MTP layer after their decoder layers, stored as
 `model.layers.<num_hidden_layers>.*` and announced by `num_nextn_predict_layers: 1` in config.json.
 vLLM and SGLang draft speculative tokens with it; transformers builds it for `generate(use_mtp=True)`.
 A folder where the two disagree loads fine and fails later, far from the cause: a model saved by
@@ -16,9 +16,10 @@ import re
 from typing import Iterable, Optional
 
 MTP_CONFIG_KEY = "num_nextn_predict_layers"
-# transformers' Glm4MoeConfig: `num_mtp_layers` is an alias of num_nextn_predict_layers, 1 when absent.
+# transformers' Glm4MoeConfig: `num_mtp_layers` is an alias of num_nextn_predict_layers, 1 when absent. Its
+# Glm4MoeLiteConfig (GLM-4.7-Flash) knows neither: there the key is read as written, 0 when absent.
 MTP_CONFIG_ALIAS = "num_mtp_layers"
-DEFAULT_MTP_LAYERS = 1
+DEFAULT_MTP_LAYERS = {"glm4_moe": 1}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # A tensor every GLM MTP layer has and no decoder layer has: the projection of [embedding; hidden].
 MTP_MARKER = "eh_proj.weight"
@@ -26,7 +27,8 @@ MTP_MARKER = "eh_proj.weight"
 
 def announced_mtp_layers(config: dict) -> int:
     """How many MTP layers config.json announces, read the way transformers reads it."""
-    value = config.get(MTP_CONFIG_KEY, config.get(MTP_CONFIG_ALIAS, DEFAULT_MTP_LAYERS))
+    default = DEFAULT_MTP_LAYERS.get(config.get("model_type"), 0)
+    value = config.get(MTP_CONFIG_KEY, config.get(MTP_CONFIG_ALIAS, default))
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 

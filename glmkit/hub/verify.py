@@ -13,12 +13,11 @@ from typing import Optional
 
 from glmkit.hub import shards
 from glmkit.hub.download import (
+    ARCHITECTURE_OF_MODEL_TYPE,
     DEFAULT_TIMEOUT,
     HF_LOCAL_CACHE,
     INDEX_FILE,
     SINGLE_FILE,
-    SUPPORTED_ARCHITECTURES,
-    SUPPORTED_MODEL_TYPES,
     TOKENIZER_FILES,
     HubError,
     bounded_requests,
@@ -57,11 +56,19 @@ def _check_config(model_dir: str, rerun: str) -> list[tuple[str, str]]:
         return [(path, f"not a JSON object; delete it and rerun {rerun}")]
     architectures = config.get("architectures") or []
     model_type = config.get("model_type")
-    if not set(architectures) & set(SUPPORTED_ARCHITECTURES) or model_type not in SUPPORTED_MODEL_TYPES:
+    if ARCHITECTURE_OF_MODEL_TYPE.get(model_type) not in architectures:
+        supported = ", ".join(f"{arch} (model_type {kind})" for kind, arch in ARCHITECTURE_OF_MODEL_TYPE.items())
         return [(path, f"architectures {architectures} / model_type {model_type!r} is not supported; this kit "
-                 f"trains {', '.join(SUPPORTED_ARCHITECTURES)} (model_type {', '.join(SUPPORTED_MODEL_TYPES)}): "
-                 "point model.name_or_path at a GLM-4.5 MoE checkpoint")]
+                 f"trains {supported}: point model.name_or_path at a GLM-4.5/4.6/4.7 MoE or GLM-4.7-Flash "
+                 "checkpoint")]
     return []
+
+
+def architecture_of(model_dir: str) -> str:
+    """The architecture config.json names (for messages), the first the kit trains if it names several."""
+    config = _load_json(os.path.join(model_dir, "config.json"), "")[0]
+    names = config.get("architectures") if isinstance(config, dict) else None
+    return next((name for name in names or [] if name in ARCHITECTURE_OF_MODEL_TYPE.values()), "GLM")
 
 
 def _check_tokenizer(model_dir: str, rerun: str) -> list[tuple[str, str]]:

@@ -21,6 +21,12 @@ segment attends causally to itself only, with K/V left at their own head count (
 The collator builds `cu_seqlens` / `max_seqlen` from the per-document positions
 (`packed_segments`); `model_kwargs` turns them into the keyword arguments transformers
 passes down to every attention call (the same names its flash-attention path reads).
+
+Values may be narrower (or wider) than queries and keys: multi-head latent attention
+(GLM-4.7-Flash's class, Glm4MoeLiteAttention) allows a v head dim other than the q/k one
+(DeepSeek-V3: 128 against 192). The flash kernel takes one head dim for all three, and sdpa on
+CPU takes its memory-lean kernel only then, so the narrower side is zero-padded and the output
+cropped back (`with_matched_head_dims`), as transformers' own flash-attention path does.
 """
 
 from __future__ import annotations
@@ -70,23 +76,47 @@ def model_kwargs(cu_seqlens: torch.Tensor, max_seqlen: torch.Tensor | int) -> di
 # The attention function
 # ---------------------------------------------------------------------------
 
-def uses_flash_kernel(query: torch.Tensor) -> bool:
-    return query.is_cuda and query.dtype in FLASH_DTYPES and query.shape[-1] <= FLASH_MAX_HEAD_DIM
+def uses_flash_kernel(query: torch.Tensor, value: torch.Tensor | None = None) -> bool:
+    widest = max(query.shape[-1], value.shape[-1] if value is not None else 0)
+    return query.is_cuda and query.dtype in FLASH_DTYPES and widest <= FLASH_MAX_HEAD_DIM
 
 
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
                       max_seqlen: int, scale: float | None) -> torch.Tensor:
-    """Causal attention within each segment. query [T, Hq, D], key/value [T, Hkv, D] -> [T, Hq, D]."""
-    if uses_flash_kernel(query):
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
-                           window_size=(-1, 0), enable_gqa=True)
-    return _segments_by_length(query, key, value, cu_seqlens, scale)
+    """Causal attention within each segment. query/key [T, Hq|Hkv, D], value [T, Hkv, Dv] -> [T, Hq, Dv]."""
+    # Both paths pad a v head dim other than q/k's: the flash kernel needs one head dim, and sdpa on CPU would
+    # otherwise fall back to its math kernel, which keeps every segment's L x L probabilities for backward.
+    attend = _flash_varlen if uses_flash_kernel(query, value) else _segments_by_length
+    return with_matched_head_dims(attend, query, key, value, cu_seqlens, max_seqlen, scale)
 
 
-def _segments_by_length(query, key, value, cu_seqlens, scale):
-    """The portable path: one causal sdpa call per distinct segment length."""
+def _flash_varlen(query, key, value, cu_seqlens, max_seqlen, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
+                       window_size=(-1, 0), enable_gqa=True)
+
+
+def with_matched_head_dims(attend, query, key, value, cu_seqlens, max_seqlen, scale):
+    """`attend` (a kernel that wants one head dim for q, k and v) on tensors whose v head dim differs from q/k's.
+
+    A narrower v is zero-padded to q/k's width: P @ [V, 0] = [P @ V, 0], and the padding is cropped off the
+    output. A narrower q/k is zero-padded to v's: the scores q . k are unchanged, and so is the scale, which is
+    fixed first from the real q/k width. Gradients flow back through the pad and crop to the real columns only."""
+    qk_dim, v_dim = query.shape[-1], value.shape[-1]
+    if qk_dim == v_dim:
+        return attend(query, key, value, cu_seqlens, max_seqlen, scale)
+    scale = qk_dim ** -0.5 if scale is None else scale
+    if v_dim < qk_dim:
+        out = attend(query, key, F.pad(value, (0, qk_dim - v_dim)), cu_seqlens, max_seqlen, scale)
+        return out[..., :v_dim]
+    pad = (0, v_dim - qk_dim)
+    return attend(F.pad(query, pad), F.pad(key, pad), value, cu_seqlens, max_seqlen, scale)
+
+
+def _segments_by_length(query, key, value, cu_seqlens, max_seqlen, scale):
+    """The portable path: one causal sdpa call per distinct segment length (`max_seqlen` unused: the flash kernel's
+    arguments)."""
     bounds = cu_seqlens.tolist()
     starts_by_length: dict[int, list[int]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -98,7 +128,7 @@ def _segments_by_length(query, key, value, cu_seqlens, scale):
         index = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
         q, k, v = (t[index].transpose(1, 2) for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        outputs.append(out.transpose(1, 2).reshape(-1, *query.shape[1:]))
+        outputs.append(out.transpose(1, 2).reshape(-1, query.shape[1], value.shape[-1]))
         order.append(index.reshape(-1))
     if len(outputs) == 1:  # one length: the segments tile the batch in order already
         return outputs[0]
@@ -111,8 +141,8 @@ def _segments_by_length(query, key, value, cu_seqlens, scale):
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, cu_seq_lens_q=None, max_length_q=None,
                              sequence_group=None, **kwargs):
-    """transformers' attention-function signature: query [B, Hq, L, D], key/value [B, Hkv, L, D]
-    -> ([B, L, Hq, D], None). Without cu_seqlens (generation, an unpacked row) each row is one
+    """transformers' attention-function signature: query/key [B, Hq|Hkv, L, D], value [B, Hkv, L, Dv]
+    -> ([B, L, Hq, Dv], None). Without cu_seqlens (generation, an unpacked row) each row is one
     causal sequence, which is what sdpa does without a mask.
 
     With `sequence_group` the rows are split over that group's processes (sequence parallelism) and L is
@@ -130,9 +160,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     # -- sequence parallel: this process's heads of the whole rows
     if sequence_group is not None:
         query, key, value = (whole_rows_some_heads(t, sequence_group) for t in (query, key, value))
-    batch, heads, length, dim = query.shape
-    flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
-    out = segment_attention(*flat, cu_seq_lens_q, int(max_length_q), scaling).view(batch, length, heads, dim)
+    batch, heads, length, _ = query.shape
+    flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[-1]) for t in (query, key, value)]
+    out = segment_attention(*flat, cu_seq_lens_q, int(max_length_q), scaling)
+    out = out.view(batch, length, heads, value.shape[-1])
     # -- sequence parallel: back to this process's slice, every head
     if sequence_group is not None:
         out = this_slice_every_head(out, sequence_group)

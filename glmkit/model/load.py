@@ -1,4 +1,4 @@
-"""Model loading: stream GLM-4.5-Air in, quantize everything large to 4-bit, add LoRA, audit.
+"""Model loading: stream GLM-4.5-Air (or GLM-4.7-Flash, ...) in, quantize everything large to 4-bit, add LoRA, audit.
 
 Why not `from_pretrained(quantization_config=BitsAndBytesConfig(...))`: in transformers 5
 the routed experts are fused 3-D parameters, which BitsAndBytesConfig does not touch, so
@@ -20,11 +20,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from glmkit.hub.download import SUPPORTED_MODEL_TYPES
 from glmkit.model import attention, mtp
 from glmkit.model.errors import ModelLoadError
 from glmkit.model.sequence_parallel import check_heads, sizes_that_split
 
-SUPPORTED_MODEL_TYPES = ("glm4_moe",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Where every parameter belongs (see group_of); the audit and the memory plan report the same groups.
 # The MTP layer (glmkit/model/mtp.py) is a group of its own, whatever its parts: what loading it costs, in one line.
@@ -48,8 +48,8 @@ def load_model_config(model_dir: str):
                              f"(or `python download_model.py --tiny` for the CPU demo model)")
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(f"{model_dir} holds a {config.model_type!r} model; this kit trains "
-                             f"GLM-4.5-Air-architecture models ({', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ModelLoadError(f"{model_dir} holds a {config.model_type!r} model; this kit trains GLM-4.5-Air, "
+                             f"GLM-4.5/4.6/4.7 and GLM-4.7-Flash ({', '.join(SUPPORTED_MODEL_TYPES)})")
     return config
 
 

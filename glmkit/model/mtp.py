@@ -119,7 +119,8 @@ def build_mtp_layers(model) -> nn.ModuleList | None:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # MtpModel's post_init chatter about shared weights
     try:
-        layers = MtpModel(model, count).layers
+        with _mtp_config_keys(model.config, count):
+            layers = MtpModel(model, count).layers
     finally:
         hf_logging.set_verbosity(verbosity)
     dtype = model.get_input_embeddings().weight.dtype
@@ -128,6 +129,28 @@ def build_mtp_layers(model) -> nn.ModuleList | None:
             if param is not None and param.is_floating_point() and param.dtype != dtype:
                 module._parameters[name] = nn.Parameter(param.data.to(dtype), requires_grad=param.requires_grad)
     return layers
+
+
+@contextmanager
+def _mtp_config_keys(config, count: int):
+    """The keys MtpModel reads, on the config while it builds, when the config class lacks them.
+
+    Glm4MoeConfig has `num_mtp_layers`; Glm4MoeLiteConfig (GLM-4.7-Flash) has neither it nor the
+    `mtp_mlp_layer_types` MtpModel wants beside `mlp_layer_types`, though its checkpoint's MTP layer is the
+    same kind of layer (a MoE decoder block, `model.layers.47.*`). They are set for the build only and
+    removed after, so config.json and everything else that reads the config are as before."""
+    added = {}
+    if getattr(config, "num_mtp_layers", None) is None:
+        added["num_mtp_layers"] = count
+    if getattr(config, "mlp_layer_types", None) is not None and getattr(config, "mtp_mlp_layer_types", None) is None:
+        added["mtp_mlp_layer_types"] = ["sparse"] * count  # GLM's MTP layers are MoE layers
+    for key, value in added.items():
+        setattr(config, key, value)
+    try:
+        yield
+    finally:
+        for key in added:
+            delattr(config, key)
 
 
 def attach_mtp_layers(model) -> nn.ModuleList | None:

@@ -26,7 +26,14 @@ writes it:
   padding adds nothing to the output; vLLM allocates max_lora_rank slots per expert anyway.
 
 An adapter without expert LoRA (attention only) is already what the servers load: the export
-is a copy of the peft adapter. Options the per-expert layout cannot express (DoRA, LoRA bias,
+is a copy of the peft adapter.
+
+The servers pick their model class from the base's config.json: `Glm4MoeForCausalLM` for
+GLM-4.5-Air and GLM-4.5/4.6/4.7, `Glm4MoeLiteForCausalLM` for GLM-4.7-Flash, whose multi-head
+latent attention vLLM runs with its MLA kernels. The export's README and summary name it. vLLM
+does not apply LoRA to MLA's key/value up-projection `kv_b_proj` (vllm-project/vllm#48974, open):
+an adapter that trained it would be served without that part, so the export refuses it in one
+line and points at `--merge`, which folds every part into the weights. Options the per-expert layout cannot express (DoRA, LoRA bias,
 modules_to_save, trainable tokens, ...) are refused in one line before anything is written.
 The factors keep the adapter's stored dtype (peft saves fp32); the folding is done in fp32.
 
@@ -72,7 +79,8 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SERVING_README = """\
 # {name}: LoRA adapter for serving (exported by glmkit's `use_adapter.py --export-serving`)
 
-Base model: {model_dir}. Layout: {layout}. Rank {rank} (a server's max LoRA rank must be at least that).
+Base model: {model_dir} ({architecture}: the class vLLM and SGLang serve it with). Layout: {layout}. Rank {rank}
+(a server's max LoRA rank must be at least that).
 
     vllm serve {model_dir} --enable-lora --max-lora-rank {vllm_rank} --lora-modules {name}={path}
     python -m sglang.launch_server --model-path {model_dir} --enable-lora --max-lora-rank {rank} --lora-paths {name}={path}
@@ -105,8 +113,35 @@ its adapter is served through `use_adapter.py --merge`.
 """
 
 
+# LoRA the servers load but do not apply, by module name: served, the adapter would silently lose it.
+UNSERVED_LORA = {"kv_b_proj": "vLLM does not apply LoRA to multi-head latent attention's kv_b_proj "
+                              "(vllm-project/vllm#48974)"}
+
+
 class ServingExportError(ValueError):
     """The adapter can't be written in the serving layout, or the output folder can't take it; one line says why."""
+
+
+def check_served_whole(adapter_dir: str) -> None:
+    """Refuse an adapter with LoRA on a module the servers skip (MLA's kv_b_proj), pointing at the merge."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as fh:
+        modules = {key.rsplit(".lora_", 1)[0] for key in fh.keys() if not is_mtp_name(key)}
+    for name, why in UNSERVED_LORA.items():
+        layers = sorted(m for m in modules if m.endswith(f".{name}"))
+        if layers:
+            raise ServingExportError(
+                f"{adapter_dir} adapts {name} in {len(layers)} layer(s), and {why}: served as an adapter it would "
+                f"lose that part; merge it instead (python use_adapter.py --merge OUT_DIR, then serve OUT_DIR), or "
+                f"train without it (lora.target_modules: [q_a_proj, q_b_proj, kv_a_proj_with_mqa, o_proj])")
+
+
+def base_architecture(model_dir: str) -> str:
+    """The model class config.json names, the one vLLM and SGLang serve the base with."""
+    from glmkit.hub.verify import architecture_of
+
+    return architecture_of(model_dir)
 
 
 def check_expressible(config: dict, adapter_dir: str) -> None:
@@ -130,6 +165,8 @@ def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str, config_pa
     check_adapter(adapter_dir)
     config = _adapter_config(adapter_dir)
     check_expressible(config, adapter_dir)
+    check_served_whole(adapter_dir)
+    architecture = base_architecture(model_dir)
     mtp_trained = _has_mtp_lora(adapter_dir)
     if config.get("target_parameters") or _has_fused_expert_factors(adapter_dir):
         tensors, serving_config, summary = per_expert_adapter(model_dir, adapter_dir, config)
@@ -155,14 +192,14 @@ def export_for_serving(model_dir: str, adapter_dir: str, out_dir: str, config_pa
     with open(os.path.join(partial, "README.md"), "w", encoding="utf-8") as fh:
         fh.write(SERVING_README.format(name=name, model_dir=model_dir, rank=summary["rank"],
                                        vllm_rank=vllm_rank, path=os.path.abspath(out_dir),
-                                       layout=summary["layout"]))
+                                       layout=summary["layout"], architecture=architecture))
         if _base_has_mtp(model_dir):
             fh.write(MTP_README.format(model_dir=model_dir))
             fh.write(MTP_TRAINED_README.format(adapter_dir=adapter_dir, config=config_path or "CONFIG.yaml")
                      if mtp_trained else MTP_UNTRAINED_README)
     os.remove(os.path.join(partial, PARTIAL_MARKER))
     os.replace(partial, out_dir)  # an empty out_dir is replaced; a non-empty one was refused
-    return {**summary, "out_dir": out_dir, "mtp_lora_left_out": mtp_trained}
+    return {**summary, "out_dir": out_dir, "mtp_lora_left_out": mtp_trained, "architecture": architecture}
 
 
 def _has_mtp_lora(adapter_dir: str) -> bool:

@@ -1,6 +1,11 @@
 """Activation memory of one micro-batch: per layer under gradient checkpointing, attention and loss per implementation.
 
-Part of the memory plan (glmkit/plan/fit.py).
+Part of the memory plan (glmkit/plan/fit.py). A layer's terms are the tensors autograd keeps for backward,
+counted the way the kit's model saves them in bf16 (tests/test_glm47_flash.py measures one layer's attention,
+each kind, on the tiny models with saved-tensor hooks and holds the formula to it):
+grouped-query attention (GLM-4.5-Air) and multi-head latent attention (GLM-4.7-Flash) differ in their
+projections and head dims, and LoRA adds, per adapted Linear, the fp32 copy of its input peft makes for
+its fp32 weights.
 """
 
 from __future__ import annotations
@@ -21,30 +26,53 @@ class Arch:
     hidden: int
     heads: int
     kv_heads: int
-    head_dim: int
+    head_dim: int             # q/k head dim (GQA: also v's)
     vocab: int
     experts: int
     top_k: int
     moe_inter: int
     shared_inter: int
     dense_inter: int
+    v_head_dim: int = 0       # 0: head_dim
+    q_lora_rank: int = 0      # multi-head latent attention (MLA): the query latent's width (0: no query latent)
+    kv_lora_rank: int = 0     # MLA: the key/value latent's width; 0 for grouped-query attention
+    qk_nope_head_dim: int = 0  # MLA: the part of q/k without rotary, expanded from the latent beside v
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def v_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
 
 
 def arch_of(hf_config) -> Arch:
     hidden = hf_config.hidden_size
     heads = hf_config.num_attention_heads
     moe_inter = getattr(hf_config, "moe_intermediate_size", 0) or 0
+    kv_lora_rank = getattr(hf_config, "kv_lora_rank", None) or 0
+    if kv_lora_rank:  # MLA: transformers maps head_dim to qk_rope_head_dim there; q/k carry nope + rope
+        head_dim = hf_config.qk_nope_head_dim + hf_config.qk_rope_head_dim
+        v_head_dim = hf_config.v_head_dim
+    else:
+        head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+        v_head_dim = head_dim
     return Arch(
         hidden=hidden,
         heads=heads,
         kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(hf_config, "head_dim", None) or hidden // heads,
+        head_dim=head_dim,
         vocab=hf_config.vocab_size,
         experts=getattr(hf_config, "n_routed_experts", None) or getattr(hf_config, "num_local_experts", 0) or 0,
         top_k=getattr(hf_config, "num_experts_per_tok", 0) or 0,
         moe_inter=moe_inter,
         shared_inter=moe_inter * (getattr(hf_config, "n_shared_experts", 0) or 0),
         dense_inter=getattr(hf_config, "intermediate_size", 0) or 0,
+        v_head_dim=v_head_dim,
+        q_lora_rank=(getattr(hf_config, "q_lora_rank", None) or 0) if kv_lora_rank else 0,
+        kv_lora_rank=kv_lora_rank,
+        qk_nope_head_dim=hf_config.qk_nope_head_dim if kv_lora_rank else 0,
     )
 
 
@@ -52,13 +80,35 @@ def _norm_per_token(a: Arch, c: int) -> int:
     return (4 + c) * a.hidden  # RMSNorm saves its fp32 upcast input and its output
 
 
+def _upcast(width: int, c: int) -> int:
+    """What an RMSNorm keeps of a `width`-wide input: its fp32 copy (the input itself when that is fp32 already)."""
+    return 4 * width if c < 4 else 0
+
+
 def attention_per_token(a: Arch, c: int) -> int:
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    return (_norm_per_token(a, c)
-            + c * (q + 2 * kv)   # rotated q, k and v, saved by the attention kernel
-            + c * q              # attention output, saved by o_proj
-            + 4 * a.heads        # log-sum-exp of the fused kernel
-            + c * a.hidden)      # residual sum
+    """One layer's attention, per token, without LoRA (lora_per_token): the input norm's fp32 copy, the latents'
+    (MLA), then what a fused kernel (varlen, flash) keeps: q, k, v, its output and its log-sum-exp.
+
+    Grouped-query: q and the output at heads x head_dim, k and v at kv_heads x head_dim. MLA: every head has
+    its own k and v, expanded from the latent by kv_b_proj; q/k at the q/k head dim (nope + rope: 256 for
+    GLM-4.7-Flash, not the 64 transformers calls head_dim), v and the output at v_head_dim, and the norms of
+    the query and key/value latents keep their fp32 inputs. The flash kernel takes one head dim for all three,
+    so a v head dim other than q/k's is padded to the wider one there (glmkit/model/attention.py)."""
+    if a.mla:
+        latents = 4 * (a.q_lora_rank + a.kv_lora_rank)  # the latent norms' fp32 inputs
+        kernel = c * a.heads * 4 * max(a.head_dim, a.v_dim)  # q, k, v, output; the narrower padded to the wider
+    else:
+        latents = 0
+        kernel = c * (2 * a.heads * a.head_dim + 2 * a.kv_heads * a.head_dim)
+    return _upcast(a.hidden, c) + latents + kernel + 4 * a.heads  # + the log-sum-exp, fp32 per head
+
+
+def lora_per_token(in_features: int, lora, c: int) -> int:
+    """What one LoRA adapter on a Linear keeps per token: peft runs it in its fp32 weights' dtype, so lora_A keeps
+    an fp32 copy of the input (the input itself when it is fp32 and undropped), dropout its 1-byte mask, and
+    lora_B its r fp32 inputs."""
+    dropout = lora.dropout > 0
+    return (4 * in_features if (c < 4 or dropout) else 0) + (in_features if dropout else 0) + 4 * lora.r
 
 
 def moe_per_token(a: Arch, c: int) -> int:
@@ -95,6 +145,11 @@ def attention_extra_bytes(a: Arch, attn: str, micro_batch: int, seq: int, c: int
         return eager_attention_bytes(a, micro_batch, seq, c)
     if attn == "sdpa":
         mask = micro_batch * seq * seq * (1 + c)
+        if a.mla:
+            # sdpa takes v's own head dim (no padding) and keeps v as a view of kv_b_proj's whole [k_nope; v]
+            # output: q, k at the q/k head dim, that output, and its own at v_head_dim, against the padded kernel's
+            unpadded = 2 * a.head_dim + (a.qk_nope_head_dim + a.v_dim) + a.v_dim
+            return mask + micro_batch * seq * c * a.heads * (unpadded - 4 * max(a.head_dim, a.v_dim))
         expanded_kv = micro_batch * seq * 2 * (a.heads - a.kv_heads) * a.head_dim * c
         return mask + expanded_kv
     return 0
@@ -145,9 +200,7 @@ def layer_breakdown(model, a: Arch, cfg, targets: list[LoraTarget]) -> list[dict
     lora_per_layer: dict[int, int] = defaultdict(int)
     for t in targets:
         if t.layer is not None and not t.expert:
-            # lora_A's input (a dropout copy plus its mask when dropout > 0) and its r outputs.
-            dropout = (c + 1) * t.in_features if cfg.lora.dropout > 0 else 0
-            lora_per_layer[t.layer] += dropout + c * cfg.lora.r
+            lora_per_layer[t.layer] += lora_per_token(t.in_features, cfg.lora, c)
     blocks = list(model.model.layers)
     if cfg.mtp.train:  # trained, the MTP layer runs forward and backward every micro-step, like one more layer
         blocks += [layer.mtp_block for layer in mtp_layers(model)]

@@ -1,8 +1,9 @@
 """What the model's tensors cost: the architecture, every tensor in the dtype it will be held, LoRA targets.
 
 Part of the memory plan (glmkit/plan/fit.py): the model is built on the meta device from
-`paths.model_dir`'s config.json, or from GLM-4.5-Air's published architecture, and every tensor is
-priced the way it will be held (4-bit exactly as bitsandbytes stores it, the rest in its dtype).
+`paths.model_dir`'s config.json, or from the published architecture model.name_or_path names
+(GLM-4.5-Air's for a name the kit does not know), and every tensor is priced the way it will be held
+(4-bit exactly as bitsandbytes stores it, the rest in its dtype).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ PLAIN_BLOCKSIZE = 64
 # zai-org/GLM-4.5-Air's published config.json (the keys transformers' Glm4MoeConfig reads). Its MTP layer
 # (num_nextn_predict_layers: 1) is loaded by the kit and planned like a decoder layer (glmkit/model/mtp.py).
 GLM45_AIR_CONFIG = {
+    "model_type": "glm4_moe",
     "vocab_size": 151552,
     "hidden_size": 4096,
     "intermediate_size": 10944,
@@ -70,15 +72,62 @@ GLM45_CONFIG = {
 }
 GLM46_CONFIG = {**GLM45_CONFIG, "max_position_embeddings": 202752}
 GLM47_CONFIG = GLM46_CONFIG  # zai-org/GLM-4.7 has GLM-4.6's architecture
+
+# zai-org/GLM-4.7-Flash (about 30B, 3B active): transformers' glm4_moe_lite, GLM's MoE half (64 routed experts, top 4,
+# a shared expert, the first layer dense) with multi-head latent attention (q through a 768-wide latent, k and v from
+# one 512-wide latent plus a 64-wide shared rotary key; q/k head dim 192 + 64 = 256, v head dim 256; every head its own
+# k and v). Its published config.json, the keys transformers' Glm4MoeLiteConfig reads (the same values are that class's
+# defaults in transformers 5.23), and its MTP layer (model.layers.47, with copies of the embedding and lm_head).
+GLM47_FLASH_NAME = "zai-org/GLM-4.7-Flash"
+GLM47_FLASH_CONFIG = {
+    "model_type": "glm4_moe_lite",
+    "vocab_size": 154880,
+    "hidden_size": 2048,
+    "intermediate_size": 10240,
+    "moe_intermediate_size": 1536,
+    "num_hidden_layers": 47,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 20,
+    "q_lora_rank": 768,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 192,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 256,
+    "n_routed_experts": 64,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 4,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 1.8,
+    "attention_bias": False,
+    "partial_rotary_factor": 1.0,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 202752,
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "num_nextn_predict_layers": 1,
+}
 # model.name_or_path -> the architecture the plan uses before the checkpoint is downloaded
 BUILTIN_ARCHITECTURES = {GLM45_AIR_NAME: GLM45_AIR_CONFIG, "zai-org/GLM-4.5": GLM45_CONFIG,
-                         "zai-org/GLM-4.6": GLM46_CONFIG, "zai-org/GLM-4.7": GLM47_CONFIG}
+                         "zai-org/GLM-4.6": GLM46_CONFIG, "zai-org/GLM-4.7": GLM47_CONFIG,
+                         GLM47_FLASH_NAME: GLM47_FLASH_CONFIG}
 
 
 def builtin_name(name_or_path: str) -> str:
     """The built-in architecture planned for model.name_or_path (GLM-4.5-Air's for any other name)."""
     name = name_or_path.rstrip("/")
     return name if name in BUILTIN_ARCHITECTURES else GLM45_AIR_NAME
+
+
+def builtin_config(name: str):
+    """The transformers config of a built-in architecture (its model_type picks the class)."""
+    from transformers import AutoConfig
+
+    keys = dict(BUILTIN_ARCHITECTURES[name])
+    return AutoConfig.for_model(keys.pop("model_type"), **keys)
 
 
 class PlanError(RuntimeError):
@@ -125,9 +174,7 @@ def load_architecture(cfg):
         except (OSError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PlanError(f"{model_dir}/config.json can't be read by transformers: {first}") from None
-    from transformers import Glm4MoeConfig
-
-    return Glm4MoeConfig(**BUILTIN_ARCHITECTURES[builtin_name(cfg.model.name_or_path)]), "builtin"
+    return builtin_config(builtin_name(cfg.model.name_or_path)), "builtin"
 
 
 def build_meta_model(hf_config, compute_dtype: str):
@@ -261,10 +308,10 @@ class LoraTarget:
 def lora_targets(model, lora, train_mtp: bool = False) -> list[LoraTarget]:
     """LoRA on a Linear adds r*(in+out); on a 3-D expert parameter [E, a, b], E*r*(a+b) at the expert rank.
     The MTP layer's modules count with `train_mtp` (mtp.train) only."""
-    from glmkit.model.lora import expert_rank, matches
+    from glmkit.model.lora import expert_rank, matches, peft_module_names
     from glmkit.model.mtp import is_mtp_name
 
-    modules = list(lora.target_modules)
+    modules = peft_module_names(model, lora.target_modules)  # `attention`: the model's own projections
     all_linear = "all-linear" in modules
     layers = model.config.num_hidden_layers
     found = []
