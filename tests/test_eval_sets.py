@@ -58,7 +58,7 @@ def eval_run(tmp_path_factory, tiny_model_dir, demo_corpus):
 
 
 # The base model's losses at step 0 on val, general and code (CPU, deterministic).
-PINNED_STEP0 = [0.0, 0.0, 0.0]
+PINNED_STEP0 = [7.67313, 7.68615, 7.63627]
 
 
 @pytest.mark.trains
