@@ -136,7 +136,7 @@ def model_parity(cfg, accelerator, layout, strategy: str, reference: dict, calls
               "tokens": int(tokens.item()) - reference["tokens"], "exchanges": exchanges,
               "grads": max(relative(grads[name], want) for name, want in reference["grads"].items()),
               "grads_compared": len(grads.keys() & reference["grads"].keys())}
-    evaluated = evaluate(model, reference["eval_rows"], collate, accelerator, 1, layout)
+    evaluated = evaluate(model, reference["eval_rows"], collate, accelerator, 1, layout=layout)
     result["eval_loss"] = abs(evaluated.val_loss - reference["eval_loss"]) / reference["eval_loss"]
     result["eval_tokens"] = evaluated.val_tokens - reference["eval_tokens"]
     return result

@@ -26,10 +26,13 @@ GENERAL = [f"The {a} {b} walked to the {c} on a {d} morning and counted {n} bird
                        ("tall", "sailor", "harbour", "grey"), ("quiet", "baker", "station", "windy"),
                        ("busy", "doctor", "library", "warm"), ("tired", "miner", "village", "misty")])]
 CODE = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(5)]
+# A set whose loss falls for the first steps and rises after, as the adapter leans on the demo corpus: the run is
+# selected by it, so its best (step 3) is not the held-out split's (step 6).
+REPEATS = [" ".join(["the"] * 16)]
 SETTINGS = {"training.max_steps": 6, "logging.eval_interval": 3, "checkpoint.interval": 3,
             "checkpoint.keep_top_k": 1, "logging.expert_stats_interval": 3, "optimization.lr_scheduler": "wsd",
             "optimization.warmup_steps": 2, "optimization.decay_steps": 3, "optimization.decay_shape": "cosine",
-            "eval.select_by": "general"}  # general's loss rises as the run adapts: its best is not the last step
+            "eval.select_by": "repeats"}  # its loss rises after step 3: its best is not the last step
 
 
 def write_jsonl(path, texts) -> str:
@@ -40,7 +43,8 @@ def write_jsonl(path, texts) -> str:
 
 def eval_config(folder, tiny_model_dir, demo_corpus, **more) -> str:
     sets = [{"name": "general", "path": write_jsonl(folder / "general.jsonl", GENERAL)},
-            {"name": "code", "path": write_jsonl(folder / "code.jsonl", CODE)}]
+            {"name": "code", "path": write_jsonl(folder / "code.jsonl", CODE)},
+            {"name": "repeats", "path": write_jsonl(folder / "repeats.jsonl", REPEATS)}]
     return write_tiny_config(folder, tiny_model_dir, demo_corpus, {**SETTINGS, "eval.sets": sets, **more})
 
 
@@ -67,11 +71,11 @@ def test_every_eval_measures_every_set_from_step_0(eval_run, tiny_model_dir, dem
     evals = records(eval_run["out"], "eval_log.jsonl")
     assert [e["step"] for e in evals] == [0, 3, 6]
     for record in evals:
-        assert record["sets"] == ["val", "general", "code"] and record["select_by"] == "general"
+        assert record["sets"] == ["val", "general", "code", "repeats"] and record["select_by"] == "repeats"
         for name in record["sets"]:
             assert math.isclose(record[f"{name}/perplexity"], math.exp(record[f"{name}/loss"]), rel_tol=1e-9)
         # The fields logs had before eval sets: the selection set's numbers.
-        assert (record["val_loss"], record["val_tokens"]) == (record["general/loss"], record["general/tokens"])
+        assert (record["val_loss"], record["val_tokens"]) == (record["repeats/loss"], record["repeats/tokens"])
     # Every document's tokens but its first (never a target), summed over the set.
     assert evals[0]["general/tokens"] == 197 and evals[0]["code/tokens"] == 77
     assert evals[0]["val/tokens"] > 1000
@@ -81,7 +85,7 @@ def test_every_eval_measures_every_set_from_step_0(eval_run, tiny_model_dir, dem
     assert [evals[0][f"{n}/loss"] for n in ("val", "general", "code")] == pytest.approx(PINNED_STEP0,
                                                                                          abs=5e-4)
     start = json.loads(open(os.path.join(eval_run["out"], "logs", "events_log.jsonl")).readline())
-    assert start["eval_sets"] == {"val": start["val_rows"], "general": 1, "code": 1}
+    assert start["eval_sets"] == {"val": start["val_rows"], "general": 1, "code": 1, "repeats": 1}
 
 
 def _hand_losses(model, tokenizer, texts) -> tuple[float, float]:
@@ -112,8 +116,8 @@ def test_eval_set_losses_equal_a_hand_computation_at_step_0_and_after_training(e
     for name, texts in (("general", GENERAL), ("code", CODE)):
         weighted, mean_of_means = _hand_losses(base, tokenizer, texts)
         assert evals[0][f"{name}/loss"] == pytest.approx(weighted, abs=2e-5), name
-        if name == "general":  # documents of different lengths: a mean of means is off by ~2.5e-4 here
-            assert abs(weighted - mean_of_means) > 1e-4
+        if name == "general":  # documents of different lengths: a mean of means is off by ~6.7e-5 here, more
+            assert abs(weighted - mean_of_means) > 4e-5  # than twice the slack of the comparison above
     tuned = PeftModel.from_pretrained(base, os.path.join(eval_run["out"], "final-checkpoint-6")).eval()
     for name, texts in (("general", GENERAL), ("code", CODE)):
         assert evals[6][f"{name}/loss"] == pytest.approx(_hand_losses(tuned, tokenizer, texts)[0], abs=2e-5), name
@@ -122,21 +126,21 @@ def test_eval_set_losses_equal_a_hand_computation_at_step_0_and_after_training(e
 
 @pytest.mark.trains
 def test_the_selection_set_picks_the_best_adapter_and_the_top_k_not_step_0(eval_run):
-    """Selected by general, whose loss rises with training: the best adapter and the kept checkpoint are step 3's,
-    where the held-out split would pick step 6; step 0 (lowest of all) is no candidate. (Selected by code until
-    issue 33's tiny tokenizer: code's loss fell with it.)"""
+    """Selected by repeats, whose loss rises after step 3: the best adapter and the kept checkpoint are step 3's,
+    where the held-out split would pick step 6. (Selected by general until issue 32's frozen corpus, whose loss now
+    falls at every eval.)"""
     evals = {e["step"]: e for e in records(eval_run["out"], "eval_log.jsonl")}
-    assert evals[0]["general/loss"] < evals[3]["general/loss"] < evals[6]["general/loss"]
+    assert evals[3]["repeats/loss"] < evals[6]["repeats/loss"]
     assert evals[6]["val/loss"] < evals[3]["val/loss"]
     with open(os.path.join(eval_run["best"], "best.json"), encoding="utf-8") as fh:
         marker = json.load(fh)
-    assert (marker["step"], marker["eval_set"], marker["val_loss"]) == (3, "general", evals[3]["general/loss"])
+    assert (marker["step"], marker["eval_set"], marker["val_loss"]) == (3, "repeats", evals[3]["repeats/loss"])
     events = read_jsonl(os.path.join(eval_run["out"], "logs", "events_log.jsonl"))
     assert [e["step"] for e in events if e["event"] == "best_updated"] == [3]
     kept = sorted(n for n in os.listdir(eval_run["out"]) if "checkpoint-" in n)
-    assert kept == ["checkpoint-3", "final-checkpoint-6"]  # top-1 by general's loss, and the final one (step 6 once)
+    assert kept == ["checkpoint-3", "final-checkpoint-6"]  # top-1 by repeats' loss, and the final one (step 6 once)
     assert json.load(open(os.path.join(eval_run["out"], "checkpoint-3", "trainer_meta.json")))["val_loss"] == \
-        evals[3]["general/loss"]
+        evals[3]["repeats/loss"]
 
 
 def test_a_changed_selection_set_on_resume_starts_a_new_best():
@@ -174,9 +178,10 @@ def test_sigkill_then_resume_with_eval_sets_and_wsd_matches_the_uninterrupted_ru
         assert strip(resumed) == strip(uninterrupted), name  # every set's loss, every lr: to the bit
 
 
+@pytest.mark.trains
 def test_an_edited_eval_set_is_refused_on_resume_unless_allowed(eval_run, tmp_path, tiny_model_dir, demo_corpus):
-    """The eval sets are in the data fingerprint: the run selected by `code` refuses to compare a rewritten
-    code.jsonl's loss with the old file's best; --allow-data-change goes on, says so, and picks a new best."""
+    """The eval sets are in the data fingerprint: the run selected by `repeats` refuses to compare a rewritten
+    repeats.jsonl's loss with the old file's best; --allow-data-change goes on, says so, and picks a new best."""
     import shutil
 
     from glmkit.run.checkpoint_names import read_meta
@@ -186,25 +191,26 @@ def test_an_edited_eval_set_is_refused_on_resume_unless_allowed(eval_run, tmp_pa
     config = eval_config(tmp_path, tiny_model_dir, demo_corpus, **{"training.max_steps": 7})
     newest = str(tmp_path / "run" / "final-checkpoint-6")
     recorded = read_meta(newest)["data_fingerprint"]["eval_sets"]
-    assert [(e["name"], e["documents"]) for e in recorded] == [("general", 6), ("code", 5)]
+    assert [(e["name"], e["documents"]) for e in recorded] == [("general", 6), ("code", 5), ("repeats", 1)]
     unchanged = run_cli(["train_qlora.py", "--config", config, "--resume", "--set", "training.max_steps=6"])
     assert unchanged.returncode == 0 and "already finished" in unchanged.stdout, unchanged.stderr[-2000:]
 
-    write_jsonl(tmp_path / "code.jsonl", CODE[:4] + ["def f4(x):\n    return x - 4\n"])  # one document edited
+    write_jsonl(tmp_path / "repeats.jsonl", [" ".join(["the"] * 15) + " end"])  # its one document edited
     refused = run_cli(["train_qlora.py", "--config", config, "--resume"])
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
     line = refused.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"error: cannot resume {newest}: eval.sets changed since it was saved: eval set 'code' "
-                           f"({tmp_path / 'code.jsonl'}) differs (5 -> 5 documents). "), line
+    assert line.startswith(f"error: cannot resume {newest}: eval.sets changed since it was saved: eval set "
+                           f"'repeats' ({tmp_path / 'repeats.jsonl'}) differs (1 -> 1 documents). "), line
     assert "--allow-data-change" in line and "general" not in line
 
     allowed = run_cli(["train_qlora.py", "--config", config, "--resume", "--allow-data-change"])
     assert allowed.returncode == 0, allowed.stderr[-2000:]
-    assert (f"resuming {newest} on changed data (--allow-data-change): eval set 'code' ({tmp_path / 'code.jsonl'}) "
-            f"differs (5 -> 5 documents); the best adapter is picked anew by the changed set 'code'") in allowed.stdout
+    assert (f"resuming {newest} on changed data (--allow-data-change): eval set 'repeats' "
+            f"({tmp_path / 'repeats.jsonl'}) differs (1 -> 1 documents); the best adapter is picked anew by the "
+            f"changed set 'repeats'") in allowed.stdout
     events = read_jsonl(str(tmp_path / "run" / "logs" / "events_log.jsonl"))
     changed = [e for e in events if e["event"] == "data_changed"]
-    assert len(changed) == 1 and changed[0]["step"] == 6 and "eval set 'code'" in changed[0]["changes"][0]
+    assert len(changed) == 1 and changed[0]["step"] == 6 and "eval set 'repeats'" in changed[0]["changes"][0]
     # The old best (step 3, on the old file) is not compared with: step 7's eval on the new file is the best.
     assert [e["step"] for e in events if e["event"] == "best_updated"] == [3, 7]
     with open(tmp_path / "best" / "best.json", encoding="utf-8") as fh:

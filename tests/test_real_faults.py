@@ -129,7 +129,8 @@ def error_reported(result, logs_dir) -> bool:
 def disk_run(small_disk, tmp_path_factory, tiny_model_dir, demo_corpus):
     """Two processes train on the small disk; it fills when step 1's checkpoint starts being written."""
     tmp = tmp_path_factory.mktemp("disk-run")
-    config = write_tiny_config(tmp, tiny_model_dir, demo_corpus, SHORT_RUN)
+    # Two steps: step 1's checkpoint is a periodic one (the last step's is the final checkpoint, written once).
+    config = write_tiny_config(tmp, tiny_model_dir, demo_corpus, {**SHORT_RUN, "training.max_steps": 2})
     with open(config, encoding="utf-8") as fh:
         text = fh.read()
     text = text.replace(str(tmp / "run"), os.path.join(small_disk.path, "run"))
@@ -234,14 +235,20 @@ print("swapped", flush=True)
 
 
 def write_folder(path, content: str) -> None:
+    """A best-adapter folder whose marker lists its one other file, as the kit writes it."""
     os.makedirs(path)
-    with open(os.path.join(path, "best.json"), "w", encoding="utf-8") as fh:
+    with open(os.path.join(path, "adapter_model.safetensors"), "w", encoding="utf-8") as fh:
         fh.write(content)
+    from glmkit.run.manifest import file_manifest
+
+    listed = file_manifest(path)
+    with open(os.path.join(path, "best.json"), "w", encoding="utf-8") as fh:
+        json.dump({"files": listed}, fh)
 
 
 def content_of(path) -> str | None:
     try:
-        with open(os.path.join(path, "best.json"), encoding="utf-8") as fh:
+        with open(os.path.join(path, "adapter_model.safetensors"), encoding="utf-8") as fh:
             return fh.read()
     except OSError:
         return None
@@ -412,12 +419,13 @@ def sync_trace(path) -> list[tuple]:
     return events
 
 
+@pytest.mark.trains
 def test_every_folder_renamed_into_place_is_flushed_first_and_its_parent_after(make_config, tmp_path):
     """A token store, the rows, the best adapter and the checkpoints: every file and the folder fsynced before
     the rename that makes them visible, the parent folder (output_dir, ...) after it (strace of a real run)."""
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed: the fsync and rename calls cannot be watched")
-    config = make_config(SHORT_RUN)
+    config = make_config({**SHORT_RUN, "training.max_steps": 2})  # checkpoint-1, then the final checkpoint-2
     trace = tmp_path / "strace.txt"
     result = subprocess.run(["strace", "-f", "-qq", "-y", "-o", str(trace), "-e",
                              "trace=fsync,fdatasync,rename,renameat,renameat2", sys.executable, "train_qlora.py",
@@ -427,7 +435,7 @@ def test_every_folder_renamed_into_place_is_flushed_first_and_its_parent_after(m
     events = sync_trace(trace)
     scratch = tmp_path / "scratch" / "tokenized"
     targets = [os.path.join(scratch, kind, name) for kind in ("files", "rows") for name in os.listdir(scratch / kind)]
-    targets += [str(tmp_path / "best"), str(tmp_path / "run" / "checkpoint-1"), str(tmp_path / "run" / "final-checkpoint-1")]
+    targets += [str(tmp_path / "best"), str(tmp_path / "run" / "checkpoint-1"), str(tmp_path / "run" / "final-checkpoint-2")]
     for target in targets:
         renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == target]
         assert renames, f"no rename into {target}"
@@ -489,6 +497,7 @@ def hostile_model(tiny_model_dir, folder, where: str) -> tuple[str, str, str]:
     return model, outside, named
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("where", ["relative", "absolute"])
 def test_sample_refuses_an_index_naming_a_shard_outside_the_model_folder(expert_run, tiny_model_dir, tmp_path,
                                                                          where):
@@ -600,6 +609,7 @@ def assert_preempted_by_hangup(out, ranks: int) -> None:
     assert read_jsonl(str(out / "logs" / "error_log.jsonl")) == []
 
 
+@pytest.mark.trains
 def test_a_hung_up_terminal_preempts_the_trainer(make_config, tmp_path):
     """`python train_qlora.py` in the foreground of an SSH session that drops: it used to die at once (no
     checkpoint, no run_end, a dashboard "stalled" for good); now SIGHUP is a preemption, and the trainer writes
@@ -610,6 +620,7 @@ def test_a_hung_up_terminal_preempts_the_trainer(make_config, tmp_path):
     assert_preempted_by_hangup(tmp_path / "run", ranks=1)
 
 
+@pytest.mark.trains
 def test_under_nohup_the_run_outlives_the_terminal(make_config, tmp_path):
     """`nohup` asks for the run to survive the hangup: the trainer keeps SIGHUP ignored and trains on."""
     if shutil.which("nohup") is None:
@@ -633,6 +644,7 @@ def test_under_nohup_the_run_outlives_the_terminal(make_config, tmp_path):
     assert events[-2]["event"] == "preempted" and events[-2]["signal"] == "SIGTERM"
 
 
+@pytest.mark.trains
 def test_a_hung_up_terminal_preempts_every_rank_through_the_launcher(make_config, tmp_path):
     """The kit's launcher with two ranks (each in a session of its own, out of the terminal's reach): the
     launcher takes the SIGHUP, passes it to both ranks, which save together and exit 0, and so does it."""
@@ -649,6 +661,7 @@ def test_a_hung_up_terminal_preempts_every_rank_through_the_launcher(make_config
 # A rank SIGKILLed (the OOM killer's way): the kit says which, and records it
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_a_killed_rank_is_named_by_the_launcher_and_in_the_error_log(make_config, tmp_path):
     config = make_config({**SHORT_RUN, "training.max_steps": 400, "logging.eval_interval": 200,
                           "checkpoint.interval": 200})
@@ -682,6 +695,7 @@ def test_a_killed_rank_is_named_by_the_launcher_and_in_the_error_log(make_config
 # A model far bigger than the machine, on CPU: refused by the memory plan before anything is allocated
 # ---------------------------------------------------------------------------
 
+@pytest.mark.trains
 def test_a_model_bigger_than_host_memory_is_refused_on_cpu_before_allocating(tiny_model_dir, demo_corpus, tmp_path):
     """hidden_size 10**9 made the CPU trainer try to allocate 8 TB (a raw traceback): the plan was checked on
     GPUs only. Under an address-space cap, so that a regression fails here instead of swapping the machine."""

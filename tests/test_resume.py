@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from conftest import (
     ROOT,
     run_cli,
@@ -352,7 +353,7 @@ def test_every_checkpoint_damaged_is_one_line_that_says_so(make_config, tmp_path
     config = copy_of_finished_run(short_run, tmp_path, make_config, SHORT)
     out = tmp_path / "run"
     damaged = sorted(n for n in os.listdir(out) if "checkpoint-" in n)
-    assert damaged == ["checkpoint-3", "final-checkpoint-3"]
+    assert damaged == ["final-checkpoint-3"]  # the last step is saved once, as the final checkpoint
     for name in damaged:
         weights = out / name / "adapter_model.safetensors"
         size = os.path.getsize(weights)
@@ -362,7 +363,7 @@ def test_every_checkpoint_damaged_is_one_line_that_says_so(make_config, tmp_path
     result = run_cli(["train_qlora.py", "--config", config, "--resume"])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     said = (result.stdout + result.stderr).strip().splitlines()
-    assert said[-1] == (f"error: --resume: every checkpoint in {out} is damaged (2 of them; the newest, "
+    assert said[-1] == (f"error: --resume: every checkpoint in {out} is damaged (the only one, "
                         f"{out / 'final-checkpoint-3'}: adapter_model.safetensors does not match its checksum (its "
                         f"content changed after it was written)), so there is nothing to continue from; restore one "
                         f"from a copy, or start a new run in another paths.output_dir")
@@ -391,7 +392,15 @@ def test_a_run_stopped_before_its_final_save_is_finished_by_the_relaunch(make_co
     the relaunch writes the final checkpoint and ends the run as finished instead of saying it already was."""
     config = copy_of_finished_run(short_run, tmp_path, make_config, SHORT)
     out = tmp_path / "run"
-    shutil.rmtree(out / "final-checkpoint-3")
+    # Step 3's checkpoint as a periodic one (today the last step is saved once, as the final checkpoint).
+    from glmkit.run.checkpoint_names import META
+    from glmkit.train.checkpoint import RESOLVED_CONFIG, finalize
+
+    os.rename(out / "final-checkpoint-3", out / ".tmp-checkpoint-3")
+    meta = {**json.load(open(out / ".tmp-checkpoint-3" / META)), "final": False}
+    os.remove(out / ".tmp-checkpoint-3" / "COMPLETE")
+    finalize(str(out / ".tmp-checkpoint-3"), str(out / "checkpoint-3"), meta,
+             yaml.safe_load(open(out / ".tmp-checkpoint-3" / RESOLVED_CONFIG)))
     with open(out / "logs" / "events_log.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"step": 3, "time": time.time(), "event": "preempted", "signal": "SIGINT"}) + "\n")
         fh.write(json.dumps({"step": 3, "time": time.time(), "event": "run_end", "status": "preempted",

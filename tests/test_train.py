@@ -172,12 +172,12 @@ def test_merge_and_sample(finished_run, tmp_path):
     result = run_cli(["use_adapter.py", "--config", finished_run["config"], "--merge", str(merged)])
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.isfile(merged / "config.json") and not os.path.exists(merged / "adapter_config.json")
-    # (the prompt was "The module" until issue 33's tiny tokenizer: this model continues it with newlines only)
-    result = run_cli(["use_adapter.py", "--config", finished_run["config"], "--sample", "This module provides",
+    # (a prompt this model continues with words: "The module" and "This module provides" give newlines only)
+    result = run_cli(["use_adapter.py", "--config", finished_run["config"], "--sample", "This function",
                       "--max-new-tokens", "8"])
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert lines[0] == "prompt:       This module provides" and lines[1].startswith("continuation: ") and lines[1][14:].strip()
+    assert lines[0] == "prompt:       This function" and lines[1].startswith("continuation: ") and lines[1][14:].strip()
     assert "is the tiny CPU demo model (random weights" in lines[2]  # its noise is called noise
 
 

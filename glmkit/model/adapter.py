@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glmkit.model.mtp import num_mtp_layers
 from glmkit.run.writes import guarded_write
 
 ADAPTER_PREFIX = "base_model.model."
@@ -63,13 +64,31 @@ def check_adapter(adapter_dir: str) -> None:
 def load_base_with_adapter(model_dir: str, adapter_dir: str, dtype=torch.bfloat16):
     """The base model in `dtype` (not 4-bit) with the adapter on top, as plain transformers + peft load it."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     check_adapter(adapter_dir)
     check_fits(model_dir, adapter_dir, merging=False)  # a mismatch is one line, as for --merge, not a peft traceback
     checkpoint_weight_map(model_dir)  # every shard the index names checked (in this folder, whole), as --merge does
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    base = load_plain_model(model_dir, dtype)
     return PeftModel.from_pretrained(base, adapter_dir), _tokenizer(model_dir, adapter_dir)
+
+
+def load_plain_model(model_dir: str, dtype=torch.bfloat16):
+    """The model as transformers' `from_pretrained` loads it, without its MTP layer. transformers skips GLM's
+    (`model.layers.46.*` / `92.*`) by name without a word; a checkpoint whose MTP layer sits at another index
+    (the tiny models', GLM-4.7-Flash's) it reports key by key as UNEXPECTED, which reads like damage. Those
+    keys are skipped the same way here, for this load only."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(model_dir)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    skipped = [rf"model\.layers\.{config.num_hidden_layers + i}\." for i in range(num_mtp_layers(config))]
+    usual = model_class._keys_to_ignore_on_load_unexpected
+    model_class._keys_to_ignore_on_load_unexpected = [*(usual or []), *skipped]
+    try:
+        return model_class.from_pretrained(model_dir, dtype=dtype)
+    finally:
+        model_class._keys_to_ignore_on_load_unexpected = usual
 
 
 def _tokenizer(model_dir: str, adapter_dir: str):
@@ -435,10 +454,10 @@ def chat(model_dir: str, adapter_dir: str | None, message: str, system: str | No
     """(the prompt as the template renders it, the greedy reply) for one user message, by base + adapter, or by
     the base alone when `adapter_dir` is None. The reply ends at the model's own stop tokens
     (generation_config.json: GLM stops at EOS, `<|user|>` and `<|observation|>`), which are not shown."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if adapter_dir is None:
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), AutoTokenizer.from_pretrained(model_dir)
+        model, tokenizer = load_plain_model(model_dir, dtype), AutoTokenizer.from_pretrained(model_dir)
     else:
         model, tokenizer = load_base_with_adapter(model_dir, adapter_dir, dtype)
     if not tokenizer.chat_template:

@@ -511,8 +511,11 @@ def memory_gate(cfg, accelerator, force: bool) -> dict:
     """The plan's per-GPU numbers for run_start; on GPUs, refuse a run it says won't fit unless --force.
 
     The check runs before any weight is loaded, so a hopeless configuration costs seconds, not
-    the minutes of streaming 100B parameters in before an out-of-memory error.
+    the minutes of streaming 100B parameters in before an out-of-memory error. A model folder without a
+    config.json is not priced (the plan would price the built-in model): the model check after says what to do.
     """
+    if not os.path.isfile(os.path.join(cfg.paths.model_dir, "config.json")):
+        return {}
     try:
         plan = build_plan(cfg, num_processes=accelerator.num_processes)
     except Exception as exc:  # a plan that cannot be built is reported, never a reason not to train

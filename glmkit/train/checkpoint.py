@@ -356,9 +356,10 @@ def _newest_that_verifies(output_dir: str, print_fn) -> str | None:
         damaged.append((path, problem))
     if damaged:
         newest, why = damaged[0]
-        raise ResumeError(f"--resume: every checkpoint in {output_dir} is damaged ({len(damaged)} of them; the "
-                          f"newest, {newest}: {why}), so there is nothing to continue from; restore one from a "
-                          f"copy, or start a new run in another paths.output_dir")
+        which = f"{len(damaged)} of them; the newest" if len(damaged) > 1 else "the only one"
+        raise ResumeError(f"--resume: every checkpoint in {output_dir} is damaged ({which}, {newest}: {why}), so "
+                          f"there is nothing to continue from; restore one from a copy, or start a new run in "
+                          f"another paths.output_dir")
     return None
 
 
