@@ -115,3 +115,38 @@ def test_eval_sets_in_browser(tmp_path, serve_dashboard, chromium):
                           " return [i.naturalWidth, i.naturalHeight]; })")
     assert sizes == [[1664, 416], [1664, 416]]
     assert not errors, errors
+
+
+@pytest.mark.parametrize("low, high", [(0.001, 0.003), (0.3, 0.65)])
+def test_acceptance_axes_never_label_two_ticks_the_same(low, high):
+    """The tiny demo model's MTP layer accepts about 0.1% of drafts: whole-percent ticks read 0%, 0%, 0% (seen in
+    a fresh clone's `make demo`). The labels carry as many decimals as the tick spacing needs."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from glmkit.dashboard.plots import _draw_acceptance
+
+    fig = Figure()
+    y = np.linspace(low, high, 5)
+    _draw_acceptance(fig, fig.add_subplot(), {"val": {"x": np.arange(0, 50, 10), "y": y, "baseline": y[0]}})
+    for ax in fig.axes:
+        labels = [ax.yaxis.get_major_formatter()(tick) for tick in ax.get_yticks()]
+        assert len(set(labels)) == len(labels), labels
+    shown = [fig.axes[0].yaxis.get_major_formatter()(tick) for tick in fig.axes[0].get_yticks()]
+    assert all(label.endswith("%") for label in shown) and ("30%" in shown or "0.10%" in shown), shown
+
+
+@pytest.mark.parametrize("steps, losses, best", [([0], [7.67], None), ([0, 10, 20], [7.0, 7.5, 7.3], 20)])
+def test_the_validation_plots_best_star_is_never_step_0(steps, losses, best):
+    """While only the step-0 baseline existed, the plot starred it as best where the card said "after the first
+    update" (seen in `make demo`): the base model has no adapter to keep, so the star skips it, as the cards do."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from glmkit.dashboard.plots import _draw_validation
+
+    ax = Figure().add_subplot()
+    x, y = np.array(steps), np.array(losses)
+    _draw_validation(ax, {"val": {"x": x, "y": y}, "ppl": {"x": x, "y": np.exp(y)}})
+    stars = [line for line in ax.get_lines() if line.get_label() == "best"]
+    assert [int(line.get_xdata()[0]) for line in stars] == ([best] if best is not None else [])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import threading
 
 import matplotlib
@@ -168,8 +169,10 @@ def _draw_validation(ax, d: dict) -> None:
     ax.plot(val["x"], val["y"], "o-", color=ORANGE, markersize=3.5, linewidth=1.4, label="val loss")
     ax.set_ylabel("val loss", fontsize=8, color=ORANGE)
     ax.set_xlabel("step", fontsize=8, color=MUTED)
-    if np.isfinite(val["y"]).any():
-        i = int(np.nanargmin(val["y"]))
+    # The best is an adapter's: step 0 (the base model, eval.at_start) is no candidate, as on the cards.
+    candidates = np.flatnonzero(np.isfinite(val["y"]) & (val["x"] > 0))
+    if candidates.size:
+        i = int(candidates[np.argmin(val["y"][candidates])])
         ax.plot(val["x"][i], val["y"][i], "*", color=GREEN, markersize=12, label="best", zorder=3)
     twin = None
     if np.isfinite(ppl["y"]).any():
@@ -224,12 +227,23 @@ def _draw_eval_sets(fig: Figure, ax, sets: dict) -> None:
     delta.set_ylabel("loss − loss at step 0", fontsize=8, color=MUTED)  # colours as on the left
 
 
-def _percent(value: float, _pos=None) -> str:
-    return f"{100 * value:.0f}%"
+def _decimals_for(ax) -> int:
+    """As many decimals (of a percentage) as the axis' tick spacing needs, so no two ticks read the same: an
+    acceptance of 0.1% to 0.3% would otherwise be labelled 0%, 0%, 0%."""
+    ticks = np.asarray(ax.get_yticks(), dtype=float) * 100
+    spacing = np.diff(ticks).min() if ticks.size > 1 else 1.0
+    return int(min(4, max(0, -math.floor(math.log10(spacing))))) if spacing > 0 else 0
 
 
-def _points(value: float, _pos=None) -> str:
-    return f"{100 * value:+.0f} pt" if value else "0"
+def _percent_axis(ax) -> None:
+    decimals = _decimals_for(ax)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos=None: f"{100 * value:.{decimals}f}%"))
+
+
+def _points_axis(ax) -> None:
+    decimals = _decimals_for(ax)
+    ax.yaxis.set_major_formatter(FuncFormatter(
+        lambda value, _pos=None: f"{100 * value:+.{decimals}f} pt" if round(100 * value, decimals) else "0"))
 
 
 def _draw_acceptance(fig: Figure, ax, sets: dict) -> None:
@@ -253,14 +267,14 @@ def _draw_acceptance(fig: Figure, ax, sets: dict) -> None:
             delta.plot(d["x"], d["y"] - d["baseline"], "o-", color=color, markersize=3, linewidth=1.4, label=name)
     ax.set_xlabel("step", fontsize=8, color=MUTED)
     ax.set_ylabel("drafts accepted", fontsize=8, color=MUTED)
-    ax.yaxis.set_major_formatter(FuncFormatter(_percent))
+    _percent_axis(ax)
     _legend(ax)
     if not any_baseline:
         return _empty(delta, "No step-0 eval in this log (eval.at_start)")
     delta.axhline(0, color=MUTED, linewidth=1, linestyle="--")
     delta.set_xlabel("step", fontsize=8, color=MUTED)
     delta.set_ylabel("acceptance − acceptance at step 0", fontsize=8, color=MUTED)
-    delta.yaxis.set_major_formatter(FuncFormatter(_points))
+    _points_axis(delta)
 
 
 def _draw_experts(fig: Figure, ax, d: dict) -> None:
