@@ -9,6 +9,7 @@ patterns of the shell runbooks, the Makefile's targets, bench/run_all.sh's list)
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pathlib
 import re
@@ -232,17 +233,45 @@ def console_examples() -> list[tuple[str, str, str]]:
     return found
 
 
+# Runs each command's script as `python script args` does (run as __main__, its exit caught), one after another in
+# one interpreter: the examples' outputs for the price of one start-up (torch and transformers: ~3 s each).
+RUN_EACH = """
+import contextlib, io, json, runpy, sys
+printed = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit:
+            pass
+    printed.append([out.getvalue(), err.getvalue()])
+sys.__stdout__.write(json.dumps(printed))
+"""
+
+
+@pytest.fixture(scope="module")
+def plan_outputs() -> dict[str, tuple[str, str]]:
+    """{command: (stdout, stderr)} of every documented `--plan` example."""
+    commands = sorted({command for _, command, _ in console_examples()})
+    argvs = [command.split(" | ")[0].split()[1:] for command in commands]  # python <script> args..., piped or not
+    result = subprocess.run([sys.executable, "-c", RUN_EACH, json.dumps(argvs)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(zip(commands, map(tuple, json.loads(result.stdout))))
+
+
 @pytest.mark.parametrize("doc, command, shown", console_examples())
-def test_every_plan_example_prints_what_the_docs_show(doc, command, shown):
+def test_every_plan_example_prints_what_the_docs_show(doc, command, shown, plan_outputs):
     """`--plan` needs no weights and no GPU: each documented example is run and its output compared, line for line
     (on a machine with GPUs the plan reads them instead of assuming the recipe's node, so this checks CPU only)."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("the documented plans are the ones made without GPUs")
-    script = command.split(" | ")[0].split()[1:]  # python <script> args..., piped through tail -N or not
-    result = subprocess.run([sys.executable, *script], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    printed = (result.stdout + result.stderr).strip()
+    stdout, stderr = plan_outputs[command]
+    printed = (stdout + stderr).strip()
     if " | tail -" in command:  # a pipe passes stdout on
-        printed = "\n".join(result.stdout.strip().splitlines()[-int(command.rsplit("tail -", 1)[1]):])
+        printed = "\n".join(stdout.strip().splitlines()[-int(command.rsplit("tail -", 1)[1]):])
     assert printed == shown, f"{doc}: {command}"

@@ -448,6 +448,7 @@ def test_every_folder_renamed_into_place_is_flushed_first_and_its_parent_after(m
         assert ("fsync", os.path.dirname(target)) in events[at + 1:], f"{os.path.dirname(target)} not flushed after"
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("action, damage", [("--merge", "zeroed tail"), ("--sample", "cut to 0 bytes"),
                                             ("--export-serving", "zeroed tail")])
 def test_a_damaged_best_adapter_is_one_line_naming_the_file(expert_run, tmp_path, action, damage):

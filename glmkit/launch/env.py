@@ -12,6 +12,7 @@ output folder or event log that can't be read (a file where a folder belongs, or
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shlex
 import sys
@@ -25,7 +26,10 @@ from glmkit.run.trackers import require_installed
 
 
 def visible_gpus() -> int:
-    """CUDA devices this process can see (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
+    """CUDA devices this process can see (CUDA_VISIBLE_DEVICES applies); 0 without CUDA. A Linux machine
+    without NVIDIA device files has none: answered without importing torch (a second of every launch)."""
+    if sys.platform == "linux" and not glob.glob("/dev/nvidia[0-9]*"):
+        return 0
     try:
         import torch
     except ImportError:
