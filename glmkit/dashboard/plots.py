@@ -197,18 +197,13 @@ def _style(ax) -> None:
 
 def _draw_eval_sets(fig: Figure, ax, sets: dict) -> None:
     """Left: each set's loss, a star at its best step. Right: its change from step 0 (above 0: worse than the base)."""
-    fig.delaxes(ax)
-    ax, delta = fig.subplots(1, 2)
-    for each in (ax, delta):
-        each.set_facecolor("white")
-        _style(each)
-    _title(ax, "Eval loss per set")
-    if not sets:
-        _empty(delta, "")
-        return _empty(ax, "No evaluation yet")
-    _title(delta, "Change from step 0 (above 0: worse than the base model)")
+    panels = _per_set_panels(fig, ax, sets, "Eval loss per set", "No evaluation yet",
+                             "Change from step 0 (above 0: worse than the base model)")
+    if panels is None:
+        return
+    ax, delta = panels
     any_baseline = False
-    for (name, d), color in zip(sets.items(), SET_COLORS * (len(sets) // len(SET_COLORS) + 1)):
+    for (name, d), color in _with_colors(sets):
         label = f"{name} (selects best)" if d["selected"] else name
         ax.plot(d["x"], d["y"], "o-", color=color, markersize=3, linewidth=1.4, label=label)
         if d["best_step"] is not None:
@@ -220,11 +215,40 @@ def _draw_eval_sets(fig: Figure, ax, sets: dict) -> None:
     ax.set_xlabel("step", fontsize=8, color=MUTED)
     ax.set_ylabel("loss", fontsize=8, color=MUTED)
     _legend(ax)
+    _change_panel(delta, any_baseline, "loss − loss at step 0")  # colours as on the left
+
+
+def _per_set_panels(fig: Figure, ax, sets: dict, title: str, nothing: str, change_title: str):
+    """The two panels of a per-set figure, each set's values (left) and their change from step 0 (right); None,
+    with both marked empty, when there is no set to draw."""
+    fig.delaxes(ax)
+    ax, delta = fig.subplots(1, 2)
+    for each in (ax, delta):
+        each.set_facecolor("white")
+        _style(each)
+    _title(ax, title)
+    if not sets:
+        _empty(delta, "")
+        _empty(ax, nothing)
+        return None
+    _title(delta, change_title)
+    return ax, delta
+
+
+def _with_colors(sets: dict):
+    """(name, data) of each set with its colour, the colours cycling."""
+    return zip(sets.items(), SET_COLORS * (len(sets) // len(SET_COLORS) + 1))
+
+
+def _change_panel(delta, any_baseline: bool, ylabel: str) -> bool:
+    """The change-from-step-0 panel's axes: a zero line and labels, or a note that there is no step 0."""
     if not any_baseline:
-        return _empty(delta, "No step-0 eval in this log (eval.at_start)")
+        _empty(delta, "No step-0 eval in this log (eval.at_start)")
+        return False
     delta.axhline(0, color=MUTED, linewidth=1, linestyle="--")
     delta.set_xlabel("step", fontsize=8, color=MUTED)
-    delta.set_ylabel("loss − loss at step 0", fontsize=8, color=MUTED)  # colours as on the left
+    delta.set_ylabel(ylabel, fontsize=8, color=MUTED)
+    return True
 
 
 def _decimals_for(ax) -> int:
@@ -249,18 +273,14 @@ def _points_axis(ax) -> None:
 def _draw_acceptance(fig: Figure, ax, sets: dict) -> None:
     """Left: each set's MTP acceptance (drafts the servers' speculative decoding would accept). Right: its
     change from step 0, in points (below 0: fewer accepted than with the base model, serving slows)."""
-    fig.delaxes(ax)
-    ax, delta = fig.subplots(1, 2)
-    for each in (ax, delta):
-        each.set_facecolor("white")
-        _style(each)
-    _title(ax, "MTP speculative acceptance per set")
-    if not sets:
-        _empty(delta, "")
-        return _empty(ax, "No MTP acceptance in this log (the model has no MTP layer)")
-    _title(delta, "Change from step 0 (below 0: fewer drafts accepted than at the start)")
+    panels = _per_set_panels(fig, ax, sets, "MTP speculative acceptance per set",
+                             "No MTP acceptance in this log (the model has no MTP layer)",
+                             "Change from step 0 (below 0: fewer drafts accepted than at the start)")
+    if panels is None:
+        return
+    ax, delta = panels
     any_baseline = False
-    for (name, d), color in zip(sets.items(), SET_COLORS * (len(sets) // len(SET_COLORS) + 1)):
+    for (name, d), color in _with_colors(sets):
         ax.plot(d["x"], d["y"], "o-", color=color, markersize=3, linewidth=1.4, label=name)
         if d["baseline"] is not None:
             any_baseline = True
@@ -269,12 +289,8 @@ def _draw_acceptance(fig: Figure, ax, sets: dict) -> None:
     ax.set_ylabel("drafts accepted", fontsize=8, color=MUTED)
     _percent_axis(ax)
     _legend(ax)
-    if not any_baseline:
-        return _empty(delta, "No step-0 eval in this log (eval.at_start)")
-    delta.axhline(0, color=MUTED, linewidth=1, linestyle="--")
-    delta.set_xlabel("step", fontsize=8, color=MUTED)
-    delta.set_ylabel("acceptance − acceptance at step 0", fontsize=8, color=MUTED)
-    _points_axis(delta)
+    if _change_panel(delta, any_baseline, "acceptance − acceptance at step 0"):
+        _points_axis(delta)
 
 
 def _draw_experts(fig: Figure, ax, d: dict) -> None:

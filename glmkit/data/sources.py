@@ -335,44 +335,40 @@ def _damaged(item: InputFile, line: int, exc: BaseException) -> DataError:
 
 
 def _parquet_chunks(item: InputFile, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    def sized_texts(table):
+        return ((value, len(value) if value else 0) for value in table.column(text_field).to_pylist())
 
-    try:
-        parquet = pq.ParquetFile(item.path)
-        groups = parquet.metadata.num_row_groups
-        row, records, size = 1, [], 0
-        for group in range(groups):
-            # One row group at a time; its compressed size, pro rata, drives the progress bar.
-            table = parquet.read_row_group(group, columns=[text_field])
-            for value in table.column(text_field).to_pylist():
-                records.append(value)
-                size += len(value) if value else 0
-                if size >= chunk_bytes:
-                    yield Chunk(row, records, item.size * (group + 1) // groups)
-                    row, records, size = row + len(records), [], 0
-            del table
-        if records:
-            yield Chunk(row, records, item.size)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{item.path}: corrupt parquet data near row {row} ({exc}); re-create or re-download it") from None
+    return _parquet_record_chunks(item, chunk_bytes, lambda parquet: [text_field], sized_texts)
 
 
 def _parquet_chat_chunks(item: InputFile, chunk_bytes: int) -> Iterator[Chunk]:
+    def columns(parquet):
+        return [c for c in (MESSAGES_FIELD, TOOLS_FIELD) if c in parquet.schema_arrow.names]
+
+    def sized_conversations(table):
+        per_row = table.nbytes / max(1, table.num_rows)  # the chunk size in bytes of Arrow data, pro rata
+        return ((record, per_row) for record in table.to_pylist())
+
+    return _parquet_record_chunks(item, chunk_bytes, columns, sized_conversations)
+
+
+def _parquet_record_chunks(item: InputFile, chunk_bytes: int, columns_of, sized_records) -> Iterator[Chunk]:
+    """A parquet file's records in chunks of about `chunk_bytes`: `columns_of(file)` names the columns read,
+    `sized_records(row group table)` gives each record with its size."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    row = 1
     try:
         parquet = pq.ParquetFile(item.path)
-        columns = [c for c in (MESSAGES_FIELD, TOOLS_FIELD) if c in parquet.schema_arrow.names]
-        groups = parquet.metadata.num_row_groups
-        row, records, size = 1, [], 0
+        columns, groups = columns_of(parquet), parquet.metadata.num_row_groups
+        records, size = [], 0
         for group in range(groups):
+            # One row group at a time; its compressed size, pro rata, drives the progress bar.
             table = parquet.read_row_group(group, columns=columns)
-            per_row = table.nbytes / max(1, table.num_rows)  # the chunk size in bytes of Arrow data, pro rata
-            for record in table.to_pylist():
+            for record, record_size in sized_records(table):
                 records.append(record)
-                size += per_row
+                size += record_size
                 if size >= chunk_bytes:
                     yield Chunk(row, records, item.size * (group + 1) // groups)
                     row, records, size = row + len(records), [], 0
