@@ -139,3 +139,27 @@ def test_demo_corpus_is_the_frozen_one_in_every_process_and_checkout(tmp_path, d
     assert len(full.splitlines()) == 1169
     for leak in (" at 0x", sys.executable, ROOT, "info_once"):
         assert leak not in full, leak
+
+
+def test_make_demo_data_again_leaves_the_corpus_and_its_token_store_alone(tmp_path):
+    """`make demo` writes the demo corpus every time; a rewrite of the same bytes gave the file a new mtime, so the
+    next run said it removed the token store and tokenized the corpus again. Now the same bytes stay as they are."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    config = tmp_path / "demo.yaml"
+    config.write_text(f"paths:\n  data_path: {tmp_path / 'demo.jsonl'}\n")
+
+    def write() -> str:
+        result = subprocess.run([sys.executable, "-m", "glmkit.demo.corpus", "--config", str(config), "--max-docs",
+                                 "50"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.strip()
+
+    assert write() == f"wrote 50 documents to {tmp_path / 'demo.jsonl'}"
+    before = os.stat(tmp_path / "demo.jsonl").st_mtime_ns
+    assert write() == f"{tmp_path / 'demo.jsonl'} already holds the 50 demo documents"
+    assert os.stat(tmp_path / "demo.jsonl").st_mtime_ns == before and not os.path.exists(tmp_path / "demo.jsonl.tmp")

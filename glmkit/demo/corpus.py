@@ -13,6 +13,7 @@ are the same everywhere: tests/test_train.py checks their hash before it compare
 
 from __future__ import annotations
 
+import filecmp
 import json
 import lzma
 import os
@@ -30,8 +31,10 @@ def iter_documents(max_docs: int | None = None):
             yield json.loads(line)["text"]
 
 
-def write_demo_corpus(path: str, max_docs: int | None = None, text_field: str = "text") -> int:
-    """Write the corpus as JSONL (one {"text": ...} per line) atomically; return the number of docs."""
+def write_demo_corpus(path: str, max_docs: int | None = None, text_field: str = "text") -> tuple[int, bool]:
+    """Write the corpus as JSONL (one {"text": ...} per line) atomically: (the number of docs, whether the file
+    changed). A file that already holds these bytes is left as it is, so its token store stays valid (a rewrite
+    would give it a new modification time, and the next run would tokenize it again)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     count = 0
@@ -39,8 +42,11 @@ def write_demo_corpus(path: str, max_docs: int | None = None, text_field: str = 
         for doc in iter_documents(max_docs):
             fh.write(json.dumps({text_field: doc}, ensure_ascii=False) + "\n")
             count += 1
+    if os.path.isfile(path) and filecmp.cmp(tmp, path, shallow=False):
+        os.remove(tmp)
+        return count, False
     os.replace(tmp, path)
-    return count
+    return count, True
 
 
 def main(argv=None) -> int:
@@ -58,8 +64,9 @@ def main(argv=None) -> int:
         print(f"error: paths.data_path must name one .jsonl file to write the demo corpus to, got {target!r}",
               file=sys.stderr)
         return 2
-    count = write_demo_corpus(cfg.paths.data_path, args.max_docs, cfg.training.text_field)
-    print(f"wrote {count} documents to {cfg.paths.data_path}")
+    count, changed = write_demo_corpus(cfg.paths.data_path, args.max_docs, cfg.training.text_field)
+    print(f"wrote {count} documents to {cfg.paths.data_path}" if changed else
+          f"{cfg.paths.data_path} already holds the {count} demo documents")
     return 0
 
 
