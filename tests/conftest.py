@@ -266,6 +266,25 @@ def expert_run(tmp_path_factory, tiny_model_dir, demo_corpus):
     return shared_training_run(tmp_path_factory, "expert-lora", tiny_model_dir, demo_corpus, EXPERT_LORA_SETTINGS)
 
 
+def model_with_random_adapter(folder, model_dir: str, data_path: str, overrides: dict | None = None):
+    """(the kit's 4-bit model with LoRA, prepared for training, its config) for configs/tiny.yaml with `overrides`,
+    every trainable weight drawn from one seeded generator (lora_B too, so every LoRA matrix gets a gradient):
+    the same adapter whatever the attention implementation or loss being compared."""
+    import torch
+
+    from glmkit.config.load import load_config
+    from glmkit.model import load as modeling
+
+    cfg = load_config(write_tiny_config(folder, model_dir, data_path, overrides))
+    model = modeling.prepare_for_training(modeling.load_model(cfg), cfg)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model, cfg
+
+
 def write_tiny_config(folder, model_dir: str, data_path: str, overrides: dict | None = None,
                       name: str = "config.yaml") -> str:
     """configs/tiny.yaml with paths inside `folder` and {"section.key": value} overrides; return its path."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_tiny_config
+from conftest import model_with_random_adapter
 
 from glmkit.data.rows import IGNORE_INDEX, Collator, model_inputs, pack_rows
 from glmkit.model import attention
@@ -113,21 +113,9 @@ def test_a_v_head_dim_other_than_qk_is_padded_and_cropped_exactly(qk_dim, v_dim)
 def lora_models(tmp_path_factory, tiny_model_dir, demo_corpus):
     """The kit's 4-bit tiny model with LoRA, once per attention implementation, the same random adapter
     weights in both (random lora_B too, so that every LoRA matrix gets a gradient)."""
-    from glmkit.config.load import load_config
-    from glmkit.model import load as modeling
-
-    models = {}
-    for attn in ("sdpa", "varlen"):
-        folder = tmp_path_factory.mktemp(attn)
-        cfg = load_config(write_tiny_config(folder, tiny_model_dir, demo_corpus, {"model.attn_implementation": attn}))
-        model = modeling.prepare_for_training(modeling.load_model(cfg), cfg)
-        generator = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for _, param in sorted(model.named_parameters()):
-                if param.requires_grad:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-        models[attn] = model
-    return models
+    return {attn: model_with_random_adapter(tmp_path_factory.mktemp(attn), tiny_model_dir, demo_corpus,
+                                            {"model.attn_implementation": attn})[0]
+            for attn in ("sdpa", "varlen")}
 
 
 def random_docs(lengths, seed=0):

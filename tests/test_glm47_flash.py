@@ -21,7 +21,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, write_tiny_config
+from conftest import ROOT, model_with_random_adapter, run_cli, write_tiny_config
 from safetensors.torch import load_file, save_file
 
 from glmkit.config.load import load_config
@@ -100,21 +100,9 @@ def test_a_list_written_for_grouped_query_attention_is_refused_in_one_line(tmp_p
 def narrow_v_models(tmp_path_factory, tiny_flash_narrow_v_dir, demo_corpus):
     """The 4-bit narrow-v model with LoRA on `attention`, once per attention implementation, the same random
     adapter weights in both (random lora_B too, so every LoRA matrix gets a gradient)."""
-    from glmkit.model import load as modeling
-
-    models = {}
-    for attn in ("sdpa", "varlen"):
-        folder = tmp_path_factory.mktemp(f"narrow-v-{attn}")
-        cfg = load_config(write_tiny_config(folder, tiny_flash_narrow_v_dir, demo_corpus,
-                                            {"model.attn_implementation": attn, "lora.dropout": 0.0}))
-        model = modeling.prepare_for_training(modeling.load_model(cfg), cfg)
-        generator = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for _, param in sorted(model.named_parameters()):
-                if param.requires_grad:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-        models[attn] = model
-    return models
+    return {attn: model_with_random_adapter(tmp_path_factory.mktemp(f"narrow-v-{attn}"), tiny_flash_narrow_v_dir,
+                                            demo_corpus, {"model.attn_implementation": attn, "lora.dropout": 0.0})[0]
+            for attn in ("sdpa", "varlen")}
 
 
 def test_varlen_equals_masked_sdpa_with_v_narrower_than_qk(narrow_v_models):

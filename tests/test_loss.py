@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import write_tiny_config
+from conftest import model_with_random_adapter
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -133,18 +133,7 @@ def test_function_is_a_plain_sum_over_rows():
 
 @pytest.fixture(scope="module")
 def lora_model(tmp_path_factory, tiny_model_dir, demo_corpus):
-    from glmkit.config.load import load_config
-    from glmkit.model import load as modeling
-
-    folder = tmp_path_factory.mktemp("loss")
-    cfg = load_config(write_tiny_config(folder, tiny_model_dir, demo_corpus))
-    model = modeling.prepare_for_training(modeling.load_model(cfg), cfg)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model, cfg
+    return model_with_random_adapter(tmp_path_factory.mktemp("loss"), tiny_model_dir, demo_corpus)
 
 
 def old_loss_sum(model, batch):
