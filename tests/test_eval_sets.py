@@ -101,9 +101,11 @@ def _hand_losses(model, tokenizer, texts) -> tuple[float, float]:
 
 
 @pytest.mark.trains
-def test_eval_set_losses_equal_a_hand_computation_at_step_0_and_after_training(eval_run):
+def test_eval_set_losses_equal_a_hand_computation_at_step_0_and_after_training(eval_run, tiny_model_dir,
+                                                                              demo_corpus):
     """Step 0 is the base model's loss; the last eval is the final adapter's. Token-weighted: a mean of
     per-document means would differ."""
+    assert_pinned_inputs(tiny_model_dir, demo_corpus)  # the mean-of-means gap below is these inputs'
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -125,10 +127,11 @@ def test_eval_set_losses_equal_a_hand_computation_at_step_0_and_after_training(e
 
 
 @pytest.mark.trains
-def test_the_selection_set_picks_the_best_adapter_and_the_top_k_not_step_0(eval_run):
+def test_the_selection_set_picks_the_best_adapter_and_the_top_k_not_step_0(eval_run, tiny_model_dir, demo_corpus):
     """Selected by repeats, whose loss rises after step 3: the best adapter and the kept checkpoint are step 3's,
     where the held-out split would pick step 6. (Selected by general until issue 32's frozen corpus, whose loss now
     falls at every eval.)"""
+    assert_pinned_inputs(tiny_model_dir, demo_corpus)  # which step is best follows from these inputs
     evals = {e["step"]: e for e in records(eval_run["out"], "eval_log.jsonl")}
     assert evals[3]["repeats/loss"] < evals[6]["repeats/loss"]
     assert evals[6]["val/loss"] < evals[3]["val/loss"]

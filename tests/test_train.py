@@ -167,7 +167,8 @@ def test_best_adapter_loads_with_plain_peft(finished_run, tiny_model_dir):
 
 
 @pytest.mark.trains
-def test_merge_and_sample(finished_run, tmp_path):
+def test_merge_and_sample(finished_run, tmp_path, tiny_model_dir, demo_corpus):
+    assert_pinned_inputs(tiny_model_dir, demo_corpus)  # which prompt this model continues with words is theirs
     merged = tmp_path / "merged"
     result = run_cli(["use_adapter.py", "--config", finished_run["config"], "--merge", str(merged)])
     assert result.returncode == 0, result.stderr[-2000:]
