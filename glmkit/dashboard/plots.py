@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import math
 import threading
 
@@ -203,7 +204,7 @@ def _draw_eval_sets(fig: Figure, ax, sets: dict) -> None:
         return
     ax, delta = panels
     any_baseline = False
-    for (name, d), color in _with_colors(sets):
+    for (name, d), color in zip(sets.items(), itertools.cycle(SET_COLORS)):
         label = f"{name} (selects best)" if d["selected"] else name
         ax.plot(d["x"], d["y"], "o-", color=color, markersize=3, linewidth=1.4, label=label)
         if d["best_step"] is not None:
@@ -233,11 +234,6 @@ def _per_set_panels(fig: Figure, ax, sets: dict, title: str, nothing: str, chang
         return None
     _title(delta, change_title)
     return ax, delta
-
-
-def _with_colors(sets: dict):
-    """(name, data) of each set with its colour, the colours cycling."""
-    return zip(sets.items(), SET_COLORS * (len(sets) // len(SET_COLORS) + 1))
 
 
 def _change_panel(delta, any_baseline: bool, ylabel: str) -> bool:
@@ -280,7 +276,7 @@ def _draw_acceptance(fig: Figure, ax, sets: dict) -> None:
         return
     ax, delta = panels
     any_baseline = False
-    for (name, d), color in _with_colors(sets):
+    for (name, d), color in zip(sets.items(), itertools.cycle(SET_COLORS)):
         ax.plot(d["x"], d["y"], "o-", color=color, markersize=3, linewidth=1.4, label=name)
         if d["baseline"] is not None:
             any_baseline = True
